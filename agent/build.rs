@@ -1,0 +1,20 @@
+//! Builds the eBPF programs (crate `ferry-ebpf`) with Debian's rustc, which ships a
+//! prebuilt `core` for bpfel-unknown-none; see ../shared/EBPF-TOOLCHAIN.md.
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let ebpf_dir = std::path::Path::new(&manifest_dir).join("../ebpf");
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .context("eBPF crate path is not UTF-8")?
+        .to_owned();
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "ferry-ebpf",
+            root_dir: &ebpf_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Custom("debian-web"),
+    )
+}

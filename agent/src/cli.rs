@@ -1,0 +1,286 @@
+//! Command line. Parsing only checks and converts what the user typed; nothing here
+//! touches the system (that is `run`'s job).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnetwork::IpNetwork;
+
+use crate::node::NodePortAddresses;
+
+/// Ferry: kube-proxy and cluster DNS for Kubernetes nodes, in one agent.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch services and program this node (the network namespace ferry runs in).
+    Run(RunArgs),
+    /// Remove everything ferry programmed on this node.
+    Cleanup,
+    /// Print the version.
+    Version,
+}
+
+/// Which data plane programs the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Socket-level load balancing with eBPF (default).
+    Ebpf,
+    /// kube-proxy's iptables rule layout, for hosts without eBPF.
+    Iptables,
+}
+
+/// Flags of `ferry run`. Names follow kube-proxy's where one exists.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory of Kubernetes manifests (Services, EndpointSlices, Nodes) to serve
+    /// instead of a cluster; watched for changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for watching a real cluster.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Data plane.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    pub mode: Mode,
+    /// This node's name (endpoint locality, Node object). Default: the host name.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Pod CIDRs, comma-separated; traffic to ClusterIPs from outside them is
+    /// masqueraded.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub cluster_cidr: Vec<IpNetwork>,
+    /// Where NodePorts answer: `primary` (default: the node's primary addresses) or
+    /// CIDRs, comma-separated (127.0.0.0/8 only when listed).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub nodeport_addresses: Vec<String>,
+    /// cgroup v2 the eBPF socket hooks attach to. Default: the cgroup2 mount root.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Address to serve cluster DNS on, e.g. 169.254.20.10:53. Default: off.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dns_listen: Option<SocketAddr>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Health endpoint (/healthz, /livez). Empty to disable.
+    #[arg(long, default_value = "0.0.0.0:10256", value_name = "ADDR:PORT")]
+    pub healthz_bind_address: String,
+    /// Metrics endpoint (/metrics). Empty to disable.
+    #[arg(long, default_value = "127.0.0.1:10249", value_name = "ADDR:PORT")]
+    pub metrics_bind_address: String,
+    /// How often to check that programmed state is intact (e.g. 30s, 1m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: Duration,
+    /// Full resync at least this often.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub full_sync_period: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("duration {s:?} must be positive"))
+}
+
+/// Validated settings of `ferry run`.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub manifests: PathBuf,
+    pub mode: Mode,
+    pub node_name: String,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub nodeport_addresses: NodePortAddresses,
+    pub healthz: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub sync_period: Duration,
+    pub full_sync_period: Duration,
+}
+
+impl RunArgs {
+    /// Checks the flags and turns them into settings; errors say what to change.
+    pub fn into_config(self) -> anyhow::Result<RunConfig> {
+        use anyhow::{anyhow, bail};
+        if self.kubeconfig.is_some() {
+            bail!(
+                "--kubeconfig: watching a Kubernetes API server is not implemented yet; use --manifests DIR"
+            );
+        }
+        let Some(manifests) = self.manifests else {
+            bail!("--manifests DIR is required (the Kubernetes API source is not implemented yet)");
+        };
+        if self.mode == Mode::Ebpf {
+            bail!("--mode ebpf is not implemented yet; use --mode iptables");
+        }
+        if self.cgroup.is_some() {
+            bail!("--cgroup only applies to --mode ebpf, which is not implemented yet");
+        }
+        if self.dns_listen.is_some() {
+            bail!("--dns-listen: cluster DNS is not implemented yet");
+        }
+        if self.cluster_domain != "cluster.local" {
+            bail!("--cluster-domain: cluster DNS is not implemented yet");
+        }
+        let node_name = match self.node_name {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .map_err(|e| anyhow!("cannot read the host name for --node-name: {e}"))?
+                .to_string_lossy()
+                .to_lowercase(),
+        };
+        let nodeport_addresses = parse_nodeport_addresses(&self.nodeport_addresses)?;
+        Ok(RunConfig {
+            manifests,
+            mode: self.mode,
+            node_name,
+            cluster_cidrs: self.cluster_cidr,
+            nodeport_addresses,
+            healthz: parse_bind("--healthz-bind-address", &self.healthz_bind_address)?,
+            metrics: parse_bind("--metrics-bind-address", &self.metrics_bind_address)?,
+            sync_period: self.sync_period,
+            full_sync_period: self.full_sync_period,
+        })
+    }
+}
+
+fn parse_nodeport_addresses(values: &[String]) -> anyhow::Result<NodePortAddresses> {
+    if values.is_empty() || values.iter().all(|v| v == "primary") {
+        return Ok(NodePortAddresses::Primary);
+    }
+    let cidrs = values
+        .iter()
+        .map(|v| {
+            v.parse::<IpNetwork>().map_err(|_| {
+                anyhow::anyhow!("--nodeport-addresses: {v:?} is not a CIDR or \"primary\"")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(NodePortAddresses::Cidrs(cidrs))
+}
+
+fn parse_bind(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("{flag}: {value:?} is not ADDR:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunConfig, String> {
+        let mut full = vec!["ferry", "run"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(run) => run.into_config().map_err(|e| e.to_string()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn iptables_mode_with_all_flags() {
+        let c = parse(&[
+            "--manifests",
+            "/tmp/m",
+            "--mode",
+            "iptables",
+            "--node-name",
+            "n1",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00::/64",
+            "--nodeport-addresses",
+            "172.18.0.0/16",
+            "--healthz-bind-address",
+            "",
+            "--sync-period",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.cluster_cidrs.len(), 2);
+        assert!(matches!(c.nodeport_addresses, NodePortAddresses::Cidrs(ref v) if v.len() == 1));
+        assert_eq!(c.healthz, None);
+        assert_eq!(c.metrics, Some("127.0.0.1:10249".parse().unwrap()));
+        assert_eq!(c.sync_period, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unimplemented_flags_fail_clearly() {
+        let err = parse(&[
+            "--manifests",
+            "/m",
+            "--mode",
+            "iptables",
+            "--dns-listen",
+            "127.0.0.1:53",
+        ])
+        .unwrap_err();
+        assert!(err.contains("not implemented"), "{err}");
+        let err = parse(&["--kubeconfig", "/k"]).unwrap_err();
+        assert!(err.contains("not implemented"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--cluster-cidr",
+                "nope"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--nodeport-addresses",
+                "x"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--sync-period",
+                "soon"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--metrics-bind-address",
+                "x"
+            ])
+            .is_err()
+        );
+    }
+}

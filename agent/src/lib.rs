@@ -1,0 +1,15 @@
+//! Ferry's agent: watches Services and EndpointSlices and programs this node's service
+//! load balancing (eBPF or iptables) and cluster DNS.
+//!
+//! Data flows one way: [`source`] -> [`model`] -> [`backend`]. The [`proxy`] loop
+//! drives it; [`health`] and [`metrics`] report on it.
+
+pub mod backend;
+pub mod cli;
+pub mod health;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod proxy;
+pub mod run;
+pub mod source;

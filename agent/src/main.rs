@@ -1,0 +1,39 @@
+//! The `ferry` binary.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use ferry::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("ferry={default_level},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let result = match cli.command {
+        Command::Run(args) => args.into_config().and_then(ferry::run::run),
+        Command::Cleanup => ferry::run::cleanup(),
+        Command::Version => {
+            println!("ferry {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ferry: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The pure core: Kubernetes objects in, what this node must program out.
+//!
+//! Sources feed objects into [`ClusterState`]; [`NodePlan::update`] turns the services
+//! that changed into a [`PlanDiff`]; backends and DNS consume plans and never look at
+//! Kubernetes objects themselves. Nothing here does I/O.
+
+pub mod plan;
+pub mod service;
+pub mod slice;
+pub mod store;
+pub mod topology;
+pub mod types;
+pub mod validate;
+
+pub use plan::{NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
+pub use service::{ServiceInfo, ServiceType};
+pub use slice::{EndpointInfo, SliceInfo};
+pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};
+pub use types::{Backend, IpFamily, Protocol, ServiceName, ServicePortName};

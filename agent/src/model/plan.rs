@@ -1,0 +1,668 @@
+//! What this node must program: one [`ServicePortPlan`] per (service port, IP family),
+//! and the incremental [`PlanDiff`] between two versions. Backends consume only this;
+//! every Kubernetes rule (which endpoints, REJECT vs DROP) is decided here.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+use super::store::ClusterState;
+use super::topology::{Candidate, categorize};
+use super::types::{Backend, IpFamily, Protocol, ServiceName, ServicePortName};
+
+/// Identity of a frontend set: a service port in one IP family.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PlanKey {
+    pub port: ServicePortName,
+    pub family: IpFamily,
+}
+
+/// Everything needed to program one service port in one IP family.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePortPlan {
+    pub key: PlanKey,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNetwork>,
+    pub affinity_timeout_seconds: Option<u32>,
+    pub internal_policy_local: bool,
+    pub external_policy_local: bool,
+    pub health_check_node_port: Option<u16>,
+    /// Endpoints for `Cluster` policy, sorted; empty when no policy uses them.
+    pub cluster_endpoints: Vec<Backend>,
+    /// This node's endpoints for `Local` policy, sorted.
+    pub local_endpoints: Vec<Backend>,
+    /// Whether any endpoint anywhere can serve (REJECT when not, DROP when only
+    /// another node could).
+    pub has_any_endpoints: bool,
+}
+
+/// What to do with traffic of one kind (internal = ClusterIP, external = NodePort,
+/// externalIPs, load-balancer IPs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic<'a> {
+    /// Balance across these endpoints.
+    Forward(&'a [Backend]),
+    /// No usable endpoint anywhere: refuse (ICMP unreachable / TCP reset / ECONNREFUSED).
+    Reject,
+    /// Endpoints exist but none this traffic may use from this node: drop silently.
+    Drop,
+}
+
+impl ServicePortPlan {
+    /// Handling of traffic to the ClusterIP.
+    pub fn internal(&self) -> Traffic<'_> {
+        self.traffic(self.internal_policy_local)
+    }
+
+    /// Handling of traffic arriving from outside to NodePorts, externalIPs and
+    /// load-balancer IPs.
+    pub fn external(&self) -> Traffic<'_> {
+        self.traffic(self.external_policy_local)
+    }
+
+    fn traffic(&self, local_policy: bool) -> Traffic<'_> {
+        if !self.has_any_endpoints {
+            return Traffic::Reject;
+        }
+        let endpoints = if local_policy {
+            &self.local_endpoints
+        } else {
+            &self.cluster_endpoints
+        };
+        if endpoints.is_empty() {
+            Traffic::Drop
+        } else {
+            Traffic::Forward(endpoints)
+        }
+    }
+
+    /// Whether the service is reachable other than by ClusterIP.
+    pub fn is_externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// Endpoints that traffic from pods or the node itself to an external destination
+    /// (externalIP, load-balancer IP) uses under `Local` external policy: kube-proxy
+    /// short-circuits it to the cluster-wide set, as if it went out to the load
+    /// balancer and came back.
+    pub fn short_circuit_endpoints(&self) -> &[Backend] {
+        &self.cluster_endpoints
+    }
+
+    /// Every endpoint some policy of this plan uses (deduplicated, sorted).
+    pub fn reachable_endpoints(&self) -> Vec<Backend> {
+        let mut all: Vec<Backend> = self
+            .cluster_endpoints
+            .iter()
+            .chain(&self.local_endpoints)
+            .copied()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+/// A plan that was added or replaced.
+#[derive(Clone, Debug)]
+pub struct Upsert {
+    pub old: Option<Arc<ServicePortPlan>>,
+    pub new: Arc<ServicePortPlan>,
+}
+
+/// What changed between two node plans. Backends apply exactly this.
+#[derive(Clone, Debug, Default)]
+pub struct PlanDiff {
+    pub upserted: Vec<Upsert>,
+    pub removed: Vec<Arc<ServicePortPlan>>,
+}
+
+impl PlanDiff {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.upserted.is_empty() && self.removed.is_empty()
+    }
+
+    /// Services touched by this diff.
+    pub fn services(&self) -> HashSet<&ServiceName> {
+        self.upserted
+            .iter()
+            .map(|u| &u.new.key.port.service)
+            .chain(self.removed.iter().map(|p| &p.key.port.service))
+            .collect()
+    }
+}
+
+/// The full desired state of this node.
+#[derive(Debug, Default)]
+pub struct NodePlan {
+    plans: HashMap<PlanKey, Arc<ServicePortPlan>>,
+    by_service: HashMap<ServiceName, Vec<PlanKey>>,
+}
+
+impl NodePlan {
+    /// Recomputes the given services from `state` and returns what changed. Work is
+    /// proportional to the size of those services, not of the cluster.
+    pub fn update<'a>(
+        &mut self,
+        state: &ClusterState,
+        services: impl IntoIterator<Item = &'a ServiceName>,
+    ) -> PlanDiff {
+        let mut diff = PlanDiff::default();
+        for name in services {
+            let fresh = plan_service(state, name);
+            let old_keys = self.by_service.remove(name).unwrap_or_default();
+            let mut new_keys = Vec::with_capacity(fresh.len());
+            for plan in fresh {
+                new_keys.push(plan.key.clone());
+                match self.plans.get(&plan.key) {
+                    Some(old) if **old == plan => {}
+                    old => {
+                        let new = Arc::new(plan);
+                        diff.upserted.push(Upsert {
+                            old: old.cloned(),
+                            new: new.clone(),
+                        });
+                        self.plans.insert(new.key.clone(), new);
+                    }
+                }
+            }
+            for key in old_keys {
+                if !new_keys.contains(&key)
+                    && let Some(old) = self.plans.remove(&key)
+                {
+                    diff.removed.push(old);
+                }
+            }
+            if !new_keys.is_empty() {
+                self.by_service.insert(name.clone(), new_keys);
+            }
+        }
+        diff
+    }
+
+    /// One plan.
+    pub fn get(&self, key: &PlanKey) -> Option<&Arc<ServicePortPlan>> {
+        self.plans.get(key)
+    }
+
+    /// Every plan, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServicePortPlan>> {
+        self.plans.values()
+    }
+
+    /// Number of plans.
+    pub fn len(&self) -> usize {
+        self.plans.len()
+    }
+
+    /// No plans at all.
+    pub fn is_empty(&self) -> bool {
+        self.plans.is_empty()
+    }
+}
+
+/// Builds the plans of one service from the current state.
+fn plan_service(state: &ClusterState, name: &ServiceName) -> Vec<ServicePortPlan> {
+    let Some(svc) = state.service(name) else {
+        return Vec::new();
+    };
+    if !svc.is_proxied() {
+        return Vec::new();
+    }
+    let node = &state.node().topology;
+    let externally_accessible =
+        svc.has_node_ports() || !svc.external_ips.is_empty() || !svc.load_balancer_ips.is_empty();
+    // Even with a Local external policy, cluster-wide endpoints are needed for the
+    // short-circuit of traffic from pods and the node to external destinations.
+    let uses_cluster = !svc.internal_policy_local || externally_accessible;
+    let uses_local =
+        svc.internal_policy_local || (externally_accessible && svc.external_policy_local);
+
+    let mut plans = Vec::new();
+    for &cluster_ip in &svc.cluster_ips {
+        let family = IpFamily::of(&cluster_ip);
+        let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            ips.iter()
+                .copied()
+                .filter(|ip| IpFamily::of(ip) == family)
+                .collect()
+        };
+        for port in &svc.ports {
+            let candidates = candidates(state, name, family, &port.name, port.protocol, &node.name);
+            let categorized = categorize(&candidates, node, uses_cluster, uses_local);
+            plans.push(ServicePortPlan {
+                key: PlanKey {
+                    port: ServicePortName {
+                        service: name.clone(),
+                        port: port.name.clone(),
+                        protocol: port.protocol,
+                    },
+                    family,
+                },
+                cluster_ip,
+                port: port.port,
+                node_port: if svc.has_node_ports() {
+                    port.node_port
+                } else {
+                    None
+                },
+                external_ips: of_family(&svc.external_ips),
+                load_balancer_ips: of_family(&svc.load_balancer_ips),
+                load_balancer_source_ranges: svc
+                    .load_balancer_source_ranges
+                    .iter()
+                    .copied()
+                    .filter(|net| (net.is_ipv4()) == (family == IpFamily::V4))
+                    .collect(),
+                affinity_timeout_seconds: svc.affinity_timeout_seconds,
+                internal_policy_local: svc.internal_policy_local,
+                external_policy_local: svc.external_policy_local,
+                health_check_node_port: svc.health_check_node_port,
+                cluster_endpoints: categorized.cluster,
+                local_endpoints: categorized.local,
+                has_any_endpoints: categorized.has_any,
+            });
+        }
+    }
+    plans
+}
+
+/// The deduplicated endpoints of one service port in one family, sorted by address.
+/// An address listed by two slices counts once, preferring the non-terminating copy
+/// (and then the local one), as kube-proxy does.
+fn candidates(
+    state: &ClusterState,
+    service: &ServiceName,
+    family: IpFamily,
+    port_name: &str,
+    protocol: Protocol,
+    node_name: &str,
+) -> Vec<Candidate> {
+    let mut by_backend: HashMap<Backend, Candidate> = HashMap::new();
+    for slice in state.slices_of(service).filter(|s| s.family == family) {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let backend = Backend {
+                ip: ep.addresses[0],
+                port: slice_port.port,
+            };
+            let candidate = Candidate {
+                backend,
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                local: ep.node_name.as_deref() == Some(node_name),
+                zone_hints: ep.zone_hints.clone(),
+                node_hints: ep.node_hints.clone(),
+            };
+            match by_backend.get(&backend) {
+                Some(existing)
+                    if (!existing.terminating && candidate.terminating)
+                        || (existing.terminating == candidate.terminating
+                            && (existing.local || !candidate.local)) => {}
+                _ => {
+                    by_backend.insert(backend, candidate);
+                }
+            }
+        }
+    }
+    let mut out: Vec<Candidate> = by_backend.into_values().collect();
+    out.sort_by_key(|c| c.backend);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    fn state(objects: &[&str]) -> ClusterState {
+        let mut state = ClusterState::new("node-a");
+        for yaml in objects {
+            let value: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+            match value["kind"].as_str() {
+                Some("Service") => {
+                    state
+                        .apply_service(&serde_yaml::from_value::<Service>(value).unwrap())
+                        .unwrap();
+                }
+                Some("EndpointSlice") => {
+                    state
+                        .apply_slice(&serde_yaml::from_value::<EndpointSlice>(value).unwrap())
+                        .unwrap();
+                }
+                Some("Node") => {
+                    state
+                        .apply_node(&serde_yaml::from_value::<Node>(value).unwrap())
+                        .unwrap();
+                }
+                other => panic!("unexpected kind {other:?}"),
+            }
+        }
+        state
+    }
+
+    fn plan_all(state: &mut ClusterState) -> (NodePlan, PlanDiff) {
+        let mut plan = NodePlan::default();
+        let changes = state.take_changes();
+        let diff = plan.update(state, &changes.services);
+        (plan, diff)
+    }
+
+    fn key(ns: &str, name: &str, port: &str, protocol: Protocol, family: IpFamily) -> PlanKey {
+        PlanKey {
+            port: ServicePortName {
+                service: ServiceName::new(ns, name),
+                port: port.into(),
+                protocol,
+            },
+            family,
+        }
+    }
+
+    fn ips(backends: &[Backend]) -> Vec<String> {
+        backends.iter().map(|b| b.to_string()).collect()
+    }
+
+    const SVC: &str = r#"
+kind: Service
+metadata: {name: web, namespace: ns}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
+"#;
+
+    #[test]
+    fn ports_join_by_name_and_protocol() {
+        let mut st = state(&[
+            SVC,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}, {name: dns, port: 9999, protocol: TCP}]
+endpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]
+"#,
+        ]);
+        let (plan, diff) = plan_all(&mut st);
+        assert_eq!(diff.upserted.len(), 2);
+        let http = plan
+            .get(&key("ns", "web", "http", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(
+            ips(&http.cluster_endpoints),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+        assert_eq!(http.internal(), Traffic::Forward(&http.cluster_endpoints));
+        let dns = plan
+            .get(&key("ns", "web", "dns", Protocol::Udp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(
+            ips(&dns.cluster_endpoints),
+            ["10.0.0.1:5353", "10.0.0.2:5353"]
+        );
+    }
+
+    #[test]
+    fn no_endpoints_rejects() {
+        let mut st = state(&[SVC]);
+        let (plan, _) = plan_all(&mut st);
+        let http = plan
+            .get(&key("ns", "web", "http", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(http.internal(), Traffic::Reject);
+        assert_eq!(http.external(), Traffic::Reject);
+    }
+
+    #[test]
+    fn duplicate_address_prefers_non_terminating() {
+        let mut st = state(&[
+            SVC,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}]
+"#,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-b, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#,
+        ]);
+        let (plan, _) = plan_all(&mut st);
+        let http = plan
+            .get(&key("ns", "web", "http", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(ips(&http.cluster_endpoints), ["10.0.0.1:8080"]);
+        assert!(http.has_any_endpoints);
+    }
+
+    #[test]
+    fn dual_stack_uses_each_familys_slices() {
+        let mut st = state(&[
+            r#"
+kind: Service
+metadata: {name: web, namespace: ns}
+spec:
+  clusterIPs: [10.96.0.10, "fd00::10"]
+  ports: [{port: 80}]
+"#,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-4, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-6, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ["fd00::1"]}]
+"#,
+        ]);
+        let (plan, _) = plan_all(&mut st);
+        let v4 = plan
+            .get(&key("ns", "web", "", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        let v6 = plan
+            .get(&key("ns", "web", "", Protocol::Tcp, IpFamily::V6))
+            .unwrap();
+        assert_eq!(ips(&v4.cluster_endpoints), ["10.0.0.1:8080"]);
+        assert_eq!(ips(&v6.cluster_endpoints), ["[fd00::1]:8080"]);
+    }
+
+    #[test]
+    fn local_policies_drop_when_only_remote_endpoints_exist() {
+        let mut st = state(&[
+            r#"
+kind: Service
+metadata: {name: web, namespace: ns}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  internalTrafficPolicy: Local
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30080}]
+"#,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1], nodeName: node-b}]
+"#,
+        ]);
+        let (plan, _) = plan_all(&mut st);
+        let p = plan
+            .get(&key("ns", "web", "", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(p.internal(), Traffic::Drop);
+        assert_eq!(p.external(), Traffic::Drop);
+    }
+
+    #[test]
+    fn external_local_internal_cluster() {
+        let mut st = state(&[
+            r#"
+kind: Service
+metadata: {name: web, namespace: ns}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30080}]
+"#,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], nodeName: node-a}]
+"#,
+        ]);
+        let (plan, _) = plan_all(&mut st);
+        let p = plan
+            .get(&key("ns", "web", "", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(
+            ips(&p.cluster_endpoints),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+        assert_eq!(ips(&p.local_endpoints), ["10.0.0.2:8080"]);
+        assert_eq!(p.external(), Traffic::Forward(&p.local_endpoints));
+        assert_eq!(p.internal(), Traffic::Forward(&p.cluster_endpoints));
+        assert_eq!(p.node_port, Some(30080));
+    }
+
+    #[test]
+    fn unproxied_services_have_no_plans() {
+        let mut st = state(&[
+            "kind: Service\nmetadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 1}]}",
+            "kind: Service\nmetadata: {name: x, labels: {service.kubernetes.io/service-proxy-name: y}}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 1}]}",
+            "kind: Service\nmetadata: {name: e}\nspec: {type: ExternalName, externalName: example.com}",
+        ]);
+        let (plan, diff) = plan_all(&mut st);
+        assert!(plan.is_empty() && diff.is_empty());
+    }
+
+    #[test]
+    fn diff_touches_only_what_changed() {
+        let mut st = state(&[
+            SVC,
+            "kind: Service\nmetadata: {name: other, namespace: ns}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}",
+        ]);
+        let (mut plan, diff) = plan_all(&mut st);
+        assert_eq!(diff.upserted.len(), 3);
+
+        // An endpoint appears for web's http port only.
+        let slice: EndpointSlice = serde_yaml::from_str(
+            "metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]",
+        )
+        .unwrap();
+        st.apply_slice(&slice).unwrap();
+        let changes = st.take_changes();
+        let diff = plan.update(&st, &changes.services);
+        assert_eq!(diff.upserted.len(), 1, "only web:http changed");
+        assert_eq!(diff.upserted[0].new.key.port.port, "http");
+        assert!(diff.upserted[0].old.is_some());
+        assert!(diff.removed.is_empty());
+
+        // A port goes away; the service is deleted.
+        let svc: Service = serde_yaml::from_str(
+            "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}",
+        )
+        .unwrap();
+        st.apply_service(&svc).unwrap();
+        let changes = st.take_changes();
+        let diff = plan.update(&st, &changes.services);
+        assert_eq!(diff.removed.len(), 1);
+        assert_eq!(diff.removed[0].key.port.port, "dns");
+        assert!(diff.upserted.is_empty());
+
+        st.delete_service(&ServiceName::new("ns", "web"));
+        let changes = st.take_changes();
+        let diff = plan.update(&st, &changes.services);
+        assert_eq!(diff.removed.len(), 1);
+        assert_eq!(plan.len(), 1);
+    }
+
+    #[test]
+    fn node_zone_change_recomputes_hints() {
+        let mut st = state(&[
+            SVC,
+            r#"
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.0.0.1], hints: {forZones: [{name: z1}]}}
+  - {addresses: [10.0.0.2], hints: {forZones: [{name: z2}]}}
+"#,
+        ]);
+        let (mut plan, _) = plan_all(&mut st);
+        let k = key("ns", "web", "http", Protocol::Tcp, IpFamily::V4);
+        assert_eq!(
+            plan.get(&k).unwrap().cluster_endpoints.len(),
+            2,
+            "no zone yet: hints ignored"
+        );
+        let node: Node = serde_yaml::from_str(
+            "metadata: {name: node-a, labels: {topology.kubernetes.io/zone: z2}}",
+        )
+        .unwrap();
+        st.apply_node(&node).unwrap();
+        let changes = st.take_changes();
+        assert!(changes.node_changed);
+        plan.update(&st, &changes.services);
+        assert_eq!(
+            ips(&plan.get(&k).unwrap().cluster_endpoints),
+            ["10.0.0.2:8080"]
+        );
+    }
+
+    #[test]
+    fn slices_for_unknown_services_wait_for_the_service() {
+        let slice = r#"
+kind: EndpointSlice
+metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+"#;
+        let mut st = state(&[slice]);
+        let (mut plan, diff) = plan_all(&mut st);
+        assert!(diff.is_empty());
+        let svc: Service = serde_yaml::from_str(SVC).unwrap();
+        st.apply_service(&svc).unwrap();
+        let changes = st.take_changes();
+        plan.update(&st, &changes.services);
+        let http = plan
+            .get(&key("ns", "web", "http", Protocol::Tcp, IpFamily::V4))
+            .unwrap();
+        assert_eq!(http.cluster_endpoints.len(), 1);
+    }
+}

@@ -1,0 +1,477 @@
+//! A Service, validated once into the facts the data plane and DNS need.
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Service;
+
+use super::types::{IpFamily, Protocol, ServiceName};
+use super::validate;
+
+/// Label that hands a service to another proxy; kube-proxy skips services carrying it.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Default ClientIP affinity timeout (three hours), as in the Kubernetes API.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+
+/// How the service is exposed, from `spec.type`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    /// DNS-only alias to an outside name.
+    ExternalName(String),
+}
+
+/// One entry of `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortSpec {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// The validated facts of one Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: ServiceName,
+    pub service_type: ServiceType,
+    /// ClusterIPs, primary first; empty for headless and unallocated services.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `clusterIP: None`.
+    pub headless: bool,
+    pub ports: Vec<ServicePortSpec>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`, except `ipMode: Proxy` ones (the load
+    /// balancer proxies those, so the node must not capture them).
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNetwork>,
+    /// ClientIP session affinity timeout, if affinity is on.
+    pub affinity_timeout_seconds: Option<u32>,
+    pub internal_policy_local: bool,
+    pub external_policy_local: bool,
+    pub health_check_node_port: Option<u16>,
+    pub publish_not_ready_addresses: bool,
+    /// Carries the service-proxy-name label: another proxy owns it.
+    pub foreign_proxy: bool,
+}
+
+impl ServiceInfo {
+    /// Validates a Service object. The error names the first problem found.
+    pub fn from_k8s(svc: &Service) -> Result<Self, String> {
+        let meta = &svc.metadata;
+        let name = meta.name.as_deref().ok_or("metadata.name is missing")?;
+        validate::dns1035_label(name).map_err(|e| format!("metadata.name: {e}"))?;
+        let namespace = meta.namespace.as_deref().unwrap_or("default");
+        validate::dns1123_label(namespace).map_err(|e| format!("metadata.namespace: {e}"))?;
+        let spec = svc.spec.as_ref().ok_or("spec is missing")?;
+
+        let foreign_proxy = meta
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL));
+
+        let service_type = match spec.type_.as_deref() {
+            None | Some("ClusterIP") => ServiceType::ClusterIp,
+            Some("NodePort") => ServiceType::NodePort,
+            Some("LoadBalancer") => ServiceType::LoadBalancer,
+            Some("ExternalName") => {
+                let target = spec
+                    .external_name
+                    .as_deref()
+                    .ok_or("spec.externalName is required for type ExternalName")?;
+                validate::external_name(target).map_err(|e| format!("spec.externalName: {e}"))?;
+                ServiceType::ExternalName(target.trim_end_matches('.').to_ascii_lowercase())
+            }
+            Some(other) => return Err(format!("spec.type: unknown service type {other:?}")),
+        };
+
+        let (cluster_ips, headless) = parse_cluster_ips(spec)?;
+
+        let mut ports = Vec::new();
+        for (i, port) in spec.ports.iter().flatten().enumerate() {
+            let port_name = port.name.clone().unwrap_or_default();
+            if !port_name.is_empty() {
+                validate::port_name(&port_name)
+                    .map_err(|e| format!("spec.ports[{i}].name: {e}"))?;
+            }
+            let protocol = Protocol::from_k8s(port.protocol.as_deref())
+                .map_err(|e| format!("spec.ports[{i}].protocol: {e}"))?;
+            let number =
+                port_number(port.port).map_err(|e| format!("spec.ports[{i}].port: {e}"))?;
+            let node_port = match port.node_port {
+                None | Some(0) => None,
+                Some(n) => {
+                    Some(port_number(n).map_err(|e| format!("spec.ports[{i}].nodePort: {e}"))?)
+                }
+            };
+            if ports
+                .iter()
+                .any(|p: &ServicePortSpec| p.name == port_name && p.protocol == protocol)
+            {
+                return Err(format!(
+                    "spec.ports[{i}]: duplicate port name {port_name:?} for {protocol}"
+                ));
+            }
+            ports.push(ServicePortSpec {
+                name: port_name,
+                protocol,
+                port: number,
+                node_port,
+            });
+        }
+        if ports.len() > 1 && ports.iter().any(|p| p.name.is_empty()) {
+            return Err("spec.ports: every port must be named when there are several".into());
+        }
+
+        let external_ips = parse_ips(spec.external_ips.iter().flatten(), "spec.externalIPs")?;
+        let mut load_balancer_ips = Vec::new();
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(ip) = &ing.ip {
+                load_balancer_ips.push(
+                    parse_ip(ip)
+                        .map_err(|e| format!("status.loadBalancer.ingress[{i}].ip: {e}"))?,
+                );
+            }
+        }
+        if service_type != ServiceType::LoadBalancer {
+            load_balancer_ips.clear();
+        }
+        let mut load_balancer_source_ranges = Vec::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            let net: IpNetwork = range
+                .trim()
+                .parse()
+                .map_err(|_| format!("spec.loadBalancerSourceRanges: invalid CIDR {range:?}"))?;
+            load_balancer_source_ranges.push(net);
+        }
+
+        let affinity_timeout_seconds = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                match timeout {
+                    None => Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS),
+                    Some(t @ 1..=86_400) => Some(t as u32),
+                    Some(t) => {
+                        return Err(format!(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is not in 1..=86400"
+                        ));
+                    }
+                }
+            }
+            Some(other) => return Err(format!("spec.sessionAffinity: unknown value {other:?}")),
+        };
+
+        let internal_policy_local = match spec.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => {
+                return Err(format!(
+                    "spec.internalTrafficPolicy: unknown value {other:?}"
+                ));
+            }
+        };
+        let externally_accessible = matches!(
+            service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        ) || (service_type == ServiceType::ClusterIp
+            && !external_ips.is_empty());
+        let external_policy_local = match spec.external_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => externally_accessible,
+            Some(other) => {
+                return Err(format!(
+                    "spec.externalTrafficPolicy: unknown value {other:?}"
+                ));
+            }
+        };
+        let health_check_node_port = match spec.health_check_node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(n).map_err(|e| format!("spec.healthCheckNodePort: {e}"))?),
+        };
+
+        Ok(Self {
+            name: ServiceName::new(namespace, name),
+            service_type,
+            cluster_ips,
+            headless,
+            ports,
+            external_ips,
+            load_balancer_ips,
+            load_balancer_source_ranges,
+            affinity_timeout_seconds,
+            internal_policy_local,
+            external_policy_local,
+            health_check_node_port,
+            publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+            foreign_proxy,
+        })
+    }
+
+    /// Whether this node's data plane handles the service at all: not headless, not
+    /// ExternalName, has a ClusterIP, and not owned by another proxy.
+    pub fn is_proxied(&self) -> bool {
+        !self.headless
+            && !self.foreign_proxy
+            && !matches!(self.service_type, ServiceType::ExternalName(_))
+            && !self.cluster_ips.is_empty()
+    }
+
+    /// The ClusterIP of one family, if the service has one.
+    pub fn cluster_ip(&self, family: IpFamily) -> Option<IpAddr> {
+        self.cluster_ips
+            .iter()
+            .copied()
+            .find(|ip| IpFamily::of(ip) == family)
+    }
+
+    /// Whether NodePorts are opened on nodes for this service.
+    pub fn has_node_ports(&self) -> bool {
+        matches!(
+            self.service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        )
+    }
+}
+
+fn parse_cluster_ips(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<(Vec<IpAddr>, bool), String> {
+    let mut raw: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if raw.is_empty()
+        && let Some(ip) = spec.cluster_ip.as_deref()
+    {
+        raw.push(ip);
+    }
+    if raw.iter().any(|ip| *ip == "None") {
+        return Ok((Vec::new(), true));
+    }
+    let ips = parse_ips(
+        raw.into_iter().filter(|ip| !ip.is_empty()),
+        "spec.clusterIPs",
+    )?;
+    if ips.len() > 2 || (ips.len() == 2 && IpFamily::of(&ips[0]) == IpFamily::of(&ips[1])) {
+        return Err("spec.clusterIPs: at most one address per IP family".into());
+    }
+    Ok((ips, false))
+}
+
+fn parse_ips<'a>(
+    values: impl IntoIterator<Item = impl AsRef<str> + 'a>,
+    field: &str,
+) -> Result<Vec<IpAddr>, String> {
+    values
+        .into_iter()
+        .map(|v| parse_ip(v.as_ref()).map_err(|e| format!("{field}: {e}")))
+        .collect()
+}
+
+/// Parses an IP address as Kubernetes writes it (no zone, no surrounding spaces).
+pub fn parse_ip(value: &str) -> Result<IpAddr, String> {
+    value
+        .parse::<IpAddr>()
+        .map_err(|_| format!("invalid IP address {value:?}"))
+}
+
+fn port_number(value: i32) -> Result<u16, String> {
+    match u16::try_from(value) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{value} is not a valid port number")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).expect("test yaml")
+    }
+
+    #[test]
+    fn minimal_cluster_ip_service() {
+        let info = ServiceInfo::from_k8s(&svc(r#"
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+"#))
+        .unwrap();
+        assert_eq!(info.name, ServiceName::new("shop", "web"));
+        assert_eq!(
+            info.cluster_ips,
+            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.ports.len(), 1);
+        assert_eq!(info.ports[0].protocol, Protocol::Tcp);
+        assert!(info.is_proxied());
+        assert_eq!(info.service_type, ServiceType::ClusterIp);
+    }
+
+    #[test]
+    fn namespace_defaults_to_default() {
+        let info = ServiceInfo::from_k8s(&svc("metadata: {name: a}\nspec: {clusterIP: 10.0.0.1}"))
+            .unwrap();
+        assert_eq!(info.name.namespace, "default");
+    }
+
+    #[test]
+    fn headless_external_name_and_labelled_services_are_not_proxied() {
+        let headless = ServiceInfo::from_k8s(&svc(
+            "metadata: {name: db}\nspec: {clusterIP: None, ports: [{port: 5432}]}",
+        ))
+        .unwrap();
+        assert!(headless.headless && !headless.is_proxied());
+
+        let ext = ServiceInfo::from_k8s(&svc(
+            "metadata: {name: ext}\nspec: {type: ExternalName, externalName: Example.COM.}",
+        ))
+        .unwrap();
+        assert_eq!(
+            ext.service_type,
+            ServiceType::ExternalName("example.com".into())
+        );
+        assert!(!ext.is_proxied());
+
+        let labelled = ServiceInfo::from_k8s(&svc(
+            "metadata: {name: x, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.0.0.2}",
+        ))
+        .unwrap();
+        assert!(!labelled.is_proxied());
+
+        let unallocated =
+            ServiceInfo::from_k8s(&svc("metadata: {name: x}\nspec: {ports: [{port: 1}]}")).unwrap();
+        assert!(!unallocated.is_proxied());
+    }
+
+    #[test]
+    fn dual_stack_and_policies() {
+        let info = ServiceInfo::from_k8s(&svc(r#"
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00::10"]
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}, {ip: 192.0.2.11, ipMode: Proxy}]
+"#))
+        .unwrap();
+        assert_eq!(
+            info.cluster_ip(IpFamily::V6),
+            Some("fd00::10".parse().unwrap())
+        );
+        assert!(info.internal_policy_local && info.external_policy_local);
+        assert_eq!(
+            info.affinity_timeout_seconds,
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+        );
+        assert_eq!(
+            info.load_balancer_ips,
+            vec!["192.0.2.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.ports[0].node_port, Some(30080));
+        assert_eq!(info.ports[1].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn external_policy_local_only_for_externally_accessible_services() {
+        let info = ServiceInfo::from_k8s(&svc(
+            "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, externalTrafficPolicy: Local}",
+        ))
+        .unwrap();
+        assert!(!info.external_policy_local);
+    }
+
+    #[test]
+    fn invalid_services_name_the_problem() {
+        let cases = [
+            ("metadata: {}\nspec: {}", "metadata.name"),
+            (
+                "metadata: {name: \"a\\\" -j ACCEPT\"}\nspec: {}",
+                "metadata.name",
+            ),
+            (
+                "metadata: {name: a, namespace: \"Bad NS\"}\nspec: {}",
+                "metadata.namespace",
+            ),
+            ("metadata: {name: a}", "spec is missing"),
+            (
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.300}",
+                "spec.clusterIPs",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 0}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 70000}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 1, protocol: ICMP}]}",
+                "protocol",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 1, name: \"x y\"}]}",
+                "spec.ports[0].name",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 1, name: a}, {port: 2, name: a}]}",
+                "duplicate",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 1}, {port: 2, name: a}]}",
+                "every port",
+            ),
+            ("metadata: {name: a}\nspec: {type: Weird}", "spec.type"),
+            (
+                "metadata: {name: a}\nspec: {type: ExternalName}",
+                "externalName",
+            ),
+            (
+                "metadata: {name: a}\nspec: {externalIPs: [nope]}",
+                "spec.externalIPs",
+            ),
+            (
+                "metadata: {name: a}\nspec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}",
+                "timeoutSeconds",
+            ),
+            (
+                "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, 10.0.0.2]}",
+                "one address per IP family",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let err = ServiceInfo::from_k8s(&svc(yaml)).expect_err(yaml);
+            assert!(
+                err.contains(expected),
+                "{yaml}: {err} should mention {expected}"
+            );
+        }
+    }
+}

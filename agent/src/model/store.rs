@@ -1,0 +1,436 @@
+//! The node's view of the cluster: validated Services, EndpointSlices and this node,
+//! kept incrementally, with the set of services whose programming may have changed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::service::{ServiceInfo, parse_ip};
+use super::slice::{SliceInfo, SliceRejection};
+use super::topology::NodeTopology;
+use super::types::ServiceName;
+
+/// Label carrying a node's topology zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Kinds of objects the model consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    /// The Kubernetes `kind` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+        }
+    }
+}
+
+/// Identity of an object: what deletes and logs refer to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    /// Empty for cluster-scoped objects (Nodes).
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.as_str(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+/// An object the model refused. The previous valid version, if any, stays in effect.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {object}: {reason}")]
+pub struct InvalidObject {
+    pub object: ObjectRef,
+    pub reason: String,
+}
+
+/// What applying an object did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The model changed.
+    Changed,
+    /// Identical to what the model had.
+    Unchanged,
+    /// A legal object the model has no use for (FQDN slice, another node), with why.
+    Ignored(String),
+}
+
+/// Facts about this node that programming depends on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub topology: NodeTopology,
+    /// Addresses from the Node object's status (InternalIP first, then ExternalIP).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Services and slices as this node knows them.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    services: HashMap<ServiceName, Arc<ServiceInfo>>,
+    /// Slices grouped by the service they belong to, keyed by slice name, so a
+    /// service's endpoints are found without scanning every slice.
+    slices: HashMap<ServiceName, BTreeMap<String, Arc<SliceInfo>>>,
+    /// Which service each (namespace, slice name) currently belongs to.
+    slice_owner: HashMap<(String, String), ServiceName>,
+    node: NodeInfo,
+    /// Services whose programming must be recomputed.
+    dirty: HashSet<ServiceName>,
+    /// Node facts changed: every service must be recomputed.
+    node_changed: bool,
+}
+
+impl ClusterState {
+    /// An empty view for the node called `node_name`.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node: NodeInfo {
+                topology: NodeTopology {
+                    name: node_name.into(),
+                    zone: None,
+                },
+                addresses: Vec::new(),
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Adds or replaces a Service. An invalid one leaves the previous version in place.
+    pub fn apply_service(
+        &mut self,
+        svc: &k8s_openapi::api::core::v1::Service,
+    ) -> Result<Applied, InvalidObject> {
+        let info = ServiceInfo::from_k8s(svc).map_err(|reason| InvalidObject {
+            object: ObjectRef {
+                kind: Kind::Service,
+                namespace: svc
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                name: svc.metadata.name.clone().unwrap_or_default(),
+            },
+            reason,
+        })?;
+        if self
+            .services
+            .get(&info.name)
+            .is_some_and(|old| **old == info)
+        {
+            return Ok(Applied::Unchanged);
+        }
+        self.dirty.insert(info.name.clone());
+        self.services.insert(info.name.clone(), Arc::new(info));
+        Ok(Applied::Changed)
+    }
+
+    /// Removes a Service (its slices stay, waiting for it to come back or be deleted).
+    pub fn delete_service(&mut self, name: &ServiceName) -> Applied {
+        if self.services.remove(name).is_some() {
+            self.dirty.insert(name.clone());
+            Applied::Changed
+        } else {
+            Applied::Unchanged
+        }
+    }
+
+    /// Adds or replaces an EndpointSlice. An invalid one leaves the previous version in
+    /// place; an ignored one (FQDN, no service label) removes any previous version,
+    /// since the object now legitimately says "nothing to proxy".
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Result<Applied, InvalidObject> {
+        let namespace = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        let info = match SliceInfo::from_k8s(slice) {
+            Ok(info) => info,
+            Err(SliceRejection::Ignored(why)) => {
+                self.delete_slice(&namespace, &name);
+                return Ok(Applied::Ignored(why));
+            }
+            Err(SliceRejection::Invalid(reason)) => {
+                return Err(InvalidObject {
+                    object: ObjectRef {
+                        kind: Kind::EndpointSlice,
+                        namespace,
+                        name,
+                    },
+                    reason,
+                });
+            }
+        };
+        let owner = ServiceName::new(&info.namespace, &info.service);
+        let key = (info.namespace.clone(), info.name.clone());
+        if let Some(previous_owner) = self.slice_owner.get(&key) {
+            if *previous_owner == owner
+                && self
+                    .slices
+                    .get(&owner)
+                    .and_then(|s| s.get(&info.name))
+                    .is_some_and(|old| **old == info)
+            {
+                return Ok(Applied::Unchanged);
+            }
+            if *previous_owner != owner {
+                // The slice moved to another service (its label changed).
+                self.delete_slice(&info.namespace, &info.name);
+            }
+        }
+        self.dirty.insert(owner.clone());
+        self.slice_owner.insert(key, owner.clone());
+        self.slices
+            .entry(owner)
+            .or_default()
+            .insert(info.name.clone(), Arc::new(info));
+        Ok(Applied::Changed)
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) -> Applied {
+        let Some(owner) = self
+            .slice_owner
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return Applied::Unchanged;
+        };
+        if let Some(slices) = self.slices.get_mut(&owner) {
+            slices.remove(name);
+            if slices.is_empty() {
+                self.slices.remove(&owner);
+            }
+        }
+        self.dirty.insert(owner);
+        Applied::Changed
+    }
+
+    /// Takes in a Node; only this node's object matters (zone label, addresses).
+    pub fn apply_node(&mut self, node: &Node) -> Result<Applied, InvalidObject> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if name != self.node.topology.name {
+            return Ok(Applied::Ignored(format!(
+                "not this node ({})",
+                self.node.topology.name
+            )));
+        }
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned();
+        let mut addresses = Vec::new();
+        let status_addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for wanted in ["InternalIP", "ExternalIP"] {
+            for addr in status_addresses.iter().filter(|a| a.type_ == wanted) {
+                let ip = parse_ip(&addr.address).map_err(|reason| InvalidObject {
+                    object: ObjectRef {
+                        kind: Kind::Node,
+                        namespace: String::new(),
+                        name: name.clone(),
+                    },
+                    reason: format!("status.addresses: {reason}"),
+                })?;
+                if !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+            }
+        }
+        let info = NodeInfo {
+            topology: NodeTopology {
+                name: name.clone(),
+                zone,
+            },
+            addresses,
+        };
+        if info == self.node {
+            return Ok(Applied::Unchanged);
+        }
+        self.node = info;
+        self.node_changed = true;
+        Ok(Applied::Changed)
+    }
+
+    /// Forgets this node's object (back to name only).
+    pub fn delete_node(&mut self, name: &str) -> Applied {
+        if name != self.node.topology.name {
+            return Applied::Unchanged;
+        }
+        let fresh = NodeInfo {
+            topology: NodeTopology {
+                name: name.to_owned(),
+                zone: None,
+            },
+            addresses: Vec::new(),
+        };
+        if fresh == self.node {
+            return Applied::Unchanged;
+        }
+        self.node = fresh;
+        self.node_changed = true;
+        Applied::Changed
+    }
+
+    /// Hands out what changed since the last call: the services to recompute (all of
+    /// them after a node change) and whether the node itself changed.
+    pub fn take_changes(&mut self) -> Changes {
+        let node_changed = std::mem::take(&mut self.node_changed);
+        let mut services = std::mem::take(&mut self.dirty);
+        if node_changed {
+            services.extend(self.services.keys().cloned());
+        }
+        Changes {
+            services,
+            node_changed,
+        }
+    }
+
+    /// A service by name.
+    pub fn service(&self, name: &ServiceName) -> Option<&Arc<ServiceInfo>> {
+        self.services.get(name)
+    }
+
+    /// Every service.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceInfo>> {
+        self.services.values()
+    }
+
+    /// The slices of one service, in name order.
+    pub fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &Arc<SliceInfo>> {
+        self.slices.get(name).into_iter().flat_map(|s| s.values())
+    }
+
+    /// This node's facts.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Number of services and slices held, for metrics and logs.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slice_owner.len())
+    }
+}
+
+/// Services to recompute after a batch of object changes.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub services: HashSet<ServiceName>,
+    pub node_changed: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(yaml: &str) -> k8s_openapi::api::core::v1::Service {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const WEB: &str =
+        "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}";
+    const SLICE: &str = "metadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]";
+
+    #[test]
+    fn applying_twice_is_unchanged_and_not_dirty() {
+        let mut state = ClusterState::new("n1");
+        assert_eq!(state.apply_service(&service(WEB)), Ok(Applied::Changed));
+        assert_eq!(state.take_changes().services.len(), 1);
+        assert_eq!(state.apply_service(&service(WEB)), Ok(Applied::Unchanged));
+        assert!(state.take_changes().services.is_empty());
+    }
+
+    #[test]
+    fn invalid_update_keeps_previous_version() {
+        let mut state = ClusterState::new("n1");
+        state.apply_service(&service(WEB)).unwrap();
+        state.take_changes();
+        let bad = service("metadata: {name: web, namespace: ns}\nspec: {clusterIP: nope}");
+        let err = state.apply_service(&bad).unwrap_err();
+        assert_eq!(err.object.to_string(), "Service ns/web");
+        let name = ServiceName::new("ns", "web");
+        assert_eq!(state.service(&name).unwrap().cluster_ips.len(), 1);
+        assert!(state.take_changes().services.is_empty());
+    }
+
+    #[test]
+    fn slices_mark_their_service_dirty_and_can_move() {
+        let mut state = ClusterState::new("n1");
+        state.apply_slice(&slice(SLICE)).unwrap();
+        let changes = state.take_changes();
+        assert!(changes.services.contains(&ServiceName::new("ns", "web")));
+        assert_eq!(state.slices_of(&ServiceName::new("ns", "web")).count(), 1);
+
+        let moved = SLICE.replace("service-name: web", "service-name: api");
+        state.apply_slice(&slice(&moved)).unwrap();
+        let changes = state.take_changes();
+        assert!(changes.services.contains(&ServiceName::new("ns", "web")));
+        assert!(changes.services.contains(&ServiceName::new("ns", "api")));
+        assert_eq!(state.slices_of(&ServiceName::new("ns", "web")).count(), 0);
+        assert_eq!(state.slices_of(&ServiceName::new("ns", "api")).count(), 1);
+
+        assert_eq!(state.delete_slice("ns", "web-1"), Applied::Changed);
+        assert_eq!(state.delete_slice("ns", "web-1"), Applied::Unchanged);
+        assert_eq!(state.counts(), (0, 0));
+    }
+
+    #[test]
+    fn slice_turning_fqdn_is_removed() {
+        let mut state = ClusterState::new("n1");
+        state.apply_slice(&slice(SLICE)).unwrap();
+        let fqdn = SLICE.replace("IPv4", "FQDN");
+        assert!(matches!(
+            state.apply_slice(&slice(&fqdn)),
+            Ok(Applied::Ignored(_))
+        ));
+        assert_eq!(state.counts(), (0, 0));
+    }
+
+    #[test]
+    fn node_change_dirties_every_service() {
+        let mut state = ClusterState::new("n1");
+        state.apply_service(&service(WEB)).unwrap();
+        state.take_changes();
+        let other: Node = serde_yaml::from_str("metadata: {name: n2}").unwrap();
+        assert!(matches!(state.apply_node(&other), Ok(Applied::Ignored(_))));
+        let me: Node = serde_yaml::from_str(
+            "metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}\nstatus: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 172.18.0.2}]}",
+        )
+        .unwrap();
+        assert_eq!(state.apply_node(&me), Ok(Applied::Changed));
+        assert_eq!(state.node().topology.zone.as_deref(), Some("z1"));
+        assert_eq!(
+            state.node().addresses,
+            vec!["172.18.0.2".parse::<IpAddr>().unwrap()]
+        );
+        let changes = state.take_changes();
+        assert!(changes.node_changed);
+        assert_eq!(changes.services.len(), 1);
+    }
+}

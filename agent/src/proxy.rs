@@ -1,0 +1,273 @@
+//! The proxy loop: folds source events into the model, and after each batch turns the
+//! services that changed into a plan diff for the backend. Runs on its own thread;
+//! backends may block (iptables-restore), nothing else waits on them.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{Backend, SyncStats};
+use crate::health::Health;
+use crate::metrics::{Metrics, unix_now};
+use crate::model::{Applied, ClusterState, Kind, NodePlan, PlanDiff, ServiceName, Traffic};
+use crate::node::{NodePortAddresses, node_network};
+use crate::source::{Object, SourceEvent};
+
+/// Settings of the loop.
+pub struct ProxyConfig {
+    pub node_name: String,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub nodeport_addresses: NodePortAddresses,
+    /// How often to check for outside tampering (and retry cadence ceiling).
+    pub sync_period: Duration,
+    /// Full resync at least this often even without tampering.
+    pub full_sync_period: Duration,
+}
+
+/// The loop's state.
+pub struct ProxyLoop {
+    config: ProxyConfig,
+    state: ClusterState,
+    plan: NodePlan,
+    backend: Box<dyn Backend>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// The source delivered a complete view at least once.
+    source_synced: bool,
+    needs_full_sync: bool,
+    /// When the oldest unsynced change arrived (network programming latency).
+    pending_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    last_check: Instant,
+    last_full: Instant,
+}
+
+impl ProxyLoop {
+    pub fn new(
+        config: ProxyConfig,
+        backend: Box<dyn Backend>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            state: ClusterState::new(config.node_name.clone()),
+            config,
+            plan: NodePlan::default(),
+            backend,
+            metrics,
+            health,
+            source_synced: false,
+            needs_full_sync: true,
+            pending_since: None,
+            retry_at: None,
+            last_check: Instant::now(),
+            last_full: Instant::now(),
+        }
+    }
+
+    /// Runs until the sources hang up.
+    pub fn run(mut self, events: Receiver<SourceEvent>) {
+        loop {
+            let wait = self.next_wakeup();
+            match events.recv_timeout(wait) {
+                Ok(event) => {
+                    self.handle(event);
+                    while let Ok(event) = events.try_recv() {
+                        self.handle(event);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    info!("all sources stopped; proxy loop exits (programmed state stays)");
+                    return;
+                }
+            }
+            if !self.source_synced {
+                continue;
+            }
+            if self.last_check.elapsed() >= self.config.sync_period {
+                self.last_check = Instant::now();
+                if self.backend.needs_full_sync() {
+                    warn!(
+                        backend = self.backend.name(),
+                        "programmed state was changed from outside; resyncing everything"
+                    );
+                    self.needs_full_sync = true;
+                }
+            }
+            if self.last_full.elapsed() >= self.config.full_sync_period {
+                self.needs_full_sync = true;
+            }
+            if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            self.sync();
+        }
+    }
+
+    fn next_wakeup(&self) -> Duration {
+        let mut wait = self
+            .config
+            .sync_period
+            .saturating_sub(self.last_check.elapsed());
+        if let Some(t) = self.retry_at {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
+        wait.max(Duration::from_millis(1))
+    }
+
+    fn handle(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Apply { object, origin } => {
+                let kind = object.object_ref().kind;
+                let result = match *object {
+                    Object::Service(ref svc) => self.state.apply_service(svc),
+                    Object::EndpointSlice(ref slice) => self.state.apply_slice(slice),
+                    Object::Node(ref node) => self.state.apply_node(node),
+                };
+                match result {
+                    Ok(Applied::Changed) => self.changed(kind),
+                    Ok(Applied::Unchanged) => {}
+                    Ok(Applied::Ignored(why)) => {
+                        debug!(origin, object = %object.object_ref(), why, "ignored");
+                    }
+                    Err(invalid) => {
+                        warn!(origin, object = %invalid.object, reason = invalid.reason, "skipping invalid object; its previous version (if any) stays in effect");
+                        self.metrics.invalid_object(invalid.object.kind.as_str());
+                    }
+                }
+            }
+            SourceEvent::Delete(r) => {
+                let applied = match r.kind {
+                    Kind::Service => self
+                        .state
+                        .delete_service(&ServiceName::new(&r.namespace, &r.name)),
+                    Kind::EndpointSlice => self.state.delete_slice(&r.namespace, &r.name),
+                    Kind::Node => self.state.delete_node(&r.name),
+                };
+                if applied == Applied::Changed {
+                    self.changed(r.kind);
+                }
+            }
+            SourceEvent::Rejected { kind, .. } => {
+                self.metrics
+                    .invalid_object(kind.map(Kind::as_str).unwrap_or("Unknown"));
+            }
+            SourceEvent::Synced => {
+                if !self.source_synced {
+                    info!("source delivered a complete view; programming starts");
+                    self.source_synced = true;
+                    self.needs_full_sync = true;
+                }
+            }
+        }
+    }
+
+    fn changed(&mut self, kind: Kind) {
+        match kind {
+            Kind::EndpointSlice => {
+                self.metrics.endpoint_changes.inc();
+                self.metrics.endpoint_changes_pending.inc();
+            }
+            Kind::Service | Kind::Node => {
+                self.metrics.service_changes.inc();
+                self.metrics.service_changes_pending.inc();
+            }
+        }
+        self.metrics.last_queued_timestamp.set(unix_now());
+        self.pending_since.get_or_insert_with(Instant::now);
+        self.health.queued();
+    }
+
+    fn sync(&mut self) {
+        let changes = self.state.take_changes();
+        let full = self.needs_full_sync;
+        if changes.services.is_empty() && !full {
+            return;
+        }
+        let diff = self.plan.update(&self.state, &changes.services);
+        if diff.is_empty() && !full {
+            self.finish_pending();
+            return;
+        }
+        let node = node_network(
+            self.state.node(),
+            &self.config.nodeport_addresses,
+            &self.config.cluster_cidrs,
+        );
+        let started = Instant::now();
+        match self.backend.sync(&self.plan, &diff, &node, full) {
+            Ok(stats) => self.synced(&diff, &stats, full, started.elapsed()),
+            Err(err) => {
+                error!(backend = self.backend.name(), error = %err, "sync failed; retrying with a full sync");
+                self.metrics.sync_failures.inc();
+                if self.backend.name().starts_with("iptables") {
+                    self.metrics.restore_failures.inc();
+                }
+                self.needs_full_sync = true;
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn synced(&mut self, diff: &PlanDiff, stats: &SyncStats, full: bool, took: Duration) {
+        let secs = took.as_secs_f64();
+        self.metrics.sync_duration.observe(secs);
+        if full {
+            self.metrics.sync_full_duration.observe(secs);
+            self.last_full = Instant::now();
+            info!(
+                backend = self.backend.name(),
+                plans = self.plan.len(),
+                took_ms = took.as_millis() as u64,
+                "full sync done"
+            );
+        } else {
+            self.metrics.sync_partial_duration.observe(secs);
+            debug!(
+                backend = self.backend.name(),
+                written = stats.plans_written,
+                removed = stats.plans_removed,
+                took_us = took.as_micros() as u64,
+                "sync done"
+            );
+        }
+        for (table, total) in &stats.totals {
+            self.metrics
+                .iptables_rules
+                .get_or_create(&vec![("table".to_owned(), table.clone())])
+                .set(*total as i64);
+        }
+        if !diff.is_empty() || full {
+            let (mut internal, mut external) = (0, 0);
+            for p in self.plan.iter() {
+                internal += i64::from(p.internal_policy_local && p.internal() == Traffic::Drop);
+                external += i64::from(p.external_policy_local && p.external() == Traffic::Drop);
+            }
+            for (policy, n) in [("internal", internal), ("external", external)] {
+                self.metrics
+                    .no_local_endpoints
+                    .get_or_create(&vec![("traffic_policy".to_owned(), policy.to_owned())])
+                    .set(n);
+            }
+        }
+        self.needs_full_sync = false;
+        self.retry_at = None;
+        self.finish_pending();
+    }
+
+    fn finish_pending(&mut self) {
+        if let Some(since) = self.pending_since.take() {
+            self.metrics
+                .network_programming
+                .observe(since.elapsed().as_secs_f64());
+        }
+        self.metrics.endpoint_changes_pending.set(0);
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.last_sync_timestamp.set(unix_now());
+        self.health.updated();
+    }
+}

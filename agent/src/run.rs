@@ -1,0 +1,93 @@
+//! `ferry run` and `ferry cleanup`: wiring sources, the proxy loop, the backend and the
+//! HTTP endpoints together.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tracing::info;
+
+use crate::backend::Backend;
+use crate::backend::iptables::IptablesBackend;
+use crate::backend::iptables::render::Scope;
+use crate::cli::{Mode, RunConfig};
+use crate::health::{Health, serve_health, serve_metrics};
+use crate::metrics::Metrics;
+use crate::model::IpFamily;
+use crate::proxy::{ProxyConfig, ProxyLoop};
+use crate::source::manifests;
+
+/// IP families this network namespace can program.
+fn families() -> Vec<IpFamily> {
+    let mut families = vec![IpFamily::V4];
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        families.push(IpFamily::V6);
+    }
+    families
+}
+
+/// Runs the agent until it is signalled.
+pub fn run(config: RunConfig) -> anyhow::Result<()> {
+    info!(version = env!("CARGO_PKG_VERSION"), node = config.node_name, mode = ?config.mode, "ferry starting");
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(config.sync_period * 2));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if let Some(addr) = config.healthz {
+        runtime.spawn(serve_health(addr, health.clone()));
+    }
+    if let Some(addr) = config.metrics {
+        runtime.spawn(serve_metrics(addr, metrics.clone()));
+    }
+    runtime.spawn(async {
+        exit_on_signal().await;
+    });
+
+    let backend: Box<dyn Backend> = match config.mode {
+        Mode::Iptables => Box::new(IptablesBackend::new(&families(), Scope::All)),
+        Mode::Ebpf => anyhow::bail!("eBPF mode is not implemented yet"),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _watcher = manifests::spawn(config.manifests.clone(), tx)?;
+    let proxy = ProxyLoop::new(
+        ProxyConfig {
+            node_name: config.node_name,
+            cluster_cidrs: config.cluster_cidrs,
+            nodeport_addresses: config.nodeport_addresses,
+            sync_period: config.sync_period,
+            full_sync_period: config.full_sync_period,
+        },
+        backend,
+        metrics,
+        health,
+    );
+    proxy.run(rx);
+    Ok(())
+}
+
+/// Exits on SIGTERM or SIGINT. Programmed state is left in place on purpose (as
+/// kube-proxy does), so traffic keeps flowing while the agent restarts.
+async fn exit_on_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("signalled; exiting and leaving the data plane programmed");
+    std::process::exit(0);
+}
+
+/// Removes everything Ferry programmed in this network namespace.
+pub fn cleanup() -> anyhow::Result<()> {
+    IptablesBackend::cleanup(&families()).context("removing iptables rules")?;
+    info!("cleanup done");
+    Ok(())
+}

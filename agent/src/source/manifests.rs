@@ -1,0 +1,605 @@
+//! The manifest-directory source: every `*.yaml`, `*.yml` and `*.json` file of a
+//! directory, read as Kubernetes manifests (multi-document YAML, `kind: List`), and
+//! watched so that adding, editing or deleting a file changes the data plane at once.
+//!
+//! Bad input never removes good state: an invalid document is skipped with a log line
+//! naming the file, document and reason, and whatever that document defined before
+//! stays in effect until it is fixed or deleted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher as _};
+use tracing::{debug, info, warn};
+
+use super::{Object, SourceEvent};
+use crate::model::{Kind, ObjectRef};
+
+/// How long to wait for more file events before reloading, so a burst of writes
+/// becomes one reload.
+const DEBOUNCE: Duration = Duration::from_millis(15);
+/// Safety net: stat every file this often in case a watch event was lost.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One document of a file, after parsing.
+#[derive(Debug, PartialEq)]
+pub enum Document {
+    Object {
+        object: Box<Object>,
+        origin: String,
+    },
+    /// A kind the model does not use (Deployment, ConfigMap...).
+    Irrelevant {
+        kind: String,
+        origin: String,
+    },
+    /// Broken input. `object` is known when the document named one.
+    Invalid {
+        object: Option<ObjectRef>,
+        origin: String,
+        reason: String,
+    },
+}
+
+/// Splits a file into YAML documents the way kubectl does (a line that is exactly
+/// `---`), so a syntax error in one document cannot hide the others.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("---") && line[3..].trim().is_empty() {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs
+}
+
+/// Parses one file's text into documents. `name` is used in origins and logs.
+pub fn parse_manifests(name: &str, text: &str) -> Vec<Document> {
+    let mut out = Vec::new();
+    for (i, doc) in split_documents(text).into_iter().enumerate() {
+        let origin = format!("{name}#{}", i + 1);
+        let value: serde_yaml::Value = match serde_yaml::from_str(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Document::Invalid {
+                    object: None,
+                    origin,
+                    reason: format!("not valid YAML: {e}"),
+                });
+                continue;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document (only comments or blank)
+        }
+        parse_value(value, origin, &mut out);
+    }
+    out
+}
+
+fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>) {
+    let Some(map) = value.as_mapping() else {
+        out.push(Document::Invalid {
+            object: None,
+            origin,
+            reason: "document is not a mapping".into(),
+        });
+        return;
+    };
+    let field = |name: &str| map.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let Some(kind) = field("kind") else {
+        out.push(Document::Invalid {
+            object: None,
+            origin,
+            reason: "no kind".into(),
+        });
+        return;
+    };
+    let api_version = field("apiVersion").unwrap_or_default();
+    if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
+        let items = map
+            .get("items")
+            .and_then(|v| v.as_sequence())
+            .cloned()
+            .unwrap_or_default();
+        for (j, item) in items.into_iter().enumerate() {
+            parse_value(item, format!("{origin} items[{j}]"), out);
+        }
+        return;
+    }
+    let (model_kind, expected_api) = match kind.as_str() {
+        "Service" => (Kind::Service, "v1"),
+        "EndpointSlice" => (Kind::EndpointSlice, "discovery.k8s.io/v1"),
+        "Node" => (Kind::Node, "v1"),
+        _ => {
+            out.push(Document::Irrelevant { kind, origin });
+            return;
+        }
+    };
+    let metadata = map.get("metadata").and_then(|m| m.as_mapping());
+    let meta_str = |name: &str| {
+        metadata
+            .and_then(|m| m.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let object = meta_str("name").map(|name| ObjectRef {
+        kind: model_kind,
+        namespace: if model_kind == Kind::Node {
+            String::new()
+        } else {
+            meta_str("namespace").unwrap_or_else(|| "default".into())
+        },
+        name,
+    });
+    let invalid = |reason: String| Document::Invalid {
+        object: object.clone(),
+        origin: origin.clone(),
+        reason,
+    };
+    if object.is_none() {
+        out.push(invalid("metadata.name is missing".into()));
+        return;
+    }
+    if api_version != expected_api {
+        out.push(invalid(format!(
+            "apiVersion {api_version:?} is not {expected_api:?} for kind {kind}"
+        )));
+        return;
+    }
+    let typed = match model_kind {
+        Kind::Service => serde_yaml::from_value(value.clone()).map(Object::Service),
+        Kind::EndpointSlice => serde_yaml::from_value(value.clone()).map(Object::EndpointSlice),
+        Kind::Node => serde_yaml::from_value(value.clone()).map(Object::Node),
+    };
+    match typed {
+        Ok(object) => out.push(Document::Object {
+            object: Box::new(object),
+            origin,
+        }),
+        Err(e) => out.push(invalid(format!("does not match the {kind} schema: {e}"))),
+    }
+}
+
+/// What the directory currently defines, tracked per file so that a file edit or
+/// deletion turns into exactly the object changes it implies.
+#[derive(Default)]
+pub struct ManifestState {
+    /// Objects each file contributes (including kept last-good versions).
+    files: HashMap<PathBuf, Vec<ObjectRef>>,
+    /// Every definition of each object, by file; the first file (by path) wins.
+    defs: HashMap<ObjectRef, BTreeMap<PathBuf, (Object, String)>>,
+}
+
+impl ManifestState {
+    /// Re-reads one file (absent = deleted) and returns the events it causes.
+    pub fn reload(&mut self, path: &Path) -> Vec<SourceEvent> {
+        let documents = match std::fs::read(path) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                parse_manifests(&path.display().to_string(), &text)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it defined");
+                return Vec::new();
+            }
+        };
+        self.apply_documents(path, documents)
+    }
+
+    /// Applies a parsed file (what `reload` does after reading it).
+    pub fn apply_documents(&mut self, path: &Path, documents: Vec<Document>) -> Vec<SourceEvent> {
+        let mut events = Vec::new();
+        let old_refs: HashSet<ObjectRef> = self
+            .files
+            .get(path)
+            .map(|refs| refs.iter().cloned().collect())
+            .unwrap_or_default();
+        let mut new_refs: Vec<ObjectRef> = Vec::new();
+        let mut keep_everything = false;
+
+        for doc in documents {
+            match doc {
+                Document::Object { object, origin } => {
+                    let r = object.object_ref();
+                    if new_refs.contains(&r) {
+                        warn!(origin, object = %r, "object defined twice in one file; the later one wins");
+                    } else {
+                        new_refs.push(r.clone());
+                    }
+                    let before = self.effective(&r);
+                    self.defs
+                        .entry(r.clone())
+                        .or_default()
+                        .insert(path.to_owned(), (*object, origin));
+                    if self.defs.get(&r).is_some_and(|d| d.len() > 1) {
+                        warn!(object = %r, "object defined in several files; the first file by name wins");
+                    }
+                    self.emit_if_changed(&r, before, &mut events);
+                }
+                Document::Irrelevant { kind, origin } => {
+                    debug!(origin, kind, "ignoring object of a kind Ferry does not use");
+                }
+                Document::Invalid {
+                    object,
+                    origin,
+                    reason,
+                } => {
+                    let shown = object
+                        .as_ref()
+                        .map(|o| o.to_string())
+                        .unwrap_or_else(|| "unidentified object".into());
+                    warn!(
+                        origin,
+                        object = shown,
+                        reason,
+                        "skipping invalid document; what it defined before stays in effect"
+                    );
+                    events.push(SourceEvent::Rejected {
+                        kind: object.as_ref().map(|o| o.kind),
+                        origin,
+                    });
+                    match object {
+                        // Keep the last good version of the object this document names.
+                        Some(r) if old_refs.contains(&r) => {
+                            if !new_refs.contains(&r) {
+                                new_refs.push(r);
+                            }
+                        }
+                        Some(_) => {}
+                        // Cannot tell which object broke: keep all the file defined.
+                        None => keep_everything = true,
+                    }
+                }
+            }
+        }
+
+        if keep_everything {
+            for r in &old_refs {
+                if !new_refs.contains(r) {
+                    new_refs.push(r.clone());
+                }
+            }
+        }
+        for r in old_refs.iter().filter(|r| !new_refs.contains(r)) {
+            let before = self.effective(r);
+            if let Some(defs) = self.defs.get_mut(r) {
+                defs.remove(path);
+                if defs.is_empty() {
+                    self.defs.remove(r);
+                }
+            }
+            self.emit_if_changed(r, before, &mut events);
+        }
+        if new_refs.is_empty() {
+            self.files.remove(path);
+        } else {
+            self.files.insert(path.to_owned(), new_refs);
+        }
+        events
+    }
+
+    fn effective(&self, r: &ObjectRef) -> Option<(Object, String)> {
+        self.defs.get(r).and_then(|d| d.values().next()).cloned()
+    }
+
+    fn emit_if_changed(
+        &self,
+        r: &ObjectRef,
+        before: Option<(Object, String)>,
+        events: &mut Vec<SourceEvent>,
+    ) {
+        let after = self.effective(r);
+        match (before, after) {
+            (Some((old, _)), Some((new, _))) if old == new => {}
+            (_, Some((object, origin))) => events.push(SourceEvent::Apply {
+                object: Box::new(object),
+                origin,
+            }),
+            (Some(_), None) => events.push(SourceEvent::Delete(r.clone())),
+            (None, None) => {}
+        }
+    }
+
+    /// Paths currently contributing objects.
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        self.files.keys()
+    }
+}
+
+/// Whether a path is a manifest file by its extension.
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    ) && !path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+/// Modification stamp used by the periodic rescan.
+type Stamp = (Option<SystemTime>, u64);
+
+fn list_manifests(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if !is_manifest(&path) {
+            continue;
+        }
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.is_file()
+        {
+            out.insert(path, (meta.modified().ok(), meta.len()));
+        }
+    }
+    Ok(out)
+}
+
+/// Starts watching `dir` on a thread of its own: sends everything the directory
+/// defines, then [`SourceEvent::Synced`], then changes as files change. Fails only if
+/// the directory cannot be read or watched at start.
+pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use anyhow::Context as _;
+    let mut stamps = list_manifests(&dir)
+        .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+    let (raw_tx, raw_rx) = mpsc::channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |event| {
+        // The receiver only goes away when the agent shuts down.
+        let _ = raw_tx.send(event);
+    })
+    .context("cannot create file watcher")?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+
+    let mut state = ManifestState::default();
+    let mut initial = Vec::new();
+    for path in stamps.keys() {
+        initial.extend(state.reload(path));
+    }
+    info!(dir = %dir.display(), files = stamps.len(), objects = initial.len(), "loaded manifests");
+    for event in initial {
+        if tx.send(event).is_err() {
+            anyhow::bail!("agent stopped during start-up");
+        }
+    }
+    tx.send(SourceEvent::Synced).ok();
+
+    let handle = std::thread::Builder::new()
+        .name("manifests".into())
+        .spawn(move || {
+            // Keep the watcher alive as long as the thread runs.
+            let _watcher = watcher;
+            let mut last_rescan = std::time::Instant::now();
+            loop {
+                let mut changed: HashSet<PathBuf> = HashSet::new();
+                match raw_rx.recv_timeout(RESCAN_INTERVAL) {
+                    Ok(event) => collect_paths(&dir, event, &mut changed),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                // Debounce: gather the rest of a burst.
+                while let Ok(event) = raw_rx.recv_timeout(DEBOUNCE) {
+                    collect_paths(&dir, event, &mut changed);
+                }
+                if last_rescan.elapsed() >= RESCAN_INTERVAL {
+                    last_rescan = std::time::Instant::now();
+                    match list_manifests(&dir) {
+                        Ok(now) => {
+                            for (path, stamp) in &now {
+                                if stamps.get(path) != Some(stamp) {
+                                    changed.insert(path.clone());
+                                }
+                            }
+                            changed.extend(stamps.keys().filter(|p| !now.contains_key(*p)).cloned());
+                        }
+                        Err(e) => warn!(dir = %dir.display(), error = %e, "cannot rescan manifest directory"),
+                    }
+                }
+                let mut paths: Vec<PathBuf> = changed.into_iter().collect();
+                paths.sort();
+                for path in paths {
+                    debug!(file = %path.display(), "manifest file changed");
+                    match std::fs::metadata(&path) {
+                        Ok(meta) => {
+                            stamps.insert(path.clone(), (meta.modified().ok(), meta.len()));
+                        }
+                        Err(_) => {
+                            stamps.remove(&path);
+                        }
+                    }
+                    for event in state.reload(&path) {
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .context("cannot start manifest watcher thread")?;
+    Ok(handle)
+}
+
+fn collect_paths(dir: &Path, event: notify::Result<notify::Event>, out: &mut HashSet<PathBuf>) {
+    match event {
+        Ok(event) => {
+            // Our own reads show up as access events; only writes, creations, renames
+            // and removals change what a file defines.
+            use notify::event::{AccessKind, AccessMode, EventKind};
+            if let EventKind::Access(kind) = event.kind
+                && kind != AccessKind::Close(AccessMode::Write)
+            {
+                return;
+            }
+            for path in event.paths {
+                if path.parent() == Some(dir) && is_manifest(&path) {
+                    out.insert(path);
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "file watch error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+
+    fn kinds(docs: &[Document]) -> Vec<&'static str> {
+        docs.iter()
+            .map(|d| match d {
+                Document::Object { .. } => "object",
+                Document::Irrelevant { .. } => "irrelevant",
+                Document::Invalid { .. } => "invalid",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn multi_document_with_a_broken_one_in_the_middle() {
+        let text = format!(
+            "{SVC}---\nkind: [unclosed\n---\n# only a comment\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n{}",
+            SVC.replace("web", "api")
+        );
+        let docs = parse_manifests("f.yaml", &text);
+        assert_eq!(kinds(&docs), ["object", "invalid", "irrelevant", "object"]);
+        match &docs[1] {
+            Document::Invalid { origin, object, .. } => {
+                assert_eq!(origin, "f.yaml#2");
+                assert!(object.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match &docs[3] {
+            Document::Object { origin, .. } => assert_eq!(origin, "f.yaml#5"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lists_and_json() {
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"clusterIP":"10.0.0.1"}},
+            {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"a-1","labels":{"kubernetes.io/service-name":"a"}},"addressType":"IPv4","endpoints":[]}
+        ]}"#;
+        let docs = parse_manifests("l.json", json);
+        assert_eq!(kinds(&docs), ["object", "object"]);
+        match &docs[1] {
+            Document::Object { origin, object } => {
+                assert_eq!(origin, "l.json#1 items[1]");
+                assert_eq!(object.object_ref().to_string(), "EndpointSlice default/a-1");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_errors_name_the_object() {
+        let docs = parse_manifests(
+            "f.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: eighty}]}",
+        );
+        match &docs[0] {
+            Document::Invalid { object, reason, .. } => {
+                assert_eq!(object.as_ref().unwrap().to_string(), "Service default/web");
+                assert!(reason.contains("schema"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let docs = parse_manifests(
+            "f.yaml",
+            "apiVersion: v2\nkind: Service\nmetadata: {name: web}",
+        );
+        assert_eq!(kinds(&docs), ["invalid"]);
+    }
+
+    fn applies(events: &[SourceEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                SourceEvent::Apply { object, .. } => format!("apply {}", object.object_ref()),
+                SourceEvent::Delete(r) => format!("delete {r}"),
+                SourceEvent::Rejected { origin, .. } => format!("rejected {origin}"),
+                SourceEvent::Synced => "synced".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn file_edits_become_object_changes() {
+        let mut st = ManifestState::default();
+        let path = Path::new("/m/a.yaml");
+        let ev = st.apply_documents(path, parse_manifests("a", SVC));
+        assert_eq!(applies(&ev), ["apply Service shop/web"]);
+        // Same content: nothing.
+        let ev = st.apply_documents(path, parse_manifests("a", SVC));
+        assert!(ev.is_empty());
+        // Edited: apply again.
+        let ev = st.apply_documents(path, parse_manifests("a", &SVC.replace("80}", "81}")));
+        assert_eq!(applies(&ev), ["apply Service shop/web"]);
+        // Deleted file: delete.
+        let ev = st.apply_documents(path, Vec::new());
+        assert_eq!(applies(&ev), ["delete Service shop/web"]);
+    }
+
+    #[test]
+    fn invalid_edit_keeps_last_good_version() {
+        let mut st = ManifestState::default();
+        let path = Path::new("/m/a.yaml");
+        st.apply_documents(path, parse_manifests("a", SVC));
+        // The document still names the object but no longer fits the schema.
+        let broken = SVC.replace("{port: 80}", "{port: eighty}");
+        let ev = st.apply_documents(path, parse_manifests("a", &broken));
+        assert_eq!(applies(&ev), ["rejected a#1"]);
+        // Totally unparseable file: nothing is deleted either.
+        let ev = st.apply_documents(path, parse_manifests("a", "kind: [\n"));
+        assert_eq!(applies(&ev), ["rejected a#1"]);
+        // Fixed: the new version is applied.
+        let ev = st.apply_documents(path, parse_manifests("a", &SVC.replace("80}", "82}")));
+        assert_eq!(applies(&ev), ["apply Service shop/web"]);
+    }
+
+    #[test]
+    fn duplicate_definitions_fall_back_to_the_other_file() {
+        let mut st = ManifestState::default();
+        let a = Path::new("/m/a.yaml");
+        let b = Path::new("/m/b.yaml");
+        st.apply_documents(b, parse_manifests("b", &SVC.replace("80}", "81}")));
+        let ev = st.apply_documents(a, parse_manifests("a", SVC));
+        assert_eq!(
+            applies(&ev),
+            ["apply Service shop/web"],
+            "a.yaml sorts first and wins"
+        );
+        let ev = st.apply_documents(a, Vec::new());
+        assert_eq!(
+            applies(&ev),
+            ["apply Service shop/web"],
+            "b.yaml's version takes over"
+        );
+        let ev = st.apply_documents(b, Vec::new());
+        assert_eq!(applies(&ev), ["delete Service shop/web"]);
+    }
+
+    #[test]
+    fn watched_extensions() {
+        assert!(is_manifest(Path::new("/d/x.yaml")));
+        assert!(is_manifest(Path::new("/d/x.json")));
+        assert!(!is_manifest(Path::new("/d/x.yaml.swp")));
+        assert!(!is_manifest(Path::new("/d/.x.yaml")));
+        assert!(!is_manifest(Path::new("/d/README.md")));
+    }
+}

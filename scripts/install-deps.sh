@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs everything Ferry needs to build, run, test and benchmark on a Debian
+# machine (see ../shared/EBPF-TOOLCHAIN.md for why each toolchain piece is needed).
+# Idempotent: every step is skipped when what it installs is already present, so it is
+# cheap to run before every `run`/`test`.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: run as root (it installs apt packages)" >&2
+  exit 1
+fi
+
+# Build: Debian's rustc 1.96 ships a prebuilt `core` for bpfel-unknown-none and the LLVM
+# that bpf-linker must link against. Run/test: the kernel tools the agent and the netns
+# tests drive. Bench: the baselines it compares against.
+APT_PACKAGES=(
+  rustc-web libstd-rust-web-dev-bpf cargo-web llvm-22-dev
+  build-essential pkg-config curl ca-certificates
+  iproute2 iptables nftables conntrack bpftool procps util-linux
+  dnsutils
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$pkg")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: apt installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# rustup's own toolchain builds the host crates; a fresh machine may not have it.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v rustup >/dev/null 2>&1; then
+  echo "install-deps: installing rustup (stable toolchain)"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    rustup component add "$component" || echo "install-deps: could not add $component (only needed for lint)"
+  fi
+done
+
+# Debian's rustc as the toolchain aya-build uses for the eBPF crate.
+if ! rustup toolchain list | grep -q '^debian-web'; then
+  echo "install-deps: linking Debian's rustc as toolchain debian-web"
+  rustup toolchain link debian-web /usr
+fi
+
+BPF_LINKER_VERSION=0.13.0
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  echo "install-deps: building bpf-linker $BPF_LINKER_VERSION against LLVM 22"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install "bpf-linker@$BPF_LINKER_VERSION" --locked \
+    --no-default-features --features llvm-22
+fi
+
+echo "install-deps: all dependencies present"
