@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch services and program this node (the network namespace ferry runs in).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove everything ferry programmed on this node.
     Cleanup,
     /// Print the version.

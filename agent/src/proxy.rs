@@ -123,7 +123,7 @@ impl ProxyLoop {
         match event {
             SourceEvent::Apply { object, origin } => {
                 let kind = object.object_ref().kind;
-                let result = match *object {
+                let result = match object {
                     Object::Service(ref svc) => self.state.apply_service(svc),
                     Object::EndpointSlice(ref slice) => self.state.apply_slice(slice),
                     Object::Node(ref node) => self.state.apply_node(node),

@@ -1,1 +1,12 @@
+//! Test harness for Ferry: builds a Kubernetes node out of network namespaces, runs
+//! the real agent in it and drives real TCP/UDP traffic through it.
+//!
+//! Used by the integration tests in `tests/`, and by `cargo xtask run` (the demo) and
+//! `cargo xtask bench`. Needs root.
 
+pub mod cgroup;
+pub mod cluster;
+pub mod manifests;
+pub mod netns;
+
+pub use cluster::{Cluster, From, Mode, Report};

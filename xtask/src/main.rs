@@ -1,1 +1,251 @@
-fn main() {}
+//! `cargo xtask`: the project's developer commands.
+//!
+//! - `run`: the demo. Builds a node out of network namespaces (pods serving the
+//!   `examples/` manifests), runs Ferry in it and prints how to reach the services.
+//!   `--host` programs the real host instead (explicitly).
+//! - `exec POD -- CMD`: runs a command inside a demo pod.
+//! - `test`: format check, clippy, unit tests and the netns integration tests.
+//! - `build`, `lint`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use ferry_tests::cgroup::Cgroup;
+use ferry_tests::{Cluster, Mode};
+
+/// Name prefix of the demo's namespaces and cgroup.
+const DEMO_ID: &str = "ferry-demo";
+/// The demo's pods; their addresses are the ones `examples/` lists (10.244.0.10...).
+const DEMO_PODS: [&str; 4] = ["web-0", "web-1", "echo-0", "client"];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the agent and the test tools.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run Ferry on the example manifests in a demo node made of network namespaces.
+    Run {
+        /// Data plane: ebpf or iptables.
+        #[arg(long, default_value = "iptables")]
+        mode: String,
+        /// Manifest directory to serve.
+        #[arg(long, default_value = "examples")]
+        manifests: PathBuf,
+        /// Program THIS host (its own network namespace) instead of a demo node.
+        #[arg(long)]
+        host: bool,
+    },
+    /// Run a command inside a pod of the running demo, e.g.
+    /// `cargo xtask exec client -- curl -s http://10.96.0.10/`.
+    Exec {
+        pod: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Format check, clippy, unit tests and netns integration tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Format check and clippy with warnings as errors.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Build { release } => build(release),
+        Task::Run {
+            mode,
+            manifests,
+            host,
+        } => {
+            build(false)?;
+            if host {
+                run_on_host(&mode, &manifests)
+            } else {
+                run_demo(&mode, &root.join(manifests))
+            }
+        }
+        Task::Exec { pod, command } => exec_in_pod(&pod, &command),
+        Task::Test { args } => {
+            lint()?;
+            build(false)?;
+            cargo(&["test"], &args)
+        }
+        Task::Lint => lint(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .args(extra)
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec![
+        "build",
+        "--package",
+        "ferry",
+        "--package",
+        "ferry-tests",
+        "--bins",
+    ];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args, &[])
+}
+
+fn lint() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--check"], &[])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &[])
+}
+
+fn parse_mode(mode: &str) -> anyhow::Result<Mode> {
+    match mode {
+        "iptables" => Ok(Mode::Iptables),
+        "ebpf" => Ok(Mode::Ebpf),
+        other => bail!("unknown mode {other:?} (ebpf or iptables)"),
+    }
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "this needs root (network namespaces, iptables, eBPF): run it with sudo, or use ./dev.sh"
+        );
+    }
+    Ok(())
+}
+
+fn run_demo(mode: &str, manifests: &Path) -> anyhow::Result<()> {
+    require_root()?;
+    let mode = parse_mode(mode)?;
+    let manifests = manifests
+        .canonicalize()
+        .with_context(|| format!("manifest directory {}", manifests.display()))?;
+    // Block the stop signals before any thread or child starts, then wait for them
+    // below, so the demo tears itself down on Ctrl-C.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.thread_block()?;
+
+    println!("Building demo node {DEMO_ID} (network namespaces {DEMO_ID}-*)...");
+    let mut cluster = Cluster::named(mode, DEMO_ID, &DEMO_PODS);
+    cluster.use_manifest_dir(&manifests);
+    cluster.start_agent();
+
+    let client = cluster.pod("client");
+    println!(
+        "\nFerry ({}) is running on the demo node, serving {}.\n",
+        mode.flag(),
+        manifests.display()
+    );
+    println!(
+        "Pods: {}",
+        cluster
+            .pods
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.ip))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("\nTry, in another terminal:");
+    println!(
+        "  ./dev.sh exec client -- curl -s http://10.96.0.10/         # ClusterIP (web-0 or web-1 answers)"
+    );
+    println!("  ./dev.sh exec client -- curl -s 'http://[fd00:96::10]/'    # ClusterIP over IPv6");
+    println!(
+        "  ./dev.sh exec client -- curl -s http://10.96.0.99/         # no endpoints: connection refused"
+    );
+    println!(
+        "  sudo ip netns exec {DEMO_ID}-ext curl -s http://{}:30080/   # NodePort from outside the node",
+        ferry_tests::cluster::NODE_IP
+    );
+    println!(
+        "  sudo ip netns exec {DEMO_ID}-node iptables-save -t nat      # what Ferry programmed"
+    );
+    println!(
+        "Edit {}/*.yaml and the data plane follows within milliseconds.",
+        manifests.display()
+    );
+    println!(
+        "Agent health: sudo ip netns exec {DEMO_ID}-node curl -s http://127.0.0.1:10256/healthz"
+    );
+    println!(
+        "(client pod address: {})\n\nCtrl-C stops the demo and removes everything.",
+        client.ip
+    );
+
+    let signal = signals.wait()?;
+    println!("\n{signal:?}: tearing the demo down.");
+    drop(cluster);
+    Ok(())
+}
+
+fn run_on_host(mode: &str, manifests: &Path) -> anyhow::Result<()> {
+    require_root()?;
+    parse_mode(mode)?;
+    eprintln!(
+        "Programming THIS host's network namespace with {}. `ferry cleanup` undoes it.",
+        manifests.display()
+    );
+    let ferry = ferry_tests::cluster::bin_dir().join("ferry");
+    let status = Command::new(ferry)
+        .args(["run", "--mode", mode, "--manifests"])
+        .arg(manifests)
+        .status()
+        .context("running ferry")?;
+    if !status.success() {
+        bail!("ferry exited with {status}");
+    }
+    Ok(())
+}
+
+fn exec_in_pod(pod: &str, command: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    require_root()?;
+    let netns = format!("{DEMO_ID}-{pod}");
+    if !Path::new("/run/netns").join(&netns).exists() {
+        bail!(
+            "no demo pod {pod:?} (is `cargo xtask run` running? pods: {})",
+            DEMO_PODS.join(", ")
+        );
+    }
+    let cgroup = Cgroup::path_for(DEMO_ID);
+    ferry_tests::netns::enter(&netns, Some(&cgroup)).context("entering the pod")?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let err = Command::new(program).args(args).exec();
+    Err(err).with_context(|| format!("running {program}"))
+}

@@ -263,7 +263,7 @@ fn parse_cluster_ips(
     {
         raw.push(ip);
     }
-    if raw.iter().any(|ip| *ip == "None") {
+    if raw.contains(&"None") {
         return Ok((Vec::new(), true));
     }
     let ips = parse_ips(

@@ -104,7 +104,7 @@ impl TopologyMode {
     fn allows(self, ep: &Candidate, node: &NodeTopology) -> bool {
         match self {
             Self::None => true,
-            Self::Node => ep.node_hints.iter().any(|n| *n == node.name),
+            Self::Node => ep.node_hints.contains(&node.name),
             Self::Zone => node
                 .zone
                 .as_ref()
@@ -126,7 +126,7 @@ fn topology_mode(endpoints: &[Candidate], node: &NodeTopology) -> TopologyMode {
         any_ready = true;
         if ep.node_hints.is_empty() {
             all_node_hints = false;
-        } else if ep.node_hints.iter().any(|n| *n == node.name) {
+        } else if ep.node_hints.contains(&node.name) {
             has_for_node = true;
         }
         if ep.zone_hints.is_empty() {

@@ -27,7 +27,7 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, PartialEq)]
 pub enum Document {
     Object {
-        object: Box<Object>,
+        object: Object,
         origin: String,
     },
     /// A kind the model does not use (Deployment, ConfigMap...).
@@ -155,15 +155,14 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
         return;
     }
     let typed = match model_kind {
-        Kind::Service => serde_yaml::from_value(value.clone()).map(Object::Service),
-        Kind::EndpointSlice => serde_yaml::from_value(value.clone()).map(Object::EndpointSlice),
-        Kind::Node => serde_yaml::from_value(value.clone()).map(Object::Node),
+        Kind::Service => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+        Kind::EndpointSlice => {
+            serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Box::new(o)))
+        }
+        Kind::Node => serde_yaml::from_value(value).map(|o| Object::Node(Box::new(o))),
     };
     match typed {
-        Ok(object) => out.push(Document::Object {
-            object: Box::new(object),
-            origin,
-        }),
+        Ok(object) => out.push(Document::Object { object, origin }),
         Err(e) => out.push(invalid(format!("does not match the {kind} schema: {e}"))),
     }
 }
@@ -219,7 +218,7 @@ impl ManifestState {
                     self.defs
                         .entry(r.clone())
                         .or_default()
-                        .insert(path.to_owned(), (*object, origin));
+                        .insert(path.to_owned(), (object, origin));
                     if self.defs.get(&r).is_some_and(|d| d.len() > 1) {
                         warn!(object = %r, "object defined in several files; the first file by name wins");
                     }
@@ -300,10 +299,7 @@ impl ManifestState {
         let after = self.effective(r);
         match (before, after) {
             (Some((old, _)), Some((new, _))) if old == new => {}
-            (_, Some((object, origin))) => events.push(SourceEvent::Apply {
-                object: Box::new(object),
-                origin,
-            }),
+            (_, Some((object, origin))) => events.push(SourceEvent::Apply { object, origin }),
             (Some(_), None) => events.push(SourceEvent::Delete(r.clone())),
             (None, None) => {}
         }

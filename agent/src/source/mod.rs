@@ -11,9 +11,9 @@ pub mod manifests;
 /// An object the model consumes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Node(Node),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
 }
 
 impl Object {
@@ -41,7 +41,7 @@ impl Object {
 pub enum SourceEvent {
     /// An object was added or changed. `origin` says where it came from, for logs
     /// (e.g. `examples/web.yaml#2`).
-    Apply { object: Box<Object>, origin: String },
+    Apply { object: Object, origin: String },
     /// An object is gone.
     Delete(ObjectRef),
     /// The source has delivered a complete view; programming may start. Sent once

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Newcomer entry point: installs whatever is missing (idempotent), then runs a
+# `cargo xtask` command as root (network namespaces, iptables and eBPF need it).
+#   ./dev.sh run     demo node in network namespaces, Ferry serving examples/
+#   ./dev.sh test    lint + unit tests + netns integration tests
+#   ./dev.sh exec client -- curl -s http://10.96.0.10/
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ "$(id -u)" -ne 0 ]; then
+  exec sudo -E env "PATH=$PATH" "$0" "$@"
+fi
+if [ "${1:-}" != "exec" ]; then
+  scripts/install-deps.sh
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+exec cargo xtask "$@"

@@ -1,0 +1,613 @@
+//! A one-node "cluster" in network namespaces: the node, pods attached to it by routed
+//! veths (Calico-style, so every pod-to-pod packet crosses the node's stack), an
+//! external client beside the node, backend servers in the pods, and the Ferry agent
+//! running in the node namespace. Everything is removed when the value drops.
+//!
+//! ```text
+//!   ext (172.18.0.100) ──eth0── node (172.18.0.2) ──v0── pod0 (10.244.0.10)
+//!                                                  └─v1── pod1 (10.244.0.11) ...
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::cgroup::Cgroup;
+use crate::netns::{self, Netns};
+
+/// The node name the agent runs as; endpoints on it are local.
+pub const NODE_NAME: &str = "node-a";
+/// Node address on the link to the external client.
+pub const NODE_IP: &str = "172.18.0.2";
+pub const NODE_IP6: &str = "fd00:18::2";
+pub const EXT_IP: &str = "172.18.0.100";
+/// Pod CIDRs passed as `--cluster-cidr`.
+pub const CLUSTER_CIDRS: &str = "10.244.0.0/16,fd00:244::/64";
+/// Ports every pod serves its identity on.
+pub const TCP_PORTS: [u16; 2] = [8080, 8081];
+pub const UDP_PORTS: [u16; 1] = [5353];
+
+const PREFIX: &str = "ft";
+
+/// Which data plane the agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Iptables,
+    Ebpf,
+}
+
+impl Mode {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// Where a client runs.
+#[derive(Clone, Copy, Debug)]
+pub enum From<'a> {
+    /// Inside a pod (in the node's cgroup, as pods are on a real node).
+    Pod(&'a str),
+    /// A process of the node itself.
+    Node,
+    /// A machine outside the node (not subject to the node's socket hooks).
+    External,
+}
+
+/// A pod of the test node.
+pub struct Pod {
+    pub name: String,
+    pub ip: String,
+    pub ip6: String,
+    netns: Netns,
+    server: Child,
+}
+
+/// What a probe client saw (see `ferry-probe`).
+#[derive(Debug, Default, Deserialize)]
+pub struct Report {
+    /// Replies by identity `"POD PORT"`.
+    pub ok: BTreeMap<String, u32>,
+    /// Failures by kind: refused, timeout, unreachable, eperm, reset, ...
+    pub errors: BTreeMap<String, u32>,
+    /// Peer address the client socket reported, by address.
+    pub peers: BTreeMap<String, u32>,
+    pub max_ms: u64,
+    pub held: Option<String>,
+}
+
+impl Report {
+    /// Total successful replies.
+    pub fn successes(&self) -> u32 {
+        self.ok.values().sum()
+    }
+
+    /// Pods that answered (identity without the port).
+    pub fn pods(&self) -> Vec<String> {
+        let mut pods: Vec<String> = self
+            .ok
+            .keys()
+            .filter_map(|k| k.split_whitespace().next().map(str::to_owned))
+            .collect();
+        pods.dedup();
+        pods
+    }
+
+    /// The only identity that answered; panics otherwise.
+    pub fn single(&self) -> &str {
+        assert_eq!(self.ok.len(), 1, "expected one identity, got {self:?}");
+        self.ok
+            .keys()
+            .next()
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// Count of one error kind.
+    pub fn error(&self, kind: &str) -> u32 {
+        self.errors.get(kind).copied().unwrap_or(0)
+    }
+}
+
+/// The agent process.
+struct Agent {
+    child: Child,
+}
+
+/// The test node and everything around it.
+pub struct Cluster {
+    id: String,
+    mode: Mode,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    pub pods: Vec<Pod>,
+    node: Netns,
+    ext: Netns,
+    cgroup: Cgroup,
+    agent: Option<Agent>,
+    agent_runs: u32,
+    manifests: PathBuf,
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Directory holding `ferry` and `ferry-probe`: `$FERRY_BIN_DIR`, else the cargo
+/// target directory this test binary was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRY_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+impl Cluster {
+    /// Builds a node with pods of the given names; the agent is not started yet.
+    /// Names are unique per test process, so tests can run in parallel.
+    pub fn new(mode: Mode, pod_names: &[&str]) -> Self {
+        static STALE: std::sync::Once = std::sync::Once::new();
+        STALE.call_once(|| netns::remove_stale(PREFIX));
+        let id = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::SeqCst)
+        );
+        Self::build(mode, id, pod_names)
+    }
+
+    /// Builds a node whose namespaces are called `<id>-node`, `<id>-<pod>`... so other
+    /// processes can find them (the demo). Leftovers of an earlier run are removed.
+    pub fn named(mode: Mode, id: &str, pod_names: &[&str]) -> Self {
+        netns::remove_named(id);
+        Self::build(mode, id.to_owned(), pod_names)
+    }
+
+    fn build(mode: Mode, id: String, pod_names: &[&str]) -> Self {
+        let bin_dir = bin_dir();
+        for bin in ["ferry", "ferry-probe"] {
+            assert!(
+                bin_dir.join(bin).exists(),
+                "{} is missing: build first (`cargo xtask test` does) or set FERRY_BIN_DIR",
+                bin_dir.join(bin).display()
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("ferry-test-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests")).expect("create test dir");
+
+        let node = Netns::create(&format!("{id}-node"));
+        let ext = Netns::create(&format!("{id}-ext"));
+        let quiet_dad = [
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ];
+        node.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            quiet_dad[0],
+            quiet_dad[1],
+        ]);
+        ext.sysctl(&quiet_dad);
+
+        let mut node_cmds = vec![
+            format!(
+                "link add eth0 type veth peer name eth0 netns {}",
+                ext.name()
+            ),
+            "link set eth0 up".into(),
+            format!("addr add {NODE_IP}/24 dev eth0"),
+            format!("addr add {NODE_IP6}/64 dev eth0 nodad"),
+            format!("route add default via {EXT_IP}"),
+        ];
+        let mut pod_netns = Vec::new();
+        let mut proxy_arp = Vec::new();
+        for (i, name) in pod_names.iter().enumerate() {
+            let ns = Netns::create(&format!("{id}-{name}"));
+            ns.sysctl(&quiet_dad);
+            let host = 10 + i;
+            let ip = format!("10.244.0.{host}");
+            let ip6 = format!("fd00:244::{host}");
+            let veth = format!("v{i}");
+            node_cmds.extend([
+                format!(
+                    "link add {veth} type veth peer name eth0 netns {}",
+                    ns.name()
+                ),
+                format!("link set {veth} up"),
+                format!("addr add fe80::1/64 dev {veth} nodad"),
+                format!("route add {ip}/32 dev {veth}"),
+                format!("route add {ip6}/128 dev {veth}"),
+            ]);
+            proxy_arp.push(format!("net.ipv4.conf.{veth}.proxy_arp=1"));
+            // Answer proxy ARP at once (the default delays it up to 0.8 s), as Calico does.
+            proxy_arp.push(format!("net.ipv4.neigh.{veth}.proxy_delay=0"));
+            pod_netns.push((name.to_string(), ip, ip6, ns));
+        }
+        node.ip_batch(&node_cmds);
+        ext.ip_batch(&[
+            "link set eth0 up".to_string(),
+            format!("addr add {EXT_IP}/24 dev eth0"),
+            "addr add fd00:18::100/64 dev eth0 nodad".into(),
+            format!("route add default via {NODE_IP}"),
+            format!("route add default via {NODE_IP6}"),
+        ]);
+
+        if !proxy_arp.is_empty() {
+            node.sysctl(&proxy_arp);
+        }
+
+        let mut pods = Vec::new();
+        for (name, ip, ip6, ns) in pod_netns {
+            ns.ip_batch(&[
+                "link set eth0 up".to_string(),
+                format!("addr add {ip}/32 dev eth0"),
+                format!("addr add {ip6}/128 dev eth0 nodad"),
+                "route add 169.254.1.1 dev eth0 scope link".into(),
+                "route add default via 169.254.1.1 dev eth0".into(),
+                "route add default via fe80::1 dev eth0".into(),
+            ]);
+            let server = start_server(&bin_dir, &ns, &name);
+            pods.push(Pod {
+                name,
+                ip,
+                ip6,
+                netns: ns,
+                server,
+            });
+        }
+
+        let cgroup = Cgroup::create(&id);
+        Self {
+            id,
+            mode,
+            bin_dir,
+            pods,
+            node,
+            ext,
+            cgroup,
+            agent: None,
+            agent_runs: 0,
+            manifests: dir.join("manifests"),
+            dir,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The manifest directory the agent watches.
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.manifests.clone()
+    }
+
+    /// Makes the agent watch another directory (the demo serves `examples/`).
+    pub fn use_manifest_dir(&mut self, dir: &Path) {
+        self.manifests = dir.to_path_buf();
+    }
+
+    /// Name prefix of this cluster's namespaces (`<id>-node`, `<id>-<pod>`, `<id>-ext`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Writes (atomically, like an editor's save) a manifest file.
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifest_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write manifest");
+        std::fs::rename(&tmp, self.manifest_dir().join(file)).expect("rename manifest");
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifest_dir().join(file)).expect("remove manifest");
+    }
+
+    /// The node's cgroup (what the eBPF hooks attach to).
+    pub fn cgroup_path(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    /// bpffs directory this cluster's agent pins to.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(format!("ferry-test-{}", self.id))
+    }
+
+    /// Starts the agent and waits until it reports healthy (first sync done).
+    pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Starts the agent with extra flags.
+    pub fn start_agent_with(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log_path = self.dir.join(format!("agent-{}.log", self.agent_runs));
+        self.agent_runs += 1;
+        let log = std::fs::File::create(&log_path).expect("create agent log");
+        let manifests = self.manifest_dir();
+        let mut args: Vec<String> = vec![
+            "-v".into(),
+            "run".into(),
+            "--manifests".into(),
+            manifests.display().to_string(),
+            "--mode".into(),
+            self.mode.flag().into(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--cluster-cidr".into(),
+            CLUSTER_CIDRS.into(),
+            "--healthz-bind-address".into(),
+            "127.0.0.1:10256".into(),
+            "--metrics-bind-address".into(),
+            "127.0.0.1:10249".into(),
+        ];
+        if self.mode == Mode::Ebpf {
+            args.extend([
+                "--cgroup".into(),
+                self.cgroup.path().display().to_string(),
+                "--bpf-pin-path".into(),
+                self.pin_dir().display().to_string(),
+            ]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = self
+            .node
+            .command(self.bin_dir.join("ferry"), None)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry");
+        self.agent = Some(Agent { child });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(agent) = &mut self.agent
+                && let Ok(Some(status)) = agent.child.try_wait()
+            {
+                panic!("agent exited early ({status}):\n{}", self.agent_log());
+            }
+            if self.healthz() == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not become healthy:\n{}", self.agent_log());
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up), and reaps it.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.child.kill();
+            let _ = agent.child.wait();
+        }
+    }
+
+    /// Whether the agent process is still running.
+    pub fn agent_alive(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|a| matches!(a.child.try_wait(), Ok(None)))
+    }
+
+    /// All agent logs so far.
+    pub fn agent_log(&self) -> String {
+        let mut out = String::new();
+        for run in 0..self.agent_runs {
+            let path = self.dir.join(format!("agent-{run}.log"));
+            out.push_str(&format!("--- agent run {run} ---\n"));
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+
+    /// GET on the agent's health port; the status code, or None if unreachable.
+    pub fn healthz(&self) -> Option<u16> {
+        self.http_get(10256, "/healthz").map(|(code, _)| code)
+    }
+
+    /// The agent's metrics text.
+    pub fn metrics(&self) -> String {
+        self.http_get(10249, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        self.node.run_in(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(request.as_bytes()).ok()?;
+            let mut response = String::new();
+            s.read_to_string(&mut response).ok()?;
+            let code = response.split_whitespace().nth(1)?.parse().ok()?;
+            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+            Some((code, body))
+        })
+    }
+
+    /// Runs a command inside the node namespace (e.g. `ferry inspect`, iptables-save).
+    pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.node.command(program, None)
+    }
+
+    /// Path of a binary next to the tests (`ferry`, `ferry-probe`).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    fn client(&self, from: From<'_>) -> Command {
+        let probe = self.bin_dir.join("ferry-probe");
+        let cgroup = Some(self.cgroup.path());
+        match from {
+            From::Pod(name) => self.pod(name).netns.command(probe, cgroup),
+            From::Node => self.node.command(probe, cgroup),
+            From::External => self.ext.command(probe, None),
+        }
+    }
+
+    fn probe(&self, from: From<'_>, args: &[String]) -> Report {
+        let out = self
+            .client(from)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry-probe");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "ferry-probe {args:?} gave no report ({e}): {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// `count` TCP connections from `from` to `addr` (`ip:port` or `[ip6]:port`).
+    pub fn tcp(&self, from: From<'_>, addr: &str, count: u32) -> Report {
+        self.probe(
+            from,
+            &[
+                "tcp".into(),
+                addr.into(),
+                "--count".into(),
+                count.to_string(),
+            ],
+        )
+    }
+
+    /// TCP with explicit timeout and a final held connection checked after `hold_ms`.
+    pub fn tcp_with(
+        &self,
+        from: From<'_>,
+        addr: &str,
+        count: u32,
+        timeout_ms: u64,
+        hold_ms: u64,
+    ) -> Report {
+        self.probe(
+            from,
+            &[
+                "tcp".into(),
+                addr.into(),
+                "--count".into(),
+                count.to_string(),
+                "--timeout-ms".into(),
+                timeout_ms.to_string(),
+                "--hold-ms".into(),
+                hold_ms.to_string(),
+            ],
+        )
+    }
+
+    /// `count` UDP request/responses (unconnected sendto/recvfrom).
+    pub fn udp(&self, from: From<'_>, addr: &str, count: u32) -> Report {
+        self.probe(
+            from,
+            &[
+                "udp".into(),
+                addr.into(),
+                "--count".into(),
+                count.to_string(),
+            ],
+        )
+    }
+
+    /// UDP over a connected socket.
+    pub fn udp_connected(&self, from: From<'_>, addr: &str, count: u32) -> Report {
+        self.probe(
+            from,
+            &[
+                "udp".into(),
+                addr.into(),
+                "--count".into(),
+                count.to_string(),
+                "--connected".into(),
+            ],
+        )
+    }
+
+    /// Polls `check` until it returns true; panics with the agent log after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("timed out waiting for {what}\n{}", self.agent_log());
+    }
+}
+
+fn start_server(bin_dir: &Path, ns: &Netns, name: &str) -> Child {
+    let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let mut child = ns
+        .command(bin_dir.join("ferry-probe"), None)
+        .args([
+            "serve",
+            "--name",
+            name,
+            "--tcp",
+            &ports(&TCP_PORTS),
+            "--udp",
+            &ports(&UDP_PORTS),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn server");
+    // Wait for "ready" so tests never race the listener.
+    let mut buf = [0u8; 6];
+    if let Some(out) = child.stdout.as_mut() {
+        let _ = out.read_exact(&mut buf);
+    }
+    assert_eq!(&buf, b"ready\n", "server in {name} did not start");
+    child
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if self.mode == Mode::Ebpf {
+            // The agent leaves its programs pinned on exit; remove them.
+            let _ = self
+                .node
+                .command(self.bin_dir.join("ferry"), None)
+                .args(["cleanup", "--bpf-pin-path"])
+                .arg(self.pin_dir())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        for pod in &mut self.pods {
+            let _ = pod.server.kill();
+            let _ = pod.server.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.agent_log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

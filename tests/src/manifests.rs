@@ -1,0 +1,211 @@
+//! Builders for the Service and EndpointSlice manifests tests write into the agent's
+//! manifest directory, producing the same YAML `kubectl get -o yaml` would.
+
+use std::fmt::Write as _;
+
+/// A service port: name (may be empty), protocol, port, optional nodePort.
+#[derive(Clone, Debug)]
+pub struct Port {
+    pub name: String,
+    pub protocol: String,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A named port.
+pub fn port(name: &str, protocol: &str, port: u16) -> Port {
+    Port {
+        name: name.into(),
+        protocol: protocol.into(),
+        port,
+        node_port: None,
+    }
+}
+
+impl Port {
+    pub fn node_port(mut self, n: u16) -> Self {
+        self.node_port = Some(n);
+        self
+    }
+}
+
+/// A Service manifest.
+#[derive(Clone, Debug)]
+pub struct Service {
+    name: String,
+    namespace: String,
+    cluster_ips: Vec<String>,
+    ports: Vec<Port>,
+    spec_extra: Vec<String>,
+    labels: Vec<(String, String)>,
+}
+
+impl Service {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: "default".into(),
+            cluster_ips: Vec::new(),
+            ports: Vec::new(),
+            spec_extra: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    pub fn namespace(mut self, ns: &str) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+
+    /// ClusterIP(s), primary first; `None` makes it headless.
+    pub fn cluster_ip(mut self, ip: &str) -> Self {
+        self.cluster_ips.push(ip.into());
+        self
+    }
+
+    pub fn port(mut self, p: Port) -> Self {
+        self.ports.push(p);
+        self
+    }
+
+    /// A raw `spec` field, e.g. `type: NodePort`.
+    pub fn spec(mut self, line: &str) -> Self {
+        self.spec_extra.push(line.into());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut y = String::new();
+        let _ = writeln!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}",
+            self.name, self.namespace
+        );
+        if !self.labels.is_empty() {
+            y.push_str("  labels:\n");
+            for (k, v) in &self.labels {
+                let _ = writeln!(y, "    {k}: {v:?}");
+            }
+        }
+        y.push_str("spec:\n");
+        if let Some(first) = self.cluster_ips.first() {
+            let _ = writeln!(y, "  clusterIP: {first:?}");
+            let _ = writeln!(
+                y,
+                "  clusterIPs: [{}]",
+                self.cluster_ips
+                    .iter()
+                    .map(|ip| format!("{ip:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for line in &self.spec_extra {
+            let _ = writeln!(y, "  {line}");
+        }
+        if !self.ports.is_empty() {
+            y.push_str("  ports:\n");
+            for p in &self.ports {
+                let _ = write!(y, "  - port: {}\n    protocol: {}\n", p.port, p.protocol);
+                if !p.name.is_empty() {
+                    let _ = writeln!(y, "    name: {}", p.name);
+                }
+                if let Some(n) = p.node_port {
+                    let _ = writeln!(y, "    nodePort: {n}");
+                }
+            }
+        }
+        y
+    }
+}
+
+/// One endpoint of a slice.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub ip: String,
+    pub node: String,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub hostname: Option<String>,
+}
+
+/// A ready endpoint on the test node.
+pub fn ep(ip: &str) -> Endpoint {
+    Endpoint {
+        ip: ip.into(),
+        node: crate::cluster::NODE_NAME.into(),
+        ready: None,
+        serving: None,
+        terminating: None,
+        hostname: None,
+    }
+}
+
+impl Endpoint {
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = node.into();
+        self
+    }
+
+    pub fn conditions(mut self, ready: bool, serving: bool, terminating: bool) -> Self {
+        self.ready = Some(ready);
+        self.serving = Some(serving);
+        self.terminating = Some(terminating);
+        self
+    }
+}
+
+/// An EndpointSlice manifest for `service`.
+pub fn slice(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[Port],
+    endpoints: &[Endpoint],
+) -> String {
+    let mut y = String::new();
+    let _ = writeln!(
+        y,
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {address_type}"
+    );
+    y.push_str("ports:\n");
+    for p in ports {
+        let _ = writeln!(
+            y,
+            "- port: {}\n  protocol: {}\n  name: {:?}",
+            p.port, p.protocol, p.name
+        );
+    }
+    if endpoints.is_empty() {
+        y.push_str("endpoints: []\n");
+    } else {
+        y.push_str("endpoints:\n");
+    }
+    for e in endpoints {
+        let _ = writeln!(y, "- addresses: [{:?}]\n  nodeName: {}", e.ip, e.node);
+        if e.ready.is_some() {
+            let _ = writeln!(
+                y,
+                "  conditions: {{ready: {}, serving: {}, terminating: {}}}",
+                e.ready.unwrap_or(true),
+                e.serving.unwrap_or(true),
+                e.terminating.unwrap_or(false)
+            );
+        }
+        if let Some(h) = &e.hostname {
+            let _ = writeln!(y, "  hostname: {h}");
+        }
+    }
+    y
+}
+
+/// Joins documents into one multi-document file.
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}

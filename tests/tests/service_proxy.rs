@@ -1,0 +1,507 @@
+//! Service load balancing end to end: real agent, real kernel, real traffic, in
+//! network namespaces. Every scenario runs against each data plane (see the macro at
+//! the bottom); a scenario asserts what a client sees.
+
+use std::time::Duration;
+
+use ferry_tests::manifests::{Service, docs, ep, port, slice};
+use ferry_tests::{Cluster, From, Mode};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A ClusterIP service `web` (10.96.0.10, ports http 80 -> 8080 TCP and dns 53 ->
+/// 5353 UDP), backed by pods a and b, plus a client pod.
+fn web_cluster(mode: Mode) -> Cluster {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let ports = [port("http", "TCP", 8080), port("dns", "UDP", 5353)];
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .cluster_ip("fd00:96::10")
+                .spec("ipFamilyPolicy: PreferDualStack")
+                .port(port("http", "TCP", 80))
+                .port(port("dns", "UDP", 53))
+                .yaml(),
+            slice(
+                "web-v4",
+                "web",
+                "IPv4",
+                &ports,
+                &[ep(&c.pod("a").ip), ep(&c.pod("b").ip)],
+            ),
+            slice(
+                "web-v6",
+                "web",
+                "IPv6",
+                &ports,
+                &[ep(&c.pod("a").ip6), ep(&c.pod("b").ip6)],
+            ),
+        ]),
+    );
+    c.start_agent();
+    c
+}
+
+fn clusterip_tcp_from_pod_and_node(mode: Mode) {
+    let c = web_cluster(mode);
+    for from in [From::Pod("client"), From::Node] {
+        let r = c.tcp(from, "10.96.0.10:80", 40);
+        assert_eq!(r.successes(), 40, "{from:?}: {r:?}");
+        assert_eq!(
+            r.pods(),
+            ["a", "b"],
+            "{from:?}: both backends must be used: {r:?}"
+        );
+        assert!(r.ok.keys().all(|k| k.ends_with(" 8080")), "{r:?}");
+    }
+}
+
+fn clusterip_ipv6(mode: Mode) {
+    let c = web_cluster(mode);
+    let r = c.tcp(From::Pod("client"), "[fd00:96::10]:80", 30);
+    assert_eq!(r.successes(), 30, "{r:?}");
+    assert_eq!(r.pods(), ["a", "b"], "{r:?}");
+    let r = c.udp(From::Pod("client"), "[fd00:96::10]:53", 5);
+    assert_eq!(r.successes(), 5, "{r:?}");
+}
+
+fn clusterip_udp_replies_come_from_the_service(mode: Mode) {
+    let c = web_cluster(mode);
+    for from in [From::Pod("client"), From::Node] {
+        let r = c.udp(from, "10.96.0.10:53", 30);
+        assert_eq!(r.successes(), 30, "{from:?}: {r:?}");
+        assert_eq!(r.pods(), ["a", "b"], "{from:?}: {r:?}");
+        // A DNS client drops answers from an unexpected source: the reply must
+        // appear to come from the ClusterIP.
+        assert_eq!(
+            r.peers.keys().collect::<Vec<_>>(),
+            ["10.96.0.10:53"],
+            "{r:?}"
+        );
+        let r = c.udp_connected(from, "10.96.0.10:53", 10);
+        assert_eq!(r.successes(), 10, "{from:?} connected: {r:?}");
+        assert_eq!(
+            r.peers.keys().collect::<Vec<_>>(),
+            ["10.96.0.10:53"],
+            "{r:?}"
+        );
+    }
+}
+
+fn tcp_peer_is_the_cluster_ip(mode: Mode) {
+    let c = web_cluster(mode);
+    let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 5);
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["10.96.0.10:80"],
+        "{r:?}"
+    );
+}
+
+fn nodeport_from_external_client(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b"]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "np.yaml",
+        &docs(&[
+            Service::new("np")
+                .cluster_ip("10.96.0.20")
+                .spec("type: NodePort")
+                .port(port("http", "TCP", 80).node_port(30080))
+                .yaml(),
+            slice(
+                "np-1",
+                "np",
+                "IPv4",
+                &ports,
+                &[ep(&c.pod("a").ip), ep(&c.pod("b").ip)],
+            ),
+        ]),
+    );
+    c.start_agent();
+    let addr = format!("{}:30080", ferry_tests::cluster::NODE_IP);
+    let r = c.tcp(From::External, &addr, 30);
+    assert_eq!(r.successes(), 30, "{r:?}");
+    assert_eq!(r.pods(), ["a", "b"], "{r:?}");
+}
+
+fn no_endpoints_refuses_immediately(mode: Mode) {
+    let mut c = Cluster::new(mode, &["client"]);
+    c.write_manifest(
+        "empty.yaml",
+        &Service::new("empty")
+            .cluster_ip("10.96.0.30")
+            .port(port("http", "TCP", 80))
+            .port(port("dns", "UDP", 53))
+            .yaml(),
+    );
+    c.start_agent();
+    for from in [From::Pod("client"), From::Node] {
+        let r = c.tcp_with(from, "10.96.0.30:80", 3, 3000, 0);
+        assert_eq!(
+            r.error("refused"),
+            3,
+            "{from:?}: connection refused, not a timeout: {r:?}"
+        );
+        assert!(
+            r.max_ms < 1000,
+            "{from:?}: refusal must be immediate: {r:?}"
+        );
+        // UDP: the ICMP error reaches a connected socket as ECONNREFUSED; the node's
+        // own packets are refused before they leave (the send fails with EPERM).
+        let r = c.udp_connected(from, "10.96.0.30:53", 2);
+        assert_eq!(r.error("refused") + r.error("eperm"), 2, "{from:?}: {r:?}");
+    }
+}
+
+fn endpoint_and_port_changes_take_effect(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let svc = |ports: &[ferry_tests::manifests::Port]| {
+        let mut s = Service::new("web").cluster_ip("10.96.0.40");
+        for p in ports {
+            s = s.port(p.clone());
+        }
+        s.yaml()
+    };
+    let http = port("http", "TCP", 80);
+    let alt = port("alt", "TCP", 81);
+    let sports = [port("http", "TCP", 8080), port("alt", "TCP", 8081)];
+    c.write_manifest("svc.yaml", &svc(std::slice::from_ref(&http)));
+    c.write_manifest(
+        "eps.yaml",
+        &slice("web-1", "web", "IPv4", &sports, &[ep(&c.pod("a").ip)]),
+    );
+    c.start_agent();
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.40:80", 10).pods(),
+        ["a"]
+    );
+
+    // Add an endpoint.
+    c.write_manifest(
+        "eps.yaml",
+        &slice(
+            "web-1",
+            "web",
+            "IPv4",
+            &sports,
+            &[ep(&c.pod("a").ip), ep(&c.pod("b").ip)],
+        ),
+    );
+    c.wait_for("endpoint b added", WAIT, || {
+        c.tcp(From::Pod("client"), "10.96.0.40:80", 20).pods() == ["a", "b"]
+    });
+
+    // Remove one.
+    c.write_manifest(
+        "eps.yaml",
+        &slice("web-1", "web", "IPv4", &sports, &[ep(&c.pod("b").ip)]),
+    );
+    c.wait_for("endpoint a removed", WAIT, || {
+        c.tcp(From::Pod("client"), "10.96.0.40:80", 20).pods() == ["b"]
+    });
+
+    // Add a port.
+    c.write_manifest("svc.yaml", &svc(&[http.clone(), alt.clone()]));
+    c.wait_for("port alt added", WAIT, || {
+        c.tcp(From::Pod("client"), "10.96.0.40:81", 1)
+            .ok
+            .contains_key("b 8081")
+    });
+
+    // Remove it again: the port no longer reaches a backend.
+    c.write_manifest("svc.yaml", &svc(&[http]));
+    c.wait_for("port alt removed", WAIT, || {
+        c.tcp_with(From::Pod("client"), "10.96.0.40:81", 1, 300, 0)
+            .successes()
+            == 0
+    });
+    assert_eq!(c.tcp(From::Pod("client"), "10.96.0.40:80", 5).pods(), ["b"]);
+
+    // Remove all endpoints: refused.
+    c.remove_manifest("eps.yaml");
+    c.wait_for("no endpoints", WAIT, || {
+        c.tcp(From::Pod("client"), "10.96.0.40:80", 1)
+            .error("refused")
+            == 1
+    });
+}
+
+fn deleting_a_service_stops_it(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "gone.yaml",
+        &docs(&[
+            Service::new("gone")
+                .cluster_ip("10.96.0.50")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("gone-1", "gone", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+        ]),
+    );
+    c.write_manifest(
+        "stays.yaml",
+        &docs(&[
+            Service::new("stays")
+                .cluster_ip("10.96.0.51")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("stays-1", "stays", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+        ]),
+    );
+    c.start_agent();
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.50:80", 3).successes(),
+        3
+    );
+    c.remove_manifest("gone.yaml");
+    c.wait_for("service deleted", WAIT, || {
+        c.tcp_with(From::Pod("client"), "10.96.0.50:80", 1, 300, 0)
+            .successes()
+            == 0
+    });
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.51:80", 3).successes(),
+        3,
+        "other services untouched"
+    );
+}
+
+fn invalid_manifests_next_to_valid_ones(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let a = c.pod("a").ip.clone();
+    let good = || {
+        docs(&[
+            Service::new("good")
+                .cluster_ip("10.96.0.60")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("good-1", "good", "IPv4", &p, &[ep(&a)]),
+        ])
+    };
+    c.write_manifest("good.yaml", &good());
+    c.write_manifest("garbage.yaml", "kind: [this is not yaml\n");
+    c.write_manifest(
+        "mixed.yaml",
+        &docs(&[
+            Service::new("badip").cluster_ip("10.96.0.999").port(port("http", "TCP", 80)).yaml(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: typo}\nspec: {ports: [{port: eighty}]}\n".into(),
+            Service::new("fine").cluster_ip("10.96.0.61").port(port("http", "TCP", 80)).yaml(),
+            slice("fine-1", "fine", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+        ]),
+    );
+    c.start_agent();
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.60:80", 3).successes(),
+        3
+    );
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.61:80", 3).successes(),
+        3
+    );
+    let metrics = c.metrics();
+    assert!(metrics.contains("ferry_invalid_objects_total"), "{metrics}");
+
+    // The good service turns invalid: it keeps its last good programming.
+    c.write_manifest("good.yaml", &good().replace("10.96.0.60", "not-an-ip"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.60:80", 3).successes(),
+        3
+    );
+    // And an unparseable file keeps it too.
+    c.write_manifest("good.yaml", "{{{{");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.60:80", 3).successes(),
+        3
+    );
+    let mut c = c;
+    assert!(c.agent_alive(), "bad input must not take the agent down");
+    let log = c.agent_log();
+    assert!(
+        log.contains("garbage.yaml#1"),
+        "the log names file and document:\n{log}"
+    );
+    assert!(log.contains("mixed.yaml#2"), "{log}");
+}
+
+fn service_proxy_name_label_is_not_proxied(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("other")
+                .cluster_ip("10.96.0.70")
+                .label("service.kubernetes.io/service-proxy-name", "someone-else")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("other-1", "other", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+            Service::new("mine")
+                .cluster_ip("10.96.0.71")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("mine-1", "mine", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+        ]),
+    );
+    c.start_agent();
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.71:80", 3).successes(),
+        3
+    );
+    let r = c.tcp_with(From::Pod("client"), "10.96.0.70:80", 2, 300, 0);
+    assert_eq!(
+        r.successes(),
+        0,
+        "labelled service must not be proxied: {r:?}"
+    );
+}
+
+fn hostile_names_cannot_inject(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let hostile = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: "x\" -j ACCEPT\n-A INPUT -j DROP"
+  namespace: default
+spec:
+  clusterIP: 10.96.0.80
+  ports: [{name: "a\"b", port: 80}]
+"#;
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            hostile.into(),
+            Service::new("ok")
+                .cluster_ip("10.96.0.81")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("ok-1", "ok", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+        ]),
+    );
+    c.start_agent();
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.81:80", 3).successes(),
+        3
+    );
+    let save = c
+        .node_command("iptables-save")
+        .output()
+        .expect("iptables-save");
+    let save = String::from_utf8_lossy(&save.stdout);
+    assert!(!save.contains("-A INPUT -j DROP"), "{save}");
+    assert!(
+        !save.contains("10.96.0.80"),
+        "the hostile service must be rejected:\n{save}"
+    );
+}
+
+fn session_affinity_sticks(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("sticky")
+                .cluster_ip("10.96.0.90")
+                .spec("sessionAffinity: ClientIP")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "sticky-1",
+                "sticky",
+                "IPv4",
+                &p,
+                &[ep(&c.pod("a").ip), ep(&c.pod("b").ip)],
+            ),
+        ]),
+    );
+    c.start_agent();
+    let r = c.tcp(From::Pod("client"), "10.96.0.90:80", 30);
+    assert_eq!(r.successes(), 30);
+    assert_eq!(
+        r.pods().len(),
+        1,
+        "all connections from one client go to one backend: {r:?}"
+    );
+}
+
+fn local_internal_policy_without_local_endpoints_drops(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("loc")
+                .cluster_ip("10.96.0.95")
+                .spec("internalTrafficPolicy: Local")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "loc-1",
+                "loc",
+                "IPv4",
+                &p,
+                &[ep(&c.pod("a").ip).on_node("node-b")],
+            ),
+        ]),
+    );
+    c.start_agent();
+    let r = c.tcp_with(From::Pod("client"), "10.96.0.95:80", 1, 500, 0);
+    assert_eq!(r.successes(), 0, "{r:?}");
+    assert_eq!(
+        r.error("refused"),
+        0,
+        "endpoints exist elsewhere: dropped, not refused: {r:?}"
+    );
+}
+
+fn health_and_metrics_endpoints(mode: Mode) {
+    let c = web_cluster(mode);
+    assert_eq!(c.healthz(), Some(200));
+    let m = c.metrics();
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_network_programming_duration_seconds",
+    ] {
+        assert!(m.contains(name), "missing {name}:\n{m}");
+    }
+}
+
+/// Generates one `#[test]` per scenario and data plane.
+macro_rules! scenarios {
+    ($module:ident, $mode:ident: $($name:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ferry_tests::Mode::$mode);
+                }
+            )*
+        }
+    };
+}
+
+scenarios!(iptables, Iptables:
+    clusterip_tcp_from_pod_and_node,
+    clusterip_ipv6,
+    clusterip_udp_replies_come_from_the_service,
+    tcp_peer_is_the_cluster_ip,
+    nodeport_from_external_client,
+    no_endpoints_refuses_immediately,
+    endpoint_and_port_changes_take_effect,
+    deleting_a_service_stops_it,
+    invalid_manifests_next_to_valid_ones,
+    service_proxy_name_label_is_not_proxied,
+    hostile_names_cannot_inject,
+    session_affinity_sticks,
+    local_internal_policy_without_local_endpoints_drops,
+    health_and_metrics_endpoints,
+);
