@@ -116,6 +116,27 @@ impl Report {
     }
 }
 
+/// A probe client running in the background.
+pub struct RunningProbe {
+    child: Child,
+    args: Vec<String>,
+}
+
+impl RunningProbe {
+    /// Waits for the client and returns what it saw.
+    pub fn wait(self) -> Report {
+        let out = self.child.wait_with_output().expect("wait ferry-probe");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "ferry-probe {:?} gave no report ({e}): {stdout} {}",
+                self.args,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
 /// The agent process.
 struct Agent {
     child: Child,
@@ -468,19 +489,24 @@ impl Cluster {
     }
 
     fn probe(&self, from: From<'_>, args: &[String]) -> Report {
-        let out = self
+        self.spawn_probe(from, args).wait()
+    }
+
+    /// Starts a probe client in the background (e.g. a long-lived flow that must
+    /// survive a change the test makes meanwhile).
+    pub fn spawn_probe(&self, from: From<'_>, args: &[String]) -> RunningProbe {
+        let child = self
             .client(from)
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run ferry-probe");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "ferry-probe {args:?} gave no report ({e}): {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        RunningProbe {
+            child,
+            args: args.to_vec(),
+        }
     }
 
     /// `count` TCP connections from `from` to `addr` (`ip:port` or `[ip6]:port`).

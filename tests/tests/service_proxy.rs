@@ -90,6 +90,48 @@ fn clusterip_udp_replies_come_from_the_service(mode: Mode) {
     }
 }
 
+fn long_lived_udp_flow_follows_endpoint_removal(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let p = [port("dns", "UDP", 5353)];
+    let svc = Service::new("dns")
+        .cluster_ip("10.96.0.53")
+        .port(port("dns", "UDP", 53))
+        .yaml();
+    c.write_manifest("svc.yaml", &svc);
+    c.write_manifest(
+        "eps.yaml",
+        &slice("dns-1", "dns", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+    );
+    c.start_agent();
+    // One socket, one request every 50 ms for 3 s, as a resolver's would be.
+    let flow = c.spawn_probe(
+        From::Pod("client"),
+        &[
+            "udp",
+            "10.96.0.53:53",
+            "--count",
+            "60",
+            "--same-socket",
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "500",
+        ]
+        .map(String::from),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    c.write_manifest(
+        "eps.yaml",
+        &slice("dns-1", "dns", "IPv4", &p, &[ep(&c.pod("b").ip)]),
+    );
+    let r = flow.wait();
+    assert!(r.ok.contains_key("a 5353"), "{r:?}");
+    assert!(
+        r.ok.get("b 5353").copied().unwrap_or(0) >= 30,
+        "the flow must move to the new endpoint once the old one is removed: {r:?}"
+    );
+}
+
 fn tcp_peer_is_the_cluster_ip(mode: Mode) {
     let c = web_cluster(mode);
     let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 5);
@@ -494,6 +536,7 @@ scenarios!(iptables, Iptables:
     clusterip_ipv6,
     clusterip_udp_replies_come_from_the_service,
     tcp_peer_is_the_cluster_ip,
+    long_lived_udp_flow_follows_endpoint_removal,
     nodeport_from_external_client,
     no_endpoints_refuses_immediately,
     endpoint_and_port_changes_take_effect,

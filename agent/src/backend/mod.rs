@@ -7,6 +7,7 @@ use ipnetwork::IpNetwork;
 
 use crate::model::{IpFamily, NodePlan, PlanDiff};
 
+pub mod conntrack;
 pub mod iptables;
 
 /// Node facts a backend needs beyond the plan, recomputed before every sync.

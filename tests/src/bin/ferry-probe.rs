@@ -53,6 +53,12 @@ enum Cmd {
         /// Use connect() + send() instead of sendto().
         #[arg(long)]
         connected: bool,
+        /// Send every request from the same socket (one long-lived flow).
+        #[arg(long)]
+        same_socket: bool,
+        /// Pause between requests.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
 }
 
@@ -117,11 +123,17 @@ fn main() {
             count,
             timeout_ms,
             connected,
+            same_socket,
+            interval_ms,
         } => print(udp_client(
             addr,
             count,
             Duration::from_millis(timeout_ms),
-            connected,
+            UdpOptions {
+                connected,
+                same_socket,
+                interval: Duration::from_millis(interval_ms),
+            },
         )),
     }
 }
@@ -265,31 +277,56 @@ fn hold(mut stream: TcpStream, hold_ms: u64) -> String {
     }
 }
 
-fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, connected: bool) -> Report {
+/// How the UDP client sends.
+struct UdpOptions {
+    connected: bool,
+    same_socket: bool,
+    interval: Duration,
+}
+
+fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, opts: UdpOptions) -> Report {
     let mut report = Report::default();
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {
         "[::]:0".parse().expect("literal")
     };
-    for _ in 0..count {
+    let open = || -> std::io::Result<UdpSocket> {
+        let socket = UdpSocket::bind(bind)?;
+        socket.set_read_timeout(Some(timeout))?;
+        if opts.connected {
+            socket.connect(addr)?;
+        }
+        Ok(socket)
+    };
+    let mut shared = None;
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(opts.interval);
+        }
         let started = Instant::now();
         let result = (|| -> std::io::Result<(String, SocketAddr)> {
-            // A fresh socket per attempt: a new flow, as a new client would be.
-            let socket = UdpSocket::bind(bind)?;
-            socket.set_read_timeout(Some(timeout))?;
+            // A fresh socket per attempt is a new flow, as a new client would be.
+            let fresh;
+            let socket = if opts.same_socket {
+                if shared.is_none() {
+                    shared = Some(open()?);
+                }
+                shared.as_ref().expect("just set")
+            } else {
+                fresh = open()?;
+                &fresh
+            };
             let mut buf = [0u8; 2048];
-            if connected {
-                socket.connect(addr)?;
+            let (n, from) = if opts.connected {
                 socket.send(b"hello\n")?;
                 let n = socket.recv(&mut buf)?;
-                let peer = socket.peer_addr()?;
-                Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), peer))
+                (n, socket.peer_addr()?)
             } else {
                 socket.send_to(b"hello\n", addr)?;
-                let (n, from) = socket.recv_from(&mut buf)?;
-                Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
-            }
+                socket.recv_from(&mut buf)?
+            };
+            Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
         })();
         report.max_ms = report.max_ms.max(started.elapsed().as_millis() as u64);
         match result {

@@ -180,6 +180,7 @@ impl Backend for IptablesBackend {
                 return Err(err.into());
             }
         }
+        super::conntrack::clear(&super::conntrack::stale_udp_flows(diff));
         Ok(stats)
     }
 
@@ -204,6 +205,18 @@ impl FamilyState {
     ) -> Result<(), ExecError> {
         // Rules depend on the node context; if it changed, everything is re-rendered.
         let full = full || self.ctx.as_ref() != Some(&ctx);
+        if full
+            && ctx
+                .nodeport_ips
+                .iter()
+                .any(|ip| ip.is_loopback() && ip.is_ipv4())
+        {
+            // NodePorts on 127.0.0.1 need the kernel to route loopback sources (as
+            // kube-proxy sets it); only when the user listed 127.0.0.0/8.
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+                tracing::warn!(error = %e, "cannot enable route_localnet; NodePorts on 127.0.0.1 will not work");
+            }
+        }
         let mut declare: Vec<String> = Vec::new();
         let mut delete: Vec<String> = Vec::new();
         let mut written: Vec<&PlanKey> = Vec::new();
