@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 
+use crate::backend::ebpf::EbpfConfig;
+use crate::backend::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::node::NodePortAddresses;
 
 /// Ferry: kube-proxy and cluster DNS for Kubernetes nodes, in one agent.
@@ -26,9 +28,35 @@ pub enum Command {
     /// Watch services and program this node (the network namespace ferry runs in).
     Run(Box<RunArgs>),
     /// Remove everything ferry programmed on this node.
-    Cleanup,
+    Cleanup(BpfArgs),
+    /// Show what is programmed, read back from the kernel.
+    Inspect {
+        #[command(subcommand)]
+        what: InspectWhat,
+    },
     /// Print the version.
     Version,
+}
+
+/// What `ferry inspect` shows.
+#[derive(Debug, Subcommand)]
+pub enum InspectWhat {
+    /// Service frontends and their backends in the eBPF maps.
+    Services {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        bpf: BpfArgs,
+    },
+}
+
+/// Where the eBPF state lives.
+#[derive(Debug, Args)]
+pub struct BpfArgs {
+    /// bpffs directory holding Ferry's pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/ferry", value_name = "DIR")]
+    pub bpf_pin_path: PathBuf,
 }
 
 /// Which data plane programs the node.
@@ -85,6 +113,21 @@ pub struct RunArgs {
     /// Full resync at least this often.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub full_sync_period: Duration,
+    #[command(flatten)]
+    pub bpf: BpfArgs,
+    /// eBPF map size: service frontends (and ClusterIPs).
+    #[arg(long, default_value_t = MapSizes::default().frontends)]
+    pub bpf_max_frontends: u32,
+    /// eBPF map size: distinct backends.
+    #[arg(long, default_value_t = MapSizes::default().backends)]
+    pub bpf_max_backends: u32,
+    /// eBPF map size: ClientIP affinity entries.
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    pub bpf_max_affinity: u32,
+    /// eBPF map size: sockets whose service address is remembered for
+    /// recvmsg/getpeername.
+    #[arg(long, default_value_t = MapSizes::default().sockets)]
+    pub bpf_max_sockets: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -94,11 +137,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|_| format!("duration {s:?} must be positive"))
 }
 
+/// The data plane to run, with its settings.
+#[derive(Debug)]
+pub enum DataPlane {
+    Ebpf(EbpfConfig),
+    Iptables,
+}
+
 /// Validated settings of `ferry run`.
 #[derive(Debug)]
 pub struct RunConfig {
     pub manifests: PathBuf,
-    pub mode: Mode,
+    pub data_plane: DataPlane,
     pub node_name: String,
     pub cluster_cidrs: Vec<IpNetwork>,
     pub nodeport_addresses: NodePortAddresses,
@@ -120,12 +170,29 @@ impl RunArgs {
         let Some(manifests) = self.manifests else {
             bail!("--manifests DIR is required (the Kubernetes API source is not implemented yet)");
         };
-        if self.mode == Mode::Ebpf {
-            bail!("--mode ebpf is not implemented yet; use --mode iptables");
-        }
-        if self.cgroup.is_some() {
-            bail!("--cgroup only applies to --mode ebpf, which is not implemented yet");
-        }
+        let data_plane = match self.mode {
+            Mode::Iptables => {
+                if self.cgroup.is_some() {
+                    bail!("--cgroup only applies to --mode ebpf");
+                }
+                DataPlane::Iptables
+            }
+            Mode::Ebpf => DataPlane::Ebpf(EbpfConfig {
+                cgroup: match self.cgroup {
+                    Some(c) => c,
+                    None => cgroup2_root().ok_or_else(|| {
+                        anyhow!("no cgroup v2 mount found; pass --cgroup or use --mode iptables")
+                    })?,
+                },
+                pin_dir: self.bpf.bpf_pin_path,
+                sizes: MapSizes {
+                    frontends: self.bpf_max_frontends,
+                    backends: self.bpf_max_backends,
+                    affinity: self.bpf_max_affinity,
+                    sockets: self.bpf_max_sockets,
+                },
+            }),
+        };
         if self.dns_listen.is_some() {
             bail!("--dns-listen: cluster DNS is not implemented yet");
         }
@@ -142,7 +209,7 @@ impl RunArgs {
         let nodeport_addresses = parse_nodeport_addresses(&self.nodeport_addresses)?;
         Ok(RunConfig {
             manifests,
-            mode: self.mode,
+            data_plane,
             node_name,
             cluster_cidrs: self.cluster_cidr,
             nodeport_addresses,
@@ -218,6 +285,27 @@ mod tests {
         assert_eq!(c.healthz, None);
         assert_eq!(c.metrics, Some("127.0.0.1:10249".parse().unwrap()));
         assert_eq!(c.sync_period, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ebpf_mode_defaults() {
+        let c = parse(&[
+            "--manifests",
+            "/m",
+            "--cgroup",
+            "/sys/fs/cgroup/x",
+            "--bpf-max-backends",
+            "10",
+        ])
+        .unwrap();
+        match c.data_plane {
+            DataPlane::Ebpf(e) => {
+                assert_eq!(e.pin_dir, PathBuf::from("/sys/fs/bpf/ferry"));
+                assert_eq!(e.sizes.backends, 10);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["--manifests", "/m", "--mode", "iptables", "--cgroup", "/x"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use ferry::cli::{Cli, Command};
+use ferry::cli::{Cli, Command, InspectWhat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -23,7 +23,10 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Run(args) => args.into_config().and_then(ferry::run::run),
-        Command::Cleanup => ferry::run::cleanup(),
+        Command::Cleanup(bpf) => ferry::run::cleanup(&bpf.bpf_pin_path),
+        Command::Inspect {
+            what: InspectWhat::Services { json, bpf },
+        } => ferry::run::inspect_services(&bpf.bpf_pin_path, json),
         Command::Version => {
             println!("ferry {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub sync_failures: Counter,
     /// eBPF map updates refused by the kernel (map full), by map.
     pub map_full: Family<Labels, Counter>,
+    pub ebpf_frontends: Gauge,
+    pub ebpf_backends: Gauge,
+    /// Updates and deletes done on the eBPF maps.
+    pub ebpf_map_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +70,9 @@ impl Metrics {
             invalid_objects: Family::default(),
             sync_failures: Counter::default(),
             map_full: Family::default(),
+            ebpf_frontends: Gauge::default(),
+            ebpf_backends: Gauge::default(),
+            ebpf_map_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +154,21 @@ impl Metrics {
             "ferry_ebpf_map_full_errors",
             "eBPF map updates refused because the map is full, by map",
             m.map_full.clone(),
+        );
+        registry.register(
+            "ferry_ebpf_frontends",
+            "Service frontends programmed in the eBPF maps",
+            m.ebpf_frontends.clone(),
+        );
+        registry.register(
+            "ferry_ebpf_backends",
+            "Distinct backends programmed in the eBPF maps",
+            m.ebpf_backends.clone(),
+        );
+        registry.register(
+            "ferry_ebpf_map_writes",
+            "Updates and deletes done on the eBPF maps",
+            m.ebpf_map_writes.clone(),
         );
         Self { registry, ..m }
     }

@@ -235,11 +235,18 @@ impl ProxyLoop {
                 "sync done"
             );
         }
-        for (table, total) in &stats.totals {
+        for (family, table, total) in &stats.iptables_rules {
             self.metrics
                 .iptables_rules
-                .get_or_create(&vec![("table".to_owned(), table.clone())])
+                .get_or_create(&vec![
+                    ("table".to_owned(), (*table).to_owned()),
+                    ("ip_family".to_owned(), family.to_string()),
+                ])
                 .set(*total as i64);
+        }
+        if let Some((frontends, backends)) = stats.ebpf_entries {
+            self.metrics.ebpf_frontends.set(frontends as i64);
+            self.metrics.ebpf_backends.set(backends as i64);
         }
         if !diff.is_empty() || full {
             let (mut internal, mut external) = (0, 0);

@@ -7,9 +7,10 @@ use anyhow::Context as _;
 use tracing::info;
 
 use crate::backend::Backend;
+use crate::backend::ebpf::{EbpfBackend, inspect, loader};
 use crate::backend::iptables::IptablesBackend;
 use crate::backend::iptables::render::Scope;
-use crate::cli::{Mode, RunConfig};
+use crate::cli::{DataPlane, RunConfig};
 use crate::health::{Health, serve_health, serve_metrics};
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
@@ -27,7 +28,7 @@ fn families() -> Vec<IpFamily> {
 
 /// Runs the agent until it is signalled.
 pub fn run(config: RunConfig) -> anyhow::Result<()> {
-    info!(version = env!("CARGO_PKG_VERSION"), node = config.node_name, mode = ?config.mode, "ferry starting");
+    info!(version = env!("CARGO_PKG_VERSION"), node = config.node_name, data_plane = ?config.data_plane, "ferry starting");
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(config.sync_period * 2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -45,9 +46,12 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         exit_on_signal().await;
     });
 
-    let backend: Box<dyn Backend> = match config.mode {
-        Mode::Iptables => Box::new(IptablesBackend::new(&families(), Scope::All)),
-        Mode::Ebpf => anyhow::bail!("eBPF mode is not implemented yet"),
+    let backend: Box<dyn Backend> = match &config.data_plane {
+        DataPlane::Iptables => Box::new(IptablesBackend::new(&families(), Scope::All)),
+        DataPlane::Ebpf(ebpf) => Box::new(
+            EbpfBackend::start(ebpf, &families(), metrics.clone())
+                .context("starting the eBPF data plane")?,
+        ),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let _watcher = manifests::spawn(config.manifests.clone(), tx)?;
@@ -85,9 +89,29 @@ async fn exit_on_signal() {
     std::process::exit(0);
 }
 
-/// Removes everything Ferry programmed in this network namespace.
-pub fn cleanup() -> anyhow::Result<()> {
+/// Removes everything Ferry programmed in this network namespace, and its pinned
+/// eBPF programs and maps.
+pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     IptablesBackend::cleanup(&families()).context("removing iptables rules")?;
+    if loader::cleanup(pin_dir).context("removing eBPF programs and maps")? {
+        info!(pins = %pin_dir.display(), "removed eBPF programs and maps");
+    }
     info!("cleanup done");
+    Ok(())
+}
+
+/// Prints the eBPF frontends (`ferry inspect services`).
+pub fn inspect_services(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let view = inspect::inspect(pin_dir).with_context(|| {
+        format!(
+            "reading the eBPF maps pinned in {} (is ferry running in eBPF mode?)",
+            pin_dir.display()
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", view.table());
+    }
     Ok(())
 }

@@ -424,6 +424,24 @@ impl Cluster {
         }
     }
 
+    /// Kills the agent and starts it again (same flags as the first start).
+    pub fn restart_agent(&mut self) {
+        self.kill_agent();
+        self.start_agent();
+    }
+
+    /// Value of a metric line (`name{labels} value`) whose name+labels start with
+    /// `prefix`, summed over matching lines; None if absent.
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        let text = self.metrics();
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Whether the agent process is still running.
     pub fn agent_alive(&mut self) -> bool {
         self.agent

@@ -504,6 +504,133 @@ fn local_internal_policy_without_local_endpoints_drops(mode: Mode) {
     );
 }
 
+fn session_affinity_expires(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "c", "d", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let eps: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| ep(&c.pod(n).ip))
+        .collect();
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("sticky")
+                .cluster_ip("10.96.0.91")
+                .spec("sessionAffinity: ClientIP")
+                .spec("sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("sticky-1", "sticky", "IPv4", &p, &eps),
+        ]),
+    );
+    c.start_agent();
+    // Within the timeout a client sticks; after it, it is balanced afresh. Eight
+    // expiries that all land on the same one of four backends would happen by chance
+    // once in 16,384 runs.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let r = c.tcp(From::Pod("client"), "10.96.0.91:80", 5);
+        assert_eq!(r.pods().len(), 1, "sticks within the timeout: {r:?}");
+        seen.extend(r.pods());
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    assert!(seen.len() > 1, "affinity must expire: always {seen:?}");
+}
+
+fn killed_agent_keeps_serving_and_restarts_without_disruption(mode: Mode) {
+    let mut c = web_cluster(mode);
+    // An established connection held across the kill, and a stream of new ones.
+    let held = c.spawn_probe(
+        From::Pod("client"),
+        &["tcp", "10.96.0.10:80", "--count", "1", "--hold-ms", "2500"].map(String::from),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill_agent();
+    let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 20);
+    assert_eq!(
+        r.successes(),
+        20,
+        "new connections while the agent is down: {r:?}"
+    );
+    assert_eq!(r.pods(), ["a", "b"], "{r:?}");
+    let during_restart = c.spawn_probe(
+        From::Pod("client"),
+        &[
+            "udp",
+            "10.96.0.10:53",
+            "--count",
+            "40",
+            "--interval-ms",
+            "25",
+        ]
+        .map(String::from),
+    );
+    c.start_agent();
+    let r = during_restart.wait();
+    assert_eq!(
+        r.successes(),
+        40,
+        "no failure while the agent restarts: {r:?}"
+    );
+    let held = held.wait();
+    let answer = held.held.clone().unwrap_or_default();
+    assert!(
+        answer == "a 8080" || answer == "b 8080",
+        "the established connection must survive the kill: {held:?}"
+    );
+    if mode == Mode::Ebpf {
+        // The restarted agent adopted the pinned maps: nothing needed rewriting.
+        assert_eq!(
+            c.metric("ferry_ebpf_map_writes_total"),
+            Some(0.0),
+            "{}",
+            c.metrics()
+        );
+    }
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.10:80", 10).successes(),
+        10
+    );
+}
+
+fn unexposed_port_is_not_delivered(mode: Mode) {
+    let c = web_cluster(mode);
+    let r = c.tcp_with(From::Pod("client"), "10.96.0.10:8080", 1, 500, 0);
+    assert_eq!(r.successes(), 0, "{r:?}");
+    if mode == Mode::Ebpf {
+        assert_eq!(
+            r.error("refused"),
+            1,
+            "socket LB refuses at connect(): {r:?}"
+        );
+    }
+}
+
+fn cleanup_removes_everything(mode: Mode) {
+    let mut c = web_cluster(mode);
+    c.kill_agent();
+    let status = c
+        .node_command(c.bin("ferry"))
+        .args(["cleanup", "--bpf-pin-path"])
+        .arg(c.pin_dir())
+        .status()
+        .expect("ferry cleanup");
+    assert!(status.success());
+    let r = c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0);
+    assert_eq!(
+        r.successes(),
+        0,
+        "nothing may still balance after cleanup: {r:?}"
+    );
+    let save = c
+        .node_command("iptables-save")
+        .output()
+        .expect("iptables-save");
+    let save = String::from_utf8_lossy(&save.stdout);
+    assert!(!save.contains("KUBE-"), "{save}");
+    assert!(!c.pin_dir().exists());
+}
+
 fn health_and_metrics_endpoints(mode: Mode) {
     let c = web_cluster(mode);
     assert_eq!(c.healthz(), Some(200));
@@ -547,4 +674,30 @@ scenarios!(iptables, Iptables:
     session_affinity_sticks,
     local_internal_policy_without_local_endpoints_drops,
     health_and_metrics_endpoints,
+    session_affinity_expires,
+    killed_agent_keeps_serving_and_restarts_without_disruption,
+    unexposed_port_is_not_delivered,
+    cleanup_removes_everything,
+);
+
+scenarios!(ebpf, Ebpf:
+    clusterip_tcp_from_pod_and_node,
+    clusterip_ipv6,
+    clusterip_udp_replies_come_from_the_service,
+    tcp_peer_is_the_cluster_ip,
+    long_lived_udp_flow_follows_endpoint_removal,
+    nodeport_from_external_client,
+    no_endpoints_refuses_immediately,
+    endpoint_and_port_changes_take_effect,
+    deleting_a_service_stops_it,
+    invalid_manifests_next_to_valid_ones,
+    service_proxy_name_label_is_not_proxied,
+    hostile_names_cannot_inject,
+    session_affinity_sticks,
+    local_internal_policy_without_local_endpoints_drops,
+    health_and_metrics_endpoints,
+    session_affinity_expires,
+    killed_agent_keeps_serving_and_restarts_without_disruption,
+    unexposed_port_is_not_delivered,
+    cleanup_removes_everything,
 );

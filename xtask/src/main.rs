@@ -37,7 +37,7 @@ enum Task {
     /// Run Ferry on the example manifests in a demo node made of network namespaces.
     Run {
         /// Data plane: ebpf or iptables.
-        #[arg(long, default_value = "iptables")]
+        #[arg(long, default_value = "ebpf")]
         mode: String,
         /// Manifest directory to serve.
         #[arg(long, default_value = "examples")]

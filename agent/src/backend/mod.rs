@@ -8,6 +8,7 @@ use ipnetwork::IpNetwork;
 use crate::model::{IpFamily, NodePlan, PlanDiff};
 
 pub mod conntrack;
+pub mod ebpf;
 pub mod iptables;
 
 /// Node facts a backend needs beyond the plan, recomputed before every sync.
@@ -52,8 +53,10 @@ pub struct SyncStats {
     pub plans_removed: usize,
     /// Backend-specific unit count (iptables rule lines, map entries written).
     pub writes: usize,
-    /// Backend-specific gauge of total programmed state, by table/map name.
-    pub totals: Vec<(String, usize)>,
+    /// iptables rules Ferry owns, by family and table.
+    pub iptables_rules: Vec<(IpFamily, &'static str, usize)>,
+    /// eBPF frontends and backends programmed.
+    pub ebpf_entries: Option<(usize, usize)>,
 }
 
 /// A backend failed to program the kernel. The caller retries with a full sync.
@@ -61,6 +64,8 @@ pub struct SyncStats {
 pub enum SyncError {
     #[error(transparent)]
     Iptables(#[from] iptables::exec::ExecError),
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::state::MapError),
     #[error("{0}")]
     Other(String),
 }

@@ -31,7 +31,8 @@ struct Rendered {
     chains: Vec<String>,
     /// `-A` lines of those chains.
     chain_rules: String,
-    rule_count: usize,
+    nat_rule_count: usize,
+    filter_rule_count: usize,
 }
 
 impl Rendered {
@@ -43,13 +44,11 @@ impl Rendered {
             s
         };
         let mut chain_rules = String::new();
-        let mut rule_count = rules.nat_services.len()
-            + rules.nat_nodeports.len()
-            + rules.filter_services.len()
-            + rules.filter_external.len()
-            + rules.filter_firewall.len();
+        let mut nat_rule_count = rules.nat_services.len() + rules.nat_nodeports.len();
+        let filter_rule_count =
+            rules.filter_services.len() + rules.filter_external.len() + rules.filter_firewall.len();
         for (_, chain) in &rules.chains {
-            rule_count += chain.len();
+            nat_rule_count += chain.len();
             chain.iter().for_each(|r| r.write_to(&mut chain_rules));
         }
         Self {
@@ -60,7 +59,8 @@ impl Rendered {
             filter_firewall: join(&rules.filter_firewall),
             chains: rules.chains.into_iter().map(|(name, _)| name).collect(),
             chain_rules,
-            rule_count,
+            nat_rule_count,
+            filter_rule_count,
         }
     }
 }
@@ -281,8 +281,10 @@ impl FamilyState {
         if full {
             info!(family = %self.family, services = self.rendered.len(), stale_chains = delete.len(), "iptables full sync done");
         }
-        let total: usize = self.rendered.values().map(|r| r.rule_count).sum();
-        stats.totals.push((format!("{}", self.family), total));
+        let nat: usize = self.rendered.values().map(|r| r.nat_rule_count).sum();
+        let filter: usize = self.rendered.values().map(|r| r.filter_rule_count).sum();
+        stats.iptables_rules.push((self.family, "nat", nat));
+        stats.iptables_rules.push((self.family, "filter", filter));
         self.ctx = Some(ctx);
         Ok(())
     }

@@ -1,0 +1,184 @@
+//! The eBPF backend (default): socket-level load balancing in cgroup hooks for
+//! everything that originates on the node or in its pods, so connecting to a
+//! ClusterIP costs the same as connecting to a pod. Traffic entering the node from
+//! outside (NodePort, externalIPs, load-balancer IPs) goes through kube-proxy-style
+//! iptables rules limited to those frontends, so eBPF mode never does less than
+//! iptables mode.
+
+pub mod inspect;
+pub mod kernel;
+pub mod layout;
+pub mod loader;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::{error, info};
+
+use self::kernel::KernelMaps;
+use self::layout::{DesiredFrontend, frontends};
+use self::loader::MapSizes;
+use self::state::{MapError, MapOps, Programmed};
+use super::iptables::IptablesBackend;
+use super::iptables::render::Scope;
+use super::{Backend, NodeNetwork, SyncError, SyncStats};
+use crate::metrics::Metrics;
+use crate::model::{IpFamily, NodePlan, PlanDiff, ServicePortPlan};
+
+/// Settings of the eBPF data plane.
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    /// cgroup v2 the hooks attach to (everything below it is load balanced).
+    pub cgroup: PathBuf,
+    /// bpffs directory for maps and links.
+    pub pin_dir: PathBuf,
+    pub sizes: MapSizes,
+}
+
+/// An error with all its causes, for a log line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// Socket-LB maps plus iptables for traffic entering the node.
+pub struct EbpfBackend {
+    maps: KernelMaps,
+    /// Mirror of the maps; `None` until adopted (first full sync).
+    programmed: Option<Programmed>,
+    external: IptablesBackend,
+    metrics: Arc<Metrics>,
+}
+
+impl EbpfBackend {
+    /// Loads and attaches the programs (taking over from a previous agent's pinned
+    /// state without flushing it).
+    pub fn start(
+        config: &EbpfConfig,
+        families: &[IpFamily],
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SyncError> {
+        loader::load_and_attach(&config.pin_dir, &config.cgroup, config.sizes)
+            .map_err(|e| SyncError::Other(error_chain(&e)))?;
+        let maps = KernelMaps::open(&config.pin_dir)?;
+        Ok(Self {
+            maps,
+            programmed: None,
+            external: IptablesBackend::new(families, Scope::ExternalOnly),
+            metrics,
+        })
+    }
+
+    /// Applies one desired frontend; a full map is logged and counted, not fatal.
+    fn upsert(
+        &mut self,
+        prog: &mut Programmed,
+        plan: &ServicePortPlan,
+        desired: &DesiredFrontend,
+    ) -> Result<(), MapError> {
+        match prog.upsert(&mut self.maps, desired) {
+            Err(MapError::Full { map }) => {
+                error!(service = %plan.key.port, map, "eBPF map full: this frontend is not programmed");
+                self.metrics
+                    .map_full
+                    .get_or_create(&vec![("map".to_owned(), map.to_owned())])
+                    .inc();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn full_sync(&mut self, plan: &NodePlan) -> Result<(), MapError> {
+        let mut prog = Programmed::adopt(&mut self.maps as &mut dyn MapOps)?;
+        let mut wanted: HashMap<_, (&ServicePortPlan, DesiredFrontend)> = HashMap::new();
+        for p in plan.iter() {
+            for d in frontends(p) {
+                wanted.insert(d.key, (p.as_ref(), d));
+            }
+        }
+        let stale: Vec<_> = prog
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            prog.remove(&mut self.maps, &key)?;
+        }
+        for (p, d) in wanted.values() {
+            self.upsert(&mut prog, p, d)?;
+        }
+        let (fe, be) = prog.counts();
+        info!(frontends = fe, backends = be, "eBPF maps reconciled");
+        self.programmed = Some(prog);
+        Ok(())
+    }
+
+    fn partial_sync(&mut self, prog: &mut Programmed, diff: &PlanDiff) -> Result<(), MapError> {
+        for old in &diff.removed {
+            for d in frontends(old) {
+                prog.remove(&mut self.maps, &d.key)?;
+            }
+        }
+        for upsert in &diff.upserted {
+            let fresh = frontends(&upsert.new);
+            if let Some(old) = &upsert.old {
+                let keep: HashSet<_> = fresh.iter().map(|d| d.key).collect();
+                for d in frontends(old).iter().filter(|d| !keep.contains(&d.key)) {
+                    prog.remove(&mut self.maps, &d.key)?;
+                }
+            }
+            for d in &fresh {
+                self.upsert(prog, &upsert.new, d)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sync(
+        &mut self,
+        plan: &NodePlan,
+        diff: &PlanDiff,
+        node: &NodeNetwork,
+        full: bool,
+    ) -> Result<SyncStats, SyncError> {
+        let writes_before = self.maps.writes;
+        let result = match self.programmed.take() {
+            Some(mut prog) if !full => {
+                let r = self.partial_sync(&mut prog, diff);
+                self.programmed = Some(prog);
+                r
+            }
+            _ => self.full_sync(plan),
+        };
+        if let Err(e) = result {
+            // The mirror may be off now; the retry re-reads the maps.
+            self.programmed = None;
+            return Err(e.into());
+        }
+        let map_writes = self.maps.writes - writes_before;
+        self.metrics.ebpf_map_writes.inc_by(map_writes as u64);
+        let mut stats = self.external.sync(plan, diff, node, full)?;
+        stats.writes += map_writes;
+        stats.ebpf_entries = self.programmed.as_ref().map(Programmed::counts);
+        Ok(stats)
+    }
+
+    fn needs_full_sync(&mut self) -> bool {
+        self.external.needs_full_sync()
+    }
+}

@@ -1,0 +1,732 @@
+//! The agent's mirror of what the socket-LB maps hold, and the reconciler that moves
+//! them to a desired state with as few writes as possible, in an order where a
+//! concurrent connect() never sees a half-written service:
+//!
+//! 1. new backend addresses are written first (nothing references them yet);
+//! 2. a frontend's backend list is replaced by one map update (atomic: the list maps
+//!    are `BPF_F_NO_PREALLOC`, so readers see the old or the new value, never a mix);
+//! 3. the frontend entry is written only if its action/class/affinity changed;
+//! 4. backends nobody references any more are deleted last.
+//!
+//! One endpoint change therefore costs one list write plus one backend write or
+//! delete. The kernel is reached through [`MapOps`], so all of this is unit-tested
+//! against a recording fake.
+
+use std::collections::{HashMap, HashSet};
+
+use ferry_common::{BackendAddr, Frontend, FrontendKey, LIST_CAPACITY, VipKey, flags};
+use tracing::warn;
+
+use super::layout::{DesiredFrontend, backend_addr};
+
+/// A map operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The map has no room (max entries reached). Not fatal: the frontend is skipped.
+    #[error("eBPF map {map} is full (raise its size with the --bpf-max-* flags)")]
+    Full { map: &'static str },
+    #[error("eBPF map {map}: {op} failed: {reason}")]
+    Failed {
+        map: &'static str,
+        op: &'static str,
+        reason: String,
+    },
+}
+
+/// Everything the maps hold, as read back from the kernel.
+#[derive(Clone, Debug, Default)]
+pub struct KernelState {
+    pub frontends: Vec<(FrontendKey, Frontend)>,
+    /// (class, frontend id, backend ids).
+    pub lists: Vec<(u8, u32, Vec<u32>)>,
+    pub backends: Vec<(u32, BackendAddr)>,
+    pub vips: Vec<VipKey>,
+}
+
+/// The writes the reconciler needs.
+pub trait MapOps {
+    fn put_frontend(&mut self, key: &FrontendKey, value: &Frontend) -> Result<(), MapError>;
+    fn del_frontend(&mut self, key: &FrontendKey) -> Result<(), MapError>;
+    fn put_list(&mut self, class: u8, id: u32, ids: &[u32]) -> Result<(), MapError>;
+    fn del_list(&mut self, class: u8, id: u32) -> Result<(), MapError>;
+    fn put_backend(&mut self, id: u32, addr: &BackendAddr) -> Result<(), MapError>;
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn put_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
+    /// Forgets clients stuck to `backends` of frontend `id`.
+    fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError>;
+    /// Reads the maps back.
+    fn read_all(&mut self) -> Result<KernelState, MapError>;
+}
+
+/// The smallest list class that holds `n` backends.
+pub fn list_class(n: usize) -> u8 {
+    LIST_CAPACITY
+        .iter()
+        .position(|&cap| n <= cap)
+        .unwrap_or(LIST_CAPACITY.len() - 1) as u8
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    value: Frontend,
+    /// Backend ids in list order; empty when the frontend has no list.
+    backends: Vec<u32>,
+    has_list: bool,
+}
+
+#[derive(Clone, Debug)]
+struct BackendSlot {
+    addr: BackendAddr,
+    refs: u32,
+}
+
+/// Mirror of the kernel maps.
+#[derive(Debug, Default)]
+pub struct Programmed {
+    frontends: HashMap<FrontendKey, Entry>,
+    /// Ids of the frontends above.
+    frontend_ids: HashSet<u32>,
+    backends: HashMap<u32, BackendSlot>,
+    backend_ids: HashMap<BackendAddr, u32>,
+    /// ClusterIP -> number of ClusterIP frontends on it.
+    vips: HashMap<VipKey, u32>,
+    next_frontend_id: u32,
+    next_backend_id: u32,
+}
+
+fn vip_of(key: &FrontendKey) -> VipKey {
+    VipKey {
+        addr: key.addr,
+        family: key.family,
+        _pad: [0; 3],
+    }
+}
+
+fn is_cluster_ip(value: &Frontend) -> bool {
+    value.flags & flags::CLUSTER_IP != 0
+}
+
+fn forwards(flags_: u16) -> bool {
+    flags_ & flags::ACTION_MASK == flags::ACTION_FORWARD
+}
+
+impl Programmed {
+    /// Adopts what the maps already hold (after a restart, or to catch outside
+    /// changes on a full sync), deleting whatever is inconsistent: lists without a
+    /// frontend, unreferenced backends, ClusterIP entries without a frontend.
+    pub fn adopt(ops: &mut dyn MapOps) -> Result<Self, MapError> {
+        let state = ops.read_all()?;
+        let mut me = Self {
+            next_frontend_id: 1,
+            next_backend_id: 1,
+            ..Self::default()
+        };
+        for (id, addr) in &state.backends {
+            me.backends.insert(
+                *id,
+                BackendSlot {
+                    addr: *addr,
+                    refs: 0,
+                },
+            );
+            me.backend_ids.insert(*addr, *id);
+            me.next_backend_id = me.next_backend_id.max(id.wrapping_add(1));
+        }
+        let mut lists: HashMap<(u8, u32), Vec<u32>> = state
+            .lists
+            .into_iter()
+            .map(|(class, id, ids)| ((class, id), ids))
+            .collect();
+        for (key, value) in state.frontends {
+            me.next_frontend_id = me.next_frontend_id.max(value.id.wrapping_add(1));
+            let list = lists.remove(&(value.list_class, value.id));
+            let has_list = list.is_some();
+            let ids = list.unwrap_or_default();
+            if forwards(value.flags) && ids.iter().any(|id| !me.backends.contains_key(id)) {
+                // A list pointing at unknown backends: drop the frontend, the
+                // reconcile that follows rewrites it.
+                ops.del_frontend(&key)?;
+                ops.del_list(value.list_class, value.id)?;
+                continue;
+            }
+            for id in &ids {
+                if let Some(slot) = me.backends.get_mut(id) {
+                    slot.refs += 1;
+                }
+            }
+            if is_cluster_ip(&value) {
+                *me.vips.entry(vip_of(&key)).or_default() += 1;
+            }
+            me.frontend_ids.insert(value.id);
+            me.frontends.insert(
+                key,
+                Entry {
+                    value,
+                    backends: ids,
+                    has_list,
+                },
+            );
+        }
+        for ((class, id), _) in lists {
+            ops.del_list(class, id)?;
+        }
+        let unused: Vec<u32> = me
+            .backends
+            .iter()
+            .filter(|(_, s)| s.refs == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unused {
+            me.release_slot(ops, id)?;
+        }
+        let wanted: HashSet<VipKey> = me.vips.keys().copied().collect();
+        for vip in state.vips.iter().filter(|v| !wanted.contains(v)) {
+            ops.del_vip(vip)?;
+        }
+        for vip in wanted.iter().filter(|v| !state.vips.contains(v)) {
+            ops.put_vip(vip)?;
+        }
+        Ok(me)
+    }
+
+    /// Frontend keys currently programmed.
+    pub fn keys(&self) -> impl Iterator<Item = &FrontendKey> {
+        self.frontends.keys()
+    }
+
+    /// Number of frontends and backends programmed.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.frontends.len(), self.backends.len())
+    }
+
+    /// Brings one frontend to its desired state.
+    pub fn upsert(
+        &mut self,
+        ops: &mut dyn MapOps,
+        desired: &DesiredFrontend,
+    ) -> Result<(), MapError> {
+        let mut wanted: Vec<BackendAddr> = desired.backends.iter().map(backend_addr).collect();
+        let max = LIST_CAPACITY[LIST_CAPACITY.len() - 1];
+        if wanted.len() > max {
+            warn!(
+                backends = wanted.len(),
+                max, "service has more backends than one eBPF list holds; using the first {max}"
+            );
+            wanted.truncate(max);
+        }
+        let existing = self.frontends.get(&desired.key).cloned();
+        let needs_list = forwards(desired.flags) && !wanted.is_empty();
+
+        // Unchanged? Compare by address so nothing is acquired for a no-op.
+        if let Some(entry) = &existing {
+            let same_backends = entry.backends.len() == wanted.len()
+                && entry
+                    .backends
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(id, addr)| self.backends.get(id).is_some_and(|s| s.addr == *addr));
+            let class = list_class(wanted.len());
+            if same_backends
+                && entry.has_list == needs_list
+                && entry.value.flags == desired.flags
+                && entry.value.affinity_timeout == desired.affinity_timeout
+                && (!needs_list || entry.value.list_class == class)
+            {
+                return Ok(());
+            }
+        }
+
+        // 1. Backends first.
+        let mut ids = Vec::with_capacity(wanted.len());
+        for addr in &wanted {
+            match self.acquire(ops, addr) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    self.release_all(ops, &ids)?;
+                    return Err(e);
+                }
+            }
+        }
+        let id = existing
+            .as_ref()
+            .map(|e| e.value.id)
+            .unwrap_or_else(|| self.alloc_frontend_id());
+        let class = if needs_list {
+            list_class(ids.len())
+        } else {
+            existing.as_ref().map(|e| e.value.list_class).unwrap_or(0)
+        };
+        let value = Frontend {
+            id,
+            flags: desired.flags,
+            list_class: class,
+            _pad: 0,
+            affinity_timeout: desired.affinity_timeout,
+        };
+
+        // 2. The list, in one update.
+        if needs_list && let Err(e) = ops.put_list(class, id, &ids) {
+            self.abandon(ops, existing.is_none().then_some(id), &ids)?;
+            return Err(e);
+        }
+        // 3. The frontend, if it changed.
+        if existing.as_ref().is_none_or(|e| e.value != value)
+            && let Err(e) = ops.put_frontend(&desired.key, &value)
+        {
+            if needs_list
+                && existing
+                    .as_ref()
+                    .is_none_or(|e| !e.has_list || e.value.list_class != class)
+            {
+                ops.del_list(class, id)?;
+            }
+            self.abandon(ops, existing.is_none().then_some(id), &ids)?;
+            return Err(e);
+        }
+        if is_cluster_ip(&value) && existing.as_ref().is_none_or(|e| !is_cluster_ip(&e.value)) {
+            self.vip_ref(ops, &desired.key)?;
+        }
+        // 4. Clean up what the old version used.
+        if let Some(old) = existing {
+            if old.has_list && (!needs_list || old.value.list_class != class) {
+                ops.del_list(old.value.list_class, id)?;
+            }
+            if old.value.flags & flags::AFFINITY != 0 {
+                let gone: Vec<u32> = old
+                    .backends
+                    .iter()
+                    .copied()
+                    .filter(|b| !ids.contains(b))
+                    .collect();
+                if !gone.is_empty() {
+                    ops.purge_affinity(id, &gone)?;
+                }
+            }
+            if is_cluster_ip(&old.value) && !is_cluster_ip(&value) {
+                self.vip_unref(ops, &desired.key)?;
+            }
+            self.release_all(ops, &old.backends)?;
+        }
+        self.frontends.insert(
+            desired.key,
+            Entry {
+                value,
+                backends: if needs_list { ids } else { Vec::new() },
+                has_list: needs_list,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes one frontend (and whatever only it used).
+    pub fn remove(&mut self, ops: &mut dyn MapOps, key: &FrontendKey) -> Result<(), MapError> {
+        let Some(entry) = self.frontends.get(key).cloned() else {
+            return Ok(());
+        };
+        ops.del_frontend(key)?;
+        self.frontends.remove(key);
+        self.frontend_ids.remove(&entry.value.id);
+        if entry.has_list {
+            ops.del_list(entry.value.list_class, entry.value.id)?;
+        }
+        if is_cluster_ip(&entry.value) {
+            self.vip_unref(ops, key)?;
+        }
+        self.release_all(ops, &entry.backends)
+    }
+
+    fn alloc_frontend_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_frontend_id.max(1);
+            self.next_frontend_id = id.checked_add(1).unwrap_or(1);
+            if !self.frontend_ids.contains(&id) {
+                self.frontend_ids.insert(id);
+                return id;
+            }
+        }
+    }
+
+    /// Undoes a failed upsert's allocations.
+    fn abandon(
+        &mut self,
+        ops: &mut dyn MapOps,
+        new_id: Option<u32>,
+        ids: &[u32],
+    ) -> Result<(), MapError> {
+        if let Some(id) = new_id {
+            self.frontend_ids.remove(&id);
+        }
+        self.release_all(ops, ids)
+    }
+
+    fn acquire(&mut self, ops: &mut dyn MapOps, addr: &BackendAddr) -> Result<u32, MapError> {
+        if let Some(&id) = self.backend_ids.get(addr) {
+            if let Some(slot) = self.backends.get_mut(&id) {
+                slot.refs += 1;
+            }
+            return Ok(id);
+        }
+        // Ids count up and wrap; an id is reused only when free, and only after the
+        // whole space went round, so a reader holding an old list never meets a
+        // recycled id in practice.
+        let mut id = self.next_backend_id.max(1);
+        while self.backends.contains_key(&id) {
+            id = id.checked_add(1).unwrap_or(1);
+        }
+        self.next_backend_id = id.checked_add(1).unwrap_or(1);
+        ops.put_backend(id, addr)?;
+        self.backends.insert(
+            id,
+            BackendSlot {
+                addr: *addr,
+                refs: 1,
+            },
+        );
+        self.backend_ids.insert(*addr, id);
+        Ok(id)
+    }
+
+    fn release_all(&mut self, ops: &mut dyn MapOps, ids: &[u32]) -> Result<(), MapError> {
+        for &id in ids {
+            let free = match self.backends.get_mut(&id) {
+                Some(slot) => {
+                    slot.refs = slot.refs.saturating_sub(1);
+                    slot.refs == 0
+                }
+                None => false,
+            };
+            if free {
+                self.release_slot(ops, id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release_slot(&mut self, ops: &mut dyn MapOps, id: u32) -> Result<(), MapError> {
+        ops.del_backend(id)?;
+        if let Some(slot) = self.backends.remove(&id) {
+            self.backend_ids.remove(&slot.addr);
+        }
+        Ok(())
+    }
+
+    fn vip_ref(&mut self, ops: &mut dyn MapOps, key: &FrontendKey) -> Result<(), MapError> {
+        let vip = vip_of(key);
+        let refs = self.vips.entry(vip).or_default();
+        *refs += 1;
+        if *refs == 1 {
+            ops.put_vip(&vip)?;
+        }
+        Ok(())
+    }
+
+    fn vip_unref(&mut self, ops: &mut dyn MapOps, key: &FrontendKey) -> Result<(), MapError> {
+        let vip = vip_of(key);
+        if let Some(refs) = self.vips.get_mut(&vip) {
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.vips.remove(&vip);
+                ops.del_vip(&vip)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory [`MapOps`] that records every write: the reconciler's tests, and a
+/// reference for what the kernel maps must contain.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FakeMaps {
+    pub state: KernelState,
+    pub writes: Vec<String>,
+    /// Maps that reject inserts as full.
+    pub full: HashSet<&'static str>,
+}
+
+#[cfg(test)]
+impl FakeMaps {
+    fn log(&mut self, op: impl Into<String>) {
+        self.writes.push(op.into());
+    }
+}
+
+#[cfg(test)]
+impl MapOps for FakeMaps {
+    fn put_frontend(&mut self, key: &FrontendKey, value: &Frontend) -> Result<(), MapError> {
+        if self.full.contains("frontends") {
+            return Err(MapError::Full { map: "frontends" });
+        }
+        self.state.frontends.retain(|(k, _)| k != key);
+        self.state.frontends.push((*key, *value));
+        self.log(format!("put_frontend {}", value.id));
+        Ok(())
+    }
+    fn del_frontend(&mut self, key: &FrontendKey) -> Result<(), MapError> {
+        self.state.frontends.retain(|(k, _)| k != key);
+        self.log("del_frontend");
+        Ok(())
+    }
+    fn put_list(&mut self, class: u8, id: u32, ids: &[u32]) -> Result<(), MapError> {
+        self.state
+            .lists
+            .retain(|(c, i, _)| !(*c == class && *i == id));
+        self.state.lists.push((class, id, ids.to_vec()));
+        self.log(format!("put_list {class} {id} {ids:?}"));
+        Ok(())
+    }
+    fn del_list(&mut self, class: u8, id: u32) -> Result<(), MapError> {
+        self.state
+            .lists
+            .retain(|(c, i, _)| !(*c == class && *i == id));
+        self.log(format!("del_list {class} {id}"));
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, addr: &BackendAddr) -> Result<(), MapError> {
+        if self.full.contains("backends") {
+            return Err(MapError::Full { map: "backends" });
+        }
+        self.state.backends.retain(|(i, _)| *i != id);
+        self.state.backends.push((id, *addr));
+        self.log(format!("put_backend {id}"));
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.state.backends.retain(|(i, _)| *i != id);
+        self.log(format!("del_backend {id}"));
+        Ok(())
+    }
+    fn put_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
+        self.state.vips.retain(|v| v != key);
+        self.state.vips.push(*key);
+        self.log("put_vip");
+        Ok(())
+    }
+    fn del_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
+        self.state.vips.retain(|v| v != key);
+        self.log("del_vip");
+        Ok(())
+    }
+    fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError> {
+        self.log(format!("purge_affinity {id} {backends:?}"));
+        Ok(())
+    }
+    fn read_all(&mut self) -> Result<KernelState, MapError> {
+        Ok(self.state.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::ebpf::layout::{frontend_key, words_addr};
+    use crate::model::Backend;
+
+    fn be(i: u8) -> Backend {
+        Backend {
+            ip: format!("10.244.0.{i}").parse().unwrap(),
+            port: 8080,
+        }
+    }
+
+    fn desired(ip: &str, backends: &[Backend], extra_flags: u16) -> DesiredFrontend {
+        DesiredFrontend {
+            key: frontend_key(ip.parse().unwrap(), 80, 6),
+            flags: flags::ACTION_FORWARD | flags::CLUSTER_IP | extra_flags,
+            affinity_timeout: 0,
+            backends: backends.to_vec(),
+        }
+    }
+
+    /// Resolves what a connect() to `key` would choose from, via the fake maps only.
+    fn resolve(maps: &FakeMaps, key: &FrontendKey) -> Option<Vec<String>> {
+        let (_, fe) = maps.state.frontends.iter().find(|(k, _)| k == key)?;
+        let (_, _, ids) = maps
+            .state
+            .lists
+            .iter()
+            .find(|(c, i, _)| *c == fe.list_class && *i == fe.id)?;
+        ids.iter()
+            .map(|id| {
+                let (_, addr) = maps.state.backends.iter().find(|(i, _)| i == id)?;
+                Some(words_addr(addr.addr, addr.family).to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_endpoint_change_is_a_handful_of_writes() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        let backends: Vec<Backend> = (1..=50).map(be).collect();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &backends, 0))
+            .unwrap();
+        let key = frontend_key("10.96.0.10".parse().unwrap(), 80, 6);
+        assert_eq!(resolve(&maps, &key).unwrap().len(), 50);
+
+        // Add one endpoint: one backend write + one list write.
+        maps.writes.clear();
+        let mut more = backends.clone();
+        more.push(be(51));
+        prog.upsert(&mut maps, &desired("10.96.0.10", &more, 0))
+            .unwrap();
+        assert_eq!(maps.writes.len(), 2, "{:?}", maps.writes);
+        assert!(maps.writes[0].starts_with("put_backend"));
+        assert!(maps.writes[1].starts_with("put_list"));
+
+        // Remove one: list write, then the backend goes.
+        maps.writes.clear();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &backends[1..], 0))
+            .unwrap();
+        assert_eq!(maps.writes.len(), 3, "{:?}", maps.writes);
+        assert!(maps.writes[0].starts_with("put_list"));
+        assert!(
+            maps.writes
+                .iter()
+                .filter(|w| w.starts_with("del_backend"))
+                .count()
+                == 2
+        );
+        assert_eq!(resolve(&maps, &key).unwrap().len(), 49);
+
+        // No change: no writes.
+        maps.writes.clear();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &backends[1..], 0))
+            .unwrap();
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+    }
+
+    #[test]
+    fn growing_past_a_class_switches_lists_safely() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        let key = frontend_key("10.96.0.10".parse().unwrap(), 80, 6);
+        prog.upsert(&mut maps, &desired("10.96.0.10", &[be(1)], 0))
+            .unwrap();
+        maps.writes.clear();
+        let many: Vec<Backend> = (1..=20).map(be).collect();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &many, 0))
+            .unwrap();
+        // The new list is written before the frontend switches to it, and the old
+        // list is deleted only after.
+        let list = maps
+            .writes
+            .iter()
+            .position(|w| w.starts_with("put_list 1"))
+            .unwrap();
+        let fe = maps
+            .writes
+            .iter()
+            .position(|w| w.starts_with("put_frontend"))
+            .unwrap();
+        let del = maps
+            .writes
+            .iter()
+            .position(|w| w.starts_with("del_list 0"))
+            .unwrap();
+        assert!(list < fe && fe < del, "{:?}", maps.writes);
+        assert_eq!(resolve(&maps, &key).unwrap().len(), 20);
+    }
+
+    #[test]
+    fn shared_backends_are_refcounted_and_vips_tracked() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &[be(1), be(2)], 0))
+            .unwrap();
+        prog.upsert(&mut maps, &desired("10.96.0.11", &[be(2)], 0))
+            .unwrap();
+        assert_eq!(maps.state.backends.len(), 2);
+        assert_eq!(maps.state.vips.len(), 2);
+        prog.remove(
+            &mut maps,
+            &frontend_key("10.96.0.10".parse().unwrap(), 80, 6),
+        )
+        .unwrap();
+        assert_eq!(maps.state.backends.len(), 1, "backend 2 is still used");
+        assert_eq!(maps.state.vips.len(), 1);
+        assert_eq!(maps.state.lists.len(), 1);
+    }
+
+    #[test]
+    fn reject_needs_no_list_and_affinity_is_purged() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        prog.upsert(
+            &mut maps,
+            &desired("10.96.0.10", &[be(1), be(2)], flags::AFFINITY),
+        )
+        .unwrap();
+        maps.writes.clear();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &[be(2)], flags::AFFINITY))
+            .unwrap();
+        assert!(
+            maps.writes.iter().any(|w| w.starts_with("purge_affinity")),
+            "{:?}",
+            maps.writes
+        );
+
+        let mut reject = desired("10.96.0.10", &[], 0);
+        reject.flags = flags::ACTION_REJECT | flags::CLUSTER_IP;
+        prog.upsert(&mut maps, &reject).unwrap();
+        assert!(maps.state.lists.is_empty() && maps.state.backends.is_empty());
+        assert_eq!(maps.state.frontends.len(), 1);
+    }
+
+    #[test]
+    fn adoption_keeps_good_state_and_drops_orphans() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &[be(1), be(2)], 0))
+            .unwrap();
+        // Orphans a crash could leave: a list without frontend, an unused backend.
+        maps.state.lists.push((0, 999, vec![1]));
+        maps.state.backends.push((777, backend_addr(&be(9))));
+        maps.writes.clear();
+        let mut adopted = Programmed::adopt(&mut maps).unwrap();
+        assert_eq!(adopted.counts(), (1, 2));
+        assert!(maps.writes.contains(&"del_list 0 999".to_string()));
+        assert!(maps.writes.contains(&"del_backend 777".to_string()));
+        // Reconciling the same desired state after adoption writes nothing.
+        maps.writes.clear();
+        adopted
+            .upsert(&mut maps, &desired("10.96.0.10", &[be(1), be(2)], 0))
+            .unwrap();
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+        // And new ids do not collide with adopted ones.
+        adopted
+            .upsert(&mut maps, &desired("10.96.0.12", &[be(3)], 0))
+            .unwrap();
+        let ids: HashSet<u32> = maps.state.frontends.iter().map(|(_, f)| f.id).collect();
+        assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn full_map_leaves_state_consistent() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &[be(1)], 0))
+            .unwrap();
+        maps.full.insert("frontends");
+        let err = prog
+            .upsert(&mut maps, &desired("10.96.0.11", &[be(1), be(2)], 0))
+            .unwrap_err();
+        assert!(matches!(err, MapError::Full { map: "frontends" }));
+        // Nothing leaked: only the first frontend's backend and list remain.
+        assert_eq!(maps.state.backends.len(), 1);
+        assert_eq!(maps.state.lists.len(), 1);
+        maps.full.clear();
+        prog.upsert(&mut maps, &desired("10.96.0.11", &[be(1), be(2)], 0))
+            .unwrap();
+        assert_eq!(maps.state.backends.len(), 2);
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(list_class(1), 0);
+        assert_eq!(list_class(16), 0);
+        assert_eq!(list_class(17), 1);
+        assert_eq!(list_class(4097), 3);
+    }
+}

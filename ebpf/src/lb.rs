@@ -1,0 +1,280 @@
+//! Socket-level load balancing: on connect/sendmsg, a destination that is a service
+//! frontend is rewritten to one of its backends; on recvmsg/getpeername the backend
+//! address is rewritten back, so the application only ever sees the service address.
+
+use aya_ebpf::helpers::generated::{
+    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+};
+use aya_ebpf::programs::SockAddrContext;
+use ferry_common::{
+    AffinityKey, AffinityValue, BackendList, FAMILY_V4, FAMILY_V6, Frontend, FrontendKey,
+    ReverseKey, ReverseValue, VipKey, flags, stats,
+};
+
+use crate::maps::{
+    AFFINITY, BACKENDS, FRONTENDS, LIST4K, LIST16, LIST64K, LIST256, REVERSE, VIPS, count,
+};
+
+/// Why a connection is refused; the errno the application gets.
+pub enum Refuse {
+    /// No endpoints anywhere (kube-proxy REJECT): ECONNREFUSED.
+    NoEndpoints,
+    /// Endpoints exist, none usable from here (kube-proxy DROP): EHOSTUNREACH.
+    NotHere,
+    /// A ClusterIP on a port no service exposes: ECONNREFUSED.
+    NoPort,
+}
+
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+
+impl Refuse {
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::NoEndpoints | Self::NoPort => ECONNREFUSED,
+            Self::NotHere => EHOSTUNREACH,
+        }
+    }
+}
+
+/// A destination as the hook sees it (network byte order, IPv4 in `addr[0]`).
+#[derive(Clone, Copy)]
+pub struct Dest {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`), as a dual-stack socket connects to IPv4.
+#[inline(always)]
+pub fn v4_mapped(addr: &[u32; 4]) -> Option<u32> {
+    // 0xffff in network order is 0xffff0000 when read as a little-endian u32.
+    (addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0x0000_ffff)).then_some(addr[3])
+}
+
+/// Picks the backend for `dest` if it is a frontend. `Ok(None)`: not a service,
+/// leave the socket alone.
+#[inline(always)]
+pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<Dest>, Refuse> {
+    let key = FrontendKey {
+        addr: dest.addr,
+        port: dest.port,
+        proto,
+        family: dest.family,
+    };
+    // SAFETY: values are copied out at once; the map is NO_PREALLOC (RCU-freed).
+    let Some(fe) = (unsafe { FRONTENDS.get(&key) }).copied() else {
+        let vip = VipKey {
+            addr: dest.addr,
+            family: dest.family,
+            _pad: [0; 3],
+        };
+        // SAFETY: presence check only.
+        if unsafe { VIPS.get(&vip) }.is_some() {
+            count(stats::NO_PORT);
+            return Err(Refuse::NoPort);
+        }
+        return Ok(None);
+    };
+    match fe.flags & flags::ACTION_MASK {
+        flags::ACTION_FORWARD => {}
+        flags::ACTION_DROP => {
+            count(stats::DROPPED);
+            return Err(Refuse::NotHere);
+        }
+        _ => {
+            count(stats::REJECTED);
+            return Err(Refuse::NoEndpoints);
+        }
+    }
+    let Some(backend_id) = choose(ctx, &fe) else {
+        count(stats::MISSING);
+        return Ok(None);
+    };
+    // SAFETY: copied out at once; NO_PREALLOC map.
+    let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
+        count(stats::MISSING);
+        return Ok(None);
+    };
+    count(stats::TRANSLATED);
+    Ok(Some(Dest {
+        addr: backend.addr,
+        port: backend.port,
+        family: backend.family,
+    }))
+}
+
+/// Remembers which service address a socket asked for, for the reverse hooks.
+#[inline(always)]
+pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
+    // SAFETY: the helper only reads the socket behind the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = ReverseKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        family: backend.family,
+        _pad: [0; 5],
+    };
+    let value = ReverseValue {
+        addr: service.addr,
+        port: service.port,
+        family: service.family,
+        _pad: 0,
+    };
+    // An LRU map only fails on bad arguments; nothing useful to do about it here.
+    let _ = REVERSE.insert(&key, &value, 0);
+}
+
+/// The service address a socket asked for, given the backend it talks to.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext, backend: Dest) -> Option<Dest> {
+    // SAFETY: the helper only reads the socket behind the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = ReverseKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        family: backend.family,
+        _pad: [0; 5],
+    };
+    // SAFETY: copied out at once.
+    let value = (unsafe { REVERSE.get(&key) }).copied()?;
+    count(stats::REVERSED);
+    Some(Dest {
+        addr: value.addr,
+        port: value.port,
+        family: value.family,
+    })
+}
+
+/// A backend id for this connection: the client's sticky backend when affinity is on
+/// and still valid, else one drawn uniformly at random from the frontend's list.
+#[inline(always)]
+fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Option<u32> {
+    if fe.flags & flags::AFFINITY == 0 {
+        return random_backend(fe);
+    }
+    // SAFETY: the helper only reads the socket's network namespace.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    let key = AffinityKey {
+        netns_cookie,
+        frontend_id: fe.id,
+        _pad: 0,
+    };
+    // SAFETY: time helper, no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(fe.affinity_timeout) * 1_000_000_000;
+    // SAFETY: copied out at once.
+    let sticky = (unsafe { AFFINITY.get(&key) })
+        .copied()
+        .filter(|v| now.wrapping_sub(v.last_used_ns) < timeout_ns)
+        // The agent purges entries of removed backends; this catches the rest.
+        .filter(|v| unsafe { BACKENDS.get(&v.backend_id) }.is_some())
+        .map(|v| v.backend_id);
+    let id = match sticky {
+        Some(id) => id,
+        None => random_backend(fe)?,
+    };
+    let value = AffinityValue {
+        backend_id: id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = AFFINITY.insert(&key, &value, 0);
+    Some(id)
+}
+
+#[inline(always)]
+fn random_backend(fe: &Frontend) -> Option<u32> {
+    // SAFETY: the list is copied by value-slot only (one u32); NO_PREALLOC map, so a
+    // concurrent replacement is seen either whole old or whole new.
+    unsafe {
+        match fe.list_class {
+            0 => pick(LIST16.get(&fe.id)?),
+            1 => pick(LIST256.get(&fe.id)?),
+            2 => pick(LIST4K.get(&fe.id)?),
+            _ => pick(LIST64K.get(&fe.id)?),
+        }
+    }
+}
+
+#[inline(always)]
+fn pick<const N: usize>(list: &BackendList<N>) -> Option<u32> {
+    let count = list.count;
+    if count == 0 {
+        return None;
+    }
+    // SAFETY: helper with no arguments.
+    let index = unsafe { bpf_get_prandom_u32() } % count;
+    // `get` bounds-checks against N, which the verifier needs to see.
+    list.ids.get(index as usize).copied()
+}
+
+/// Reads the destination of an IPv4 hook. The kernel allows only whole 4-byte loads
+/// of `user_ip4`/`user_port` (port in network order in the low 16 bits).
+#[inline(always)]
+pub fn dest4(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: ctx points to the kernel's bpf_sock_addr for this hook.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    Dest {
+        addr: [ip, 0, 0, 0],
+        port: port as u16,
+        family: FAMILY_V4,
+    }
+}
+
+/// Reads the destination of an IPv6 hook (each `user_ip6` word a 4-byte load).
+#[inline(always)]
+pub fn dest6(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: as in `dest4`.
+    let (addr, port) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (
+            [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ],
+            sa.user_port,
+        )
+    };
+    Dest {
+        addr,
+        port: port as u16,
+        family: FAMILY_V6,
+    }
+}
+
+/// Writes a new destination into an IPv4 hook (whole 4-byte stores).
+#[inline(always)]
+pub fn set_dest4(ctx: &SockAddrContext, dest: Dest) {
+    // SAFETY: writable fields of bpf_sock_addr for connect4/sendmsg4/recvmsg4.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = dest.addr[0];
+        (*ctx.sock_addr).user_port = u32::from(dest.port);
+    }
+}
+
+/// Writes a new destination into an IPv6 hook.
+#[inline(always)]
+pub fn set_dest6(ctx: &SockAddrContext, dest: Dest) {
+    // SAFETY: writable fields of bpf_sock_addr for connect6/sendmsg6/recvmsg6.
+    unsafe {
+        let sa = &mut *ctx.sock_addr;
+        sa.user_ip6[0] = dest.addr[0];
+        sa.user_ip6[1] = dest.addr[1];
+        sa.user_ip6[2] = dest.addr[2];
+        sa.user_ip6[3] = dest.addr[3];
+        sa.user_port = u32::from(dest.port);
+    }
+}
+
+/// The socket's protocol, if it is one services use.
+#[inline(always)]
+pub fn protocol(ctx: &SockAddrContext) -> Option<u8> {
+    // SAFETY: 4-byte read of a readable field.
+    let proto = unsafe { (*ctx.sock_addr).protocol };
+    matches!(proto, 6 | 17 | 132).then_some(proto as u8)
+}

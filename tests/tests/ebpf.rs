@@ -1,0 +1,105 @@
+//! eBPF-only behaviour: what `ferry inspect` reads back from the maps, and dual-stack
+//! sockets reaching IPv4 services through IPv4-mapped addresses.
+
+use ferry_tests::manifests::{Service, docs, ep, port, slice};
+use ferry_tests::{Cluster, From, Mode};
+
+#[test]
+fn inspect_services_reads_the_maps() {
+    let mut c = Cluster::new(Mode::Ebpf, &["a", "b"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .spec("externalIPs: [192.0.2.10]")
+                .spec("sessionAffinity: ClientIP")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &p,
+                &[ep(&c.pod("a").ip), ep(&c.pod("b").ip)],
+            ),
+            Service::new("empty")
+                .cluster_ip("10.96.0.11")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+        ]),
+    );
+    c.start_agent();
+    let out = c
+        .node_command(c.bin("ferry"))
+        .args(["inspect", "services", "--json", "--bpf-pin-path"])
+        .arg(c.pin_dir())
+        .output()
+        .expect("ferry inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let frontends = view["frontends"].as_array().expect("frontends");
+    let find = |addr: &str| {
+        frontends
+            .iter()
+            .find(|f| f["address"] == addr)
+            .unwrap_or_else(|| panic!("{addr} not in {view}"))
+    };
+    let web = find("10.96.0.10:80");
+    assert_eq!(web["kind"], "ClusterIP");
+    assert_eq!(web["action"], "forward");
+    assert_eq!(web["affinity_timeout_seconds"], 10800);
+    let mut backends: Vec<&str> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .collect();
+    backends.sort();
+    assert_eq!(backends, ["10.244.0.10:8080", "10.244.0.11:8080"]);
+    assert_eq!(find("192.0.2.10:80")["kind"], "External");
+    assert_eq!(find("10.96.0.11:80")["action"], "reject");
+    assert_eq!(view["backends"], 2);
+
+    // The table form names the same things.
+    let out = c
+        .node_command(c.bin("ferry"))
+        .args(["inspect", "services", "--bpf-pin-path"])
+        .arg(c.pin_dir())
+        .output()
+        .expect("ferry inspect");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("10.96.0.10:80") && table.contains("10.244.0.11:8080"),
+        "{table}"
+    );
+}
+
+#[test]
+fn dual_stack_socket_reaches_ipv4_service() {
+    let mut c = Cluster::new(Mode::Ebpf, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("web-1", "web", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+        ]),
+    );
+    c.start_agent();
+    let r = c.tcp(From::Pod("client"), "[::ffff:10.96.0.10]:80", 3);
+    assert_eq!(r.successes(), 3, "{r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["[::ffff:10.96.0.10]:80"],
+        "{r:?}"
+    );
+}
