@@ -17,7 +17,8 @@ APT_PACKAGES=(
   rustc-web libstd-rust-web-dev-bpf cargo-web llvm-22-dev
   build-essential pkg-config curl ca-certificates
   iproute2 iptables nftables conntrack bpftool procps util-linux
-  dnsutils
+  dnsutils curl
+  haproxy dnsperf knot unbound dnsmasq-base fonts-dejavu-core
 )
 
 missing=()
@@ -29,8 +30,17 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "install-deps: apt installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # The benchmark baselines (haproxy, knot, unbound) ship services; never let the
+  # package scripts start them on this host.
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # rustup's own toolchain builds the host crates; a fresh machine may not have it.

@@ -227,11 +227,18 @@ impl ProxyLoop {
             );
         } else {
             self.metrics.sync_partial_duration.observe(secs);
+            // From the first change of this batch reaching the loop to programmed.
+            let programming_us = self
+                .pending_since
+                .map(|t| t.elapsed().as_micros() as u64)
+                .unwrap_or_default();
             debug!(
                 backend = self.backend.name(),
                 written = stats.plans_written,
                 removed = stats.plans_removed,
+                writes = stats.writes,
                 took_us = took.as_micros() as u64,
+                programming_us,
                 "sync done"
             );
         }

@@ -401,7 +401,7 @@ impl Cluster {
             .spawn()
             .expect("spawn ferry");
         self.agent = Some(Agent { child });
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
             if let Some(agent) = &mut self.agent
                 && let Ok(Some(status)) = agent.child.try_wait()
@@ -440,6 +440,28 @@ impl Cluster {
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
+    /// Runs the `ferry-probe load` generator from `from` and returns its JSON report.
+    pub fn load(&self, from: From<'_>, args: &[String]) -> serde_json::Value {
+        let out = self
+            .client(from)
+            .arg("load")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry-probe load");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ferry-probe load {args:?} gave no report ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Whether the agent process is still running.

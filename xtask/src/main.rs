@@ -5,7 +5,10 @@
 //!   `--host` programs the real host instead (explicitly).
 //! - `exec POD -- CMD`: runs a command inside a demo pod.
 //! - `test`: format check, clippy, unit tests and the netns integration tests.
+//! - `bench`: performance against the baselines, written to `bench/results/`.
 //! - `build`, `lint`.
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,6 +64,15 @@ enum Task {
     },
     /// Format check and clippy with warnings as errors.
     Lint,
+    /// Measure Ferry against its baselines (takes minutes; needs root).
+    Bench {
+        /// Smoke run: fewer services, shorter measurements.
+        #[arg(long)]
+        quick: bool,
+        /// Name for the results files.
+        #[arg(long, default_value = "local")]
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,6 +100,11 @@ fn main() -> anyhow::Result<()> {
             cargo(&["test"], &args)
         }
         Task::Lint => lint(),
+        Task::Bench { quick, name } => {
+            require_root()?;
+            build(true)?;
+            bench::run(&root, &name, quick).map(|_| ())
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! The iptables backend: kube-proxy's chain layout, applied with one
-//! `iptables-restore --noflush` per family and sync. A partial sync rewrites the shared
-//! chains (from cached per-service text) and only the chains of services that changed.
+//! `iptables-restore --noflush` per family and sync. A full sync rewrites everything;
+//! a partial sync touches only the services that changed: their own chains, and their
+//! rules in the shared chains (deleted and re-inserted by exact text), so one endpoint
+//! change costs the same at 10 services or 10,000.
 
 pub mod chains;
 pub mod exec;
@@ -19,51 +21,73 @@ use self::rule::Rule;
 use super::{Backend, NodeNetwork, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
 
-/// One plan's rules, rendered once and reused by later partial syncs.
+/// A rule in one of the shared chains (KUBE-SERVICES...): chain and arguments, kept
+/// so a later partial sync can delete exactly this rule.
+#[derive(Debug, Clone, PartialEq)]
+struct SharedRule {
+    chain: String,
+    spec: String,
+}
+
+impl SharedRule {
+    fn of(rule: &Rule) -> Self {
+        Self {
+            chain: rule.chain.clone(),
+            spec: rule.spec(),
+        }
+    }
+}
+
+/// One plan's rules, rendered once and reused by later syncs.
 #[derive(Debug, Default)]
 struct Rendered {
-    nat_services: String,
-    nat_nodeports: String,
-    filter_services: String,
-    filter_external: String,
-    filter_firewall: String,
+    /// Its rules in the shared nat chains (KUBE-SERVICES first, then KUBE-NODEPORTS).
+    nat_shared: Vec<SharedRule>,
+    /// Its rules in the shared filter chains.
+    filter_shared: Vec<SharedRule>,
     /// This plan's own chains.
     chains: Vec<String>,
     /// `-A` lines of those chains.
     chain_rules: String,
     nat_rule_count: usize,
-    filter_rule_count: usize,
 }
 
 impl Rendered {
     fn new(plan: &ServicePortPlan, ctx: &NodeContext) -> Self {
         let rules = render_service(plan, ctx);
-        let join = |rules: &[Rule]| {
-            let mut s = String::new();
-            rules.iter().for_each(|r| r.write_to(&mut s));
-            s
-        };
         let mut chain_rules = String::new();
         let mut nat_rule_count = rules.nat_services.len() + rules.nat_nodeports.len();
-        let filter_rule_count =
-            rules.filter_services.len() + rules.filter_external.len() + rules.filter_firewall.len();
         for (_, chain) in &rules.chains {
             nat_rule_count += chain.len();
             chain.iter().for_each(|r| r.write_to(&mut chain_rules));
         }
         Self {
-            nat_services: join(&rules.nat_services),
-            nat_nodeports: join(&rules.nat_nodeports),
-            filter_services: join(&rules.filter_services),
-            filter_external: join(&rules.filter_external),
-            filter_firewall: join(&rules.filter_firewall),
+            nat_shared: rules
+                .nat_services
+                .iter()
+                .chain(&rules.nat_nodeports)
+                .map(SharedRule::of)
+                .collect(),
+            filter_shared: rules
+                .filter_services
+                .iter()
+                .chain(&rules.filter_external)
+                .chain(&rules.filter_firewall)
+                .map(SharedRule::of)
+                .collect(),
             chains: rules.chains.into_iter().map(|(name, _)| name).collect(),
             chain_rules,
             nat_rule_count,
-            filter_rule_count,
         }
     }
 }
+
+/// A payload larger than this many chain declarations makes `iptables-restore`
+/// (nf_tables flavour, 1.8.x) track every chain name in a sorted list: quadratic. A
+/// leading chain-less command (`-Z`) switches it to fetching all chains instead,
+/// which is linear; its side effect (zeroed packet counters of the table) is only
+/// paid on such large full syncs.
+const BULK_CHAINS: usize = 1000;
 
 /// Programmed state of one IP family.
 struct FamilyState {
@@ -77,6 +101,8 @@ struct FamilyState {
 pub struct IptablesBackend {
     scope: Scope,
     families: Vec<FamilyState>,
+    /// Rules were written at least once (so later syncs must keep them right).
+    programmed: bool,
 }
 
 impl IptablesBackend {
@@ -85,6 +111,7 @@ impl IptablesBackend {
     pub fn new(families: &[IpFamily], scope: Scope) -> Self {
         Self {
             scope,
+            programmed: false,
             families: families
                 .iter()
                 .map(|&family| FamilyState {
@@ -163,6 +190,15 @@ impl Backend for IptablesBackend {
         full: bool,
     ) -> Result<SyncStats, SyncError> {
         let mut stats = SyncStats::default();
+        if self.scope == Scope::ExternalOnly
+            && !self.programmed
+            && !plan.iter().any(|p| p.is_externally_accessible())
+        {
+            // Nothing enters the node through services: stay out of iptables (no nat
+            // table, no conntrack cost) until something does.
+            return Ok(stats);
+        }
+        self.programmed = true;
         for family in &mut self.families {
             let net = node.of_family(family.family);
             let ctx = NodeContext {
@@ -217,134 +253,206 @@ impl FamilyState {
                 tracing::warn!(error = %e, "cannot enable route_localnet; NodePorts on 127.0.0.1 will not work");
             }
         }
-        let mut declare: Vec<String> = Vec::new();
-        let mut delete: Vec<String> = Vec::new();
-        let mut written: Vec<&PlanKey> = Vec::new();
-        let mut existing_save: Option<(String, String)> = None;
-
-        if full {
-            let nat = self.tools.save("nat")?;
-            let filter = self.tools.save("filter")?;
-            self.rendered.clear();
-            for p in plan.iter().filter(|p| p.key.family == self.family) {
-                self.rendered.insert(p.key.clone(), Rendered::new(p, &ctx));
-                written.push(&p.key);
-            }
-            let active: HashSet<&str> = self
-                .rendered
-                .values()
-                .flat_map(|r| r.chains.iter().map(String::as_str))
-                .collect();
-            delete.extend(
-                chains_in_save(&nat)
-                    .filter(|c| chains::is_service_chain(c) && !active.contains(c))
-                    .map(str::to_owned),
-            );
-            stats.plans_written += written.len();
-            existing_save = Some((nat, filter));
+        let payload = if full {
+            self.full_payload(plan, &ctx, stats)?
         } else {
-            for removed in diff.removed.iter().filter(|p| p.key.family == self.family) {
-                if let Some(old) = self.rendered.remove(&removed.key) {
-                    delete.extend(old.chains);
-                    stats.plans_removed += 1;
-                }
-            }
-            for upsert in diff
-                .upserted
-                .iter()
-                .filter(|u| u.new.key.family == self.family)
-            {
-                let fresh = Rendered::new(&upsert.new, &ctx);
-                if let Some(old) = self.rendered.get(&upsert.new.key) {
-                    delete.extend(
-                        old.chains
-                            .iter()
-                            .filter(|c| !fresh.chains.contains(c))
-                            .cloned(),
-                    );
-                }
-                self.rendered.insert(upsert.new.key.clone(), fresh);
-                written.push(&upsert.new.key);
-                stats.plans_written += 1;
-            }
-        }
-        for key in &written {
-            if let Some(r) = self.rendered.get(*key) {
-                declare.extend(r.chains.iter().cloned());
-            }
-        }
-
-        let payload = self.payload(&ctx, &written, &declare, &delete, existing_save.as_ref());
+            self.partial_payload(diff, &ctx, stats)
+        };
+        let Some(payload) = payload else {
+            self.ctx = Some(ctx);
+            return Ok(());
+        };
         stats.writes += payload.lines().count();
         debug!(family = %self.family, lines = payload.lines().count(), full, "iptables-restore");
         self.tools.restore(&payload)?;
         if full {
-            info!(family = %self.family, services = self.rendered.len(), stale_chains = delete.len(), "iptables full sync done");
+            info!(family = %self.family, services = self.rendered.len(), "iptables full sync done");
         }
         let nat: usize = self.rendered.values().map(|r| r.nat_rule_count).sum();
-        let filter: usize = self.rendered.values().map(|r| r.filter_rule_count).sum();
+        let filter: usize = self.rendered.values().map(|r| r.filter_shared.len()).sum();
         stats.iptables_rules.push((self.family, "nat", nat));
         stats.iptables_rules.push((self.family, "filter", filter));
         self.ctx = Some(ctx);
         Ok(())
     }
 
-    fn payload(
-        &self,
+    /// Everything: shared chains rewritten, every service chain written, stale
+    /// service chains (found with iptables-save) deleted, built-in jumps ensured.
+    fn full_payload(
+        &mut self,
+        plan: &NodePlan,
         ctx: &NodeContext,
-        written: &[&PlanKey],
-        declare: &[String],
-        delete: &[String],
-        save: Option<&(String, String)>,
-    ) -> String {
+        stats: &mut SyncStats,
+    ) -> Result<Option<String>, ExecError> {
+        let nat_save = self.tools.save("nat")?;
+        let filter_save = self.tools.save("filter")?;
+        self.rendered.clear();
+        for p in plan.iter().filter(|p| p.key.family == self.family) {
+            self.rendered.insert(p.key.clone(), Rendered::new(p, ctx));
+        }
+        stats.plans_written += self.rendered.len();
+        let active: HashSet<&str> = self
+            .rendered
+            .values()
+            .flat_map(|r| r.chains.iter().map(String::as_str))
+            .collect();
+        let stale: Vec<&str> = chains_in_save(&nat_save)
+            .filter(|c| chains::is_service_chain(c) && !active.contains(c))
+            .collect();
+        let bulk = active.len() + stale.len() > BULK_CHAINS;
         let shared = render_shared(ctx);
-        let mut out = String::with_capacity(4096 + self.rendered.len() * 256);
-        let each = |out: &mut String, pick: fn(&Rendered) -> &str| {
-            for r in self.rendered.values() {
-                out.push_str(pick(r));
-            }
-        };
+        let mut out = String::with_capacity(4096 + self.rendered.len() * 512);
 
         out.push_str("*filter\n");
-        for chain in FILTER_CHAINS {
+        for chain in FILTER_CHAINS.iter().chain([&KUBE_PROXY_CANARY]) {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
-        let _ = writeln!(out, ":{KUBE_PROXY_CANARY} - [0:0]");
-        if let Some((_, filter)) = save {
-            insert_missing_jumps(&mut out, "filter", filter);
-        }
+        insert_missing_jumps(&mut out, "filter", &filter_save);
         shared.filter.iter().for_each(|r| r.write_to(&mut out));
-        each(&mut out, |r| &r.filter_services);
-        each(&mut out, |r| &r.filter_external);
-        each(&mut out, |r| &r.filter_firewall);
+        for rule in self.rendered.values().flat_map(|r| &r.filter_shared) {
+            let _ = writeln!(out, "-A {} {}", rule.chain, rule.spec);
+        }
         out.push_str("COMMIT\n*nat\n");
-        for chain in NAT_CHAINS {
+        if bulk {
+            out.push_str("-Z\n");
+        }
+        for chain in NAT_CHAINS.iter().chain([&KUBE_PROXY_CANARY]) {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
-        let _ = writeln!(out, ":{KUBE_PROXY_CANARY} - [0:0]");
-        for chain in declare.iter().chain(delete) {
+        for chain in active.iter().chain(&stale) {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
-        if let Some((nat, _)) = save {
-            insert_missing_jumps(&mut out, "nat", nat);
-        }
+        insert_missing_jumps(&mut out, "nat", &nat_save);
         shared.nat.iter().for_each(|r| r.write_to(&mut out));
-        each(&mut out, |r| &r.nat_services);
+        let (services, nodeports): (Vec<&SharedRule>, Vec<&SharedRule>) = self
+            .rendered
+            .values()
+            .flat_map(|r| &r.nat_shared)
+            .partition(|r| r.chain == chains::KUBE_SERVICES);
+        for rule in services {
+            let _ = writeln!(out, "-A {} {}", rule.chain, rule.spec);
+        }
         shared
             .nodeports_jump
             .iter()
             .for_each(|r| r.write_to(&mut out));
-        each(&mut out, |r| &r.nat_nodeports);
-        for key in written {
-            if let Some(r) = self.rendered.get(*key) {
-                out.push_str(&r.chain_rules);
-            }
+        for rule in nodeports {
+            let _ = writeln!(out, "-A {} {}", rule.chain, rule.spec);
         }
-        for chain in delete {
+        for r in self.rendered.values() {
+            out.push_str(&r.chain_rules);
+        }
+        for chain in &stale {
             let _ = writeln!(out, "-X {chain}");
         }
         out.push_str("COMMIT\n");
-        out
+        if !stale.is_empty() {
+            info!(family = %self.family, stale = stale.len(), "deleting stale service chains");
+        }
+        Ok(Some(out))
+    }
+
+    /// Only what the diff touched: the changed services' chains are rewritten and
+    /// their rules in the shared chains are deleted and re-inserted one by one, so the
+    /// cost does not grow with the number of services.
+    fn partial_payload(
+        &mut self,
+        diff: &PlanDiff,
+        ctx: &NodeContext,
+        stats: &mut SyncStats,
+    ) -> Option<String> {
+        let mut nat = String::new();
+        let mut filter = String::new();
+        let mut declare: Vec<String> = Vec::new();
+        let mut delete: Vec<String> = Vec::new();
+        let mut chain_rules = String::new();
+        // Shared-chain rules of `old` that `keep` does not have any more.
+        let retire =
+            |old: &Rendered, keep: Option<&Rendered>, nat: &mut String, filter: &mut String| {
+                let kept = |r: &SharedRule, pick: fn(&Rendered) -> &Vec<SharedRule>| {
+                    keep.is_some_and(|k| pick(k).contains(r))
+                };
+                for rule in old
+                    .nat_shared
+                    .iter()
+                    .filter(|r| !kept(r, |k| &k.nat_shared))
+                {
+                    let _ = writeln!(nat, "-D {} {}", rule.chain, rule.spec);
+                }
+                for rule in old
+                    .filter_shared
+                    .iter()
+                    .filter(|r| !kept(r, |k| &k.filter_shared))
+                {
+                    let _ = writeln!(filter, "-D {} {}", rule.chain, rule.spec);
+                }
+            };
+        for removed in diff.removed.iter().filter(|p| p.key.family == self.family) {
+            if let Some(old) = self.rendered.remove(&removed.key) {
+                retire(&old, None, &mut nat, &mut filter);
+                delete.extend(old.chains);
+                stats.plans_removed += 1;
+            }
+        }
+        for upsert in diff
+            .upserted
+            .iter()
+            .filter(|u| u.new.key.family == self.family)
+        {
+            let fresh = Rendered::new(&upsert.new, ctx);
+            let old = self.rendered.get(&upsert.new.key);
+            if let Some(old) = old {
+                retire(old, Some(&fresh), &mut nat, &mut filter);
+                delete.extend(
+                    old.chains
+                        .iter()
+                        .filter(|c| !fresh.chains.contains(c))
+                        .cloned(),
+                );
+            }
+            let is_new = |r: &SharedRule, pick: fn(&Rendered) -> &Vec<SharedRule>| {
+                !old.is_some_and(|o| pick(o).contains(r))
+            };
+            // Inserted at the top: KUBE-SERVICES must keep the NodePort jump last.
+            for rule in fresh
+                .nat_shared
+                .iter()
+                .filter(|r| is_new(r, |o| &o.nat_shared))
+            {
+                let _ = writeln!(nat, "-I {} 1 {}", rule.chain, rule.spec);
+            }
+            for rule in fresh
+                .filter_shared
+                .iter()
+                .filter(|r| is_new(r, |o| &o.filter_shared))
+            {
+                let _ = writeln!(filter, "-I {} 1 {}", rule.chain, rule.spec);
+            }
+            declare.extend(fresh.chains.iter().cloned());
+            chain_rules.push_str(&fresh.chain_rules);
+            self.rendered.insert(upsert.new.key.clone(), fresh);
+            stats.plans_written += 1;
+        }
+        if nat.is_empty() && filter.is_empty() && declare.is_empty() && delete.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(nat.len() + filter.len() + chain_rules.len() + 256);
+        if !filter.is_empty() {
+            out.push_str("*filter\n");
+            out.push_str(&filter);
+            out.push_str("COMMIT\n");
+        }
+        out.push_str("*nat\n");
+        for chain in declare.iter().chain(&delete) {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        out.push_str(&nat);
+        out.push_str(&chain_rules);
+        for chain in &delete {
+            let _ = writeln!(out, "-X {chain}");
+        }
+        out.push_str("COMMIT\n");
+        Some(out)
     }
 }
 

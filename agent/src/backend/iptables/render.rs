@@ -52,6 +52,10 @@ pub struct ServiceRules {
 /// Renders one plan.
 pub fn render_service(plan: &ServicePortPlan, ctx: &NodeContext) -> ServiceRules {
     let mut out = ServiceRules::default();
+    if ctx.scope == Scope::ExternalOnly && !plan.is_externally_accessible() {
+        // Socket-level LB handles everything this service offers.
+        return out;
+    }
     let name = &plan.key.port;
     let label = name.to_string();
     let protocol = name.protocol;
@@ -781,6 +785,13 @@ mod tests {
         assert_eq!(out.nat_nodeports.len(), 1);
         let svc = lines(&chain(&out, "KUBE-SVC-")[0].1);
         assert!(svc.iter().all(|l| !l.contains("KUBE-MARK-MASQ")));
+    }
+
+    #[test]
+    fn external_only_scope_skips_internal_only_services() {
+        let mut c = ctx();
+        c.scope = Scope::ExternalOnly;
+        assert_eq!(render_service(&plan(), &c), ServiceRules::default());
     }
 
     #[test]

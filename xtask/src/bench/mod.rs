@@ -1,0 +1,477 @@
+//! `cargo xtask bench`: every performance number Ferry claims, measured side by side
+//! with its baselines in one run, on network namespaces built for the purpose.
+//!
+//! Traffic: new-connection, keep-alive and UDP request rates plus p50/p99 latency from
+//! a pod to one service, at 1, 1,000 and 10,000 services (the measured service is the
+//! last one added), for: direct to the pod (the limit), Ferry eBPF, Ferry iptables
+//! (kube-proxy's layout) and HAProxy as a userspace proxy (what kube-proxy's old
+//! userspace mode did).
+//!
+//! Scale: 10,000 services with 100,000 endpoints per mode: time to first full
+//! programming, one endpoint change to programmed (p50/p99 over 100 changes), peak
+//! RSS and CPU seconds of the agent.
+
+mod plot;
+mod workload;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use ferry_tests::cluster::NODE_IP;
+use ferry_tests::{Cluster, From, Mode};
+use serde::Serialize;
+
+/// One measured data point of the traffic benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrafficRow {
+    pub scenario: &'static str,
+    pub services: usize,
+    pub mode: &'static str,
+    pub rate: f64,
+    pub errors: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    /// Rate relative to the direct-to-pod rate at the same level.
+    pub vs_direct: f64,
+}
+
+/// One row of the scale benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaleRow {
+    pub mode: &'static str,
+    pub services: usize,
+    pub endpoints: usize,
+    /// Agent start to healthy (loading manifests + first full sync).
+    pub ready_seconds: f64,
+    /// The first full sync alone, as the agent measured it.
+    pub full_sync_ms: u64,
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    pub changes: usize,
+    pub peak_rss_mb: f64,
+    pub cpu_seconds: f64,
+}
+
+/// Everything one run produced.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub name: String,
+    pub date: String,
+    pub kernel: String,
+    pub cpus: usize,
+    pub quick: bool,
+    pub traffic: Vec<TrafficRow>,
+    pub scale: Vec<ScaleRow>,
+}
+
+const SCENARIOS: [(&str, &str); 3] = [("connect", "tcp"), ("keep-alive", "tcp"), ("udp", "udp")];
+
+/// Runs the benchmarks and writes `bench/results/<date>-<name>.{json,md,png}`.
+pub fn run(root: &Path, name: &str, quick: bool) -> anyhow::Result<PathBuf> {
+    // Measure release builds.
+    // SAFETY: xtask has not started any thread yet; nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("FERRY_BIN_DIR", root.join("target/release")) };
+    let levels: &[usize] = if quick { &[1, 100] } else { &[1, 1000, 10_000] };
+    let duration = if quick { 1000 } else { 3000 };
+    let mut traffic = Vec::new();
+    for &services in levels {
+        eprintln!("== traffic at {services} services");
+        let direct = measure_direct(duration)?;
+        let direct_rates: Vec<f64> = direct.iter().map(|r| r.rate).collect();
+        let mut rows = direct;
+        rows.extend(measure_haproxy(duration)?);
+        for mode in [Mode::Ebpf, Mode::Iptables] {
+            rows.extend(measure_ferry(mode, services, duration)?);
+        }
+        for row in &mut rows {
+            row.services = services;
+            let i = SCENARIOS
+                .iter()
+                .position(|(s, _)| *s == row.scenario)
+                .unwrap_or(0);
+            row.vs_direct = if direct_rates[i] > 0.0 {
+                row.rate / direct_rates[i]
+            } else {
+                0.0
+            };
+        }
+        traffic.extend(rows);
+    }
+    let (scale_services, per_service, changes) = if quick {
+        (1000, 10, 20)
+    } else {
+        (10_000, 10, 100)
+    };
+    let mut scale = Vec::new();
+    for mode in [Mode::Ebpf, Mode::Iptables] {
+        eprintln!("== scale: {} with {scale_services} services", mode.flag());
+        scale.push(measure_scale(mode, scale_services, per_service, changes)?);
+    }
+
+    let results = Results {
+        name: name.to_owned(),
+        date: jiff::Zoned::now().strftime("%Y-%m-%d").to_string(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        quick,
+        traffic,
+        scale,
+    };
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let stem = dir.join(format!("{}-{}", results.date, name));
+    std::fs::write(
+        stem.with_extension("json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let table = markdown(&results);
+    std::fs::write(stem.with_extension("md"), &table)?;
+    plot::rates(&results, &stem.with_extension("png"))?;
+    println!("{table}");
+    println!("wrote {}.{{json,md,png}}", stem.display());
+    Ok(stem)
+}
+
+fn load_args(scenario: &str, addr: &str, duration_ms: u64) -> Vec<String> {
+    [
+        scenario,
+        addr,
+        "--concurrency",
+        "4",
+        "--duration-ms",
+        &duration_ms.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn row(scenario: &'static str, mode: &'static str, report: &serde_json::Value) -> TrafficRow {
+    TrafficRow {
+        scenario,
+        services: 0,
+        mode,
+        rate: report["rate"].as_f64().unwrap_or(0.0),
+        errors: report["errors"].as_u64().unwrap_or(0),
+        p50_us: report["p50_us"].as_u64().unwrap_or(0),
+        p99_us: report["p99_us"].as_u64().unwrap_or(0),
+        vs_direct: 0.0,
+    }
+}
+
+/// Runs the three scenarios against a TCP and a UDP address.
+fn scenarios(
+    c: &Cluster,
+    mode: &'static str,
+    tcp: &str,
+    udp: Option<&str>,
+    duration: u64,
+) -> Vec<TrafficRow> {
+    let mut rows = Vec::new();
+    for (scenario, proto) in SCENARIOS {
+        let addr = match proto {
+            "tcp" => tcp,
+            _ => match udp {
+                Some(a) => a,
+                None => continue,
+            },
+        };
+        // Warm up (ARP, conntrack, caches), then measure.
+        c.load(From::Pod("client"), &load_args(scenario, addr, 200));
+        let report = c.load(From::Pod("client"), &load_args(scenario, addr, duration));
+        let r = row(scenario, mode, &report);
+        eprintln!(
+            "   {mode:<9} {scenario:<10} {:>9.0}/s p50 {:>5}us p99 {:>6}us errors {}",
+            r.rate, r.p50_us, r.p99_us, r.errors
+        );
+        rows.push(r);
+    }
+    rows
+}
+
+/// A node for traffic measurements: a backend pod, a client pod, and the pod egress
+/// masquerade rule every CNI installs, so conntrack is active in every mode as it is
+/// on a real node (otherwise "direct" would skip a cost every node pays).
+fn traffic_cluster(mode: Mode) -> anyhow::Result<Cluster> {
+    let c = Cluster::new(mode, &["be0", "client"]);
+    let status = c
+        .node_command("iptables")
+        .args([
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "!",
+            "-d",
+            "10.244.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ])
+        .status()
+        .context("iptables")?;
+    if !status.success() {
+        bail!("cannot add the CNI masquerade rule");
+    }
+    Ok(c)
+}
+
+fn backend_ip(c: &Cluster) -> Ipv4Addr {
+    c.pod("be0").ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
+fn measure_direct(duration: u64) -> anyhow::Result<Vec<TrafficRow>> {
+    let c = traffic_cluster(Mode::Iptables)?;
+    let ip = backend_ip(&c);
+    Ok(scenarios(
+        &c,
+        "direct",
+        &format!("{ip}:8080"),
+        Some(&format!("{ip}:5353")),
+        duration,
+    ))
+}
+
+/// HAProxy in TCP mode on the node, one frontend to the pod (userspace proxying).
+fn measure_haproxy(duration: u64) -> anyhow::Result<Vec<TrafficRow>> {
+    let c = traffic_cluster(Mode::Iptables)?;
+    let cfg = std::env::temp_dir().join(format!("ferry-bench-haproxy-{}.cfg", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\nfrontend svc\n  bind {NODE_IP}:18080\n  default_backend pods\nbackend pods\n  server be0 {}:8080\n",
+            backend_ip(&c)
+        ),
+    )?;
+    let mut haproxy: Child = c
+        .node_command("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting haproxy (apt package haproxy)")?;
+    let addr = format!("{NODE_IP}:18080");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.tcp(From::Pod("client"), &addr, 1).successes() == 0 {
+        if Instant::now() > deadline {
+            let _ = haproxy.kill();
+            bail!("haproxy did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rows = scenarios(&c, "haproxy", &addr, None, duration);
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let _ = std::fs::remove_file(cfg);
+    Ok(rows)
+}
+
+fn write_workload(c: &Cluster, services: usize, per_service: usize) {
+    for (file, yaml) in workload::manifests(services, per_service, backend_ip(c)) {
+        c.write_manifest(&file, &yaml);
+    }
+}
+
+fn measure_ferry(mode: Mode, services: usize, duration: u64) -> anyhow::Result<Vec<TrafficRow>> {
+    let mut c = traffic_cluster(mode)?;
+    write_workload(&c, services, 2);
+    c.start_agent();
+    let vip = workload::cluster_ip(services - 1);
+    let check = c.tcp(From::Pod("client"), &format!("{vip}:80"), 3);
+    if check.successes() != 3 {
+        bail!(
+            "{} at {services} services: the measured service does not answer: {check:?}",
+            mode.flag()
+        );
+    }
+    let name = match mode {
+        Mode::Ebpf => "ebpf",
+        Mode::Iptables => "iptables",
+    };
+    Ok(scenarios(
+        &c,
+        name,
+        &format!("{vip}:80"),
+        Some(&format!("{vip}:53")),
+        duration,
+    ))
+}
+
+/// Values of `field=` in the agent log lines that contain `marker`.
+fn log_values(log: &str, marker: &str, field: &str) -> Vec<u64> {
+    let key = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| {
+            let rest = &l[l.find(&key)? + key.len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn measure_scale(
+    mode: Mode,
+    services: usize,
+    per_service: usize,
+    changes: usize,
+) -> anyhow::Result<ScaleRow> {
+    let mut c = Cluster::new(mode, &["be0"]);
+    write_workload(&c, services, per_service);
+    c.write_manifest("churn.yaml", &workload::churn(per_service, 0));
+    let started = Instant::now();
+    c.start_agent();
+    let ready_seconds = started.elapsed().as_secs_f64();
+    let full_sync_ms = log_values(&c.agent_log(), "full sync done", "took_ms")
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let mut latencies = Vec::new();
+    for step in 1..=changes {
+        let before = log_values(&c.agent_log(), "sync done", "programming_us").len();
+        c.write_manifest("churn.yaml", &workload::churn(per_service, step));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let values = log_values(&c.agent_log(), "sync done", "programming_us");
+            if values.len() > before {
+                latencies.push(values[values.len() - 1] as f64 / 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: change {step} was not programmed within 20 s",
+                    mode.flag()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pid = c.agent_pid().context("agent not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the ")" of comm: utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<f64> = after
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu_seconds =
+        (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / ticks;
+    let row = ScaleRow {
+        mode: match mode {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        },
+        services,
+        endpoints: services * per_service,
+        ready_seconds,
+        full_sync_ms,
+        change_p50_ms: percentile(&latencies, 0.5),
+        change_p99_ms: percentile(&latencies, 0.99),
+        changes: latencies.len(),
+        peak_rss_mb: peak_kb / 1024.0,
+        cpu_seconds,
+    };
+    eprintln!("   {row:?}");
+    Ok(row)
+}
+
+/// The results as markdown tables.
+pub fn markdown(r: &Results) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Ferry benchmark {} ({}{})\n\nKernel {}, {} CPUs. All numbers from one run of `cargo xtask bench{}`; ratios are against direct-to-pod at the same service count.\n",
+        r.name,
+        r.date,
+        if r.quick { ", quick" } else { "" },
+        r.kernel,
+        r.cpus,
+        if r.quick { " --quick" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "## Traffic: one client pod, 4 concurrent clients, to the last service added\n"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | services | mode | rate (req/s) | vs direct | p50 (µs) | p99 (µs) | errors |"
+    );
+    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|---:|");
+    for row in &r.traffic {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {:.2}x | {} | {} | {} |",
+            row.scenario,
+            row.services,
+            row.mode,
+            row.rate,
+            row.vs_direct,
+            row.p50_us,
+            row.p99_us,
+            row.errors
+        );
+    }
+    let _ = writeln!(out, "\n## Scale: agent control plane\n");
+    let _ = writeln!(
+        out,
+        "| mode | services | endpoints | ready (s) | first full sync (ms) | one change p50 (ms) | p99 (ms) | peak RSS (MB) | CPU (s) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in &r.scale {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.0} | {:.2} |",
+            s.mode,
+            s.services,
+            s.endpoints,
+            s.ready_seconds,
+            s.full_sync_ms,
+            s.change_p50_ms,
+            s.change_p99_ms,
+            s.peak_rss_mb,
+            s.cpu_seconds
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n\"one change\" is measured by the agent from the moment the change reaches its proxy loop to the moment the kernel is programmed ({} changes); \"ready\" includes reading and parsing all manifests.",
+        r.scale.first().map(|s| s.changes).unwrap_or(0)
+    );
+    out
+}
