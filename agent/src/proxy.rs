@@ -12,7 +12,9 @@ use tracing::{debug, error, info, warn};
 use crate::backend::{Backend, SyncStats};
 use crate::health::Health;
 use crate::metrics::{Metrics, unix_now};
-use crate::model::{Applied, ClusterState, Kind, NodePlan, PlanDiff, ServiceName, Traffic};
+use crate::model::{
+    Applied, ClusterState, Kind, NodePlan, PlanDiff, ServiceName, ServicePortPlan, Traffic,
+};
 use crate::node::{NodePortAddresses, node_network};
 use crate::source::{Object, SourceEvent};
 
@@ -41,6 +43,8 @@ pub struct ProxyLoop {
     /// When the oldest unsynced change arrived (network programming latency).
     pending_since: Option<Instant>,
     retry_at: Option<Instant>,
+    /// Plans with Local internal / external policy and nothing local (a gauge).
+    no_local: (i64, i64),
     last_check: Instant,
     last_full: Instant,
 }
@@ -63,6 +67,7 @@ impl ProxyLoop {
             needs_full_sync: true,
             pending_since: None,
             retry_at: None,
+            no_local: (0, 0),
             last_check: Instant::now(),
             last_full: Instant::now(),
         }
@@ -255,22 +260,51 @@ impl ProxyLoop {
             self.metrics.ebpf_frontends.set(frontends as i64);
             self.metrics.ebpf_backends.set(backends as i64);
         }
-        if !diff.is_empty() || full {
-            let (mut internal, mut external) = (0, 0);
-            for p in self.plan.iter() {
-                internal += i64::from(p.internal_policy_local && p.internal() == Traffic::Drop);
-                external += i64::from(p.external_policy_local && p.external() == Traffic::Drop);
-            }
-            for (policy, n) in [("internal", internal), ("external", external)] {
-                self.metrics
-                    .no_local_endpoints
-                    .get_or_create(&vec![("traffic_policy".to_owned(), policy.to_owned())])
-                    .set(n);
-            }
-        }
+        self.count_no_local_endpoints(diff, full);
         self.needs_full_sync = false;
         self.retry_at = None;
         self.finish_pending();
+    }
+
+    /// Keeps kube-proxy's "services with Local policy and no local endpoints" gauges,
+    /// updated from the diff so a sync costs nothing per untouched service.
+    fn count_no_local_endpoints(&mut self, diff: &PlanDiff, full: bool) {
+        let counts = |p: &ServicePortPlan| {
+            (
+                i64::from(p.internal_policy_local && p.internal() == Traffic::Drop),
+                i64::from(p.external_policy_local && p.external() == Traffic::Drop),
+            )
+        };
+        if full {
+            self.no_local = (0, 0);
+            for p in self.plan.iter() {
+                let (i, e) = counts(p);
+                self.no_local.0 += i;
+                self.no_local.1 += e;
+            }
+        } else {
+            for old in diff
+                .upserted
+                .iter()
+                .filter_map(|u| u.old.as_deref())
+                .chain(diff.removed.iter().map(|p| p.as_ref()))
+            {
+                let (i, e) = counts(old);
+                self.no_local.0 -= i;
+                self.no_local.1 -= e;
+            }
+            for new in diff.upserted.iter().map(|u| u.new.as_ref()) {
+                let (i, e) = counts(new);
+                self.no_local.0 += i;
+                self.no_local.1 += e;
+            }
+        }
+        for (policy, n) in [("internal", self.no_local.0), ("external", self.no_local.1)] {
+            self.metrics
+                .no_local_endpoints
+                .get_or_create(&vec![("traffic_policy".to_owned(), policy.to_owned())])
+                .set(n);
+        }
     }
 
     fn finish_pending(&mut self) {

@@ -122,6 +122,13 @@ pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
         family: service.family,
         _pad: 0,
     };
+    // A socket sending datagram after datagram to one service hits the same entry
+    // each time: a lookup is much cheaper than an LRU update, so skip the write when
+    // the entry is already right.
+    // SAFETY: compared at once, not kept.
+    if unsafe { REVERSE.get(&key) }.is_some_and(|v| *v == value) {
+        return;
+    }
     // An LRU map only fails on bad arguments; nothing useful to do about it here.
     let _ = REVERSE.insert(&key, &value, 0);
 }

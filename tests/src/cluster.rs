@@ -318,6 +318,16 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    /// Sets sysctls inside the node's network namespace.
+    pub fn node_sysctl(&self, settings: &[&str]) {
+        self.node.sysctl(settings);
+    }
+
+    /// Sets sysctls inside a pod's network namespace.
+    pub fn pod_sysctl(&self, pod: &str, settings: &[&str]) {
+        self.pod(pod).netns.sysctl(settings);
+    }
+
     /// The manifest directory the agent watches.
     pub fn manifest_dir(&self) -> PathBuf {
         self.manifests.clone()

@@ -72,6 +72,12 @@ enum Task {
         /// Name for the results files.
         #[arg(long, default_value = "local")]
         name: String,
+        /// Run only one part: `traffic` or `scale`.
+        #[arg(long)]
+        only: Option<String>,
+        /// Services in the scale part (default 10,000; 1,000 with --quick).
+        #[arg(long)]
+        scale_services: Option<usize>,
     },
 }
 
@@ -100,10 +106,15 @@ fn main() -> anyhow::Result<()> {
             cargo(&["test"], &args)
         }
         Task::Lint => lint(),
-        Task::Bench { quick, name } => {
+        Task::Bench {
+            quick,
+            name,
+            only,
+            scale_services,
+        } => {
             require_root()?;
             build(true)?;
-            bench::run(&root, &name, quick).map(|_| ())
+            bench::run(&root, &name, quick, only.as_deref(), scale_services).map(|_| ())
         }
     }
 }

@@ -167,6 +167,29 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
     }
 }
 
+/// One file's definition of an object: a fingerprint of its content (objects
+/// themselves are not kept: at 10,000 services they would double the agent's memory)
+/// and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Definition {
+    fingerprint: u64,
+    origin: String,
+}
+
+/// A stable-within-the-process hash of an object's content.
+fn fingerprint(object: &Object) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let json = match object {
+        Object::Service(o) => serde_json::to_vec(o),
+        Object::EndpointSlice(o) => serde_json::to_vec(o),
+        Object::Node(o) => serde_json::to_vec(o),
+    }
+    .unwrap_or_default();
+    let mut hasher = std::hash::DefaultHasher::new();
+    json.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// What the directory currently defines, tracked per file so that a file edit or
 /// deletion turns into exactly the object changes it implies.
 #[derive(Default)]
@@ -174,24 +197,19 @@ pub struct ManifestState {
     /// Objects each file contributes (including kept last-good versions).
     files: HashMap<PathBuf, Vec<ObjectRef>>,
     /// Every definition of each object, by file; the first file (by path) wins.
-    defs: HashMap<ObjectRef, BTreeMap<PathBuf, (Object, String)>>,
+    defs: HashMap<ObjectRef, BTreeMap<PathBuf, Definition>>,
 }
 
 impl ManifestState {
     /// Re-reads one file (absent = deleted) and returns the events it causes.
     pub fn reload(&mut self, path: &Path) -> Vec<SourceEvent> {
-        let documents = match std::fs::read(path) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                parse_manifests(&path.display().to_string(), &text)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        match read_documents(path) {
+            Ok(documents) => self.apply_documents(path, documents),
             Err(e) => {
                 warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it defined");
-                return Vec::new();
+                Vec::new()
             }
-        };
-        self.apply_documents(path, documents)
+        }
     }
 
     /// Applies a parsed file (what `reload` does after reading it).
@@ -204,6 +222,8 @@ impl ManifestState {
             .unwrap_or_default();
         let mut new_refs: Vec<ObjectRef> = Vec::new();
         let mut keep_everything = false;
+        // This file's objects, in case they become the effective definition.
+        let mut current: HashMap<ObjectRef, (Object, String)> = HashMap::new();
 
         for doc in documents {
             match doc {
@@ -215,14 +235,17 @@ impl ManifestState {
                         new_refs.push(r.clone());
                     }
                     let before = self.effective(&r);
-                    self.defs
-                        .entry(r.clone())
-                        .or_default()
-                        .insert(path.to_owned(), (object, origin));
-                    if self.defs.get(&r).is_some_and(|d| d.len() > 1) {
+                    let definition = Definition {
+                        fingerprint: fingerprint(&object),
+                        origin: origin.clone(),
+                    };
+                    let defs = self.defs.entry(r.clone()).or_default();
+                    defs.insert(path.to_owned(), definition);
+                    if defs.len() > 1 {
                         warn!(object = %r, "object defined in several files; the first file by name wins");
                     }
-                    self.emit_if_changed(&r, before, &mut events);
+                    current.insert(r.clone(), (object, origin));
+                    self.emit_if_changed(&r, before, path, &mut current, &mut events);
                 }
                 Document::Irrelevant { kind, origin } => {
                     debug!(origin, kind, "ignoring object of a kind Ferry does not use");
@@ -276,7 +299,7 @@ impl ManifestState {
                     self.defs.remove(r);
                 }
             }
-            self.emit_if_changed(r, before, &mut events);
+            self.emit_if_changed(r, before, path, &mut current, &mut events);
         }
         if new_refs.is_empty() {
             self.files.remove(path);
@@ -286,20 +309,39 @@ impl ManifestState {
         events
     }
 
-    fn effective(&self, r: &ObjectRef) -> Option<(Object, String)> {
-        self.defs.get(r).and_then(|d| d.values().next()).cloned()
+    /// The winning file and fingerprint of an object.
+    fn effective(&self, r: &ObjectRef) -> Option<(PathBuf, u64)> {
+        self.defs
+            .get(r)
+            .and_then(|d| d.iter().next())
+            .map(|(path, def)| (path.clone(), def.fingerprint))
     }
 
     fn emit_if_changed(
         &self,
         r: &ObjectRef,
-        before: Option<(Object, String)>,
+        before: Option<(PathBuf, u64)>,
+        path: &Path,
+        current: &mut HashMap<ObjectRef, (Object, String)>,
         events: &mut Vec<SourceEvent>,
     ) {
         let after = self.effective(r);
         match (before, after) {
-            (Some((old, _)), Some((new, _))) if old == new => {}
-            (_, Some((object, origin))) => events.push(SourceEvent::Apply { object, origin }),
+            (Some((_, old)), Some((_, new))) if old == new => {}
+            (_, Some((winner, _))) => {
+                let found = if winner == path {
+                    current.remove(r)
+                } else {
+                    // Another file's definition takes over: read it back.
+                    load_object(&winner, r)
+                };
+                match found {
+                    Some((object, origin)) => events.push(SourceEvent::Apply { object, origin }),
+                    None => {
+                        warn!(object = %r, file = %winner.display(), "definition vanished while switching files")
+                    }
+                }
+            }
             (Some(_), None) => events.push(SourceEvent::Delete(r.clone())),
             (None, None) => {}
         }
@@ -309,6 +351,32 @@ impl ManifestState {
     pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
         self.files.keys()
     }
+}
+
+/// Reads and parses one file; a missing file has no documents.
+fn read_documents(path: &Path) -> std::io::Result<Vec<Document>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(parse_manifests(
+            &path.display().to_string(),
+            &String::from_utf8_lossy(&bytes),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One object's definition in a file, read back.
+fn load_object(path: &Path, r: &ObjectRef) -> Option<(Object, String)> {
+    read_documents(path)
+        .ok()?
+        .into_iter()
+        .rev()
+        .find_map(|doc| match doc {
+            Document::Object { object, origin } if object.object_ref() == *r => {
+                Some((object, origin))
+            }
+            _ => None,
+        })
 }
 
 /// Whether a path is a manifest file by its extension.
@@ -360,16 +428,17 @@ pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::threa
         .with_context(|| format!("cannot watch {}", dir.display()))?;
 
     let mut state = ManifestState::default();
-    let mut initial = Vec::new();
+    // Stream the initial objects: the proxy loop folds them in while later files parse.
+    let mut objects = 0usize;
     for path in stamps.keys() {
-        initial.extend(state.reload(path));
-    }
-    info!(dir = %dir.display(), files = stamps.len(), objects = initial.len(), "loaded manifests");
-    for event in initial {
-        if tx.send(event).is_err() {
-            anyhow::bail!("agent stopped during start-up");
+        for event in state.reload(path) {
+            objects += usize::from(matches!(event, SourceEvent::Apply { .. }));
+            if tx.send(event).is_err() {
+                anyhow::bail!("agent stopped during start-up");
+            }
         }
     }
+    info!(dir = %dir.display(), files = stamps.len(), objects, "loaded manifests");
     tx.send(SourceEvent::Synced).ok();
 
     let handle = std::thread::Builder::new()
@@ -570,22 +639,42 @@ mod tests {
 
     #[test]
     fn duplicate_definitions_fall_back_to_the_other_file() {
+        let dir = std::env::temp_dir().join(format!("ferry-manifests-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.yaml");
+        let b_text = SVC.replace("80}", "81}");
+        std::fs::write(&b, &b_text).unwrap();
+        std::fs::write(&a, SVC).unwrap();
         let mut st = ManifestState::default();
-        let a = Path::new("/m/a.yaml");
-        let b = Path::new("/m/b.yaml");
-        st.apply_documents(b, parse_manifests("b", &SVC.replace("80}", "81}")));
-        let ev = st.apply_documents(a, parse_manifests("a", SVC));
+        st.reload(&b);
+        let ev = st.reload(&a);
         assert_eq!(
             applies(&ev),
             ["apply Service shop/web"],
             "a.yaml sorts first and wins"
         );
-        let ev = st.apply_documents(a, Vec::new());
+        std::fs::remove_file(&a).unwrap();
+        let ev = st.reload(&a);
         assert_eq!(
             applies(&ev),
             ["apply Service shop/web"],
             "b.yaml's version takes over"
         );
+        match &ev[0] {
+            SourceEvent::Apply {
+                object: Object::Service(svc),
+                ..
+            } => {
+                assert_eq!(
+                    svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+                    81
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let b = b.as_path();
         let ev = st.apply_documents(b, Vec::new());
         assert_eq!(applies(&ev), ["delete Service shop/web"]);
     }

@@ -53,6 +53,10 @@ pub struct ScaleRow {
     pub changes: usize,
     pub peak_rss_mb: f64,
     pub cpu_seconds: f64,
+    /// iptables mode: median time of an `iptables-restore --noflush` that creates one
+    /// empty chain at this table size: the floor under any sync, set by the system's
+    /// iptables, not by Ferry.
+    pub restore_floor_ms: Option<f64>,
 }
 
 /// Everything one run produced.
@@ -70,7 +74,13 @@ pub struct Results {
 const SCENARIOS: [(&str, &str); 3] = [("connect", "tcp"), ("keep-alive", "tcp"), ("udp", "udp")];
 
 /// Runs the benchmarks and writes `bench/results/<date>-<name>.{json,md,png}`.
-pub fn run(root: &Path, name: &str, quick: bool) -> anyhow::Result<PathBuf> {
+pub fn run(
+    root: &Path,
+    name: &str,
+    quick: bool,
+    only: Option<&str>,
+    scale_services: Option<usize>,
+) -> anyhow::Result<PathBuf> {
     // Measure release builds.
     // SAFETY: xtask has not started any thread yet; nothing reads the environment
     // concurrently.
@@ -78,6 +88,11 @@ pub fn run(root: &Path, name: &str, quick: bool) -> anyhow::Result<PathBuf> {
     let levels: &[usize] = if quick { &[1, 100] } else { &[1, 1000, 10_000] };
     let duration = if quick { 1000 } else { 3000 };
     let mut traffic = Vec::new();
+    let levels = if only == Some("scale") {
+        &[][..]
+    } else {
+        levels
+    };
     for &services in levels {
         eprintln!("== traffic at {services} services");
         let direct = measure_direct(duration)?;
@@ -101,13 +116,19 @@ pub fn run(root: &Path, name: &str, quick: bool) -> anyhow::Result<PathBuf> {
         }
         traffic.extend(rows);
     }
-    let (scale_services, per_service, changes) = if quick {
+    let (default_services, per_service, changes) = if quick {
         (1000, 10, 20)
     } else {
         (10_000, 10, 100)
     };
+    let scale_services = scale_services.unwrap_or(default_services);
     let mut scale = Vec::new();
-    for mode in [Mode::Ebpf, Mode::Iptables] {
+    let scale_modes = if only == Some("traffic") {
+        &[][..]
+    } else {
+        &[Mode::Ebpf, Mode::Iptables][..]
+    };
+    for &mode in scale_modes {
         eprintln!("== scale: {} with {scale_services} services", mode.flag());
         scale.push(measure_scale(mode, scale_services, per_service, changes)?);
     }
@@ -203,6 +224,20 @@ fn scenarios(
 /// on a real node (otherwise "direct" would skip a cost every node pays).
 fn traffic_cluster(mode: Mode) -> anyhow::Result<Cluster> {
     let c = Cluster::new(mode, &["be0", "client"]);
+    // A load generator opens ~10k connections a second: give the client (and the
+    // node, where HAProxy opens its own connections) the whole port range and let
+    // them reuse TIME_WAIT ports, or the benchmark measures port exhaustion.
+    c.node_sysctl(&[
+        "net.ipv4.ip_local_port_range=1024 65535",
+        "net.ipv4.tcp_tw_reuse=1",
+    ]);
+    c.pod_sysctl(
+        "client",
+        &[
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_tw_reuse=1",
+        ],
+    );
     let status = c
         .node_command("iptables")
         .args([
@@ -391,6 +426,7 @@ fn measure_scale(
         .unwrap_or(100) as f64;
     let cpu_seconds =
         (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / ticks;
+    let restore_floor_ms = (mode == Mode::Iptables).then(|| restore_floor(&c));
     let row = ScaleRow {
         mode: match mode {
             Mode::Ebpf => "ebpf",
@@ -405,9 +441,36 @@ fn measure_scale(
         changes: latencies.len(),
         peak_rss_mb: peak_kb / 1024.0,
         cpu_seconds,
+        restore_floor_ms,
     };
     eprintln!("   {row:?}");
     Ok(row)
+}
+
+/// Median time of a trivial `iptables-restore --noflush` in the node.
+fn restore_floor(c: &Cluster) -> f64 {
+    use std::io::Write as _;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let child = c
+            .node_command("iptables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        if let Ok(mut child) = child {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin
+                    .write_all(b"*nat\n:FERRY-BENCH-FLOOR - [0:0]\n-X FERRY-BENCH-FLOOR\nCOMMIT\n");
+            }
+            let _ = child.wait();
+        }
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// The results as markdown tables.
@@ -450,13 +513,13 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(out, "\n## Scale: agent control plane\n");
     let _ = writeln!(
         out,
-        "| mode | services | endpoints | ready (s) | first full sync (ms) | one change p50 (ms) | p99 (ms) | peak RSS (MB) | CPU (s) |"
+        "| mode | services | endpoints | ready (s) | first full sync (ms) | one change p50 (ms) | p99 (ms) | peak RSS (MB) | CPU (s) | iptables-restore floor (ms) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &r.scale {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.0} | {:.2} |",
+            "| {} | {} | {} | {:.2} | {} | {:.2} | {:.2} | {:.0} | {:.2} | {} |",
             s.mode,
             s.services,
             s.endpoints,
@@ -465,9 +528,16 @@ pub fn markdown(r: &Results) -> String {
             s.change_p50_ms,
             s.change_p99_ms,
             s.peak_rss_mb,
-            s.cpu_seconds
+            s.cpu_seconds,
+            s.restore_floor_ms
+                .map(|f| format!("{f:.0}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
+    let _ = writeln!(
+        out,
+        "\nThe \"iptables-restore floor\" is what the system's iptables-restore takes to add and remove one empty chain at that table size: no iptables-mode sync can be faster (kube-proxy's neither). It is set by the iptables tools, not by Ferry."
+    );
     let _ = writeln!(
         out,
         "\n\"one change\" is measured by the agent from the moment the change reaches its proxy loop to the moment the kernel is programmed ({} changes); \"ready\" includes reading and parsing all manifests.",

@@ -11,12 +11,15 @@ pub mod rule;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
+use std::io::Write;
 
 use tracing::{debug, info};
 
 use self::chains::{FILTER_CHAINS, KUBE_PROXY_CANARY, NAT_CHAINS};
-use self::exec::{ExecError, Tools, chains_in_save};
-use self::render::{BUILTIN_JUMPS, NodeContext, Scope, render_service, render_shared};
+use self::exec::{ExecError, SaveSummary, Tools};
+use self::render::{
+    BUILTIN_JUMPS, NodeContext, Scope, ServiceRules, render_service, render_shared,
+};
 use self::rule::Rule;
 use super::{Backend, NodeNetwork, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
@@ -38,30 +41,29 @@ impl SharedRule {
     }
 }
 
-/// One plan's rules, rendered once and reused by later syncs.
+/// What a partial sync must remember of one plan: its rules in the shared chains
+/// (to delete them by exact text) and its chain names (to delete the chains). Its own
+/// chains' rules are re-rendered when needed rather than kept, which keeps memory small
+/// at 10,000 services.
 #[derive(Debug, Default)]
 struct Rendered {
-    /// Its rules in the shared nat chains (KUBE-SERVICES first, then KUBE-NODEPORTS).
+    /// Its rules in the shared nat chains (KUBE-SERVICES, KUBE-NODEPORTS).
     nat_shared: Vec<SharedRule>,
     /// Its rules in the shared filter chains.
     filter_shared: Vec<SharedRule>,
     /// This plan's own chains.
     chains: Vec<String>,
-    /// `-A` lines of those chains.
-    chain_rules: String,
     nat_rule_count: usize,
 }
 
 impl Rendered {
-    fn new(plan: &ServicePortPlan, ctx: &NodeContext) -> Self {
+    /// Renders a plan; also returns the full rules, for writing its chains now.
+    fn new(plan: &ServicePortPlan, ctx: &NodeContext) -> (Self, ServiceRules) {
         let rules = render_service(plan, ctx);
-        let mut chain_rules = String::new();
-        let mut nat_rule_count = rules.nat_services.len() + rules.nat_nodeports.len();
-        for (_, chain) in &rules.chains {
-            nat_rule_count += chain.len();
-            chain.iter().for_each(|r| r.write_to(&mut chain_rules));
-        }
-        Self {
+        let nat_rule_count = rules.nat_services.len()
+            + rules.nat_nodeports.len()
+            + rules.chains.iter().map(|(_, r)| r.len()).sum::<usize>();
+        let rendered = Self {
             nat_shared: rules
                 .nat_services
                 .iter()
@@ -75,11 +77,21 @@ impl Rendered {
                 .chain(&rules.filter_firewall)
                 .map(SharedRule::of)
                 .collect(),
-            chains: rules.chains.into_iter().map(|(name, _)| name).collect(),
-            chain_rules,
+            chains: rules.chains.iter().map(|(name, _)| name.clone()).collect(),
             nat_rule_count,
+        };
+        (rendered, rules)
+    }
+}
+
+/// Writes the rules of a plan's own chains.
+fn write_chain_rules(out: &mut dyn Write, rules: &ServiceRules) -> std::io::Result<()> {
+    for (_, chain) in &rules.chains {
+        for rule in chain {
+            writeln!(out, "-A {} {}", rule.chain, rule.spec())?;
         }
     }
+    Ok(())
 }
 
 /// A payload larger than this many chain declarations makes `iptables-restore`
@@ -130,12 +142,17 @@ impl IptablesBackend {
             let tools = Tools::for_family(family);
             let mut payload = String::new();
             for table in ["filter", "nat"] {
-                let save = tools.save(table)?;
-                let ours: Vec<&str> = chains_in_save(&save)
+                let save = tools.save_summary(table)?;
+                let ours: Vec<&str> = save
+                    .chains
+                    .iter()
+                    .map(String::as_str)
                     .filter(|c| is_ferry_chain(c))
                     .collect();
                 let jumps: Vec<&str> = save
-                    .lines()
+                    .builtin_rules
+                    .iter()
+                    .map(String::as_str)
                     .filter(|l| {
                         BUILTIN_JUMPS
                             .iter()
@@ -190,10 +207,16 @@ impl Backend for IptablesBackend {
         full: bool,
     ) -> Result<SyncStats, SyncError> {
         let mut stats = SyncStats::default();
-        if self.scope == Scope::ExternalOnly
-            && !self.programmed
-            && !plan.iter().any(|p| p.is_externally_accessible())
-        {
+        let anything_external = || {
+            if full {
+                plan.iter().any(|p| p.is_externally_accessible())
+            } else {
+                diff.upserted
+                    .iter()
+                    .any(|u| u.new.is_externally_accessible())
+            }
+        };
+        if self.scope == Scope::ExternalOnly && !self.programmed && !anything_external() {
             // Nothing enters the node through services: stay out of iptables (no nat
             // table, no conntrack cost) until something does.
             return Ok(stats);
@@ -253,20 +276,13 @@ impl FamilyState {
                 tracing::warn!(error = %e, "cannot enable route_localnet; NodePorts on 127.0.0.1 will not work");
             }
         }
-        let payload = if full {
-            self.full_payload(plan, &ctx, stats)?
-        } else {
-            self.partial_payload(diff, &ctx, stats)
-        };
-        let Some(payload) = payload else {
-            self.ctx = Some(ctx);
-            return Ok(());
-        };
-        stats.writes += payload.lines().count();
-        debug!(family = %self.family, lines = payload.lines().count(), full, "iptables-restore");
-        self.tools.restore(&payload)?;
         if full {
+            self.full_sync(plan, &ctx, stats)?;
             info!(family = %self.family, services = self.rendered.len(), "iptables full sync done");
+        } else if let Some(payload) = self.partial_payload(diff, &ctx, stats) {
+            stats.writes += payload.lines().count();
+            debug!(family = %self.family, lines = payload.lines().count(), "iptables-restore");
+            self.tools.restore(&payload)?;
         }
         let nat: usize = self.rendered.values().map(|r| r.nat_rule_count).sum();
         let filter: usize = self.rendered.values().map(|r| r.filter_shared.len()).sum();
@@ -277,18 +293,24 @@ impl FamilyState {
     }
 
     /// Everything: shared chains rewritten, every service chain written, stale
-    /// service chains (found with iptables-save) deleted, built-in jumps ensured.
-    fn full_payload(
+    /// service chains (found with iptables-save) deleted, built-in jumps ensured. The
+    /// payload is streamed into iptables-restore.
+    fn full_sync(
         &mut self,
         plan: &NodePlan,
         ctx: &NodeContext,
         stats: &mut SyncStats,
-    ) -> Result<Option<String>, ExecError> {
-        let nat_save = self.tools.save("nat")?;
-        let filter_save = self.tools.save("filter")?;
+    ) -> Result<(), ExecError> {
+        let nat_save = self.tools.save_summary("nat")?;
+        let filter_save = self.tools.save_summary("filter")?;
         self.rendered.clear();
-        for p in plan.iter().filter(|p| p.key.family == self.family) {
-            self.rendered.insert(p.key.clone(), Rendered::new(p, ctx));
+        let plans: Vec<&ServicePortPlan> = plan
+            .iter()
+            .filter(|p| p.key.family == self.family)
+            .map(|p| p.as_ref())
+            .collect();
+        for p in &plans {
+            self.rendered.insert(p.key.clone(), Rendered::new(p, ctx).0);
         }
         stats.plans_written += self.rendered.len();
         let active: HashSet<&str> = self
@@ -296,60 +318,63 @@ impl FamilyState {
             .values()
             .flat_map(|r| r.chains.iter().map(String::as_str))
             .collect();
-        let stale: Vec<&str> = chains_in_save(&nat_save)
+        let stale: Vec<&str> = nat_save
+            .chains
+            .iter()
+            .map(String::as_str)
             .filter(|c| chains::is_service_chain(c) && !active.contains(c))
             .collect();
-        let bulk = active.len() + stale.len() > BULK_CHAINS;
-        let shared = render_shared(ctx);
-        let mut out = String::with_capacity(4096 + self.rendered.len() * 512);
-
-        out.push_str("*filter\n");
-        for chain in FILTER_CHAINS.iter().chain([&KUBE_PROXY_CANARY]) {
-            let _ = writeln!(out, ":{chain} - [0:0]");
-        }
-        insert_missing_jumps(&mut out, "filter", &filter_save);
-        shared.filter.iter().for_each(|r| r.write_to(&mut out));
-        for rule in self.rendered.values().flat_map(|r| &r.filter_shared) {
-            let _ = writeln!(out, "-A {} {}", rule.chain, rule.spec);
-        }
-        out.push_str("COMMIT\n*nat\n");
-        if bulk {
-            out.push_str("-Z\n");
-        }
-        for chain in NAT_CHAINS.iter().chain([&KUBE_PROXY_CANARY]) {
-            let _ = writeln!(out, ":{chain} - [0:0]");
-        }
-        for chain in active.iter().chain(&stale) {
-            let _ = writeln!(out, ":{chain} - [0:0]");
-        }
-        insert_missing_jumps(&mut out, "nat", &nat_save);
-        shared.nat.iter().for_each(|r| r.write_to(&mut out));
-        let (services, nodeports): (Vec<&SharedRule>, Vec<&SharedRule>) = self
-            .rendered
-            .values()
-            .flat_map(|r| &r.nat_shared)
-            .partition(|r| r.chain == chains::KUBE_SERVICES);
-        for rule in services {
-            let _ = writeln!(out, "-A {} {}", rule.chain, rule.spec);
-        }
-        shared
-            .nodeports_jump
-            .iter()
-            .for_each(|r| r.write_to(&mut out));
-        for rule in nodeports {
-            let _ = writeln!(out, "-A {} {}", rule.chain, rule.spec);
-        }
-        for r in self.rendered.values() {
-            out.push_str(&r.chain_rules);
-        }
-        for chain in &stale {
-            let _ = writeln!(out, "-X {chain}");
-        }
-        out.push_str("COMMIT\n");
         if !stale.is_empty() {
             info!(family = %self.family, stale = stale.len(), "deleting stale service chains");
         }
-        Ok(Some(out))
+        let bulk = active.len() + stale.len() > BULK_CHAINS;
+        let shared = render_shared(ctx);
+        let rendered = &self.rendered;
+        let write = |out: &mut dyn Write| -> std::io::Result<()> {
+            out.write_all(b"*filter\n")?;
+            for chain in FILTER_CHAINS.iter().chain([&KUBE_PROXY_CANARY]) {
+                writeln!(out, ":{chain} - [0:0]")?;
+            }
+            write_missing_jumps(out, "filter", &filter_save)?;
+            for r in &shared.filter {
+                writeln!(out, "-A {} {}", r.chain, r.spec())?;
+            }
+            for rule in rendered.values().flat_map(|r| &r.filter_shared) {
+                writeln!(out, "-A {} {}", rule.chain, rule.spec)?;
+            }
+            out.write_all(b"COMMIT\n*nat\n")?;
+            if bulk {
+                out.write_all(b"-Z\n")?;
+            }
+            for chain in NAT_CHAINS.iter().chain([&KUBE_PROXY_CANARY]) {
+                writeln!(out, ":{chain} - [0:0]")?;
+            }
+            for chain in active.iter().chain(&stale) {
+                writeln!(out, ":{chain} - [0:0]")?;
+            }
+            write_missing_jumps(out, "nat", &nat_save)?;
+            for r in &shared.nat {
+                writeln!(out, "-A {} {}", r.chain, r.spec())?;
+            }
+            let shared_rules = || rendered.values().flat_map(|r| &r.nat_shared);
+            for rule in shared_rules().filter(|r| r.chain == chains::KUBE_SERVICES) {
+                writeln!(out, "-A {} {}", rule.chain, rule.spec)?;
+            }
+            for r in &shared.nodeports_jump {
+                writeln!(out, "-A {} {}", r.chain, r.spec())?;
+            }
+            for rule in shared_rules().filter(|r| r.chain != chains::KUBE_SERVICES) {
+                writeln!(out, "-A {} {}", rule.chain, rule.spec)?;
+            }
+            for p in &plans {
+                write_chain_rules(out, &render_service(p, ctx))?;
+            }
+            for chain in &stale {
+                writeln!(out, "-X {chain}")?;
+            }
+            out.write_all(b"COMMIT\n")
+        };
+        self.tools.restore_with(write)
     }
 
     /// Only what the diff touched: the changed services' chains are rewritten and
@@ -365,7 +390,7 @@ impl FamilyState {
         let mut filter = String::new();
         let mut declare: Vec<String> = Vec::new();
         let mut delete: Vec<String> = Vec::new();
-        let mut chain_rules = String::new();
+        let mut chain_rules: Vec<u8> = Vec::new();
         // Shared-chain rules of `old` that `keep` does not have any more.
         let retire =
             |old: &Rendered, keep: Option<&Rendered>, nat: &mut String, filter: &mut String| {
@@ -399,7 +424,7 @@ impl FamilyState {
             .iter()
             .filter(|u| u.new.key.family == self.family)
         {
-            let fresh = Rendered::new(&upsert.new, ctx);
+            let (fresh, rules) = Rendered::new(&upsert.new, ctx);
             let old = self.rendered.get(&upsert.new.key);
             if let Some(old) = old {
                 retire(old, Some(&fresh), &mut nat, &mut filter);
@@ -429,13 +454,15 @@ impl FamilyState {
                 let _ = writeln!(filter, "-I {} 1 {}", rule.chain, rule.spec);
             }
             declare.extend(fresh.chains.iter().cloned());
-            chain_rules.push_str(&fresh.chain_rules);
+            // Writing into a Vec cannot fail.
+            let _ = write_chain_rules(&mut chain_rules, &rules);
             self.rendered.insert(upsert.new.key.clone(), fresh);
             stats.plans_written += 1;
         }
         if nat.is_empty() && filter.is_empty() && declare.is_empty() && delete.is_empty() {
             return None;
         }
+        let chain_rules = String::from_utf8_lossy(&chain_rules);
         let mut out = String::with_capacity(nat.len() + filter.len() + chain_rules.len() + 256);
         if !filter.is_empty() {
             out.push_str("*filter\n");
@@ -456,12 +483,17 @@ impl FamilyState {
     }
 }
 
-/// Adds the jumps from built-in chains that `save` does not show yet, so the result has
-/// them first, in kube-proxy's order.
-fn insert_missing_jumps(out: &mut String, table: &str, save: &str) {
+/// Writes the jumps from built-in chains that `save` does not show yet, so the result
+/// has them first, in kube-proxy's order.
+fn write_missing_jumps(
+    out: &mut dyn Write,
+    table: &str,
+    save: &SaveSummary,
+) -> std::io::Result<()> {
     for jump in BUILTIN_JUMPS.iter().rev().filter(|j| j.table == table) {
-        if !save.lines().any(|l| jump.matches_save_line(l)) {
-            let _ = writeln!(out, "-I {} 1 {}", jump.chain, jump.rule().spec());
+        if !save.builtin_rules.iter().any(|l| jump.matches_save_line(l)) {
+            writeln!(out, "-I {} 1 {}", jump.chain, jump.rule().spec())?;
         }
     }
+    Ok(())
 }
