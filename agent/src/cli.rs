@@ -10,6 +10,7 @@ use ipnetwork::IpNetwork;
 
 use crate::backend::ebpf::EbpfConfig;
 use crate::backend::ebpf::loader::{MapSizes, cgroup2_root};
+use crate::dns::DnsConfig;
 use crate::node::NodePortAddresses;
 
 /// Ferry: kube-proxy and cluster DNS for Kubernetes nodes, in one agent.
@@ -101,6 +102,21 @@ pub struct RunArgs {
     /// Cluster DNS domain.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Upstream resolvers for names outside the cluster, IP[:PORT] comma-separated.
+    /// Default: the nameservers of /etc/resolv.conf (never this server itself).
+    #[arg(long, value_delimiter = ',', value_name = "IP[:PORT]", value_parser = crate::dns::parse_upstream)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// TTL of cluster records, in seconds (CoreDNS's default is 5).
+    #[arg(long, default_value_t = 5)]
+    pub dns_ttl: u32,
+    /// Answers kept by the forwarding cache.
+    #[arg(long, default_value_t = 10_000)]
+    pub dns_cache_size: usize,
+    /// Extra client CIDRs allowed to use the forwarder (pods of --cluster-cidr, the
+    /// node itself and loopback always are): keeps the node from being an open
+    /// resolver.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    pub dns_forward_allow: Vec<IpNetwork>,
     /// Health endpoint (/healthz, /livez). Empty to disable.
     #[arg(long, default_value = "0.0.0.0:10256", value_name = "ADDR:PORT")]
     pub healthz_bind_address: String,
@@ -154,6 +170,8 @@ pub struct RunConfig {
     pub nodeport_addresses: NodePortAddresses,
     pub healthz: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// Cluster DNS, when `--dns-listen` is given.
+    pub dns: Option<DnsConfig>,
     pub sync_period: Duration,
     pub full_sync_period: Duration,
 }
@@ -193,12 +211,38 @@ impl RunArgs {
                 },
             }),
         };
-        if self.dns_listen.is_some() {
-            bail!("--dns-listen: cluster DNS is not implemented yet");
-        }
-        if self.cluster_domain != "cluster.local" {
-            bail!("--cluster-domain: cluster DNS is not implemented yet");
-        }
+        crate::model::validate::dns1123_subdomain(
+            &self
+                .cluster_domain
+                .trim_end_matches('.')
+                .to_ascii_lowercase(),
+        )
+        .map_err(|e| anyhow!("--cluster-domain: {e}"))?;
+        let dns = self.dns_listen.map(|listen| {
+            let local: Vec<std::net::IpAddr> = crate::node::local_addresses()
+                .into_iter()
+                .map(|a| a.ip)
+                .collect();
+            let mut forward_allowed = self.cluster_cidr.clone();
+            forward_allowed.extend(self.dns_forward_allow.iter().copied());
+            forward_allowed.extend(
+                ["127.0.0.0/8", "::1/128"]
+                    .iter()
+                    .filter_map(|c| c.parse::<IpNetwork>().ok()),
+            );
+            forward_allowed.extend(local.iter().map(|ip| IpNetwork::from(*ip)));
+            DnsConfig {
+                listen,
+                domain: self
+                    .cluster_domain
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase(),
+                ttl: self.dns_ttl,
+                upstreams: crate::dns::upstreams(&self.dns_upstream, listen, &local),
+                forward_allowed,
+                cache_size: self.dns_cache_size.max(1),
+            }
+        });
         let node_name = match self.node_name {
             Some(n) => n,
             None => nix::unistd::gethostname()
@@ -213,6 +257,7 @@ impl RunArgs {
             node_name,
             cluster_cidrs: self.cluster_cidr,
             nodeport_addresses,
+            dns,
             healthz: parse_bind("--healthz-bind-address", &self.healthz_bind_address)?,
             metrics: parse_bind("--metrics-bind-address", &self.metrics_bind_address)?,
             sync_period: self.sync_period,
@@ -309,17 +354,50 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_flags_fail_clearly() {
-        let err = parse(&[
+    fn dns_flags() {
+        let c = parse(&[
             "--manifests",
             "/m",
             "--mode",
             "iptables",
             "--dns-listen",
-            "127.0.0.1:53",
+            "127.0.0.1:5353",
+            "--dns-upstream",
+            "10.0.0.53,10.0.0.54:5300",
+            "--cluster-domain",
+            "Corp.Local.",
+            "--cluster-cidr",
+            "10.244.0.0/16",
         ])
-        .unwrap_err();
-        assert!(err.contains("not implemented"), "{err}");
+        .unwrap();
+        let dns = c.dns.unwrap();
+        assert_eq!(dns.domain, "corp.local");
+        assert_eq!(dns.upstreams.len(), 2);
+        assert!(
+            dns.forward_allowed
+                .iter()
+                .any(|n| n.contains("10.244.1.1".parse().unwrap()))
+        );
+        assert!(
+            !dns.forward_allowed
+                .iter()
+                .any(|n| n.contains("192.0.2.1".parse().unwrap()))
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--cluster-domain",
+                "bad domain"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn unimplemented_flags_fail_clearly() {
         let err = parse(&["--kubeconfig", "/k"]).unwrap_err();
         assert!(err.contains("not implemented"), "{err}");
     }

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod model;

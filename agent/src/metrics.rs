@@ -37,6 +37,8 @@ pub struct Metrics {
     pub ebpf_backends: Gauge,
     /// Updates and deletes done on the eBPF maps.
     pub ebpf_map_writes: Counter,
+    /// From a change reaching the agent to DNS answering with it.
+    pub dns_programming: Histogram,
 }
 
 impl Default for Metrics {
@@ -73,6 +75,7 @@ impl Metrics {
             ebpf_frontends: Gauge::default(),
             ebpf_backends: Gauge::default(),
             ebpf_map_writes: Counter::default(),
+            dns_programming: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             registry: Registry::default(),
         };
         registry.register(
@@ -169,6 +172,11 @@ impl Metrics {
             "ferry_ebpf_map_writes",
             "Updates and deletes done on the eBPF maps",
             m.ebpf_map_writes.clone(),
+        );
+        registry.register(
+            "ferry_dns_programming_duration_seconds",
+            "From a Service or EndpointSlice change reaching the agent to DNS answering with it",
+            m.dns_programming.clone(),
         );
         Self { registry, ..m }
     }

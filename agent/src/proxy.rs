@@ -10,6 +10,7 @@ use ipnetwork::IpNetwork;
 use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, SyncStats};
+use crate::dns::ClusterDns;
 use crate::health::Health;
 use crate::metrics::{Metrics, unix_now};
 use crate::model::{
@@ -43,6 +44,11 @@ pub struct ProxyLoop {
     /// When the oldest unsynced change arrived (network programming latency).
     pending_since: Option<Instant>,
     retry_at: Option<Instant>,
+    /// Cluster DNS, updated as soon as events are folded in (before the data plane).
+    dns: Option<ClusterDns>,
+    dns_synced: bool,
+    /// When the oldest change DNS has not seen yet arrived.
+    dns_pending_since: Option<Instant>,
     /// Plans with Local internal / external policy and nothing local (a gauge).
     no_local: (i64, i64),
     last_check: Instant,
@@ -67,9 +73,41 @@ impl ProxyLoop {
             needs_full_sync: true,
             pending_since: None,
             retry_at: None,
+            dns: None,
+            dns_synced: false,
+            dns_pending_since: None,
             no_local: (0, 0),
             last_check: Instant::now(),
             last_full: Instant::now(),
+        }
+    }
+
+    /// Serves the model to cluster DNS too.
+    pub fn with_dns(mut self, dns: ClusterDns) -> Self {
+        self.state.track_dns();
+        self.dns = Some(dns);
+        self
+    }
+
+    /// Brings DNS up to date with the events folded in so far.
+    fn update_dns(&mut self) {
+        let Some(dns) = &self.dns else { return };
+        let changed = self.state.take_dns_changes();
+        if !changed.is_empty() {
+            dns.update(&self.state, &changed);
+            if let Some(since) = self.dns_pending_since.take() {
+                let latency = since.elapsed();
+                self.metrics.dns_programming.observe(latency.as_secs_f64());
+                debug!(
+                    services = changed.len(),
+                    latency_us = latency.as_micros() as u64,
+                    "dns updated"
+                );
+            }
+        }
+        if self.source_synced && !self.dns_synced {
+            dns.set_synced();
+            self.dns_synced = true;
         }
     }
 
@@ -90,6 +128,7 @@ impl ProxyLoop {
                     return;
                 }
             }
+            self.update_dns();
             if !self.source_synced {
                 continue;
             }
@@ -184,6 +223,7 @@ impl ProxyLoop {
         }
         self.metrics.last_queued_timestamp.set(unix_now());
         self.pending_since.get_or_insert_with(Instant::now);
+        self.dns_pending_since.get_or_insert_with(Instant::now);
         self.health.queued();
     }
 

@@ -11,6 +11,7 @@ use crate::backend::ebpf::{EbpfBackend, inspect, loader};
 use crate::backend::iptables::IptablesBackend;
 use crate::backend::iptables::render::Scope;
 use crate::cli::{DataPlane, RunConfig};
+use crate::dns::{self, ClusterDns};
 use crate::health::{Health, serve_health, serve_metrics};
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
@@ -53,9 +54,26 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
                 .context("starting the eBPF data plane")?,
         ),
     };
+    let dns = match config.dns.clone() {
+        Some(dns_config) => {
+            let sockets = runtime
+                .block_on(dns::bind(dns_config.listen))
+                .with_context(|| format!("cannot listen for DNS on {}", dns_config.listen))?;
+            let cluster = ClusterDns::new(&dns_config.domain);
+            let served = cluster.clone();
+            runtime.spawn(async move {
+                let listen = dns_config.listen;
+                if let Err(e) = dns::serve(dns_config, sockets, served).await {
+                    tracing::error!(%listen, error = %e, "cluster DNS stopped");
+                }
+            });
+            Some(cluster)
+        }
+        None => None,
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let _watcher = manifests::spawn(config.manifests.clone(), tx)?;
-    let proxy = ProxyLoop::new(
+    let mut proxy = ProxyLoop::new(
         ProxyConfig {
             node_name: config.node_name,
             cluster_cidrs: config.cluster_cidrs,
@@ -67,6 +85,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics,
         health,
     );
+    if let Some(dns) = dns {
+        proxy = proxy.with_dns(dns);
+    }
     proxy.run(rx);
     Ok(())
 }

@@ -523,6 +523,28 @@ impl Cluster {
         self.node.command(program, None)
     }
 
+    /// A command that runs inside a pod (and the node's cgroup, like the pod's own
+    /// processes).
+    pub fn pod_command(&self, pod: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.pod(pod)
+            .netns
+            .command(program, Some(self.cgroup.path()))
+    }
+
+    /// A command that runs on the external client.
+    pub fn ext_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.ext.command(program, None)
+    }
+
+    /// Runs `f` on a thread inside a pod's network namespace.
+    pub fn in_pod<T: Send + 'static>(
+        &self,
+        pod: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        self.pod(pod).netns.run_in(f)
+    }
+
     /// Path of a binary next to the tests (`ferry`, `ferry-probe`).
     pub fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)

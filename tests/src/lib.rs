@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod cluster;
+pub mod dig;
 pub mod manifests;
 pub mod netns;
 

@@ -95,6 +95,9 @@ pub struct ClusterState {
     dirty: HashSet<ServiceName>,
     /// Node facts changed: every service must be recomputed.
     node_changed: bool,
+    /// Services whose DNS records may have changed (tracked only when DNS is on).
+    dns_dirty: HashSet<ServiceName>,
+    track_dns: bool,
 }
 
 impl ClusterState {
@@ -136,7 +139,7 @@ impl ClusterState {
         {
             return Ok(Applied::Unchanged);
         }
-        self.dirty.insert(info.name.clone());
+        self.mark(info.name.clone());
         self.services.insert(info.name.clone(), Arc::new(info));
         Ok(Applied::Changed)
     }
@@ -144,7 +147,7 @@ impl ClusterState {
     /// Removes a Service (its slices stay, waiting for it to come back or be deleted).
     pub fn delete_service(&mut self, name: &ServiceName) -> Applied {
         if self.services.remove(name).is_some() {
-            self.dirty.insert(name.clone());
+            self.mark(name.clone());
             Applied::Changed
         } else {
             Applied::Unchanged
@@ -195,7 +198,7 @@ impl ClusterState {
                 self.delete_slice(&info.namespace, &info.name);
             }
         }
-        self.dirty.insert(owner.clone());
+        self.mark(owner.clone());
         self.slice_owner.insert(key, owner.clone());
         self.slices
             .entry(owner)
@@ -218,7 +221,7 @@ impl ClusterState {
                 self.slices.remove(&owner);
             }
         }
-        self.dirty.insert(owner);
+        self.mark(owner);
         Applied::Changed
     }
 
@@ -292,6 +295,25 @@ impl ClusterState {
         self.node = fresh;
         self.node_changed = true;
         Applied::Changed
+    }
+
+    /// Records that a service's programming (and DNS) may have changed.
+    fn mark(&mut self, name: ServiceName) {
+        if self.track_dns {
+            self.dns_dirty.insert(name.clone());
+        }
+        self.dirty.insert(name);
+    }
+
+    /// Starts tracking which services' DNS records change (see
+    /// [`ClusterState::take_dns_changes`]).
+    pub fn track_dns(&mut self) {
+        self.track_dns = true;
+    }
+
+    /// Services whose DNS records may have changed since the last call.
+    pub fn take_dns_changes(&mut self) -> Vec<ServiceName> {
+        self.dns_dirty.drain().collect()
     }
 
     /// Hands out what changed since the last call: the services to recompute (all of

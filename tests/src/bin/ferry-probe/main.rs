@@ -9,6 +9,7 @@
 mod client;
 mod load;
 mod serve;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -61,6 +62,22 @@ enum Cmd {
         /// Pause between requests.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+    },
+    /// A test upstream DNS server (see `upstream`).
+    DnsUpstream {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// NAME=IPV4 answers, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        answer: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        ttl: u32,
+        /// Wait this long before answering.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Append every question received to this file.
+        #[arg(long)]
+        log: Option<String>,
     },
     /// Generate load and report rate and latency percentiles.
     Load {
@@ -117,6 +134,31 @@ fn main() {
                 interval: Duration::from_millis(interval_ms),
             },
         )),
+        Cmd::DnsUpstream {
+            listen,
+            answer,
+            ttl,
+            delay_ms,
+            log,
+        } => {
+            let answers: Vec<(String, std::net::Ipv4Addr)> = answer
+                .iter()
+                .filter_map(|a| {
+                    let (name, ip) = a.split_once('=')?;
+                    Some((name.to_owned(), ip.parse().ok()?))
+                })
+                .collect();
+            if let Err(e) = upstream::serve(
+                listen,
+                &answers,
+                ttl,
+                Duration::from_millis(delay_ms),
+                log.as_deref(),
+            ) {
+                eprintln!("ferry-probe dns-upstream: {e}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Load {
             scenario,
             addr,

@@ -1,0 +1,465 @@
+//! Cluster DNS end to end: the agent serves DNS on the node address; `dig` in a pod
+//! (a real resolver client) asks over UDP and TCP; names outside the cluster go to an
+//! upstream server the test runs itself on the external client's address.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::cluster::{EXT_IP, NODE_IP};
+use ferry_tests::dig::{self, DigAnswer};
+use ferry_tests::manifests::{Endpoint, Service, docs, ep, port, slice};
+use ferry_tests::{Cluster, Mode};
+
+const UPSTREAM: &str = "172.18.0.100:53";
+
+/// A node serving DNS, with a test upstream that knows `outside.test`.
+struct DnsNode {
+    c: Cluster,
+    upstream: Child,
+    upstream_log: std::path::PathBuf,
+}
+
+impl Drop for DnsNode {
+    fn drop(&mut self) {
+        let _ = self.upstream.kill();
+        let _ = self.upstream.wait();
+        let _ = std::fs::remove_file(&self.upstream_log);
+    }
+}
+
+impl DnsNode {
+    fn start(manifests: &[(&str, String)], upstream_delay_ms: u64) -> Self {
+        let mut c = Cluster::new(Mode::Iptables, &["a", "b", "client"]);
+        for (file, yaml) in manifests {
+            c.write_manifest(file, yaml);
+        }
+        let upstream_log = std::env::temp_dir().join(format!(
+            "ferry-upstream-{}-{}.log",
+            std::process::id(),
+            c.id()
+        ));
+        let mut upstream = c
+            .ext_command(c.bin("ferry-probe"))
+            .args([
+                "dns-upstream",
+                "--listen",
+                UPSTREAM,
+                "--answer",
+                "outside.test=192.0.2.80",
+                "--ttl",
+                "60",
+                "--delay-ms",
+                &upstream_delay_ms.to_string(),
+                "--log",
+            ])
+            .arg(&upstream_log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start upstream");
+        let mut ready = [0u8; 6];
+        if let Some(out) = upstream.stdout.as_mut() {
+            let _ = std::io::Read::read_exact(out, &mut ready);
+        }
+        assert_eq!(&ready, b"ready\n");
+        c.start_agent_with(&[
+            "--dns-listen",
+            &format!("{NODE_IP}:53"),
+            "--dns-upstream",
+            UPSTREAM,
+        ]);
+        Self {
+            c,
+            upstream,
+            upstream_log,
+        }
+    }
+
+    fn dig(&self, name: &str, rtype: &str) -> DigAnswer {
+        self.dig_with(name, rtype, &[])
+    }
+
+    fn dig_with(&self, name: &str, rtype: &str, extra: &[&str]) -> DigAnswer {
+        dig::run(
+            self.c.pod_command("client", "dig"),
+            NODE_IP,
+            name,
+            rtype,
+            extra,
+        )
+    }
+
+    fn upstream_queries(&self, name: &str) -> usize {
+        std::fs::read_to_string(&self.upstream_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .count()
+    }
+}
+
+fn cluster_manifests(c_pods: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+    let ports = [port("http", "TCP", 8080), port("", "TCP", 9000)];
+    let eps: Vec<Endpoint> = c_pods
+        .iter()
+        .map(|(host, ip)| {
+            let mut e = ep(ip);
+            if !host.is_empty() {
+                e.hostname = Some((*host).to_owned());
+            }
+            e
+        })
+        .collect();
+    vec![
+        (
+            "web.yaml",
+            docs(&[Service::new("web")
+                .namespace("shop")
+                .cluster_ip("10.96.0.10")
+                .cluster_ip("fd00:96::10")
+                .port(port("http", "TCP", 80))
+                .port(port("metrics", "UDP", 9090))
+                .yaml()]),
+        ),
+        (
+            "db.yaml",
+            docs(&[
+                Service::new("db").cluster_ip("None").port(port("pg", "TCP", 5432)).yaml(),
+                slice("db-1", "db", "IPv4", &[port("pg", "TCP", 5432)], &eps[..1]),
+                slice("db-2", "db", "IPv4", &[port("pg", "TCP", 5432)], &eps[1..]),
+            ]),
+        ),
+        (
+            "empty.yaml",
+            Service::new("nobody").cluster_ip("None").port(port("x", "TCP", 1)).yaml(),
+        ),
+        (
+            "ext.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: search, namespace: default}\nspec: {type: ExternalName, externalName: search.example.com}\n".into(),
+        ),
+        (
+            "unnamed.yaml",
+            docs(&[
+                Service::new("plain").cluster_ip("10.96.0.20").port(port("", "TCP", 9000)).yaml(),
+                slice("plain-1", "plain", "IPv4", &ports[1..], &eps[..1]),
+            ]),
+        ),
+    ]
+}
+
+fn node() -> DnsNode {
+    DnsNode::start(
+        &cluster_manifests(&[("db-0", "10.244.0.10"), ("", "10.244.0.11")]),
+        0,
+    )
+}
+
+#[test]
+fn cluster_ip_records_over_udp_and_tcp() {
+    let n = node();
+    for transport in [&[][..], &["+tcp"][..]] {
+        let a = n.dig_with("web.shop.svc.cluster.local", "A", transport);
+        assert_eq!(a.status, "NOERROR", "{}", a.raw);
+        assert!(a.has_flag("aa"), "{}", a.raw);
+        assert_eq!(a.data("A"), ["10.96.0.10"], "{}", a.raw);
+        assert_eq!(a.answer[0].ttl, 5, "default TTL 5s");
+        let aaaa = n.dig_with("web.shop.svc.cluster.local", "AAAA", transport);
+        assert_eq!(aaaa.data("AAAA"), ["fd00:96::10"], "{}", aaaa.raw);
+    }
+    let srv = n.dig("_http._tcp.web.shop.svc.cluster.local", "SRV");
+    assert_eq!(
+        srv.data("SRV"),
+        ["0 100 80 web.shop.svc.cluster.local."],
+        "{}",
+        srv.raw
+    );
+    let mut extra: Vec<&str> = srv.additional.iter().map(|r| r.data.as_str()).collect();
+    extra.sort();
+    assert_eq!(
+        extra,
+        ["10.96.0.10", "fd00:96::10"],
+        "SRV targets' addresses ride along: {}",
+        srv.raw
+    );
+    let udp = n.dig("_metrics._udp.web.shop.svc.cluster.local", "SRV");
+    assert_eq!(
+        udp.data("SRV"),
+        ["0 100 9090 web.shop.svc.cluster.local."],
+        "{}",
+        udp.raw
+    );
+    for (ptr, target) in [
+        ("10.0.96.10.in-addr.arpa", "web.shop.svc.cluster.local."),
+        (
+            "0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa",
+            "web.shop.svc.cluster.local.",
+        ),
+    ] {
+        let a = n.dig(ptr, "PTR");
+        assert_eq!(a.data("PTR"), [target], "{}", a.raw);
+    }
+    let v = n.dig("dns-version.cluster.local", "TXT");
+    assert_eq!(v.data("TXT"), ["\"1.1.0\""], "{}", v.raw);
+}
+
+#[test]
+fn case_insensitive_and_echoes_the_question() {
+    let n = node();
+    let a = n.dig("WeB.ShOp.SvC.ClUsTeR.LoCaL", "A");
+    assert_eq!(a.data("A"), ["10.96.0.10"], "{}", a.raw);
+    assert_eq!(a.answer[0].name, "WeB.ShOp.SvC.ClUsTeR.LoCaL.", "{}", a.raw);
+}
+
+#[test]
+fn nodata_and_nxdomain_carry_the_soa() {
+    let n = node();
+    let nodata = n.dig("web.shop.svc.cluster.local", "TXT");
+    assert_eq!(nodata.status, "NOERROR", "{}", nodata.raw);
+    assert!(nodata.answer.is_empty());
+    assert_eq!(
+        nodata.authority.first().map(|r| r.rtype.as_str()),
+        Some("SOA"),
+        "{}",
+        nodata.raw
+    );
+    let nx = n.dig("nope.shop.svc.cluster.local", "A");
+    assert_eq!(nx.status, "NXDOMAIN", "{}", nx.raw);
+    assert_eq!(
+        nx.authority.first().map(|r| r.rtype.as_str()),
+        Some("SOA"),
+        "{}",
+        nx.raw
+    );
+    // Namespaces with services exist (empty non-terminal): NODATA, not NXDOMAIN.
+    assert_eq!(n.dig("shop.svc.cluster.local", "A").status, "NOERROR");
+    // An unnamed port has no SRV record.
+    assert_eq!(
+        n.dig("_.tcp.plain.default.svc.cluster.local", "SRV").status,
+        "NXDOMAIN"
+    );
+    let plain = n.dig("plain.default.svc.cluster.local", "SRV");
+    assert_eq!(plain.status, "NOERROR");
+    assert!(plain.answer.is_empty(), "{}", plain.raw);
+}
+
+#[test]
+fn headless_services() {
+    let n = node();
+    let a = n.dig("db.default.svc.cluster.local", "A");
+    assert_eq!(
+        a.data("A"),
+        ["10.244.0.10", "10.244.0.11"],
+        "both slices count: {}",
+        a.raw
+    );
+    assert_eq!(
+        n.dig("db-0.db.default.svc.cluster.local", "A").data("A"),
+        ["10.244.0.10"]
+    );
+    assert_eq!(
+        n.dig("10-244-0-11.db.default.svc.cluster.local", "A")
+            .data("A"),
+        ["10.244.0.11"]
+    );
+    let srv = n.dig("_pg._tcp.db.default.svc.cluster.local", "SRV");
+    assert_eq!(
+        srv.data("SRV"),
+        [
+            "0 50 5432 10-244-0-11.db.default.svc.cluster.local.",
+            "0 50 5432 db-0.db.default.svc.cluster.local."
+        ],
+        "{}",
+        srv.raw
+    );
+    assert_eq!(srv.additional.len(), 2, "{}", srv.raw);
+    let ptr = n.dig("10.0.244.10.in-addr.arpa", "PTR");
+    assert_eq!(
+        ptr.data("PTR"),
+        ["db-0.db.default.svc.cluster.local."],
+        "{}",
+        ptr.raw
+    );
+    let none = n.dig("nobody.default.svc.cluster.local", "A");
+    assert_eq!(none.status, "NXDOMAIN", "no ready endpoints: {}", none.raw);
+}
+
+#[test]
+fn external_name_is_a_cname() {
+    let n = node();
+    let a = n.dig("search.default.svc.cluster.local", "A");
+    assert_eq!(a.data("CNAME"), ["search.example.com."], "{}", a.raw);
+}
+
+#[test]
+fn changes_are_visible_at_once() {
+    let n = node();
+    assert_eq!(
+        n.dig("db.default.svc.cluster.local", "A").data("A").len(),
+        2
+    );
+    let mut c_eps = vec![ep("10.244.0.10"), ep("10.244.0.11"), ep("10.244.0.12")];
+    c_eps[0].hostname = Some("db-0".into());
+    n.c.write_manifest(
+        "db.yaml",
+        &docs(&[
+            Service::new("db")
+                .cluster_ip("None")
+                .port(port("pg", "TCP", 5432))
+                .yaml(),
+            slice("db-1", "db", "IPv4", &[port("pg", "TCP", 5432)], &c_eps),
+        ]),
+    );
+    n.c.wait_for("new endpoint in DNS", Duration::from_secs(5), || {
+        n.dig("db.default.svc.cluster.local", "A").data("A").len() == 3
+    });
+    // The agent measures from the event reaching it to the zone answering with it.
+    let log = n.c.agent_log();
+    let latencies: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("dns updated"))
+        .filter_map(|l| {
+            l.split("latency_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let last = *latencies.last().expect("dns update logged");
+    assert!(
+        last < 10_000,
+        "DNS must follow a change within 10 ms of the event, took {last} us"
+    );
+}
+
+#[test]
+fn large_headless_answers_truncate_over_udp_and_complete_over_tcp() {
+    let eps: Vec<Endpoint> = (0..200)
+        .map(|i| ep(&format!("10.244.{}.{}", 1 + i / 250, 1 + i % 250)))
+        .collect();
+    let manifests = vec![(
+        "big.yaml",
+        docs(&[
+            Service::new("big")
+                .cluster_ip("None")
+                .port(port("p", "TCP", 80))
+                .yaml(),
+            slice("big-1", "big", "IPv4", &[port("p", "TCP", 80)], &eps),
+        ]),
+    )];
+    let n = DnsNode::start(&manifests, 0);
+    let udp = n.dig_with(
+        "big.default.svc.cluster.local",
+        "A",
+        &["+ignore", "+bufsize=1232"],
+    );
+    assert!(udp.has_flag("tc"), "{}", udp.raw);
+    assert!(udp.answer.len() < 200);
+    let tcp = n.dig_with("big.default.svc.cluster.local", "A", &["+tcp"]);
+    assert_eq!(tcp.answer.len(), 200, "{}", tcp.raw);
+    // A client without EDNS gets at most 512 bytes.
+    let small = n.dig_with(
+        "big.default.svc.cluster.local",
+        "A",
+        &["+ignore", "+noedns"],
+    );
+    assert!(
+        small.has_flag("tc") && small.answer.len() < 40,
+        "{}",
+        small.raw
+    );
+}
+
+#[test]
+fn forwards_and_caches_outside_names() {
+    let n = node();
+    let a = n.dig("outside.test", "A");
+    assert_eq!(a.data("A"), ["192.0.2.80"], "{}", a.raw);
+    assert!(!a.has_flag("aa"));
+    let again = n.dig("OUTSIDE.test", "A");
+    assert_eq!(again.data("A"), ["192.0.2.80"], "{}", again.raw);
+    assert_eq!(
+        n.upstream_queries("outside.test."),
+        1,
+        "the second answer comes from the cache"
+    );
+    // Negative answers are cached too (the upstream's SOA allows 30 s).
+    assert_eq!(n.dig("missing.test", "A").status, "NXDOMAIN");
+    assert_eq!(n.dig("missing.test", "A").status, "NXDOMAIN");
+    assert_eq!(n.upstream_queries("missing.test."), 1);
+}
+
+#[test]
+fn concurrent_identical_questions_reach_upstream_once() {
+    let n = DnsNode::start(
+        &cluster_manifests(&[("db-0", "10.244.0.10"), ("", "10.244.0.11")]),
+        400,
+    );
+    let started = Instant::now();
+    let digs: Vec<_> = (0..8)
+        .map(|_| {
+            let mut cmd = n.c.pod_command("client", "dig");
+            cmd.args([
+                &format!("@{NODE_IP}"),
+                "+time=3",
+                "+tries=1",
+                "+short",
+                "outside.test",
+                "A",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("dig")
+        })
+        .collect();
+    for d in digs {
+        let out = d.wait_with_output().expect("dig");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "192.0.2.80");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        n.upstream_queries("outside.test."),
+        1,
+        "coalesced into one upstream query"
+    );
+}
+
+#[test]
+fn not_an_open_resolver_and_survives_garbage() {
+    let n = node();
+    // The external client may ask about the cluster but may not use the forwarder.
+    let ext = dig::run(n.c.ext_command("dig"), NODE_IP, "outside.test", "A", &[]);
+    assert_eq!(ext.status, "REFUSED", "{}", ext.raw);
+    let ext = dig::run(
+        n.c.ext_command("dig"),
+        NODE_IP,
+        "web.shop.svc.cluster.local",
+        "A",
+        &[],
+    );
+    assert_eq!(ext.data("A"), ["10.96.0.10"], "{}", ext.raw);
+    assert_eq!(n.upstream_queries("outside.test."), 0);
+
+    // Malformed packets: dropped or FORMERR, and the server keeps answering.
+    let target: std::net::SocketAddr = format!("{NODE_IP}:53").parse().unwrap();
+    n.c.in_pod("client", move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for garbage in [
+            &b"\x00"[..],
+            &[0xffu8; 12][..],
+            b"not dns at all, really not",
+            &[0u8; 600][..],
+        ] {
+            let _ = s.send_to(garbage, target);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        n.dig("web.shop.svc.cluster.local", "A").data("A"),
+        ["10.96.0.10"]
+    );
+    let mut c = n;
+    assert!(c.c.agent_alive());
+    // The upstream is never anything but the test's own server.
+    assert_eq!(UPSTREAM.split(':').next(), Some(EXT_IP));
+}
