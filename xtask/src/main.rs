@@ -72,7 +72,7 @@ enum Task {
         /// Name for the results files.
         #[arg(long, default_value = "local")]
         name: String,
-        /// Run only one part: `traffic` or `scale`.
+        /// Run only one part: `traffic`, `scale` or `dns`.
         #[arg(long)]
         only: Option<String>,
         /// Services in the scale part (default 10,000; 1,000 with --quick).

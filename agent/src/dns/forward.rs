@@ -30,6 +30,16 @@ struct Key {
     qclass: u16,
 }
 
+impl Key {
+    fn of(query: &Query) -> Self {
+        Self {
+            name: query.name().to_lowercase().to_string(),
+            qtype: u16::from(query.query_type()),
+            qclass: u16::from(query.query_class()),
+        }
+    }
+}
+
 /// An upstream answer as cached.
 #[derive(Debug)]
 pub struct Cached {
@@ -73,6 +83,11 @@ impl Cached {
             stored: Instant::now(),
             ttl: ttl.min(86_400),
         }
+    }
+
+    /// When this answer stops being servable.
+    pub fn expires(&self) -> Instant {
+        self.stored + Duration::from_secs(u64::from(self.ttl))
     }
 
     /// Seconds this answer has left; zero once expired.
@@ -124,14 +139,15 @@ impl Forwarder {
         }
     }
 
+    /// The cached answer to `query`, if it is still fresh.
+    pub fn cached(&self, query: &Query) -> Option<Arc<Cached>> {
+        self.cache_get(&Key::of(query))
+    }
+
     /// The answer to `query`: from cache, from a query already under way, or from
     /// upstream.
     pub async fn resolve(&self, query: &Query) -> Result<Arc<Cached>, ForwardError> {
-        let key = Key {
-            name: query.name().to_lowercase().to_string(),
-            qtype: u16::from(query.query_type()),
-            qclass: u16::from(query.query_class()),
-        };
+        let key = Key::of(query);
         if let Some(hit) = self.cache_get(&key) {
             return Ok(hit);
         }

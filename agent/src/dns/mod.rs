@@ -7,6 +7,9 @@
 
 pub mod forward;
 pub mod records;
+mod tcp;
+mod udp;
+pub mod wire_cache;
 pub mod zone;
 
 use std::net::{IpAddr, SocketAddr};
@@ -14,12 +17,9 @@ use std::str::FromStr as _;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::op::{Edns, Query, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
 use ipnetwork::IpNetwork;
 use tracing::{info, warn};
 
@@ -48,6 +48,8 @@ pub struct DnsConfig {
 pub struct ClusterDns {
     zone: Arc<RwLock<Zone>>,
     domain: String,
+    /// Bumped on every change, so answers encoded earlier know they are stale.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClusterDns {
@@ -55,6 +57,7 @@ impl ClusterDns {
         Self {
             zone: Arc::new(RwLock::new(Zone::new(domain))),
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -75,6 +78,7 @@ impl ClusterDns {
             });
             zone.update(name, records);
         }
+        self.bump();
     }
 
     /// The model is complete: start answering authoritatively.
@@ -83,6 +87,17 @@ impl ClusterDns {
             zone.set_synced();
             info!(names = zone.len(), "cluster DNS zone ready");
         }
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes so far (see [`CacheScope::Zone`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn lookup(&self, qname: &str, qtype: QType) -> Outcome {
@@ -93,8 +108,53 @@ impl ClusterDns {
     }
 }
 
-/// Answers DNS requests.
-pub struct DnsHandler {
+/// How long an encoded answer may be reused for the same question.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheScope {
+    /// Until the cluster zone changes (this generation).
+    Zone(u64),
+    /// Until then, for clients allowed to forward (a cached upstream answer; reused
+    /// for at most a second so TTLs keep counting down).
+    Forwarded(std::time::Instant),
+    /// Never (depends on the client, or a failure).
+    No,
+}
+
+/// What to send back for one question.
+#[derive(Debug)]
+pub struct Records {
+    pub rcode: ResponseCode,
+    pub authoritative: bool,
+    pub cache: CacheScope,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+impl Records {
+    fn error(rcode: ResponseCode) -> Self {
+        Self {
+            rcode,
+            authoritative: false,
+            cache: CacheScope::No,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+}
+
+/// How a question is answered.
+#[derive(Debug)]
+pub enum Reply {
+    /// Right away.
+    Now(Records),
+    /// After asking upstream (not cached yet).
+    Forward,
+}
+
+/// The answering logic, shared by the UDP workers and the TCP server.
+pub struct Answerer {
     cluster: ClusterDns,
     forwarder: Forwarder,
     forward_allowed: Vec<IpNetwork>,
@@ -102,7 +162,7 @@ pub struct DnsHandler {
     soa: Record,
 }
 
-impl DnsHandler {
+impl Answerer {
     pub fn new(cluster: ClusterDns, config: &DnsConfig) -> Self {
         let apex = Name::from_ascii(format!("{}.", config.domain.trim_end_matches('.')))
             .unwrap_or_else(|_| Name::root());
@@ -135,8 +195,101 @@ impl DnsHandler {
         }
     }
 
-    fn may_forward(&self, src: IpAddr) -> bool {
+    /// Answers `query` from `src` without waiting: from the cluster zone, from the
+    /// forwarding cache, with REFUSED for clients that may not forward, or
+    /// [`Reply::Forward`] when upstream must be asked.
+    pub fn answer(&self, query: &Query, src: IpAddr) -> Reply {
+        // Read before the lookup: a change racing with it makes the answer stale, never
+        // a stale answer look current.
+        let generation = self.cluster.generation();
+        let outcome = if query.query_class() == DNSClass::IN {
+            let mut qname = query.name().to_lowercase().to_string();
+            if !qname.ends_with('.') {
+                qname.push('.');
+            }
+            self.cluster.lookup(&qname, qtype_of(query.query_type()))
+        } else {
+            Outcome::Elsewhere
+        };
+        let records = |rcode, answers: &[Rec], additionals: &[Rec], soa: bool| Records {
+            rcode,
+            authoritative: true,
+            cache: CacheScope::Zone(generation),
+            answers: answers
+                .iter()
+                .filter_map(|r| self.record(r, query.name()))
+                .collect(),
+            authorities: if soa {
+                vec![self.soa.clone()]
+            } else {
+                Vec::new()
+            },
+            additionals: additionals
+                .iter()
+                .filter_map(|r| self.record(r, query.name()))
+                .collect(),
+        };
+        match outcome {
+            Outcome::Answer {
+                answers,
+                additionals,
+            } => Reply::Now(records(
+                ResponseCode::NoError,
+                &answers,
+                &additionals,
+                false,
+            )),
+            Outcome::NoData => Reply::Now(records(ResponseCode::NoError, &[], &[], true)),
+            Outcome::NxDomain => Reply::Now(records(ResponseCode::NXDomain, &[], &[], true)),
+            Outcome::NotSynced => Reply::Now(Records::error(ResponseCode::ServFail)),
+            Outcome::Elsewhere if !self.may_forward(src) => {
+                Reply::Now(Records::error(ResponseCode::Refused))
+            }
+            Outcome::Elsewhere => match self.forwarder.cached(query) {
+                Some(cached) => Reply::Now(Self::forwarded(&cached)),
+                None => Reply::Forward,
+            },
+        }
+    }
+
+    /// The cluster zone's generation (see [`CacheScope::Zone`]).
+    pub fn generation(&self) -> u64 {
+        self.cluster.generation()
+    }
+
+    /// Whether `src` may use the forwarder.
+    pub fn may_forward(&self, src: IpAddr) -> bool {
         self.forward_allowed.iter().any(|n| n.contains(src))
+    }
+
+    /// Asks upstream (coalescing identical questions) and answers with the result.
+    pub async fn forward(&self, query: &Query) -> Records {
+        match self.forwarder.resolve(query).await {
+            Ok(cached) => Self::forwarded(&cached),
+            Err(e) => {
+                warn!(name = %query.name(), error = %e, "forwarding failed");
+                Records::error(ResponseCode::ServFail)
+            }
+        }
+    }
+
+    fn forwarded(cached: &forward::Cached) -> Records {
+        let (answers, authorities, additionals) = cached.sections();
+        let reuse_until = cached
+            .expires()
+            .min(std::time::Instant::now() + Duration::from_secs(1));
+        Records {
+            rcode: cached.rcode,
+            authoritative: false,
+            cache: if cached.rcode == ResponseCode::ServFail {
+                CacheScope::No
+            } else {
+                CacheScope::Forwarded(reuse_until)
+            },
+            answers,
+            authorities,
+            additionals,
+        }
     }
 
     fn record(&self, rec: &Rec, qname: &Name) -> Option<Record> {
@@ -187,171 +340,53 @@ fn qtype_of(t: RecordType) -> QType {
     }
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for DnsHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response: R,
-    ) -> ResponseInfo {
-        let mut edns_out = Edns::new();
-        let edns = request.edns.as_ref().map(|e| {
-            edns_out.set_max_payload(e.max_payload().clamp(512, MAX_UDP_PAYLOAD));
-            &edns_out
-        });
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(edns) = edns {
-            builder.edns(edns);
-        }
-        let fail = |code: ResponseCode| {
-            let mut metadata = Metadata::response_from_request(&request.metadata);
-            metadata.response_code = code;
-            metadata
-        };
-        if request.metadata.message_type != MessageType::Query
-            || request.metadata.op_code != OpCode::Query
-        {
-            let r = builder.build_no_records(fail(ResponseCode::NotImp));
-            return send(&mut response, r, request).await;
-        }
-        let Ok(info) = request.request_info() else {
-            let r = builder.build_no_records(fail(ResponseCode::FormErr));
-            return send(&mut response, r, request).await;
-        };
-        let query = info.query.original();
-        let mut qname = info.query.name().to_string();
-        if !qname.ends_with('.') {
-            qname.push('.');
-        }
-        let outcome = if info.query.query_class() == DNSClass::IN {
-            self.cluster
-                .lookup(&qname, qtype_of(info.query.query_type()))
-        } else {
-            Outcome::Elsewhere
-        };
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.recursion_available = true;
-        match outcome {
-            Outcome::Answer {
-                answers,
-                additionals,
-            } => {
-                metadata.authoritative = true;
-                let answers: Vec<Record> = answers
-                    .iter()
-                    .filter_map(|r| self.record(r, query.name()))
-                    .collect();
-                let additionals: Vec<Record> = additionals
-                    .iter()
-                    .filter_map(|r| self.record(r, query.name()))
-                    .collect();
-                let r = builder.build(
-                    metadata,
-                    answers.iter(),
-                    None::<&Record>,
-                    None::<&Record>,
-                    additionals.iter(),
-                );
-                send(&mut response, r, request).await
-            }
-            Outcome::NoData | Outcome::NxDomain => {
-                metadata.authoritative = true;
-                if outcome == Outcome::NxDomain {
-                    metadata.response_code = ResponseCode::NXDomain;
-                }
-                let soa = [self.soa.clone()];
-                let r = builder.build(
-                    metadata,
-                    None::<&Record>,
-                    None::<&Record>,
-                    soa.iter(),
-                    None::<&Record>,
-                );
-                send(&mut response, r, request).await
-            }
-            Outcome::NotSynced => {
-                let r = builder.build_no_records(fail(ResponseCode::ServFail));
-                send(&mut response, r, request).await
-            }
-            Outcome::Elsewhere => {
-                if !self.may_forward(request.src().ip()) {
-                    let r = builder.build_no_records(fail(ResponseCode::Refused));
-                    return send(&mut response, r, request).await;
-                }
-                match self.forwarder.resolve(query).await {
-                    Ok(cached) => {
-                        metadata.response_code = cached.rcode;
-                        let (answers, authorities, additionals) = cached.sections();
-                        let r = builder.build(
-                            metadata,
-                            answers.iter(),
-                            authorities.iter(),
-                            None::<&Record>,
-                            additionals.iter(),
-                        );
-                        send(&mut response, r, request).await
-                    }
-                    Err(e) => {
-                        warn!(name = %qname, error = %e, "forwarding failed");
-                        let r = builder.build_no_records(fail(ResponseCode::ServFail));
-                        send(&mut response, r, request).await
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn send<'a, R: ResponseHandler>(
-    response: &mut R,
-    message: hickory_server::zone_handler::MessageResponse<
-        '_,
-        'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-    >,
-    request: &Request,
-) -> ResponseInfo {
-    match response.send_response(message).await {
-        Ok(info) => info,
-        Err(e) => {
-            warn!(error = %e, src = %request.src(), "cannot send DNS response");
-            let mut metadata = Metadata::response_from_request(&request.metadata);
-            metadata.response_code = ResponseCode::ServFail;
-            ResponseInfo::from(hickory_server::proto::op::Header {
-                metadata,
-                counts: Default::default(),
-            })
-        }
-    }
+/// The EDNS to answer with: the client's buffer size, capped at [`MAX_UDP_PAYLOAD`].
+pub fn response_edns(request: Option<&Edns>) -> Option<Edns> {
+    request.map(|e| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(e.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+        edns
+    })
 }
 
 /// Sockets the DNS server answers on, bound before anything else starts so a busy
 /// or missing address fails the agent at once.
 pub struct DnsSockets {
-    udp: tokio::net::UdpSocket,
+    udp: Vec<std::net::UdpSocket>,
     tcp: tokio::net::TcpListener,
 }
 
-/// Binds UDP and TCP on `listen`.
+/// Binds TCP, and one UDP socket per worker thread (SO_REUSEPORT, so the kernel
+/// spreads queries over them).
 pub async fn bind(listen: SocketAddr) -> std::io::Result<DnsSockets> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let udp = (0..workers)
+        .map(|_| udp::reuseport_socket(listen))
+        .collect::<std::io::Result<_>>()?;
     Ok(DnsSockets {
-        udp: tokio::net::UdpSocket::bind(listen).await?,
+        udp,
         tcp: tokio::net::TcpListener::bind(listen).await?,
     })
 }
 
-/// Serves DNS on the bound sockets until the process ends.
+/// Serves DNS until the process ends: UDP on worker threads (a query answered from
+/// memory never touches the async runtime), TCP through hickory-server.
 pub async fn serve(
     config: DnsConfig,
     sockets: DnsSockets,
     cluster: ClusterDns,
 ) -> std::io::Result<()> {
     info!(listen = %config.listen, domain = config.domain, upstreams = ?config.upstreams, "serving DNS");
-    let mut server = hickory_server::Server::new(DnsHandler::new(cluster, &config));
-    server.register_socket(sockets.udp);
+    let answerer = Arc::new(Answerer::new(cluster, &config));
+    udp::spawn_workers(
+        sockets.udp,
+        answerer.clone(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let mut server = hickory_server::Server::new(tcp::TcpHandler::new(answerer));
     server.register_listener(sockets.tcp, Duration::from_secs(10), 64);
     server
         .block_until_done()

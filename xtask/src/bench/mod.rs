@@ -11,6 +11,7 @@
 //! programming, one endpoint change to programmed (p50/p99 over 100 changes), peak
 //! RSS and CPU seconds of the agent.
 
+mod dns;
 mod plot;
 mod workload;
 
@@ -68,6 +69,10 @@ pub struct Results {
     pub quick: bool,
     pub traffic: Vec<TrafficRow>,
     pub scale: Vec<ScaleRow>,
+    pub dns: Vec<dns::DnsRow>,
+    pub dns_freshness: Option<dns::DnsFreshness>,
+    /// Services (and endpoints) loaded into every DNS server.
+    pub dns_services: usize,
 }
 
 const SCENARIOS: [(&str, &str); 3] = [("connect", "tcp"), ("keep-alive", "tcp"), ("udp", "udp")];
@@ -122,7 +127,7 @@ pub fn run(
     };
     let scale_services = scale_services.unwrap_or(default_services);
     let mut scale = Vec::new();
-    let scale_modes = if only == Some("traffic") {
+    let scale_modes = if matches!(only, Some("traffic" | "dns")) {
         &[][..]
     } else {
         &[Mode::Ebpf, Mode::Iptables][..]
@@ -132,6 +137,13 @@ pub fn run(
         scale.push(measure_scale(mode, scale_services, per_service, changes)?);
     }
 
+    let (dns_rows, dns_freshness) = if matches!(only, None | Some("dns")) {
+        eprintln!("== dns with {scale_services} services");
+        let (rows, fresh) = dns::run(scale_services, per_service, if quick { 2 } else { 5 })?;
+        (rows, Some(fresh))
+    } else {
+        (Vec::new(), None)
+    };
     let results = Results {
         name: name.to_owned(),
         date: jiff::Zoned::now().strftime("%Y-%m-%d").to_string(),
@@ -145,6 +157,9 @@ pub fn run(
         quick,
         traffic,
         scale,
+        dns: dns_rows,
+        dns_freshness,
+        dns_services: scale_services,
     };
     let dir = root.join("bench/results");
     std::fs::create_dir_all(&dir)?;
@@ -564,6 +579,37 @@ pub fn markdown(r: &Results) -> String {
         out,
         "\n\"Rewrite one chain, unchanged\" is the time iptables-restore takes to rewrite one service's KUBE-SVC chain with the rules it already has, at that table size: the least any endpoint change costs in kube-proxy's rule layout, whoever writes it (nf_tables re-validates every jump of the table when a reachable chain gains jumps). iptables mode cannot go below it; eBPF mode does not pay it."
     );
+    if !r.dns.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## DNS: dnsperf (4 clients, 2 threads) on the node's loopback, {} services with {} endpoints loaded\n",
+            r.dns_services,
+            r.dns_services * 10
+        );
+        let _ = writeln!(
+            out,
+            "| names | server | QPS | vs reference | avg latency (µs) | lost | peak RSS (MB) |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        for d in &r.dns {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.2}x | {:.0} | {} | {:.0} |",
+                d.names, d.server, d.qps, d.vs_reference, d.avg_latency_us, d.lost, d.rss_mb
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nReference: Knot DNS for cluster names (authoritative), Unbound for outside names (forwarded once, then cached; Knot does not forward). Ferry's RSS is the whole agent, data plane included."
+        );
+    }
+    if let Some(f) = &r.dns_freshness {
+        let _ = writeln!(
+            out,
+            "\nDNS freshness: a change reaches Ferry's answers {:.0} µs (p50) / {:.0} µs (p99) after the event reaches the agent ({} changes).",
+            f.p50_us, f.p99_us, f.changes
+        );
+    }
     let _ = writeln!(
         out,
         "\n\"one change\" is measured by the agent from the moment the change reaches its proxy loop to the moment the kernel is programmed ({} changes); \"ready\" includes reading and parsing all manifests.",

@@ -1,0 +1,228 @@
+//! DNS over UDP on plain threads, one SO_REUSEPORT socket each: receive, answer from
+//! memory, send, with no allocation of async tasks on the common path. Only questions
+//! that must go upstream are handed to the async runtime.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
+    emit_message_parts,
+};
+use hickory_server::proto::serialize::binary::{BinDecodable as _, BinDecoder, BinEncoder};
+use tracing::{debug, warn};
+
+use super::wire_cache::{self, Stored, WireCache};
+use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply, response_edns};
+
+/// Encoded answers kept for reuse.
+const WIRE_CACHE_ENTRIES: usize = 100_000;
+
+/// A UDP socket bound with SO_REUSEPORT.
+pub fn reuseport_socket(listen: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
+}
+
+/// Starts one answering thread per socket.
+pub fn spawn_workers(
+    sockets: Vec<UdpSocket>,
+    answerer: Arc<Answerer>,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<()> {
+    let cache = Arc::new(WireCache::new(WIRE_CACHE_ENTRIES));
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let answerer = answerer.clone();
+        let runtime = runtime.clone();
+        let cache = cache.clone();
+        std::thread::Builder::new()
+            .name(format!("dns-udp-{i}"))
+            .spawn(move || worker(Arc::new(socket), &answerer, &cache, &runtime))?;
+    }
+    Ok(())
+}
+
+fn worker(
+    socket: Arc<UdpSocket>,
+    answerer: &Arc<Answerer>,
+    cache: &Arc<WireCache>,
+    runtime: &tokio::runtime::Handle,
+) {
+    let mut buf = [0u8; 4096];
+    let mut out = Vec::with_capacity(1500);
+    let mut key = Vec::with_capacity(300);
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf) {
+            Ok(received) => received,
+            Err(e) => {
+                warn!(error = %e, "DNS UDP receive failed");
+                continue;
+            }
+        };
+        let packet = &buf[..n];
+        // Fast path: the same question was answered before.
+        let fast = wire_cache::question(packet);
+        if let Some(q) = &fast {
+            let max = q
+                .edns_payload
+                .map_or(512, |p| p.clamp(512, MAX_UDP_PAYLOAD));
+            wire_cache::key(q, max, &mut key);
+            if let Some(stored) = cache.get(&key)
+                && stored.usable(answerer.generation(), || answerer.may_forward(src.ip()))
+            {
+                stored.write(packet, q, &mut out);
+                let _ = socket.send_to(&out, src);
+                continue;
+            }
+        }
+        let question_len = fast.as_ref().map(|q| q.raw.len());
+        let Some((request, edns)) = parse(packet, src, &socket, &mut out) else {
+            continue;
+        };
+        let Some(query) = request.queries.first().cloned() else {
+            continue;
+        };
+        let reuse = question_len.map(|len| (key.clone(), len));
+        match answerer.answer(&query, src.ip()) {
+            Reply::Now(records) => {
+                if respond(
+                    &socket,
+                    src,
+                    &request.metadata,
+                    &query,
+                    edns.as_ref(),
+                    &records,
+                    &mut out,
+                ) {
+                    remember(cache, reuse, &out, &records);
+                }
+            }
+            Reply::Forward => {
+                let answerer = answerer.clone();
+                let socket = socket.clone();
+                let cache = cache.clone();
+                runtime.spawn(async move {
+                    let records = answerer.forward(&query).await;
+                    let mut out = Vec::with_capacity(1500);
+                    if respond(
+                        &socket,
+                        src,
+                        &request.metadata,
+                        &query,
+                        edns.as_ref(),
+                        &records,
+                        &mut out,
+                    ) {
+                        remember(&cache, reuse, &out, &records);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Keeps an encoded answer for the next identical question, if it may be reused.
+fn remember(cache: &WireCache, reuse: Option<(Vec<u8>, usize)>, encoded: &[u8], records: &Records) {
+    if let Some((key, question_len)) = reuse
+        && let Some(stored) = Stored::from_answer(encoded, question_len, records.cache)
+    {
+        cache.put(key, stored);
+    }
+}
+
+/// Decodes a request; answers malformed or unsupported ones (FORMERR, NOTIMP) itself
+/// and returns `None` for them (and drops what is not even a DNS header).
+fn parse(
+    packet: &[u8],
+    src: SocketAddr,
+    socket: &UdpSocket,
+    out: &mut Vec<u8>,
+) -> Option<(Message, Option<Edns>)> {
+    let header = Header::read(&mut BinDecoder::new(packet)).ok()?;
+    if header.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let refuse = |code: ResponseCode, out: &mut Vec<u8>| {
+        let mut metadata = Metadata::response_from_request(&header.metadata);
+        metadata.response_code = code;
+        let header = Header {
+            metadata,
+            counts: HeaderCounts::default(),
+        };
+        out.clear();
+        let mut encoder = BinEncoder::new(out);
+        if hickory_server::proto::serialize::binary::BinEncodable::emit(&header, &mut encoder)
+            .is_ok()
+        {
+            let _ = socket.send_to(out, src);
+        }
+    };
+    let message = match Message::from_vec(packet) {
+        Ok(m) => m,
+        Err(e) => {
+            debug!(%src, error = %e, "malformed DNS query");
+            refuse(ResponseCode::FormErr, out);
+            return None;
+        }
+    };
+    if message.metadata.op_code != OpCode::Query {
+        refuse(ResponseCode::NotImp, out);
+        return None;
+    }
+    if message.queries.len() != 1 {
+        refuse(ResponseCode::FormErr, out);
+        return None;
+    }
+    let edns = response_edns(message.edns.as_ref());
+    Some((message, edns))
+}
+
+/// Encodes and sends an answer, truncated (TC) to the client's buffer size; `false`
+/// if it could not be encoded.
+fn respond(
+    socket: &UdpSocket,
+    dst: SocketAddr,
+    request: &Metadata,
+    query: &Query,
+    edns: Option<&Edns>,
+    records: &Records,
+    out: &mut Vec<u8>,
+) -> bool {
+    let mut metadata = Metadata::response_from_request(request);
+    metadata.recursion_available = true;
+    metadata.authoritative = records.authoritative;
+    metadata.response_code = records.rcode;
+    out.clear();
+    let mut encoder = BinEncoder::new(out);
+    encoder.set_max_size(
+        edns.map(Edns::max_payload)
+            .unwrap_or(512)
+            .min(MAX_UDP_PAYLOAD),
+    );
+    let encoded = emit_message_parts(
+        &metadata,
+        &mut std::iter::once(query),
+        &mut records.answers.iter(),
+        &mut records.authorities.iter(),
+        &mut records.additionals.iter(),
+        edns,
+        None,
+        &mut encoder,
+    );
+    match encoded {
+        Ok(_) => {
+            let _ = socket.send_to(out, dst);
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot encode DNS answer");
+            false
+        }
+    }
+}

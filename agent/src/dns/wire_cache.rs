@@ -1,0 +1,224 @@
+//! Encoded answers, reused for identical questions: the UDP fast path. A repeated
+//! question is answered by copying the request's header id and question and appending
+//! the stored bytes, without decoding or encoding any DNS structure.
+//!
+//! Safe because everything after the question depends only on the question (compared
+//! case-insensitively), the client's buffer size and the zone generation (or, for
+//! forwarded answers, a short expiry), and because answer names in the stored bytes
+//! point back at the question by offset, so they echo the client's spelling.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Instant;
+
+use super::CacheScope;
+
+/// Header flag bits copied from the request into a reused answer.
+const RD: u16 = 0x0100;
+const CD: u16 = 0x0010;
+
+/// The parts of a request the fast path needs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Question<'a> {
+    /// The question section as sent (name + type + class).
+    pub raw: &'a [u8],
+    /// Request flags (second header word).
+    pub flags: u16,
+    /// The client's UDP buffer from EDNS, if it sent an OPT record.
+    pub edns_payload: Option<u16>,
+}
+
+/// Reads a plain query (one question, no answer or authority records, at most an
+/// OPT record); anything else returns `None` and takes the general path.
+pub fn question(packet: &[u8]) -> Option<Question<'_>> {
+    if packet.len() < 12 {
+        return None;
+    }
+    let word = |i: usize| u16::from_be_bytes([packet[i], packet[i + 1]]);
+    let flags = word(2);
+    // QR=0, OPCODE=0.
+    if flags & 0xf800 != 0 {
+        return None;
+    }
+    if word(4) != 1 || word(6) != 0 || word(8) != 0 || word(10) > 1 {
+        return None;
+    }
+    let mut i = 12;
+    loop {
+        let len = usize::from(*packet.get(i)?);
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len > 63 {
+            return None; // compression or extended labels: not in a plain question
+        }
+        i += 1 + len;
+    }
+    let end = i + 4;
+    if end > packet.len() {
+        return None;
+    }
+    let raw = &packet[12..end];
+    let edns_payload = if word(10) == 1 {
+        // The OPT record: root name, type 41, class = payload size.
+        let opt = packet.get(end..end + 11)?;
+        if opt[0] != 0 || u16::from_be_bytes([opt[1], opt[2]]) != 41 {
+            return None;
+        }
+        Some(u16::from_be_bytes([opt[3], opt[4]]))
+    } else {
+        None
+    };
+    Some(Question {
+        raw,
+        flags,
+        edns_payload,
+    })
+}
+
+/// The cache key of a question: lower-cased question plus the answer size limit.
+pub fn key(q: &Question<'_>, max_size: u16, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend(q.raw.iter().map(u8::to_ascii_lowercase));
+    out.extend_from_slice(&max_size.to_be_bytes());
+    out.push(u8::from(q.edns_payload.is_some()));
+}
+
+/// A stored answer: everything after the question.
+#[derive(Debug)]
+pub struct Stored {
+    scope: CacheScope,
+    /// Answer flags without the request's RD/CD bits.
+    flags: u16,
+    /// Answer, authority and additional counts.
+    counts: [u8; 6],
+    tail: Vec<u8>,
+}
+
+impl Stored {
+    /// Cuts a freshly encoded answer to `q` into what can be reused.
+    pub fn from_answer(answer: &[u8], question_len: usize, scope: CacheScope) -> Option<Self> {
+        if scope == CacheScope::No || answer.len() < 12 + question_len {
+            return None;
+        }
+        let flags = u16::from_be_bytes([answer[2], answer[3]]) & !(RD | CD);
+        let mut counts = [0u8; 6];
+        counts.copy_from_slice(&answer[6..12]);
+        Some(Self {
+            scope,
+            flags,
+            counts,
+            tail: answer[12 + question_len..].to_vec(),
+        })
+    }
+
+    /// Whether it may answer now, in zone `generation`, for a client that may or may
+    /// not use the forwarder.
+    pub fn usable(&self, generation: u64, may_forward: impl FnOnce() -> bool) -> bool {
+        match self.scope {
+            CacheScope::Zone(g) => g == generation,
+            CacheScope::Forwarded(until) => Instant::now() < until && may_forward(),
+            CacheScope::No => false,
+        }
+    }
+
+    /// Writes the answer to a request with id `id` and question `q` into `out`.
+    pub fn write(&self, request: &[u8], q: &Question<'_>, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&request[0..2]);
+        out.extend_from_slice(&(self.flags | (q.flags & (RD | CD))).to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&self.counts);
+        out.extend_from_slice(q.raw);
+        out.extend_from_slice(&self.tail);
+    }
+}
+
+/// The shared store, bounded: when full it starts over (answers are cheap to redo).
+pub struct WireCache {
+    entries: RwLock<HashMap<Vec<u8>, std::sync::Arc<Stored>>>,
+    max_entries: usize,
+}
+
+impl WireCache {
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            entries: RwLock::new(HashMap::new()),
+            max_entries,
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<std::sync::Arc<Stored>> {
+        self.entries.read().ok()?.get(key).cloned()
+    }
+
+    pub fn put(&self, key: Vec<u8>, stored: Stored) {
+        if let Ok(mut entries) = self.entries.write() {
+            if entries.len() >= self.max_entries {
+                entries.clear();
+            }
+            entries.insert(key, std::sync::Arc::new(stored));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A query for `WeB.x` A, id 0x1234, RD, with an EDNS OPT (payload 1232).
+    fn query() -> Vec<u8> {
+        let mut p = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
+        p.extend_from_slice(&[3, b'W', b'e', b'B', 1, b'x', 0, 0, 1, 0, 1]);
+        p.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        p
+    }
+
+    #[test]
+    fn parses_plain_queries_only() {
+        let p = query();
+        let q = question(&p).unwrap();
+        assert_eq!(q.raw, &p[12..23]);
+        assert_eq!(q.edns_payload, Some(1232));
+        assert_eq!(q.flags, 0x0100);
+        let mut response = p.clone();
+        response[2] |= 0x80;
+        assert!(question(&response).is_none(), "a response is not a query");
+        let mut two = p.clone();
+        two[5] = 2;
+        assert!(question(&two).is_none());
+        assert!(question(&p[..15]).is_none());
+    }
+
+    #[test]
+    fn keys_ignore_case_and_reuse_echoes_the_request() {
+        let p = query();
+        let q = question(&p).unwrap();
+        let (mut k1, mut k2) = (Vec::new(), Vec::new());
+        key(&q, 1232, &mut k1);
+        let mut upper = p.clone();
+        upper[13] = b'w';
+        key(&question(&upper).unwrap(), 1232, &mut k2);
+        assert_eq!(k1, k2);
+
+        // An encoded answer: header (aa, rd), the question, one answer (pointer to 12).
+        let mut answer = vec![0x12, 0x34, 0x85, 0x00, 0, 1, 0, 1, 0, 0, 0, 0];
+        answer.extend_from_slice(q.raw);
+        let tail = [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 10, 96, 0, 10];
+        answer.extend_from_slice(&tail);
+        let stored = Stored::from_answer(&answer, q.raw.len(), CacheScope::Zone(7)).unwrap();
+        assert!(stored.usable(7, || false) && !stored.usable(8, || false));
+        let mut out = Vec::new();
+        let mut second = upper.clone();
+        second[0] = 0xab;
+        second[2] = 0x00; // no RD this time
+        let q2 = question(&second).unwrap();
+        stored.write(&second, &q2, &mut out);
+        assert_eq!(&out[0..2], &[0xab, 0x34]);
+        assert_eq!(u16::from_be_bytes([out[2], out[3]]) & RD, 0);
+        assert_eq!(&out[12..23], q2.raw, "the client's own spelling");
+        assert_eq!(&out[23..], &tail);
+        assert!(Stored::from_answer(&answer, q.raw.len(), CacheScope::No).is_none());
+    }
+}
