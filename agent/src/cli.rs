@@ -12,6 +12,7 @@ use crate::backend::ebpf::EbpfConfig;
 use crate::backend::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
 use crate::node::NodePortAddresses;
+use crate::source::kube::ClusterAccess;
 
 /// Ferry: kube-proxy and cluster DNS for Kubernetes nodes, in one agent.
 #[derive(Debug, Parser)]
@@ -56,7 +57,12 @@ pub enum InspectWhat {
 #[derive(Debug, Args)]
 pub struct BpfArgs {
     /// bpffs directory holding Ferry's pinned maps and links.
-    #[arg(long, default_value = "/sys/fs/bpf/ferry", value_name = "DIR")]
+    #[arg(
+        long,
+        default_value = "/sys/fs/bpf/ferry",
+        value_name = "DIR",
+        env = "FERRY_BPF_PIN_PATH"
+    )]
     pub bpf_pin_path: PathBuf,
 }
 
@@ -74,75 +80,100 @@ pub enum Mode {
 pub struct RunArgs {
     /// Directory of Kubernetes manifests (Services, EndpointSlices, Nodes) to serve
     /// instead of a cluster; watched for changes.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FERRY_MANIFESTS")]
     pub manifests: Option<PathBuf>,
     /// Kubeconfig for watching a real cluster.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "FERRY_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Data plane.
-    #[arg(long, value_enum, default_value = "ebpf")]
+    #[arg(long, value_enum, default_value = "ebpf", env = "FERRY_MODE")]
     pub mode: Mode,
     /// This node's name (endpoint locality, Node object). Default: the host name.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_NODE_NAME")]
     pub node_name: Option<String>,
     /// Pod CIDRs, comma-separated; traffic to ClusterIPs from outside them is
     /// masqueraded.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CIDR",
+        env = "FERRY_CLUSTER_CIDR"
+    )]
     pub cluster_cidr: Vec<IpNetwork>,
     /// Where NodePorts answer: `primary` (default: the node's primary addresses) or
     /// CIDRs, comma-separated (127.0.0.0/8 only when listed).
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CIDR",
+        env = "FERRY_NODEPORT_ADDRESSES"
+    )]
     pub nodeport_addresses: Vec<String>,
     /// cgroup v2 the eBPF socket hooks attach to. Default: the cgroup2 mount root.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "FERRY_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// Address to serve cluster DNS on, e.g. 169.254.20.10:53. Default: off.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", env = "FERRY_DNS_LISTEN")]
     pub dns_listen: Option<SocketAddr>,
     /// Cluster DNS domain.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, default_value = "cluster.local", env = "FERRY_CLUSTER_DOMAIN")]
     pub cluster_domain: String,
     /// Upstream resolvers for names outside the cluster, IP[:PORT] comma-separated.
     /// Default: the nameservers of /etc/resolv.conf (never this server itself).
-    #[arg(long, value_delimiter = ',', value_name = "IP[:PORT]", value_parser = crate::dns::parse_upstream)]
+    #[arg(long, value_delimiter = ',', value_name = "IP[:PORT]", value_parser = crate::dns::parse_upstream, env = "FERRY_DNS_UPSTREAM")]
     pub dns_upstream: Vec<SocketAddr>,
     /// TTL of cluster records, in seconds (CoreDNS's default is 5).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, env = "FERRY_DNS_TTL")]
     pub dns_ttl: u32,
     /// Answers kept by the forwarding cache.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "FERRY_DNS_CACHE_SIZE")]
     pub dns_cache_size: usize,
     /// Extra client CIDRs allowed to use the forwarder (pods of --cluster-cidr, the
     /// node itself and loopback always are): keeps the node from being an open
     /// resolver.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CIDR",
+        env = "FERRY_DNS_FORWARD_ALLOW"
+    )]
     pub dns_forward_allow: Vec<IpNetwork>,
     /// Health endpoint (/healthz, /livez). Empty to disable.
-    #[arg(long, default_value = "0.0.0.0:10256", value_name = "ADDR:PORT")]
+    #[arg(
+        long,
+        default_value = "0.0.0.0:10256",
+        value_name = "ADDR:PORT",
+        env = "FERRY_HEALTHZ_BIND_ADDRESS"
+    )]
     pub healthz_bind_address: String,
     /// Metrics endpoint (/metrics). Empty to disable.
-    #[arg(long, default_value = "127.0.0.1:10249", value_name = "ADDR:PORT")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:10249",
+        value_name = "ADDR:PORT",
+        env = "FERRY_METRICS_BIND_ADDRESS"
+    )]
     pub metrics_bind_address: String,
     /// How often to check that programmed state is intact (e.g. 30s, 1m).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "FERRY_SYNC_PERIOD")]
     pub sync_period: Duration,
     /// Full resync at least this often.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "FERRY_FULL_SYNC_PERIOD")]
     pub full_sync_period: Duration,
     #[command(flatten)]
     pub bpf: BpfArgs,
     /// eBPF map size: service frontends (and ClusterIPs).
-    #[arg(long, default_value_t = MapSizes::default().frontends)]
+    #[arg(long, default_value_t = MapSizes::default().frontends, env = "FERRY_BPF_MAX_FRONTENDS")]
     pub bpf_max_frontends: u32,
     /// eBPF map size: distinct backends.
-    #[arg(long, default_value_t = MapSizes::default().backends)]
+    #[arg(long, default_value_t = MapSizes::default().backends, env = "FERRY_BPF_MAX_BACKENDS")]
     pub bpf_max_backends: u32,
     /// eBPF map size: ClientIP affinity entries.
-    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    #[arg(long, default_value_t = MapSizes::default().affinity, env = "FERRY_BPF_MAX_AFFINITY")]
     pub bpf_max_affinity: u32,
     /// eBPF map size: sockets whose service address is remembered for
     /// recvmsg/getpeername.
-    #[arg(long, default_value_t = MapSizes::default().sockets)]
+    #[arg(long, default_value_t = MapSizes::default().sockets, env = "FERRY_BPF_MAX_SOCKETS")]
     pub bpf_max_sockets: u32,
 }
 
@@ -160,10 +191,19 @@ pub enum DataPlane {
     Iptables,
 }
 
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests.
+    Manifests(PathBuf),
+    /// A Kubernetes API server.
+    Cluster(ClusterAccess),
+}
+
 /// Validated settings of `ferry run`.
 #[derive(Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub data_plane: DataPlane,
     pub node_name: String,
     pub cluster_cidrs: Vec<IpNetwork>,
@@ -180,13 +220,18 @@ impl RunArgs {
     /// Checks the flags and turns them into settings; errors say what to change.
     pub fn into_config(self) -> anyhow::Result<RunConfig> {
         use anyhow::{anyhow, bail};
-        if self.kubeconfig.is_some() {
-            bail!(
-                "--kubeconfig: watching a Kubernetes API server is not implemented yet; use --manifests DIR"
-            );
-        }
-        let Some(manifests) = self.manifests else {
-            bail!("--manifests DIR is required (the Kubernetes API source is not implemented yet)");
+        let source = match (self.manifests, self.kubeconfig) {
+            (Some(_), Some(_)) => {
+                bail!("--manifests and --kubeconfig exclude each other: pick one source")
+            }
+            (Some(dir), None) => SourceConfig::Manifests(dir),
+            (None, Some(path)) => SourceConfig::Cluster(ClusterAccess::Kubeconfig(path)),
+            (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                SourceConfig::Cluster(ClusterAccess::InCluster)
+            }
+            (None, None) => bail!(
+                "no source: pass --manifests DIR or --kubeconfig PATH (or run in a cluster, where the service account is used)"
+            ),
         };
         let data_plane = match self.mode {
             Mode::Iptables => {
@@ -252,7 +297,7 @@ impl RunArgs {
         };
         let nodeport_addresses = parse_nodeport_addresses(&self.nodeport_addresses)?;
         Ok(RunConfig {
-            manifests,
+            source,
             data_plane,
             node_name,
             cluster_cidrs: self.cluster_cidr,
@@ -397,9 +442,18 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_flags_fail_clearly() {
-        let err = parse(&["--kubeconfig", "/k"]).unwrap_err();
-        assert!(err.contains("not implemented"), "{err}");
+    fn sources() {
+        let c = parse(&["--kubeconfig", "/k", "--mode", "iptables"]).unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::Cluster(ClusterAccess::Kubeconfig(_))
+        ));
+        let err = parse(&["--kubeconfig", "/k", "--manifests", "/m"]).unwrap_err();
+        assert!(err.contains("exclude"), "{err}");
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            let err = parse(&["--mode", "iptables"]).unwrap_err();
+            assert!(err.contains("no source"), "{err}");
+        }
     }
 
     #[test]

@@ -10,13 +10,13 @@ use crate::backend::Backend;
 use crate::backend::ebpf::{EbpfBackend, inspect, loader};
 use crate::backend::iptables::IptablesBackend;
 use crate::backend::iptables::render::Scope;
-use crate::cli::{DataPlane, RunConfig};
+use crate::cli::{DataPlane, RunConfig, SourceConfig};
 use crate::dns::{self, ClusterDns};
 use crate::health::{Health, serve_health, serve_metrics};
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
 use crate::proxy::{ProxyConfig, ProxyLoop};
-use crate::source::manifests;
+use crate::source::{self, manifests};
 
 /// IP families this network namespace can program.
 fn families() -> Vec<IpFamily> {
@@ -72,7 +72,14 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         None => None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let _watcher = manifests::spawn(config.manifests.clone(), tx)?;
+    let _watcher = match &config.source {
+        SourceConfig::Manifests(dir) => Some(manifests::spawn(dir.clone(), tx)?),
+        SourceConfig::Cluster(access) => {
+            let client = runtime.block_on(source::kube::client(access))?;
+            runtime.spawn(source::kube::run(client, config.node_name.clone(), tx));
+            None
+        }
+    };
     let mut proxy = ProxyLoop::new(
         ProxyConfig {
             node_name: config.node_name,

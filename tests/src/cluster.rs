@@ -155,6 +155,8 @@ pub struct Cluster {
     agent: Option<Agent>,
     agent_runs: u32,
     manifests: PathBuf,
+    /// Watch an API server through this kubeconfig instead of the manifest directory.
+    kubeconfig: Option<PathBuf>,
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
@@ -302,6 +304,7 @@ impl Cluster {
             agent: None,
             agent_runs: 0,
             manifests: dir.join("manifests"),
+            kubeconfig: None,
             dir,
         }
     }
@@ -331,6 +334,20 @@ impl Cluster {
     /// The manifest directory the agent watches.
     pub fn manifest_dir(&self) -> PathBuf {
         self.manifests.clone()
+    }
+
+    /// Makes the agent watch a Kubernetes API server (kubeconfig text) instead of
+    /// the manifest directory.
+    pub fn use_kubeconfig(&mut self, kubeconfig: &str) {
+        let path = self.dir.join("kubeconfig");
+        std::fs::write(&path, kubeconfig).expect("write kubeconfig");
+        self.kubeconfig = Some(path);
+    }
+
+    /// Runs `f` on a thread inside the node's network namespace; threads it starts
+    /// stay there (how the fake API server runs "on the node").
+    pub fn in_node<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.node.run_in(f)
     }
 
     /// Makes the agent watch another directory (the demo serves `examples/`).
@@ -369,18 +386,28 @@ impl Cluster {
         self.start_agent_with(&[]);
     }
 
-    /// Starts the agent with extra flags.
+    /// Starts the agent with extra flags and waits until it reports healthy.
     pub fn start_agent_with(&mut self, extra: &[&str]) {
+        self.spawn_agent(extra);
+        self.wait_healthy();
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn_agent(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let log_path = self.dir.join(format!("agent-{}.log", self.agent_runs));
         self.agent_runs += 1;
         let log = std::fs::File::create(&log_path).expect("create agent log");
         let manifests = self.manifest_dir();
+        let source = match &self.kubeconfig {
+            Some(path) => ["--kubeconfig".to_string(), path.display().to_string()],
+            None => ["--manifests".to_string(), manifests.display().to_string()],
+        };
         let mut args: Vec<String> = vec![
             "-v".into(),
             "run".into(),
-            "--manifests".into(),
-            manifests.display().to_string(),
+            source[0].clone(),
+            source[1].clone(),
             "--mode".into(),
             self.mode.flag().into(),
             "--node-name".into(),
@@ -411,6 +438,10 @@ impl Cluster {
             .spawn()
             .expect("spawn ferry");
         self.agent = Some(Agent { child });
+    }
+
+    /// Waits until the agent reports healthy (its first sync is done).
+    pub fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
             if let Some(agent) = &mut self.agent

@@ -4,6 +4,7 @@
 //! Used by the integration tests in `tests/`, and by `cargo xtask run` (the demo) and
 //! `cargo xtask bench`. Needs root.
 
+pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
 pub mod dig;

@@ -6,6 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{Kind, ObjectRef};
 
+pub mod kube;
 pub mod manifests;
 
 /// An object the model consumes.

@@ -1,0 +1,175 @@
+//! The Kubernetes API source: list+watch of Services, EndpointSlices and this node's
+//! Node object through kube-rs watchers (bookmarks, resume from the last resource
+//! version, relist on 410 Gone, backoff on errors).
+//!
+//! A relist is buffered until it is complete and then turned into applies and
+//! deletes against what was known before, so the data plane is never reprogrammed
+//! from half a list; while the API server is unreachable nothing is sent, so the
+//! programmed state stays exactly as it was.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+
+use anyhow::Context as _;
+use futures_util::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use super::{Object, SourceEvent};
+use crate::model::{Kind, ObjectRef};
+
+/// Where the cluster is.
+#[derive(Clone, Debug)]
+pub enum ClusterAccess {
+    Kubeconfig(PathBuf),
+    /// The pod's service account (in-cluster).
+    InCluster,
+}
+
+/// Builds a client for `access`.
+pub async fn client(access: &ClusterAccess) -> anyhow::Result<Client> {
+    let config = match access {
+        ClusterAccess::Kubeconfig(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        ClusterAccess::InCluster => {
+            kube::Config::incluster().context("reading the in-cluster service account")?
+        }
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// One watched kind's events, as the model sees them.
+enum Change {
+    Apply(Object),
+    Delete(ObjectRef),
+    Restart,
+    Listed,
+}
+
+fn changes<K, F>(
+    kind: Kind,
+    api: Api<K>,
+    config: watcher::Config,
+    wrap: F,
+) -> impl Stream<Item = (Kind, Change)> + Send
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(K) -> Object + Send + Sync + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let change = match event {
+                Ok(Event::Init) => Some(Change::Restart),
+                Ok(Event::InitApply(obj) | Event::Apply(obj)) => Some(Change::Apply(wrap(obj))),
+                Ok(Event::InitDone) => Some(Change::Listed),
+                Ok(Event::Delete(obj)) => Some(Change::Delete(wrap(obj).object_ref())),
+                Err(e) => {
+                    warn!(kind = kind.as_str(), error = %e, "watch failed; retrying with backoff, programmed state unchanged");
+                    None
+                }
+            };
+            std::future::ready(change.map(|c| (kind, c)))
+        })
+}
+
+/// What the source knows per kind, to turn a relist into deletes.
+#[derive(Default)]
+struct KindState {
+    known: HashSet<ObjectRef>,
+    /// Objects of a relist in progress; `Some` between Init and InitDone.
+    relist: Option<Vec<Object>>,
+    listed_once: bool,
+}
+
+/// Watches the cluster until the agent stops; sends [`SourceEvent`]s to `tx`.
+pub async fn run(client: Client, node_name: String, tx: Sender<SourceEvent>) {
+    let services = changes(
+        Kind::Service,
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        |s| Object::Service(Box::new(s)),
+    );
+    let slices = changes(
+        Kind::EndpointSlice,
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        |s| Object::EndpointSlice(Box::new(s)),
+    );
+    let nodes = changes(
+        Kind::Node,
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        |n| Object::Node(Box::new(n)),
+    );
+    let mut all =
+        futures_util::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]);
+    let mut states: HashMap<Kind, KindState> = HashMap::new();
+    let mut synced = false;
+    while let Some((kind, change)) = all.next().await {
+        let state = states.entry(kind).or_default();
+        let mut out: Vec<SourceEvent> = Vec::new();
+        match change {
+            Change::Restart => state.relist = Some(Vec::new()),
+            Change::Apply(object) => match state.relist.as_mut() {
+                Some(buffer) => buffer.push(object),
+                None => {
+                    state.known.insert(object.object_ref());
+                    out.push(SourceEvent::Apply {
+                        object,
+                        origin: "api".into(),
+                    });
+                }
+            },
+            Change::Delete(r) => {
+                state.known.remove(&r);
+                out.push(SourceEvent::Delete(r));
+            }
+            Change::Listed => {
+                let listed = state.relist.take().unwrap_or_default();
+                let now: HashSet<ObjectRef> = listed.iter().map(Object::object_ref).collect();
+                for gone in state.known.difference(&now) {
+                    out.push(SourceEvent::Delete(gone.clone()));
+                }
+                info!(
+                    kind = kind.as_str(),
+                    objects = listed.len(),
+                    deleted = state.known.difference(&now).count(),
+                    "listed"
+                );
+                out.extend(listed.into_iter().map(|object| SourceEvent::Apply {
+                    object,
+                    origin: "api".into(),
+                }));
+                state.known = now;
+                state.listed_once = true;
+            }
+        }
+        if !synced
+            && [Kind::Service, Kind::EndpointSlice, Kind::Node]
+                .iter()
+                .all(|k| states.get(k).is_some_and(|s| s.listed_once))
+        {
+            synced = true;
+            out.push(SourceEvent::Synced);
+        }
+        for event in out {
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The deployment manifests parse as the Kubernetes kinds they claim to be, and their
+//! settings match what the agent understands. (That the RBAC covers exactly the API
+//! requests the agent makes is checked against a live agent in `kube_api.rs`.)
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+
+fn documents() -> Vec<serde_yaml::Value> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ferry.yaml"))
+            .expect("deploy/ferry.yaml");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("valid YAML"))
+        .collect()
+}
+
+fn one<T: serde::de::DeserializeOwned>(kind: &str) -> T {
+    let docs: Vec<serde_yaml::Value> = documents()
+        .into_iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect();
+    assert_eq!(docs.len(), 1, "exactly one {kind}");
+    serde_yaml::from_value(docs[0].clone())
+        .unwrap_or_else(|e| panic!("{kind} does not fit the schema: {e}"))
+}
+
+#[test]
+fn every_document_is_a_known_kind() {
+    let kinds: Vec<String> = documents()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet"
+        ]
+    );
+    let _: ServiceAccount = one("ServiceAccount");
+    let role: ClusterRole = one("ClusterRole");
+    let binding: ClusterRoleBinding = one("ClusterRoleBinding");
+    assert_eq!(
+        binding.role_ref.name,
+        role.metadata.name.clone().unwrap_or_default()
+    );
+    let verbs: Vec<&String> = role.rules.iter().flatten().flat_map(|r| &r.verbs).collect();
+    assert!(
+        verbs.iter().all(|v| *v == "list" || *v == "watch"),
+        "read-only: {verbs:?}"
+    );
+}
+
+#[test]
+fn daemonset_runs_like_kube_proxy() {
+    let ds: DaemonSet = one("DaemonSet");
+    let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("ferry"));
+    assert!(
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists"))
+    );
+    let c = &pod.containers[0];
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|h| h.path.clone().unwrap_or_default())
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
+    let mounts: Vec<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/host/cgroup"),
+        "{mounts:?}"
+    );
+    let caps = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
+    assert!(
+        caps.contains(&"NET_ADMIN".to_string()) && caps.contains(&"BPF".to_string()),
+        "{caps:?}"
+    );
+}
+
+#[test]
+fn configmap_keys_are_flags_the_agent_reads() {
+    let cm: ConfigMap = one("ConfigMap");
+    let help = std::process::Command::new(ferry_tests::cluster::bin_dir().join("ferry"))
+        .args(["run", "--help"])
+        .output()
+        .expect("ferry run --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for key in cm.data.unwrap_or_default().keys() {
+        assert!(
+            help.contains(&format!("[env: {key}=")),
+            "ConfigMap key {key} is not a ferry run flag:\n{help}"
+        );
+    }
+}

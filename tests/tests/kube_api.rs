@@ -1,0 +1,200 @@
+//! The Kubernetes API source against a fake API server running on the node: initial
+//! list, changes flowing to the data plane, dropped watches, 410 Gone, outages.
+
+use std::time::Duration;
+
+use ferry_tests::apiserver::{FakeApi, Kind};
+use ferry_tests::manifests::{Service, ep, port, slice};
+use ferry_tests::{Cluster, From, Mode};
+
+const WAIT: Duration = Duration::from_secs(15);
+const API: &str = "127.0.0.1:6443";
+
+fn web_service() -> String {
+    Service::new("web")
+        .cluster_ip("10.96.0.10")
+        .port(port("http", "TCP", 80))
+        .yaml()
+}
+
+fn web_slice(c: &Cluster, pods: &[&str]) -> String {
+    let eps: Vec<_> = pods.iter().map(|p| ep(&c.pod(p).ip)).collect();
+    slice("web-1", "web", "IPv4", &[port("http", "TCP", 8080)], &eps)
+}
+
+/// A node whose agent watches the fake API server (already holding `web` on pod a).
+fn api_node() -> (Cluster, FakeApi) {
+    let mut c = Cluster::new(Mode::Iptables, &["a", "b", "client"]);
+    let api = c.in_node(|| FakeApi::start(API.parse().expect("addr")));
+    api.apply(&web_service());
+    api.apply(&web_slice(&c, &["a"]));
+    api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: z1}}\n");
+    api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n");
+    c.use_kubeconfig(&api.kubeconfig());
+    c.start_agent();
+    (c, api)
+}
+
+fn reaches(c: &Cluster, pods: &[&str]) -> bool {
+    c.tcp(From::Pod("client"), "10.96.0.10:80", 20).pods() == pods
+}
+
+#[test]
+fn initial_list_then_changes_flow_to_the_data_plane() {
+    let (c, api) = api_node();
+    assert!(reaches(&c, &["a"]));
+    api.apply(&web_slice(&c, &["a", "b"]));
+    c.wait_for("endpoint b via watch", WAIT, || reaches(&c, &["a", "b"]));
+    api.delete(Kind::Service, "default", "web");
+    c.wait_for("service deleted via watch", WAIT, || {
+        c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0)
+            .successes()
+            == 0
+    });
+}
+
+#[test]
+fn dropped_watch_resumes_without_losing_changes() {
+    let (c, api) = api_node();
+    api.drop_watches();
+    // Changes made while the watchers reconnect are delivered from history.
+    api.apply(&web_slice(&c, &["b"]));
+    c.wait_for("change made during the reconnect", WAIT, || {
+        reaches(&c, &["b"])
+    });
+    assert!(
+        c.agent_log().matches("listed").count() <= 3,
+        "a resume must not relist:\n{}",
+        c.agent_log()
+    );
+}
+
+#[test]
+fn gone_history_leads_to_a_relist_including_deletions() {
+    let (c, api) = api_node();
+    api.apply(
+        &Service::new("old")
+            .cluster_ip("10.96.0.11")
+            .port(port("http", "TCP", 80))
+            .yaml(),
+    );
+    api.apply(&slice(
+        "old-1",
+        "old",
+        "IPv4",
+        &[port("http", "TCP", 8080)],
+        &[ep(&c.pod("a").ip)],
+    ));
+    c.wait_for("old service programmed", WAIT, || {
+        c.tcp(From::Pod("client"), "10.96.0.11:80", 1).successes() == 1
+    });
+    // While the watchers are away, things change and history is compacted: resuming
+    // gets 410 Gone and the source must relist, noticing the deletion.
+    api.set_down(true);
+    api.delete(Kind::Service, "default", "old");
+    api.apply(&web_slice(&c, &["b"]));
+    api.compact();
+    api.set_down(false);
+    c.wait_for("relist after 410", WAIT, || reaches(&c, &["b"]));
+    c.wait_for("deletion found by the relist", WAIT, || {
+        c.tcp_with(From::Pod("client"), "10.96.0.11:80", 1, 300, 0)
+            .successes()
+            == 0
+    });
+    let log = c.agent_log();
+    assert!(
+        log.matches(" listed").count() > 3,
+        "410 Gone must lead to a relist:\n{log}"
+    );
+}
+
+#[test]
+fn api_outage_keeps_the_last_state_serving() {
+    let (mut c, api) = api_node();
+    api.set_down(true);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        reaches(&c, &["a"]),
+        "the programmed state is untouched while the API is down"
+    );
+    assert!(c.agent_alive());
+    api.set_down(false);
+    api.apply(&web_slice(&c, &["a", "b"]));
+    c.wait_for("changes after the outage", WAIT, || {
+        reaches(&c, &["a", "b"])
+    });
+}
+
+#[test]
+fn service_proxy_name_label_is_honoured() {
+    let (c, api) = api_node();
+    api.apply(
+        &Service::new("web")
+            .cluster_ip("10.96.0.10")
+            .label("service.kubernetes.io/service-proxy-name", "other-proxy")
+            .port(port("http", "TCP", 80))
+            .yaml(),
+    );
+    c.wait_for("labelled service no longer proxied", WAIT, || {
+        c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0)
+            .successes()
+            == 0
+    });
+    api.apply(&web_service());
+    c.wait_for("label removed: proxied again", WAIT, || reaches(&c, &["a"]));
+}
+
+#[test]
+fn unhealthy_until_the_first_complete_view() {
+    let mut c = Cluster::new(Mode::Iptables, &["a", "client"]);
+    let api = c.in_node(|| FakeApi::start(API.parse().expect("addr")));
+    api.apply(&web_service());
+    api.apply(&web_slice(&c, &["a"]));
+    api.set_down(true);
+    c.use_kubeconfig(&api.kubeconfig());
+    c.spawn_agent(&[]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.healthz(), Some(503), "no complete view yet: not ready");
+    assert_eq!(
+        c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0)
+            .successes(),
+        0,
+        "nothing programmed from a partial view"
+    );
+    api.set_down(false);
+    c.wait_healthy();
+    assert!(reaches(&c, &["a"]));
+}
+
+/// The RBAC in deploy/ferry.yaml grants exactly what the agent asks the API for.
+#[test]
+fn rbac_in_deploy_matches_the_requests_made() {
+    let (c, api) = api_node();
+    api.apply(&web_slice(&c, &["a", "b"]));
+    c.wait_for("watching", WAIT, || reaches(&c, &["a", "b"]));
+    let made = api.requests();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ferry.yaml"))
+            .expect("deploy/ferry.yaml");
+    let mut granted = std::collections::BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+        if value["kind"].as_str() != Some("ClusterRole") {
+            continue;
+        }
+        for rule in value["rules"].as_sequence().expect("rules") {
+            for group in rule["apiGroups"].as_sequence().expect("groups") {
+                for resource in rule["resources"].as_sequence().expect("resources") {
+                    for verb in rule["verbs"].as_sequence().expect("verbs") {
+                        granted.insert((
+                            group.as_str().unwrap_or_default().to_owned(),
+                            resource.as_str().unwrap_or_default().to_owned(),
+                            verb.as_str().unwrap_or_default().to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(made, granted, "requests made vs. RBAC granted");
+}
