@@ -103,3 +103,45 @@ fn dual_stack_socket_reaches_ipv4_service() {
         "{r:?}"
     );
 }
+
+#[test]
+fn full_maps_are_counted_not_fatal() {
+    let mut c = Cluster::new(Mode::Ebpf, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let mut parts = Vec::new();
+    for i in 0..4 {
+        let name = format!("s{i}");
+        parts.push(
+            Service::new(&name)
+                .cluster_ip(&format!("10.96.1.{i}"))
+                .port(port("http", "TCP", 80))
+                .yaml(),
+        );
+        parts.push(slice(
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            &p,
+            &[ep(&c.pod("a").ip)],
+        ));
+    }
+    c.write_manifest("svc.yaml", &docs(&parts));
+    // Room for two frontends only.
+    c.start_agent_with(&["--bpf-max-frontends", "2"]);
+    let served = (0..4)
+        .filter(|i| {
+            c.tcp(From::Pod("client"), &format!("10.96.1.{i}:80"), 1)
+                .successes()
+                == 1
+        })
+        .count();
+    assert_eq!(served, 2, "the frontends that fit work");
+    let full = c.metric("ferry_ebpf_map_full_errors_total").unwrap_or(0.0);
+    assert!(
+        full >= 2.0,
+        "every refused frontend is counted: {}",
+        c.metrics()
+    );
+    assert!(c.agent_alive());
+    assert!(c.agent_log().contains("eBPF map full"), "and logged");
+}

@@ -152,9 +152,25 @@ fn unhealthy_until_the_first_complete_view() {
     api.apply(&web_slice(&c, &["a"]));
     api.set_down(true);
     c.use_kubeconfig(&api.kubeconfig());
-    c.spawn_agent(&[]);
+    let dns = format!("{}:53", ferry_tests::cluster::NODE_IP);
+    c.spawn_agent(&["--dns-listen", &dns, "--dns-upstream", "172.18.0.100:53"]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(c.healthz(), Some(503), "no complete view yet: not ready");
+    let dig = |c: &Cluster, name: &str| {
+        ferry_tests::dig::run(
+            c.pod_command("client", "dig"),
+            ferry_tests::cluster::NODE_IP,
+            name,
+            "A",
+            &[],
+        )
+    };
+    let early = dig(&c, "web.default.svc.cluster.local");
+    assert_eq!(
+        early.status, "SERVFAIL",
+        "no NXDOMAIN before the first complete view: {}",
+        early.raw
+    );
     assert_eq!(
         c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0)
             .successes(),
@@ -164,6 +180,10 @@ fn unhealthy_until_the_first_complete_view() {
     api.set_down(false);
     c.wait_healthy();
     assert!(reaches(&c, &["a"]));
+    assert_eq!(
+        dig(&c, "web.default.svc.cluster.local").data("A"),
+        ["10.96.0.10"]
+    );
 }
 
 /// The RBAC in deploy/ferry.yaml grants exactly what the agent asks the API for.

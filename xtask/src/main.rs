@@ -192,7 +192,8 @@ fn run_demo(mode: &str, manifests: &Path) -> anyhow::Result<()> {
     println!("Building demo node {DEMO_ID} (network namespaces {DEMO_ID}-*)...");
     let mut cluster = Cluster::named(mode, DEMO_ID, &DEMO_PODS);
     cluster.use_manifest_dir(&manifests);
-    cluster.start_agent();
+    let dns = format!("{}:53", ferry_tests::cluster::NODE_IP);
+    cluster.start_agent_with(&["--dns-listen", &dns]);
 
     let client = cluster.pod("client");
     println!(
@@ -222,10 +223,21 @@ fn run_demo(mode: &str, manifests: &Path) -> anyhow::Result<()> {
         ferry_tests::cluster::NODE_IP
     );
     println!(
-        "  sudo ip netns exec {DEMO_ID}-node iptables-save -t nat      # what Ferry programmed"
+        "  ./dev.sh exec client -- dig @{} web.demo.svc.cluster.local   # cluster DNS",
+        ferry_tests::cluster::NODE_IP
+    );
+    if mode == Mode::Ebpf {
+        println!(
+            "  sudo {} inspect services --bpf-pin-path {}   # what the eBPF maps hold",
+            cluster.bin("ferry").display(),
+            cluster.pin_dir().display()
+        );
+    }
+    println!(
+        "  sudo ip netns exec {DEMO_ID}-node iptables-save -t nat      # iptables rules (NodePorts; all services in iptables mode)"
     );
     println!(
-        "Edit {}/*.yaml and the data plane follows within milliseconds.",
+        "Edit {}/*.yaml and the data plane and DNS follow within milliseconds.",
         manifests.display()
     );
     println!(
