@@ -104,18 +104,24 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
     }))
 }
 
-/// Remembers which service address a socket asked for, for the reverse hooks.
+/// The reverse-map key of this socket talking to `backend`.
 #[inline(always)]
-pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
+fn reverse_key(ctx: &SockAddrContext, backend: Dest) -> ReverseKey {
     // SAFETY: the helper only reads the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let key = ReverseKey {
+    ReverseKey {
         cookie,
         addr: backend.addr,
         port: backend.port,
         family: backend.family,
         _pad: [0; 5],
-    };
+    }
+}
+
+/// Remembers which service address a socket asked for, for the reverse hooks.
+#[inline(always)]
+pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
+    let key = reverse_key(ctx, backend);
     let value = ReverseValue {
         addr: service.addr,
         port: service.port,
@@ -136,15 +142,7 @@ pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
 /// The service address a socket asked for, given the backend it talks to.
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext, backend: Dest) -> Option<Dest> {
-    // SAFETY: the helper only reads the socket behind the context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let key = ReverseKey {
-        cookie,
-        addr: backend.addr,
-        port: backend.port,
-        family: backend.family,
-        _pad: [0; 5],
-    };
+    let key = reverse_key(ctx, backend);
     // SAFETY: copied out at once.
     let value = (unsafe { REVERSE.get(&key) }).copied()?;
     count(stats::REVERSED);

@@ -523,6 +523,23 @@ impl Cluster {
         out
     }
 
+    /// Values of `field=N` in the agent log lines containing `marker` (the agent logs
+    /// its own timings, e.g. `dns updated ... latency_us=42`).
+    pub fn agent_log_values(&self, marker: &str, field: &str) -> Vec<u64> {
+        let key = format!("{field}=");
+        self.agent_log()
+            .lines()
+            .filter(|l| l.contains(marker))
+            .filter_map(|l| {
+                let rest = &l[l.find(&key)? + key.len()..];
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     /// GET on the agent's health port; the status code, or None if unreachable.
     pub fn healthz(&self) -> Option<u16> {
         self.http_get(10256, "/healthz").map(|(code, _)| code)

@@ -312,19 +312,7 @@ fn changes_are_visible_at_once() {
         n.dig("db.default.svc.cluster.local", "A").data("A").len() == 3
     });
     // The agent measures from the event reaching it to the zone answering with it.
-    let log = n.c.agent_log();
-    let latencies: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("dns updated"))
-        .filter_map(|l| {
-            l.split("latency_us=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let latencies = n.c.agent_log_values("dns updated", "latency_us");
     let last = *latencies.last().expect("dns update logged");
     assert!(
         last < 10_000,

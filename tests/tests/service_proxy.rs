@@ -644,43 +644,30 @@ fn health_and_metrics_endpoints(mode: Mode) {
     }
 }
 
-/// Generates one `#[test]` per scenario and data plane.
+/// Generates one `#[test]` per scenario and data plane: `iptables::name` and
+/// `ebpf::name`.
 macro_rules! scenarios {
-    ($module:ident, $mode:ident: $($name:ident),* $(,)?) => {
-        mod $module {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
             $(
                 #[test]
                 fn $name() {
-                    super::$name(ferry_tests::Mode::$mode);
+                    super::$name(ferry_tests::Mode::Iptables);
+                }
+            )*
+        }
+        mod ebpf {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ferry_tests::Mode::Ebpf);
                 }
             )*
         }
     };
 }
 
-scenarios!(iptables, Iptables:
-    clusterip_tcp_from_pod_and_node,
-    clusterip_ipv6,
-    clusterip_udp_replies_come_from_the_service,
-    tcp_peer_is_the_cluster_ip,
-    long_lived_udp_flow_follows_endpoint_removal,
-    nodeport_from_external_client,
-    no_endpoints_refuses_immediately,
-    endpoint_and_port_changes_take_effect,
-    deleting_a_service_stops_it,
-    invalid_manifests_next_to_valid_ones,
-    service_proxy_name_label_is_not_proxied,
-    hostile_names_cannot_inject,
-    session_affinity_sticks,
-    local_internal_policy_without_local_endpoints_drops,
-    health_and_metrics_endpoints,
-    session_affinity_expires,
-    killed_agent_keeps_serving_and_restarts_without_disruption,
-    unexposed_port_is_not_delivered,
-    cleanup_removes_everything,
-);
-
-scenarios!(ebpf, Ebpf:
+scenarios!(
     clusterip_tcp_from_pod_and_node,
     clusterip_ipv6,
     clusterip_udp_replies_come_from_the_service,

@@ -156,38 +156,14 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::{Backend, IpFamily, PlanKey, ServiceName, ServicePortName, Upsert};
+    use crate::model::Upsert;
+    use crate::model::plan::test_plan;
 
     fn plan(protocol: Protocol, backends: &[&str]) -> Arc<ServicePortPlan> {
-        Arc::new(ServicePortPlan {
-            key: PlanKey {
-                port: ServicePortName {
-                    service: ServiceName::new("ns", "dns"),
-                    port: String::new(),
-                    protocol,
-                },
-                family: IpFamily::V4,
-            },
-            cluster_ip: "10.96.0.10".parse().unwrap(),
-            port: 53,
-            node_port: Some(30053),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            affinity_timeout_seconds: None,
-            internal_policy_local: false,
-            external_policy_local: false,
-            health_check_node_port: None,
-            cluster_endpoints: backends
-                .iter()
-                .map(|ip| Backend {
-                    ip: ip.parse().unwrap(),
-                    port: 5353,
-                })
-                .collect(),
-            local_endpoints: vec![],
-            has_any_endpoints: !backends.is_empty(),
-        })
+        let endpoints: Vec<(&str, u16)> = backends.iter().map(|ip| (*ip, 5353)).collect();
+        let mut plan = test_plan(("ns", "dns", ""), protocol, "10.96.0.10", 53, &endpoints);
+        plan.node_port = Some(30053);
+        Arc::new(plan)
     }
 
     #[test]

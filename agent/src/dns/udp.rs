@@ -91,17 +91,14 @@ fn worker(
         let reuse = question_len.map(|len| (key.clone(), len));
         match answerer.answer(&query, src.ip()) {
             Reply::Now(records) => {
-                if respond(
-                    &socket,
-                    src,
-                    &request.metadata,
-                    &query,
-                    edns.as_ref(),
-                    &records,
-                    &mut out,
-                ) {
-                    remember(cache, reuse, &out, &records);
-                }
+                let sent = Sent {
+                    socket: &socket,
+                    dst: src,
+                    request: &request.metadata,
+                    query: &query,
+                    edns: edns.as_ref(),
+                };
+                sent.reply(&records, cache, reuse, &mut out);
             }
             Reply::Forward => {
                 let answerer = answerer.clone();
@@ -109,20 +106,48 @@ fn worker(
                 let cache = cache.clone();
                 runtime.spawn(async move {
                     let records = answerer.forward(&query).await;
-                    let mut out = Vec::with_capacity(1500);
-                    if respond(
-                        &socket,
-                        src,
-                        &request.metadata,
-                        &query,
-                        edns.as_ref(),
-                        &records,
-                        &mut out,
-                    ) {
-                        remember(&cache, reuse, &out, &records);
-                    }
+                    let sent = Sent {
+                        socket: &socket,
+                        dst: src,
+                        request: &request.metadata,
+                        query: &query,
+                        edns: edns.as_ref(),
+                    };
+                    sent.reply(&records, &cache, reuse, &mut Vec::with_capacity(1500));
                 });
             }
+        }
+    }
+}
+
+/// Where and to what an answer goes.
+struct Sent<'a> {
+    socket: &'a UdpSocket,
+    dst: SocketAddr,
+    request: &'a Metadata,
+    query: &'a Query,
+    edns: Option<&'a Edns>,
+}
+
+impl Sent<'_> {
+    /// Sends the answer and keeps it for reuse when it may be reused.
+    fn reply(
+        &self,
+        records: &Records,
+        cache: &WireCache,
+        reuse: Option<(Vec<u8>, usize)>,
+        out: &mut Vec<u8>,
+    ) {
+        if respond(
+            self.socket,
+            self.dst,
+            self.request,
+            self.query,
+            self.edns,
+            records,
+            out,
+        ) {
+            remember(cache, reuse, out, records);
         }
     }
 }

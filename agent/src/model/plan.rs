@@ -327,6 +327,49 @@ fn candidates(
     out
 }
 
+/// A plain plan for backend tests: `ns/name:port`, one ClusterIP, these cluster-wide
+/// endpoints, everything else off; tests change the fields they care about.
+#[cfg(test)]
+pub(crate) fn test_plan(
+    service: (&str, &str, &str),
+    protocol: Protocol,
+    cluster_ip: &str,
+    port: u16,
+    endpoints: &[(&str, u16)],
+) -> ServicePortPlan {
+    let (namespace, name, port_name) = service;
+    let cluster_endpoints: Vec<Backend> = endpoints
+        .iter()
+        .map(|(ip, port)| Backend {
+            ip: ip.parse().expect("test address"),
+            port: *port,
+        })
+        .collect();
+    ServicePortPlan {
+        key: PlanKey {
+            port: ServicePortName {
+                service: ServiceName::new(namespace, name),
+                port: port_name.into(),
+                protocol,
+            },
+            family: IpFamily::V4,
+        },
+        cluster_ip: cluster_ip.parse().expect("test address"),
+        port,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        affinity_timeout_seconds: None,
+        internal_policy_local: false,
+        external_policy_local: false,
+        health_check_node_port: None,
+        has_any_endpoints: !cluster_endpoints.is_empty(),
+        cluster_endpoints,
+        local_endpoints: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

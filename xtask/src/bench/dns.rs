@@ -324,29 +324,17 @@ pub fn run(
     }
 
     // Freshness: the agent logs how long each change took to reach the zone.
-    let before = c
-        .agent_log()
-        .lines()
-        .filter(|l| l.contains("dns updated"))
-        .count();
+    let before = c.agent_log_values("dns updated", "latency_us").len();
     for step in 1..=50 {
         c.write_manifest("churn.yaml", &workload::churn(per_service, step));
         std::thread::sleep(Duration::from_millis(30));
     }
     std::thread::sleep(Duration::from_millis(300));
     let mut latencies: Vec<f64> = c
-        .agent_log()
-        .lines()
-        .filter(|l| l.contains("dns updated"))
+        .agent_log_values("dns updated", "latency_us")
+        .into_iter()
         .skip(before)
-        .filter_map(|l| {
-            l.split("latency_us=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .map(|v| v as f64)
         .collect();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {

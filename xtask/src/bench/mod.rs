@@ -359,21 +359,6 @@ fn measure_ferry(mode: Mode, services: usize, duration: u64) -> anyhow::Result<V
     ))
 }
 
-/// Values of `field=` in the agent log lines that contain `marker`.
-fn log_values(log: &str, marker: &str, field: &str) -> Vec<u64> {
-    let key = format!("{field}=");
-    log.lines()
-        .filter(|l| l.contains(marker))
-        .filter_map(|l| {
-            let rest = &l[l.find(&key)? + key.len()..];
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -393,17 +378,18 @@ fn measure_scale(
     let started = Instant::now();
     c.start_agent();
     let ready_seconds = started.elapsed().as_secs_f64();
-    let full_sync_ms = log_values(&c.agent_log(), "full sync done", "took_ms")
+    let full_sync_ms = c
+        .agent_log_values("full sync done", "took_ms")
         .first()
         .copied()
         .unwrap_or(0);
     let mut latencies = Vec::new();
     for step in 1..=changes {
-        let before = log_values(&c.agent_log(), "sync done", "programming_us").len();
+        let before = c.agent_log_values("sync done", "programming_us").len();
         c.write_manifest("churn.yaml", &workload::churn(per_service, step));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let values = log_values(&c.agent_log(), "sync done", "programming_us");
+            let values = c.agent_log_values("sync done", "programming_us");
             if values.len() > before {
                 latencies.push(values[values.len() - 1] as f64 / 1000.0);
                 break;

@@ -131,35 +131,22 @@ pub fn frontends(plan: &ServicePortPlan) -> Vec<DesiredFrontend> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{IpFamily, PlanKey, Protocol, ServiceName, ServicePortName};
+    use crate::model::Protocol;
+    use crate::model::plan::test_plan;
 
     fn plan() -> ServicePortPlan {
-        ServicePortPlan {
-            key: PlanKey {
-                port: ServicePortName {
-                    service: ServiceName::new("ns", "web"),
-                    port: "http".into(),
-                    protocol: Protocol::Tcp,
-                },
-                family: IpFamily::V4,
-            },
-            cluster_ip: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            node_port: Some(30080),
-            external_ips: vec!["192.0.2.7".parse().unwrap()],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            affinity_timeout_seconds: Some(30),
-            internal_policy_local: true,
-            external_policy_local: false,
-            health_check_node_port: None,
-            cluster_endpoints: vec![Backend {
-                ip: "10.244.0.5".parse().unwrap(),
-                port: 8080,
-            }],
-            local_endpoints: vec![],
-            has_any_endpoints: true,
-        }
+        let mut plan = test_plan(
+            ("ns", "web", "http"),
+            Protocol::Tcp,
+            "10.96.0.10",
+            80,
+            &[("10.244.0.5", 8080)],
+        );
+        plan.node_port = Some(30080);
+        plan.external_ips = vec!["192.0.2.7".parse().unwrap()];
+        plan.affinity_timeout_seconds = Some(30);
+        plan.internal_policy_local = true;
+        plan
     }
 
     #[test]

@@ -557,7 +557,8 @@ impl BuiltinJump {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{PlanKey, Protocol, ServiceName, ServicePortName};
+    use crate::model::Protocol;
+    use crate::model::plan::test_plan;
 
     fn backend(ip: &str, port: u16) -> Backend {
         Backend {
@@ -567,29 +568,13 @@ mod tests {
     }
 
     fn plan() -> ServicePortPlan {
-        ServicePortPlan {
-            key: PlanKey {
-                port: ServicePortName {
-                    service: ServiceName::new("ns1", "svc1"),
-                    port: "p80".into(),
-                    protocol: Protocol::Tcp,
-                },
-                family: IpFamily::V4,
-            },
-            cluster_ip: "172.30.0.41".parse().unwrap(),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            affinity_timeout_seconds: None,
-            internal_policy_local: false,
-            external_policy_local: false,
-            health_check_node_port: None,
-            cluster_endpoints: vec![backend("10.180.0.1", 80), backend("10.180.0.2", 80)],
-            local_endpoints: vec![],
-            has_any_endpoints: true,
-        }
+        test_plan(
+            ("ns1", "svc1", "p80"),
+            Protocol::Tcp,
+            "172.30.0.41",
+            80,
+            &[("10.180.0.1", 80), ("10.180.0.2", 80)],
+        )
     }
 
     fn ctx() -> NodeContext {
