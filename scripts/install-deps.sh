@@ -2,7 +2,8 @@
 # Installs everything Ferry needs to build, run, test and benchmark on a Debian
 # machine (see ../shared/EBPF-TOOLCHAIN.md for why each toolchain piece is needed).
 # Idempotent: every step is skipped when what it installs is already present, so it is
-# cheap to run before every `run`/`test`.
+# cheap to run before every `run`/`test`. `--vm` also installs what `cargo xtask vm`
+# needs (QEMU and debootstrap, for the KVM test VM in vm-test/).
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -20,6 +21,9 @@ APT_PACKAGES=(
   dnsutils curl
   haproxy dnsperf knot unbound dnsmasq-base fonts-dejavu-core
 )
+if [ "${1:-}" = "--vm" ]; then
+  APT_PACKAGES+=(qemu-system-x86 debootstrap e2fsprogs)
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

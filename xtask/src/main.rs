@@ -6,9 +6,11 @@
 //! - `exec POD -- CMD`: runs a command inside a demo pod.
 //! - `test`: format check, clippy, unit tests and the netns integration tests.
 //! - `bench`: performance against the baselines, written to `bench/results/`.
+//! - `vm`: the test suite inside a virtual machine on Debian's 6.1 kernel.
 //! - `build`, `lint`.
 
 mod bench;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,6 +64,22 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run the test suite inside a virtual machine booting Debian bookworm's kernel
+    /// (needs root, qemu-system-x86 and debootstrap; KVM when the CPU offers it).
+    Vm {
+        /// Where the VM's root filesystem and disk image are cached.
+        #[arg(long, default_value = "/var/tmp/ferry-vm")]
+        cache: PathBuf,
+        /// Debian mirror for the root filesystem.
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// Stop the VM and fail after this many minutes.
+        #[arg(long, default_value_t = 45)]
+        timeout_minutes: u64,
+        /// Extra arguments for every test executable (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Format check and clippy with warnings as errors.
     Lint,
     /// Measure Ferry against its baselines (takes minutes; needs root).
@@ -104,6 +122,21 @@ fn main() -> anyhow::Result<()> {
             lint()?;
             build(false)?;
             cargo(&["test"], &args)
+        }
+        Task::Vm {
+            cache,
+            mirror,
+            timeout_minutes,
+            args,
+        } => {
+            require_root()?;
+            let options = vm::Options {
+                cache,
+                mirror,
+                timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+                test_args: args,
+            };
+            vm::run(&root, &options)
         }
         Task::Lint => lint(),
         Task::Bench {

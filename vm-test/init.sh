@@ -1,0 +1,28 @@
+#!/bin/sh
+# PID 1 of the test VM that `cargo xtask vm` boots (see vm-test/README.md): mounts
+# what the tests need, runs every test executable the host built, prints the result
+# line the host waits for, and powers off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mkdir -p /run/netns /sys/fs/cgroup /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+hostname ferry-vm
+ip link set lo up
+echo "ferry-vm: kernel $(uname -r)"
+
+rc=0
+args=$(cat /ferry-vm/test-args)
+while read -r t; do
+    echo "ferry-vm: running $t"
+    # shellcheck disable=SC2086 # the arguments are split on purpose
+    "$t" --test-threads=2 $args || rc=1
+done < /ferry-vm/tests
+echo "FERRY-VM-RESULT: $rc"
+sync
+echo o > /proc/sysrq-trigger
+sleep 10

@@ -1,0 +1,326 @@
+//! `cargo xtask vm`: the whole test suite inside a virtual machine (KVM, or QEMU's
+//! emulation where the host offers no hardware virtualisation).
+//!
+//! The VM boots Debian bookworm's own kernel (6.1 LTS, older than most development
+//! hosts), so the eBPF programs are verified and run on a distribution kernel users
+//! really have, and nothing a test does can touch the host's network. The root
+//! filesystem is made once with debootstrap and cached; every run copies the freshly
+//! built agent and test executables into it at the same absolute paths they have on
+//! the host (the tests find `ferry` and the deploy manifests there), boots it, and
+//! reads the result line `vm-test/init.sh` prints before powering off.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages the tests run inside the VM, besides the kernel and its initramfs.
+/// (ca-certificates: the Kubernetes client reads the system trust store when a
+/// kubeconfig names no CA, as the tests' plain-HTTP API server's does.)
+const PACKAGES: &str = "linux-image-amd64,initramfs-tools,iproute2,iptables,nftables,\
+conntrack,dnsutils,kmod,procps,ca-certificates";
+/// Line the VM's init prints with the suite's exit status.
+const RESULT_MARKER: &str = "FERRY-VM-RESULT: ";
+/// Marks a finished root filesystem and holds its package list; a debootstrap cut off
+/// half-way, or made from another list, is redone.
+const COMPLETE_MARKER: &str = ".ferry-vm-complete";
+
+/// What `cargo xtask vm` was asked for.
+pub struct Options {
+    /// Where the root filesystem and disk image are cached.
+    pub cache: PathBuf,
+    /// Debian mirror debootstrap downloads from.
+    pub mirror: String,
+    /// The VM is stopped (and the run fails) after this long.
+    pub timeout: Duration,
+    /// Extra arguments for every test executable (e.g. a test name filter).
+    pub test_args: Vec<String>,
+}
+
+/// Builds everything, boots the VM and fails unless every test passed in it.
+pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
+    require_host_tools()?;
+    let rootfs = ensure_rootfs(&options.cache, &options.mirror)?;
+    let tests = build_test_executables()?;
+    stage(root, &rootfs, &tests, &options.test_args)?;
+    let image = options.cache.join("disk.ext4");
+    make_image(&rootfs, &image)?;
+    let (kernel, initrd) = kernel_files(&rootfs)?;
+    boot(&kernel, &initrd, &image, options.timeout, &options.cache)
+}
+
+/// QEMU's accelerator and CPU model: KVM when the CPU offers hardware virtualisation,
+/// else TCG emulation (correct but several times slower). A `/dev/kvm` alone is not
+/// enough: inside some VMs it exists while nested guests hang in early boot.
+fn accelerator() -> [&'static str; 4] {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hardware && Path::new("/dev/kvm").exists() {
+        ["-accel", "kvm", "-cpu", "host"]
+    } else {
+        println!("ferry-vm: no hardware virtualisation here; emulating the CPU (slow)");
+        ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    }
+}
+
+fn require_host_tools() -> anyhow::Result<()> {
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("debootstrap", "debootstrap"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            bail!("{tool} is missing: `./scripts/install-deps.sh --vm` installs {package}");
+        }
+    }
+    Ok(())
+}
+
+/// The cached Debian root filesystem, made with debootstrap on first use.
+fn ensure_rootfs(cache: &Path, mirror: &str) -> anyhow::Result<PathBuf> {
+    let rootfs = cache.join("rootfs");
+    let marker = rootfs.join(COMPLETE_MARKER);
+    if std::fs::read_to_string(&marker).is_ok_and(|made_with| made_with == PACKAGES) {
+        return Ok(rootfs);
+    }
+    println!(
+        "ferry-vm: creating the Debian root filesystem in {} (once; a few minutes)",
+        rootfs.display()
+    );
+    if rootfs.exists() {
+        std::fs::remove_dir_all(&rootfs)
+            .with_context(|| format!("removing the partial {}", rootfs.display()))?;
+    }
+    std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    let status = Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            &format!("--include={PACKAGES}"),
+            "bookworm",
+        ])
+        .arg(&rootfs)
+        .arg(mirror)
+        .status()
+        .context("running debootstrap")?;
+    if !status.success() {
+        bail!("debootstrap failed ({status})");
+    }
+    std::fs::write(rootfs.join("etc/hostname"), "ferry-vm\n")?;
+    std::fs::write(marker, PACKAGES)?;
+    Ok(rootfs)
+}
+
+/// Builds the agent, the test tools and every test executable (without running
+/// them); returns the test executables' paths.
+fn build_test_executables() -> anyhow::Result<Vec<PathBuf>> {
+    crate::build(false)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(&cargo)
+        .args([
+            "test",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building the tests failed");
+    }
+    let mut executables = Vec::new();
+    for line in output.stdout.split(|&b| b == b'\n') {
+        let Ok(message) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = message["profile"]["test"].as_bool() == Some(true);
+        if let (true, Some(exe)) = (is_test, message["executable"].as_str()) {
+            executables.push(PathBuf::from(exe));
+        }
+    }
+    if executables.is_empty() {
+        bail!("cargo test --no-run reported no test executables");
+    }
+    Ok(executables)
+}
+
+/// Copies `host_path` into the root filesystem at the same absolute path.
+fn copy_into(rootfs: &Path, host_path: &Path) -> anyhow::Result<()> {
+    let relative = host_path
+        .strip_prefix("/")
+        .with_context(|| format!("{} is not absolute", host_path.display()))?;
+    let target = rootfs.join(relative);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let status = Command::new("cp")
+        .args(["-a", "--"])
+        .arg(host_path)
+        .arg(&target)
+        .status()
+        .context("running cp")?;
+    if !status.success() {
+        bail!("copying {} into the VM image failed", host_path.display());
+    }
+    Ok(())
+}
+
+/// Puts this run's build into the root filesystem, replacing the previous run's.
+fn stage(
+    root: &Path,
+    rootfs: &Path,
+    tests: &[PathBuf],
+    test_args: &[String],
+) -> anyhow::Result<()> {
+    let staged = rootfs.join("ferry-vm");
+    let host_tree = rootfs.join(root.strip_prefix("/").context("workspace path")?);
+    for old in [&staged, &host_tree] {
+        if old.exists() {
+            std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&staged)?;
+    // Test executables live in `<target>/debug/deps`, the binaries in `<target>/debug`.
+    let bin_dir = tests[0]
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable directory")?;
+    copy_into(rootfs, &root.join("deploy"))?;
+    // The tests name the manifests as `<root>/tests/../deploy`: the kernel resolves
+    // `..` only through a directory that exists.
+    std::fs::create_dir_all(host_tree.join("tests"))?;
+    for bin in ["ferry", "ferry-probe"] {
+        copy_into(rootfs, &bin_dir.join(bin))?;
+    }
+    for test in tests {
+        copy_into(rootfs, test)?;
+    }
+    let list: String = tests.iter().map(|t| format!("{}\n", t.display())).collect();
+    std::fs::write(staged.join("tests"), list)?;
+    std::fs::write(staged.join("test-args"), test_args.join(" "))?;
+    let init = staged.join("init.sh");
+    std::fs::copy(root.join("vm-test/init.sh"), &init).context("copying vm-test/init.sh")?;
+    Ok(())
+}
+
+/// Makes a fresh ext4 disk image holding the root filesystem.
+fn make_image(rootfs: &Path, image: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(image);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "ferry-vm", "-d"])
+        .arg(rootfs)
+        .arg(image)
+        .arg("4G")
+        .status()
+        .context("running mkfs.ext4")?;
+    if !status.success() {
+        bail!("mkfs.ext4 failed ({status})");
+    }
+    Ok(())
+}
+
+/// The Debian kernel and initramfs installed in the root filesystem.
+fn kernel_files(rootfs: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let boot = rootfs.join("boot");
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir(&boot)
+        .with_context(|| format!("reading {}", boot.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .collect();
+    kernels.sort();
+    let kernel = kernels.pop().context("no kernel in the VM's /boot")?;
+    let version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("kernel file name")?;
+    let initrd = boot.join(format!("initrd.img-{version}"));
+    if !initrd.exists() {
+        bail!("{} is missing", initrd.display());
+    }
+    Ok((kernel, initrd))
+}
+
+/// Boots the VM, echoes its console and returns the suite's verdict.
+fn boot(
+    kernel: &Path,
+    initrd: &Path,
+    image: &Path,
+    timeout: Duration,
+    cache: &Path,
+) -> anyhow::Result<()> {
+    let log_path = cache.join("console.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(accelerator())
+        .args(["-m", "4096", "-smp", "2"])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", image.display()))
+        .args([
+            "-append",
+            "root=/dev/vda rw console=ttyS0 init=/ferry-vm/init.sh panic=-1 quiet",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let pid = child.id();
+    let started = Instant::now();
+    // A watchdog stops a VM that hangs; the console reader below then sees EOF.
+    std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let mut log = std::fs::File::create(&log_path)?;
+    let mut verdict = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        println!("{line}");
+        use std::io::Write as _;
+        let _ = writeln!(log, "{line}");
+        if let Some(code) = line.trim().strip_prefix(RESULT_MARKER) {
+            verdict = Some(code.trim() == "0");
+        }
+    }
+    let _ = child.wait();
+    match verdict {
+        Some(true) => {
+            println!(
+                "ferry-vm: every test passed in the VM ({:.0?}); console log in {}",
+                started.elapsed(),
+                log_path.display()
+            );
+            Ok(())
+        }
+        Some(false) => bail!(
+            "tests failed in the VM; console log in {}",
+            log_path.display()
+        ),
+        None => bail!(
+            "the VM stopped without a result (timeout {:?}?); console log in {}",
+            timeout,
+            log_path.display()
+        ),
+    }
+}
