@@ -2,7 +2,8 @@
 //! load balancing (eBPF or iptables) and cluster DNS.
 //!
 //! Data flows one way: [`source`] -> [`model`] -> [`backend`]. The [`proxy`] loop
-//! drives it; [`health`] and [`metrics`] report on it.
+//! drives it; [`health`] and [`metrics`] report on it; [`service_health`] answers
+//! load balancers' health checks.
 
 pub mod backend;
 pub mod cli;
@@ -13,4 +14,5 @@ pub mod model;
 pub mod node;
 pub mod proxy;
 pub mod run;
+pub mod service_health;
 pub mod source;

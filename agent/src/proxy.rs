@@ -2,6 +2,7 @@
 //! services that changed into a plan diff for the backend. Runs on its own thread;
 //! backends may block (iptables-restore), nothing else waits on them.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -15,8 +16,10 @@ use crate::health::Health;
 use crate::metrics::{Metrics, unix_now};
 use crate::model::{
     Applied, ClusterState, Kind, NodePlan, PlanDiff, ServiceName, ServicePortPlan, Traffic,
+    service_health_check,
 };
 use crate::node::{NodePortAddresses, node_network};
+use crate::service_health::ServiceHealthServers;
 use crate::source::{Object, SourceEvent};
 
 /// Settings of the loop.
@@ -46,6 +49,8 @@ pub struct ProxyLoop {
     retry_at: Option<Instant>,
     /// Cluster DNS, updated as soon as events are folded in (before the data plane).
     dns: Option<ClusterDns>,
+    /// Load balancers' health servers for `Local` external-policy services.
+    service_health: Option<ServiceHealthServers>,
     dns_synced: bool,
     /// When the oldest change DNS has not seen yet arrived.
     dns_pending_since: Option<Instant>,
@@ -74,12 +79,19 @@ impl ProxyLoop {
             pending_since: None,
             retry_at: None,
             dns: None,
+            service_health: None,
             dns_synced: false,
             dns_pending_since: None,
             no_local: (0, 0),
             last_check: Instant::now(),
             last_full: Instant::now(),
         }
+    }
+
+    /// Keeps load balancers' service health servers in line with the model too.
+    pub fn with_service_health(mut self, servers: ServiceHealthServers) -> Self {
+        self.service_health = Some(servers);
+        self
     }
 
     /// Serves the model to cluster DNS too.
@@ -234,6 +246,7 @@ impl ProxyLoop {
             return;
         }
         let diff = self.plan.update(&self.state, &changes.services);
+        self.update_service_health(&changes.services, full);
         if diff.is_empty() && !full {
             self.finish_pending();
             return;
@@ -254,6 +267,33 @@ impl ProxyLoop {
                 }
                 self.needs_full_sync = true;
                 self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// Health servers follow the services that changed (all of them on a full sync,
+    /// when the listening addresses are refreshed too). A local endpoint turning
+    /// terminating changes the answer without changing the plan, so this runs whether
+    /// or not the plan changed.
+    fn update_service_health(&mut self, changed: &HashSet<ServiceName>, full: bool) {
+        let Some(servers) = &mut self.service_health else {
+            return;
+        };
+        if full {
+            let node = node_network(
+                self.state.node(),
+                &self.config.nodeport_addresses,
+                &self.config.cluster_cidrs,
+            );
+            servers.set_addresses(node.nodeport_ips);
+            let mut names = servers.services();
+            names.extend(self.state.services().map(|svc| svc.name.clone()));
+            for name in names {
+                servers.update(&name, service_health_check(&self.state, &name));
+            }
+        } else {
+            for name in changed {
+                servers.update(name, service_health_check(&self.state, name));
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::health::{Health, serve_health, serve_metrics};
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
 use crate::proxy::{ProxyConfig, ProxyLoop};
+use crate::service_health::ServiceHealthServers;
 use crate::source::{self, manifests};
 
 /// IP families this network namespace can program.
@@ -90,8 +91,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         },
         backend,
         metrics,
-        health,
-    );
+        health.clone(),
+    )
+    .with_service_health(ServiceHealthServers::new(runtime.handle().clone(), health));
     if let Some(dns) = dns {
         proxy = proxy.with_dns(dns);
     }

@@ -548,22 +548,22 @@ impl Cluster {
     /// The agent's metrics text.
     pub fn metrics(&self) -> String {
         self.http_get(10249, "/metrics")
-            .map(|(_, body)| body)
+            .and_then(|(_, response)| Some(response.split_once("\r\n\r\n")?.1.to_owned()))
             .unwrap_or_default()
     }
 
     fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
-        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        self.node.run_in(move || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            s.write_all(request.as_bytes()).ok()?;
-            let mut response = String::new();
-            s.read_to_string(&mut response).ok()?;
-            let code = response.split_whitespace().nth(1)?.parse().ok()?;
-            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-            Some((code, body))
-        })
+        http_get_in(&self.node, ([127, 0, 0, 1], port).into(), path)
+    }
+
+    /// GET from the external client (as a cloud load balancer's health probe does):
+    /// the status code and the whole response, or None if the connection failed.
+    pub fn http_get_external(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+    ) -> Option<(u16, String)> {
+        http_get_in(&self.ext, addr, path)
     }
 
     /// Runs a command inside the node namespace (e.g. `ferry inspect`, iptables-save).
@@ -756,4 +756,19 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// One HTTP/1.0 GET from inside `netns`: the status code and the whole response text
+/// (head and body), or None if the connection or the response failed.
+fn http_get_in(netns: &Netns, addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    netns.run_in(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, response))
+    })
 }

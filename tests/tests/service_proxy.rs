@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::manifests::{Service, docs, ep, port, slice};
+use ferry_tests::manifests::{Endpoint, Service, docs, ep, port, slice};
 use ferry_tests::{Cluster, From, Mode};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -474,6 +474,63 @@ fn session_affinity_sticks(mode: Mode) {
     );
 }
 
+fn load_balancer_health_check_follows_local_endpoints(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b"]);
+    let p = [port("http", "TCP", 8080)];
+    let lb = |endpoints: &[Endpoint]| {
+        docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.70")
+                .spec("type: LoadBalancer")
+                .spec("externalTrafficPolicy: Local")
+                .spec("healthCheckNodePort: 32070")
+                .port(port("http", "TCP", 80).node_port(30070))
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &p, endpoints),
+        ])
+    };
+    let (a, b) = (c.pod("a").ip.clone(), c.pod("b").ip.clone());
+    c.write_manifest("lb.yaml", &lb(&[ep(&a), ep(&b).on_node("node-b")]));
+    c.start_agent();
+    let probe: std::net::SocketAddr = format!("{}:32070", ferry_tests::cluster::NODE_IP)
+        .parse()
+        .expect("address");
+    let (code, response) = c
+        .http_get_external(probe, "/healthz")
+        .expect("health check answers");
+    assert_eq!(code, 200, "{response}");
+    assert!(response.contains("\"localEndpoints\":1"), "{response}");
+    assert!(
+        response.contains("\"serviceProxyHealthy\":true"),
+        "{response}"
+    );
+    assert!(response.contains("\"name\":\"lb\""), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("x-load-balancing-endpoint-weight: 1"),
+        "{response}"
+    );
+
+    // The local pod starts terminating: the load balancer must drain this node.
+    c.write_manifest(
+        "lb.yaml",
+        &lb(&[
+            ep(&a).conditions(false, true, true),
+            ep(&b).on_node("node-b"),
+        ]),
+    );
+    c.wait_for("health check turns 503", Duration::from_secs(5), || {
+        c.http_get_external(probe, "/")
+            .is_some_and(|(code, r)| code == 503 && r.contains("\"localEndpoints\":0"))
+    });
+
+    c.remove_manifest("lb.yaml");
+    c.wait_for("health check server stops", Duration::from_secs(5), || {
+        c.http_get_external(probe, "/").is_none()
+    });
+}
+
 fn local_internal_policy_without_local_endpoints_drops(mode: Mode) {
     let mut c = Cluster::new(mode, &["a", "client"]);
     let p = [port("http", "TCP", 8080)];
@@ -682,6 +739,7 @@ scenarios!(
     hostile_names_cannot_inject,
     session_affinity_sticks,
     local_internal_policy_without_local_endpoints_drops,
+    load_balancer_health_check_follows_local_endpoints,
     health_and_metrics_endpoints,
     session_affinity_expires,
     killed_agent_keeps_serving_and_restarts_without_disruption,

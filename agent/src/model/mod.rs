@@ -4,6 +4,7 @@
 //! that changed into a [`PlanDiff`]; backends and DNS consume plans and never look at
 //! Kubernetes objects themselves. Nothing here does I/O.
 
+pub mod health_check;
 pub mod plan;
 pub mod service;
 pub mod slice;
@@ -12,6 +13,7 @@ pub mod topology;
 pub mod types;
 pub mod validate;
 
+pub use health_check::{ServiceHealthCheck, service_health_check};
 pub use plan::{NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo};

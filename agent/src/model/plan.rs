@@ -376,31 +376,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{Node, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-    fn state(objects: &[&str]) -> ClusterState {
-        let mut state = ClusterState::new("node-a");
-        for yaml in objects {
-            let value: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
-            match value["kind"].as_str() {
-                Some("Service") => {
-                    state
-                        .apply_service(&serde_yaml::from_value::<Service>(value).unwrap())
-                        .unwrap();
-                }
-                Some("EndpointSlice") => {
-                    state
-                        .apply_slice(&serde_yaml::from_value::<EndpointSlice>(value).unwrap())
-                        .unwrap();
-                }
-                Some("Node") => {
-                    state
-                        .apply_node(&serde_yaml::from_value::<Node>(value).unwrap())
-                        .unwrap();
-                }
-                other => panic!("unexpected kind {other:?}"),
-            }
-        }
-        state
-    }
+    use crate::model::store::test_state as state;
 
     fn plan_all(state: &mut ClusterState) -> (NodePlan, PlanDiff) {
         let mut plan = NodePlan::default();

@@ -363,6 +363,33 @@ pub struct Changes {
     pub node_changed: bool,
 }
 
+/// A state built from YAML manifests (Service, EndpointSlice, Node), for model tests.
+#[cfg(test)]
+pub(crate) fn test_state(objects: &[&str]) -> ClusterState {
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let mut state = ClusterState::new("node-a");
+    for yaml in objects {
+        let value: serde_yaml::Value = serde_yaml::from_str(yaml).expect("test YAML");
+        match value["kind"].as_str() {
+            Some("Service") => {
+                let svc: Service = serde_yaml::from_value(value).expect("test Service");
+                state.apply_service(&svc).expect("valid test Service");
+            }
+            Some("EndpointSlice") => {
+                let slice: EndpointSlice = serde_yaml::from_value(value).expect("test slice");
+                state.apply_slice(&slice).expect("valid test slice");
+            }
+            Some("Node") => {
+                let node: Node = serde_yaml::from_value(value).expect("test Node");
+                state.apply_node(&node).expect("valid test Node");
+            }
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    state
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

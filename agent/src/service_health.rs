@@ -1,0 +1,188 @@
+//! kube-proxy's service health servers: one HTTP server per `healthCheckNodePort`
+//! (see [`crate::model::health_check`]) on the node's NodePort addresses. Any path
+//! answers 200 while the node has a ready local endpoint and the proxy is healthy, 503
+//! otherwise, with kube-proxy's JSON body and headers, so cloud load balancers keep
+//! working unchanged when Ferry replaces kube-proxy.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::IntoResponse;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::health::Health;
+use crate::model::{ServiceHealthCheck, ServiceName};
+
+/// What one service's server answers from; the proxy loop updates the count.
+struct Served {
+    service: ServiceName,
+    local_ready_endpoints: AtomicUsize,
+    proxy: Arc<Health>,
+}
+
+/// A running server: its port and one accept task per listening address.
+struct Server {
+    node_port: u16,
+    served: Arc<Served>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The set of running health servers, kept equal to what the model asks for.
+pub struct ServiceHealthServers {
+    runtime: tokio::runtime::Handle,
+    proxy: Arc<Health>,
+    addresses: Vec<IpAddr>,
+    servers: HashMap<ServiceName, Server>,
+}
+
+impl ServiceHealthServers {
+    /// No servers yet; they are spawned on `runtime` as services ask for them.
+    pub fn new(runtime: tokio::runtime::Handle, proxy: Arc<Health>) -> Self {
+        Self {
+            runtime,
+            proxy,
+            addresses: Vec::new(),
+            servers: HashMap::new(),
+        }
+    }
+
+    /// Listens on these addresses from now on (the NodePort addresses), restarting
+    /// every server when they change.
+    pub fn set_addresses(&mut self, mut addresses: Vec<IpAddr>) {
+        addresses.sort();
+        addresses.dedup();
+        if addresses == self.addresses {
+            return;
+        }
+        self.addresses = addresses;
+        let running: Vec<(ServiceName, ServiceHealthCheck)> = self
+            .servers
+            .iter()
+            .map(|(name, s)| {
+                let check = ServiceHealthCheck {
+                    node_port: s.node_port,
+                    local_ready_endpoints: s.served.local_ready_endpoints.load(Ordering::Relaxed),
+                };
+                (name.clone(), check)
+            })
+            .collect();
+        self.servers.clear();
+        for (name, check) in running {
+            self.update(&name, Some(check));
+        }
+    }
+
+    /// Brings `name`'s server in line with its health check (None: stop it).
+    pub fn update(&mut self, name: &ServiceName, check: Option<ServiceHealthCheck>) {
+        let Some(check) = check else {
+            if self.servers.remove(name).is_some() {
+                info!(service = %name, "stopped service health server");
+            }
+            return;
+        };
+        if let Some(server) = self.servers.get(name)
+            && server.node_port == check.node_port
+        {
+            server
+                .served
+                .local_ready_endpoints
+                .store(check.local_ready_endpoints, Ordering::Relaxed);
+            return;
+        }
+        self.servers.remove(name);
+        let served = Arc::new(Served {
+            service: name.clone(),
+            local_ready_endpoints: AtomicUsize::new(check.local_ready_endpoints),
+            proxy: self.proxy.clone(),
+        });
+        let tasks = self.listen(check.node_port, &served);
+        info!(service = %name, port = check.node_port, listeners = tasks.len(), "serving service health checks");
+        self.servers.insert(
+            name.clone(),
+            Server {
+                node_port: check.node_port,
+                served,
+                tasks,
+            },
+        );
+    }
+
+    /// Services with a running server.
+    pub fn services(&self) -> Vec<ServiceName> {
+        self.servers.keys().cloned().collect()
+    }
+
+    fn listen(&self, port: u16, served: &Arc<Served>) -> Vec<JoinHandle<()>> {
+        let addresses = if self.addresses.is_empty() {
+            vec![IpAddr::from([0u8; 4])]
+        } else {
+            self.addresses.clone()
+        };
+        let _runtime = self.runtime.enter();
+        let mut tasks = Vec::new();
+        for ip in addresses {
+            let addr = SocketAddr::new(ip, port);
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std);
+            match listener {
+                Ok(listener) => {
+                    let app = Router::new().fallback(answer).with_state(served.clone());
+                    tasks.push(self.runtime.spawn(async move {
+                        if let Err(e) = axum::serve(listener, app).await {
+                            warn!(%addr, error = %e, "service health server stopped");
+                        }
+                    }));
+                }
+                Err(e) => {
+                    warn!(service = %served.service, %addr, error = %e, "cannot listen for service health checks");
+                }
+            }
+        }
+        tasks
+    }
+}
+
+async fn answer(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    let count = served.local_ready_endpoints.load(Ordering::Relaxed);
+    let proxy_healthy = served.proxy.status().0;
+    let body = serde_json::json!({
+        "service": {
+            "namespace": served.service.namespace,
+            "name": served.service.name,
+        },
+        "localEndpoints": count,
+        "serviceProxyHealthy": proxy_healthy,
+    });
+    let code = if count > 0 && proxy_healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (
+                HeaderName::from_static("x-load-balancing-endpoint-weight"),
+                count.to_string(),
+            ),
+        ],
+        body.to_string(),
+    )
+}
