@@ -186,3 +186,44 @@ async fn answer(State(served): State<Arc<Served>>) -> impl IntoResponse {
         body.to_string(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::to_bytes;
+
+    use super::*;
+
+    async fn probe(local: usize, proxy_synced: bool) -> (StatusCode, String) {
+        let proxy = Arc::new(Health::new(Duration::from_secs(60)));
+        if proxy_synced {
+            proxy.updated();
+        }
+        let served = Arc::new(Served {
+            service: ServiceName::new("ns", "web"),
+            local_ready_endpoints: AtomicUsize::new(local),
+            proxy,
+        });
+        let response = answer(State(served)).await.into_response();
+        let code = response.status();
+        let body = to_bytes(response.into_body(), 4096).await.expect("body");
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn healthy_only_with_local_endpoints_and_a_healthy_proxy() {
+        let (code, body) = probe(2, true).await;
+        assert_eq!(code, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        assert_eq!(json["service"]["namespace"], "ns");
+        assert_eq!(json["service"]["name"], "web");
+        assert_eq!(json["localEndpoints"], 2);
+        assert_eq!(json["serviceProxyHealthy"], true);
+
+        assert_eq!(probe(0, true).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        let (code, body) = probe(2, false).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"serviceProxyHealthy\":false"), "{body}");
+    }
+}
