@@ -256,6 +256,10 @@ fn run_demo(mode: &str, manifests: &Path) -> anyhow::Result<()> {
         ferry_tests::cluster::NODE_IP
     );
     println!(
+        "  sudo ip netns exec {DEMO_ID}-ext curl -s http://{}:32080/   # load-balancer health check (healthCheckNodePort)",
+        ferry_tests::cluster::NODE_IP
+    );
+    println!(
         "  ./dev.sh exec client -- dig @{} web.demo.svc.cluster.local   # cluster DNS",
         ferry_tests::cluster::NODE_IP
     );
