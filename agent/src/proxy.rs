@@ -3,6 +3,7 @@
 //! backends may block (iptables-restore), nothing else waits on them.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -246,8 +247,8 @@ impl ProxyLoop {
             return;
         }
         let diff = self.plan.update(&self.state, &changes.services);
-        self.update_service_health(&changes.services, full);
         if diff.is_empty() && !full {
+            self.update_service_health(&changes.services, None);
             self.finish_pending();
             return;
         }
@@ -255,6 +256,10 @@ impl ProxyLoop {
             self.state.node(),
             &self.config.nodeport_addresses,
             &self.config.cluster_cidrs,
+        );
+        self.update_service_health(
+            &changes.services,
+            full.then_some(node.nodeport_ips.as_slice()),
         );
         let started = Instant::now();
         match self.backend.sync(&self.plan, &diff, &node, full) {
@@ -271,21 +276,20 @@ impl ProxyLoop {
         }
     }
 
-    /// Health servers follow the services that changed (all of them on a full sync,
-    /// when the listening addresses are refreshed too). A local endpoint turning
-    /// terminating changes the answer without changing the plan, so this runs whether
-    /// or not the plan changed.
-    fn update_service_health(&mut self, changed: &HashSet<ServiceName>, full: bool) {
+    /// Health servers follow the services that changed; on a full sync (`full_sync_at`:
+    /// the NodePort addresses to listen on) every service is checked. A local endpoint
+    /// turning terminating changes the answer without changing the plan, so this runs
+    /// whether or not the plan changed.
+    fn update_service_health(
+        &mut self,
+        changed: &HashSet<ServiceName>,
+        full_sync_at: Option<&[IpAddr]>,
+    ) {
         let Some(servers) = &mut self.service_health else {
             return;
         };
-        if full {
-            let node = node_network(
-                self.state.node(),
-                &self.config.nodeport_addresses,
-                &self.config.cluster_cidrs,
-            );
-            servers.set_addresses(node.nodeport_ips);
+        if let Some(addresses) = full_sync_at {
+            servers.set_addresses(addresses.to_vec());
             let mut names = servers.services();
             names.extend(self.state.services().map(|svc| svc.name.clone()));
             for name in names {
