@@ -4,13 +4,16 @@
 #   ./dev.sh run     demo node in network namespaces, Ferry serving examples/
 #   ./dev.sh test    lint + unit tests + netns integration tests
 #   ./dev.sh exec client -- curl -s http://10.96.0.10/
+#   ./dev.sh vm      the test suite in a VM on Debian's 6.1 kernel (vm-test/)
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(id -u)" -ne 0 ]; then
   exec sudo -E env "PATH=$PATH" "$0" "$@"
 fi
-if [ "${1:-}" != "exec" ]; then
-  scripts/install-deps.sh
-fi
+case "${1:-}" in
+  exec) ;;
+  vm) scripts/install-deps.sh --vm ;;
+  *) scripts/install-deps.sh ;;
+esac
 export PATH="$HOME/.cargo/bin:$PATH"
 exec cargo xtask "$@"
