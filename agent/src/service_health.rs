@@ -30,12 +30,39 @@ struct Served {
 struct Server {
     node_port: u16,
     served: Arc<Served>,
-    tasks: Vec<JoinHandle<()>>,
+    listeners: HashMap<IpAddr, JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts listening on `ip` (a port taken by someone else is logged and skipped).
+    fn listen(&mut self, runtime: &tokio::runtime::Handle, ip: IpAddr) {
+        let addr = SocketAddr::new(ip, self.node_port);
+        let _runtime = runtime.enter();
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        match listener {
+            Ok(listener) => {
+                let app = Router::new()
+                    .fallback(answer)
+                    .with_state(self.served.clone());
+                let task = runtime.spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        warn!(%addr, error = %e, "service health server stopped");
+                    }
+                });
+                self.listeners.insert(ip, task);
+            }
+            Err(e) => {
+                warn!(service = %self.served.service, %addr, error = %e, "cannot listen for service health checks");
+            }
+        }
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.listeners.values() {
             task.abort();
         }
     }
@@ -60,30 +87,33 @@ impl ServiceHealthServers {
         }
     }
 
-    /// Listens on these addresses from now on (the NodePort addresses), restarting
-    /// every server when they change.
+    /// Listens on these addresses from now on (the NodePort addresses): servers stop
+    /// listening on addresses that went away and start on new ones; listeners on
+    /// addresses that stay are left alone.
     pub fn set_addresses(&mut self, mut addresses: Vec<IpAddr>) {
         addresses.sort();
         addresses.dedup();
         if addresses == self.addresses {
             return;
         }
-        self.addresses = addresses;
-        let running: Vec<(ServiceName, ServiceHealthCheck)> = self
-            .servers
-            .iter()
-            .map(|(name, s)| {
-                let check = ServiceHealthCheck {
-                    node_port: s.node_port,
-                    local_ready_endpoints: s.served.local_ready_endpoints.load(Ordering::Relaxed),
-                };
-                (name.clone(), check)
-            })
-            .collect();
-        self.servers.clear();
-        for (name, check) in running {
-            self.update(&name, Some(check));
+        if addresses.is_empty() {
+            warn!("no NodePort addresses on this node: service health checks are not served");
         }
+        for server in self.servers.values_mut() {
+            server.listeners.retain(|ip, task| {
+                let keep = addresses.contains(ip);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for &ip in &addresses {
+                if !server.listeners.contains_key(&ip) {
+                    server.listen(&self.runtime, ip);
+                }
+            }
+        }
+        self.addresses = addresses;
     }
 
     /// Brings `name`'s server in line with its health check (None: stop it).
@@ -104,56 +134,25 @@ impl ServiceHealthServers {
             return;
         }
         self.servers.remove(name);
-        let served = Arc::new(Served {
-            service: name.clone(),
-            local_ready_endpoints: AtomicUsize::new(check.local_ready_endpoints),
-            proxy: self.proxy.clone(),
-        });
-        let tasks = self.listen(check.node_port, &served);
-        info!(service = %name, port = check.node_port, listeners = tasks.len(), "serving service health checks");
-        self.servers.insert(
-            name.clone(),
-            Server {
-                node_port: check.node_port,
-                served,
-                tasks,
-            },
-        );
+        let mut server = Server {
+            node_port: check.node_port,
+            served: Arc::new(Served {
+                service: name.clone(),
+                local_ready_endpoints: AtomicUsize::new(check.local_ready_endpoints),
+                proxy: self.proxy.clone(),
+            }),
+            listeners: HashMap::new(),
+        };
+        for &ip in &self.addresses {
+            server.listen(&self.runtime, ip);
+        }
+        info!(service = %name, port = check.node_port, listeners = server.listeners.len(), "serving service health checks");
+        self.servers.insert(name.clone(), server);
     }
 
     /// Services with a running server.
     pub fn services(&self) -> Vec<ServiceName> {
         self.servers.keys().cloned().collect()
-    }
-
-    fn listen(&self, port: u16, served: &Arc<Served>) -> Vec<JoinHandle<()>> {
-        let addresses = if self.addresses.is_empty() {
-            vec![IpAddr::from([0u8; 4])]
-        } else {
-            self.addresses.clone()
-        };
-        let _runtime = self.runtime.enter();
-        let mut tasks = Vec::new();
-        for ip in addresses {
-            let addr = SocketAddr::new(ip, port);
-            let listener = std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .and_then(tokio::net::TcpListener::from_std);
-            match listener {
-                Ok(listener) => {
-                    let app = Router::new().fallback(answer).with_state(served.clone());
-                    tasks.push(self.runtime.spawn(async move {
-                        if let Err(e) = axum::serve(listener, app).await {
-                            warn!(%addr, error = %e, "service health server stopped");
-                        }
-                    }));
-                }
-                Err(e) => {
-                    warn!(service = %served.service, %addr, error = %e, "cannot listen for service health checks");
-                }
-            }
-        }
-        tasks
     }
 }
 
