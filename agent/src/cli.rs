@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::IpNetwork;
 
-use crate::backend::ebpf::EbpfConfig;
-use crate::backend::ebpf::loader::{MapSizes, cgroup2_root};
+use crate::dataplane::ebpf::EbpfConfig;
+use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
 use crate::node::NodePortAddresses;
 use crate::source::kube::ClusterAccess;
@@ -186,7 +186,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The data plane to run, with its settings.
 #[derive(Debug)]
-pub enum DataPlane {
+pub enum DataPlaneConfig {
     Ebpf(EbpfConfig),
     Iptables,
 }
@@ -204,7 +204,7 @@ pub enum SourceConfig {
 #[derive(Debug)]
 pub struct RunConfig {
     pub source: SourceConfig,
-    pub data_plane: DataPlane,
+    pub data_plane: DataPlaneConfig,
     pub node_name: String,
     pub cluster_cidrs: Vec<IpNetwork>,
     pub nodeport_addresses: NodePortAddresses,
@@ -238,9 +238,9 @@ impl RunArgs {
                 if self.cgroup.is_some() {
                     bail!("--cgroup only applies to --mode ebpf");
                 }
-                DataPlane::Iptables
+                DataPlaneConfig::Iptables
             }
-            Mode::Ebpf => DataPlane::Ebpf(EbpfConfig {
+            Mode::Ebpf => DataPlaneConfig::Ebpf(EbpfConfig {
                 cgroup: match self.cgroup {
                     Some(c) => c,
                     None => cgroup2_root().ok_or_else(|| {
@@ -389,7 +389,7 @@ mod tests {
         ])
         .unwrap();
         match c.data_plane {
-            DataPlane::Ebpf(e) => {
+            DataPlaneConfig::Ebpf(e) => {
                 assert_eq!(e.pin_dir, PathBuf::from("/sys/fs/bpf/ferry"));
                 assert_eq!(e.sizes.backends, 10);
             }

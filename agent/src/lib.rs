@@ -5,8 +5,8 @@
 //! drives it; [`health`] and [`metrics`] report on it; [`service_health`] answers
 //! load balancers' health checks.
 
-pub mod backend;
 pub mod cli;
+pub mod dataplane;
 pub mod dns;
 pub mod health;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::backend::NodeNetwork;
+use crate::dataplane::NodeNetwork;
 use crate::model::store::NodeInfo;
 
 /// An address of a local interface.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use tracing::{debug, error, info, warn};
 
-use crate::backend::{Backend, SyncStats};
+use crate::dataplane::{DataPlane, SyncStats};
 use crate::dns::ClusterDns;
 use crate::health::Health;
 use crate::metrics::{Metrics, unix_now};
@@ -39,7 +39,7 @@ pub struct ProxyLoop {
     config: ProxyConfig,
     state: ClusterState,
     plan: NodePlan,
-    backend: Box<dyn Backend>,
+    data_plane: Box<dyn DataPlane>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// The source delivered a complete view at least once.
@@ -64,7 +64,7 @@ pub struct ProxyLoop {
 impl ProxyLoop {
     pub fn new(
         config: ProxyConfig,
-        backend: Box<dyn Backend>,
+        data_plane: Box<dyn DataPlane>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Self {
@@ -72,7 +72,7 @@ impl ProxyLoop {
             state: ClusterState::new(config.node_name.clone()),
             config,
             plan: NodePlan::default(),
-            backend,
+            data_plane,
             metrics,
             health,
             source_synced: false,
@@ -147,9 +147,9 @@ impl ProxyLoop {
             }
             if self.last_check.elapsed() >= self.config.sync_period {
                 self.last_check = Instant::now();
-                if self.backend.needs_full_sync() {
+                if self.data_plane.needs_full_sync() {
                     warn!(
-                        backend = self.backend.name(),
+                        data_plane = self.data_plane.name(),
                         "programmed state was changed from outside; resyncing everything"
                     );
                     self.needs_full_sync = true;
@@ -262,12 +262,12 @@ impl ProxyLoop {
             full.then_some(node.nodeport_ips.as_slice()),
         );
         let started = Instant::now();
-        match self.backend.sync(&self.plan, &diff, &node, full) {
+        match self.data_plane.sync(&self.plan, &diff, &node, full) {
             Ok(stats) => self.synced(&diff, &stats, full, started.elapsed()),
             Err(err) => {
-                error!(backend = self.backend.name(), error = %err, "sync failed; retrying with a full sync");
+                error!(data_plane = self.data_plane.name(), error = %err, "sync failed; retrying with a full sync");
                 self.metrics.sync_failures.inc();
-                if self.backend.name().starts_with("iptables") {
+                if self.data_plane.name().starts_with("iptables") {
                     self.metrics.restore_failures.inc();
                 }
                 self.needs_full_sync = true;
@@ -309,7 +309,7 @@ impl ProxyLoop {
             self.metrics.sync_full_duration.observe(secs);
             self.last_full = Instant::now();
             info!(
-                backend = self.backend.name(),
+                data_plane = self.data_plane.name(),
                 plans = self.plan.len(),
                 took_ms = took.as_millis() as u64,
                 "full sync done"
@@ -322,7 +322,7 @@ impl ProxyLoop {
                 .map(|t| t.elapsed().as_micros() as u64)
                 .unwrap_or_default();
             debug!(
-                backend = self.backend.name(),
+                data_plane = self.data_plane.name(),
                 written = stats.plans_written,
                 removed = stats.plans_removed,
                 writes = stats.writes,

@@ -1,4 +1,4 @@
-//! `ferry run` and `ferry cleanup`: wiring sources, the proxy loop, the backend and the
+//! `ferry run` and `ferry cleanup`: wiring sources, the proxy loop, the data plane and the
 //! HTTP endpoints together.
 
 use std::sync::Arc;
@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tracing::info;
 
-use crate::backend::Backend;
-use crate::backend::ebpf::{EbpfBackend, inspect, loader};
-use crate::backend::iptables::IptablesBackend;
-use crate::backend::iptables::render::Scope;
-use crate::cli::{DataPlane, RunConfig, SourceConfig};
+use crate::cli::{DataPlaneConfig, RunConfig, SourceConfig};
+use crate::dataplane::DataPlane;
+use crate::dataplane::ebpf::{EbpfDataPlane, inspect, loader};
+use crate::dataplane::iptables::IptablesDataPlane;
+use crate::dataplane::iptables::render::Scope;
 use crate::dns::{self, ClusterDns};
 use crate::health::{Health, serve_health, serve_metrics};
 use crate::metrics::Metrics;
@@ -48,10 +48,10 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         exit_on_signal().await;
     });
 
-    let backend: Box<dyn Backend> = match &config.data_plane {
-        DataPlane::Iptables => Box::new(IptablesBackend::new(&families(), Scope::All)),
-        DataPlane::Ebpf(ebpf) => Box::new(
-            EbpfBackend::start(ebpf, &families(), metrics.clone())
+    let data_plane: Box<dyn DataPlane> = match &config.data_plane {
+        DataPlaneConfig::Iptables => Box::new(IptablesDataPlane::new(&families(), Scope::All)),
+        DataPlaneConfig::Ebpf(ebpf) => Box::new(
+            EbpfDataPlane::start(ebpf, &families(), metrics.clone())
                 .context("starting the eBPF data plane")?,
         ),
     };
@@ -89,7 +89,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             sync_period: config.sync_period,
             full_sync_period: config.full_sync_period,
         },
-        backend,
+        data_plane,
         metrics,
         health.clone(),
     )
@@ -122,7 +122,7 @@ async fn exit_on_signal() {
 /// Removes everything Ferry programmed in this network namespace, and its pinned
 /// eBPF programs and maps.
 pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    IptablesBackend::cleanup(&families()).context("removing iptables rules")?;
+    IptablesDataPlane::cleanup(&families()).context("removing iptables rules")?;
     if loader::cleanup(pin_dir).context("removing eBPF programs and maps")? {
         info!(pins = %pin_dir.display(), "removed eBPF programs and maps");
     }

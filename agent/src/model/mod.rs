@@ -18,4 +18,4 @@ pub use plan::{NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo};
 pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};
-pub use types::{Backend, IpFamily, Protocol, ServiceName, ServicePortName};
+pub use types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};

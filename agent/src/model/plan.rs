@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::store::ClusterState;
 use super::topology::{Candidate, categorize};
-use super::types::{Backend, IpFamily, Protocol, ServiceName, ServicePortName};
+use super::types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
 
 /// Identity of a frontend set: a service port in one IP family.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -35,9 +35,9 @@ pub struct ServicePortPlan {
     pub external_policy_local: bool,
     pub health_check_node_port: Option<u16>,
     /// Endpoints for `Cluster` policy, sorted; empty when no policy uses them.
-    pub cluster_endpoints: Vec<Backend>,
+    pub cluster_endpoints: Vec<Endpoint>,
     /// This node's endpoints for `Local` policy, sorted.
-    pub local_endpoints: Vec<Backend>,
+    pub local_endpoints: Vec<Endpoint>,
     /// Whether any endpoint anywhere can serve (REJECT when not, DROP when only
     /// another node could).
     pub has_any_endpoints: bool,
@@ -48,7 +48,7 @@ pub struct ServicePortPlan {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Traffic<'a> {
     /// Balance across these endpoints.
-    Forward(&'a [Backend]),
+    Forward(&'a [Endpoint]),
     /// No usable endpoint anywhere: refuse (ICMP unreachable / TCP reset / ECONNREFUSED).
     Reject,
     /// Endpoints exist but none this traffic may use from this node: drop silently.
@@ -94,13 +94,13 @@ impl ServicePortPlan {
     /// (externalIP, load-balancer IP) uses under `Local` external policy: kube-proxy
     /// short-circuits it to the cluster-wide set, as if it went out to the load
     /// balancer and came back.
-    pub fn short_circuit_endpoints(&self) -> &[Backend] {
+    pub fn short_circuit_endpoints(&self) -> &[Endpoint] {
         &self.cluster_endpoints
     }
 
     /// Every endpoint some policy of this plan uses (deduplicated, sorted).
-    pub fn reachable_endpoints(&self) -> Vec<Backend> {
-        let mut all: Vec<Backend> = self
+    pub fn reachable_endpoints(&self) -> Vec<Endpoint> {
+        let mut all: Vec<Endpoint> = self
             .cluster_endpoints
             .iter()
             .chain(&self.local_endpoints)
@@ -288,7 +288,7 @@ fn candidates(
     protocol: Protocol,
     node_name: &str,
 ) -> Vec<Candidate> {
-    let mut by_backend: HashMap<Backend, Candidate> = HashMap::new();
+    let mut by_backend: HashMap<Endpoint, Candidate> = HashMap::new();
     for slice in state.slices_of(service).filter(|s| s.family == family) {
         let Some(slice_port) = slice
             .ports
@@ -298,7 +298,7 @@ fn candidates(
             continue;
         };
         for ep in &slice.endpoints {
-            let backend = Backend {
+            let backend = Endpoint {
                 ip: ep.addresses[0],
                 port: slice_port.port,
             };
@@ -338,9 +338,9 @@ pub(crate) fn test_plan(
     endpoints: &[(&str, u16)],
 ) -> ServicePortPlan {
     let (namespace, name, port_name) = service;
-    let cluster_endpoints: Vec<Backend> = endpoints
+    let cluster_endpoints: Vec<Endpoint> = endpoints
         .iter()
-        .map(|(ip, port)| Backend {
+        .map(|(ip, port)| Endpoint {
             ip: ip.parse().expect("test address"),
             port: *port,
         })
@@ -396,7 +396,7 @@ mod tests {
         }
     }
 
-    fn ips(backends: &[Backend]) -> Vec<String> {
+    fn ips(backends: &[Endpoint]) -> Vec<String> {
         backends.iter().map(|b| b.to_string()).collect()
     }
 

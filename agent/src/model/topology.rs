@@ -2,12 +2,12 @@
 //! `CategorizeEndpoints`, the one place the ready -> serving+terminating fallback and
 //! topology hints are decided. Both backends and DNS read its result.
 
-use super::types::Backend;
+use super::types::Endpoint;
 
 /// One deduplicated endpoint of a service port, with what selection needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
-    pub backend: Backend,
+    pub backend: Endpoint,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -28,9 +28,9 @@ pub struct NodeTopology {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Categorized {
     /// Endpoints for `Cluster` traffic policy (after topology hints).
-    pub cluster: Vec<Backend>,
+    pub cluster: Vec<Endpoint>,
     /// Endpoints on this node for `Local` traffic policy.
-    pub local: Vec<Backend>,
+    pub local: Vec<Endpoint>,
     /// Some endpoint anywhere can serve: telling "drop" (usable elsewhere) from
     /// "reject" (nothing at all).
     pub has_any: bool,
@@ -84,7 +84,7 @@ pub fn categorize(
     out
 }
 
-fn pick(endpoints: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Vec<Backend> {
+fn pick(endpoints: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Vec<Endpoint> {
     endpoints
         .iter()
         .filter(|ep| keep(ep))
@@ -156,7 +156,7 @@ mod tests {
 
     fn ep(ip: &str) -> Candidate {
         Candidate {
-            backend: Backend {
+            backend: Endpoint {
                 ip: ip.parse().unwrap(),
                 port: 80,
             },
@@ -186,7 +186,7 @@ mod tests {
         c
     }
 
-    fn ips(backends: &[Backend]) -> Vec<String> {
+    fn ips(backends: &[Endpoint]) -> Vec<String> {
         backends.iter().map(|b| b.ip.to_string()).collect()
     }
 

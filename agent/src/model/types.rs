@@ -124,12 +124,12 @@ impl fmt::Display for ServicePortName {
 
 /// One address:port a frontend forwards to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Backend {
+pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
 }
 
-impl fmt::Display for Backend {
+impl fmt::Display for Endpoint {
     /// `ip:port` or `[ip6]:port` (Go's `net.JoinHostPort`, which kube-proxy hashes).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.ip {
@@ -161,12 +161,12 @@ mod tests {
     }
 
     #[test]
-    fn backend_prints_v6_in_brackets() {
-        let v4 = Backend {
+    fn endpoint_prints_v6_in_brackets() {
+        let v4 = Endpoint {
             ip: "10.0.0.1".parse().unwrap(),
             port: 80,
         };
-        let v6 = Backend {
+        let v6 = Endpoint {
             ip: "fd00::1".parse().unwrap(),
             port: 80,
         };

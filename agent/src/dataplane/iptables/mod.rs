@@ -21,7 +21,7 @@ use self::render::{
     BUILTIN_JUMPS, NodeContext, Scope, ServiceRules, render_service, render_shared,
 };
 use self::rule::Rule;
-use super::{Backend, NodeNetwork, SyncError, SyncStats};
+use super::{DataPlane, NodeNetwork, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
 
 /// A rule in one of the shared chains (KUBE-SERVICES...): chain and arguments, kept
@@ -110,14 +110,14 @@ struct FamilyState {
 }
 
 /// kube-proxy-compatible iptables data plane.
-pub struct IptablesBackend {
+pub struct IptablesDataPlane {
     scope: Scope,
     families: Vec<FamilyState>,
     /// Rules were written at least once (so later syncs must keep them right).
     programmed: bool,
 }
 
-impl IptablesBackend {
+impl IptablesDataPlane {
     /// A backend for the given families. `scope` limits it to traffic entering the node
     /// when another data plane (eBPF) handles ClusterIPs.
     pub fn new(families: &[IpFamily], scope: Scope) -> Self {
@@ -191,7 +191,7 @@ fn is_ferry_chain(name: &str) -> bool {
         || name == KUBE_PROXY_CANARY
 }
 
-impl Backend for IptablesBackend {
+impl DataPlane for IptablesDataPlane {
     fn name(&self) -> &'static str {
         match self.scope {
             Scope::All => "iptables",

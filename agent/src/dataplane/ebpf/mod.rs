@@ -21,9 +21,9 @@ use self::kernel::KernelMaps;
 use self::layout::{DesiredFrontend, frontends};
 use self::loader::MapSizes;
 use self::state::{MapError, MapOps, Programmed};
-use super::iptables::IptablesBackend;
+use super::iptables::IptablesDataPlane;
 use super::iptables::render::Scope;
-use super::{Backend, NodeNetwork, SyncError, SyncStats};
+use super::{DataPlane, NodeNetwork, SyncError, SyncStats};
 use crate::metrics::Metrics;
 use crate::model::{IpFamily, NodePlan, PlanDiff, ServicePortPlan};
 
@@ -50,15 +50,15 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// Socket-LB maps plus iptables for traffic entering the node.
-pub struct EbpfBackend {
+pub struct EbpfDataPlane {
     maps: KernelMaps,
     /// Mirror of the maps; `None` until adopted (first full sync).
     programmed: Option<Programmed>,
-    external: IptablesBackend,
+    external: IptablesDataPlane,
     metrics: Arc<Metrics>,
 }
 
-impl EbpfBackend {
+impl EbpfDataPlane {
     /// Loads and attaches the programs (taking over from a previous agent's pinned
     /// state without flushing it).
     pub fn start(
@@ -72,7 +72,7 @@ impl EbpfBackend {
         Ok(Self {
             maps,
             programmed: None,
-            external: IptablesBackend::new(families, Scope::ExternalOnly),
+            external: IptablesDataPlane::new(families, Scope::ExternalOnly),
             metrics,
         })
     }
@@ -144,7 +144,7 @@ impl EbpfBackend {
     }
 }
 
-impl Backend for EbpfBackend {
+impl DataPlane for EbpfDataPlane {
     fn name(&self) -> &'static str {
         "ebpf"
     }

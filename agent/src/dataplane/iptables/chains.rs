@@ -4,7 +4,7 @@
 use data_encoding::BASE32;
 use sha2::{Digest, Sha256};
 
-use crate::model::{Backend, ServicePortName};
+use crate::model::{Endpoint, ServicePortName};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
 pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
@@ -80,7 +80,7 @@ pub fn firewall_chain(name: &ServicePortName) -> String {
 }
 
 /// Per-endpoint DNAT chain.
-pub fn endpoint_chain(name: &ServicePortName, backend: &Backend) -> String {
+pub fn endpoint_chain(name: &ServicePortName, backend: &Endpoint) -> String {
     format!(
         "KUBE-SEP-{}",
         hash16(&format!("{name}{}{backend}", name.protocol.lower()))
@@ -103,7 +103,7 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         assert_eq!(cluster_chain(&name), "KUBE-SVC-XPGD46QRK7WJZT7O");
-        let backend = Backend {
+        let backend = Endpoint {
             ip: "10.180.0.1".parse().unwrap(),
             port: 80,
         };

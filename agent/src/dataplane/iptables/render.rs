@@ -11,7 +11,7 @@ use super::chains::{
     KUBE_PROXY_FIREWALL, KUBE_SERVICES,
 };
 use super::rule::{MASQ_MARK, Match, Rule, Target};
-use crate::model::{Backend, IpFamily, ServicePortPlan, Traffic};
+use crate::model::{Endpoint, IpFamily, ServicePortPlan, Traffic};
 
 /// Which frontends the iptables rules cover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,7 +343,7 @@ fn balance(
     rules: &mut Vec<Rule>,
     chain: &str,
     plan: &ServicePortPlan,
-    endpoints: &[Backend],
+    endpoints: &[Endpoint],
     label: &str,
 ) {
     let name = &plan.key.port;
@@ -560,8 +560,8 @@ mod tests {
     use crate::model::Protocol;
     use crate::model::plan::test_plan;
 
-    fn backend(ip: &str, port: u16) -> Backend {
-        Backend {
+    fn backend(ip: &str, port: u16) -> Endpoint {
+        Endpoint {
             ip: ip.parse().unwrap(),
             port,
         }

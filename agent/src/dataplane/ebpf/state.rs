@@ -520,17 +520,17 @@ impl MapOps for FakeMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::ebpf::layout::{frontend_key, words_addr};
-    use crate::model::Backend;
+    use crate::dataplane::ebpf::layout::{frontend_key, words_addr};
+    use crate::model::Endpoint;
 
-    fn be(i: u8) -> Backend {
-        Backend {
+    fn be(i: u8) -> Endpoint {
+        Endpoint {
             ip: format!("10.244.0.{i}").parse().unwrap(),
             port: 8080,
         }
     }
 
-    fn desired(ip: &str, backends: &[Backend], extra_flags: u16) -> DesiredFrontend {
+    fn desired(ip: &str, backends: &[Endpoint], extra_flags: u16) -> DesiredFrontend {
         DesiredFrontend {
             key: frontend_key(ip.parse().unwrap(), 80, 6),
             flags: flags::ACTION_FORWARD | flags::CLUSTER_IP | extra_flags,
@@ -559,7 +559,7 @@ mod tests {
     fn one_endpoint_change_is_a_handful_of_writes() {
         let mut maps = FakeMaps::default();
         let mut prog = Programmed::adopt(&mut maps).unwrap();
-        let backends: Vec<Backend> = (1..=50).map(be).collect();
+        let backends: Vec<Endpoint> = (1..=50).map(be).collect();
         prog.upsert(&mut maps, &desired("10.96.0.10", &backends, 0))
             .unwrap();
         let key = frontend_key("10.96.0.10".parse().unwrap(), 80, 6);
@@ -605,7 +605,7 @@ mod tests {
         prog.upsert(&mut maps, &desired("10.96.0.10", &[be(1)], 0))
             .unwrap();
         maps.writes.clear();
-        let many: Vec<Backend> = (1..=20).map(be).collect();
+        let many: Vec<Endpoint> = (1..=20).map(be).collect();
         prog.upsert(&mut maps, &desired("10.96.0.10", &many, 0))
             .unwrap();
         // The new list is written before the frontend switches to it, and the old

@@ -71,7 +71,7 @@ pub enum SyncError {
 }
 
 /// A data plane.
-pub trait Backend: Send {
+pub trait DataPlane: Send {
     /// Short name for logs.
     fn name(&self) -> &'static str;
 

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::model::{Backend, Protocol};
+use crate::model::{Endpoint, Protocol};
 
 /// The packet mark kube-proxy uses to flag connections for masquerade.
 pub const MASQ_MARK: u32 = 0x4000;
@@ -70,7 +70,7 @@ pub enum Target {
     Drop,
     Reject,
     Return,
-    Dnat(Backend),
+    Dnat(Endpoint),
     OrMark(u32),
     XorMark(u32),
     Masquerade,

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ferry_common::{BackendAddr, FAMILY_V4, FAMILY_V6, FrontendKey, VipKey, flags};
 
-use crate::model::{Backend, ServicePortPlan, Traffic};
+use crate::model::{Endpoint, ServicePortPlan, Traffic};
 
 /// An address in the maps' representation (network byte order words).
 pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
@@ -44,7 +44,7 @@ pub fn frontend_key(ip: IpAddr, port: u16, protocol: u8) -> FrontendKey {
 }
 
 /// A backend in map form.
-pub fn backend_addr(b: &Backend) -> BackendAddr {
+pub fn backend_addr(b: &Endpoint) -> BackendAddr {
     let (addr, family) = addr_words(b.ip);
     BackendAddr {
         addr,
@@ -55,8 +55,8 @@ pub fn backend_addr(b: &Backend) -> BackendAddr {
 }
 
 /// The model form of a map backend.
-pub fn backend_of(b: &BackendAddr) -> Backend {
-    Backend {
+pub fn backend_of(b: &BackendAddr) -> Endpoint {
+    Endpoint {
         ip: words_addr(b.addr, b.family),
         port: u16::from_be(b.port),
     }
@@ -80,10 +80,10 @@ pub struct DesiredFrontend {
     pub flags: u16,
     pub affinity_timeout: u32,
     /// Backends to balance across (empty unless the action is forward).
-    pub backends: Vec<Backend>,
+    pub backends: Vec<Endpoint>,
 }
 
-fn action(traffic: Traffic<'_>) -> (u16, Vec<Backend>) {
+fn action(traffic: Traffic<'_>) -> (u16, Vec<Endpoint>) {
     match traffic {
         Traffic::Forward(backends) => (flags::ACTION_FORWARD, backends.to_vec()),
         Traffic::Reject => (flags::ACTION_REJECT, Vec::new()),
