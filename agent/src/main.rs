@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run(args) => args.into_config().and_then(ferry::run::run),
+        Command::Run(args) => ferry::config::RunConfig::resolve(*args).and_then(ferry::run::run),
         Command::Cleanup(bpf) => ferry::run::cleanup(&bpf.bpf_pin_path),
         Command::Inspect {
             what: InspectWhat::Services { json, bpf },

@@ -2,22 +2,26 @@
 //! HTTP endpoints together.
 
 use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tracing::info;
 
-use crate::cli::{DataPlaneConfig, RunConfig, SourceConfig};
+use crate::config::{DataPlaneConfig, RunConfig, SourceConfig};
 use crate::dataplane::DataPlane;
 use crate::dataplane::ebpf::{EbpfDataPlane, inspect, loader};
 use crate::dataplane::iptables::IptablesDataPlane;
 use crate::dataplane::iptables::render::Scope;
-use crate::dns::{self, ClusterDns};
+use crate::dns::{self, ClusterDns, DnsConfig};
 use crate::health::{Health, serve_health, serve_metrics};
+use crate::host;
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
 use crate::proxy::{ProxyConfig, ProxyLoop};
+use crate::report::Report;
 use crate::service_health::ServiceHealthServers;
-use crate::source::{self, manifests};
+use crate::source::{self, SourceEvent, manifests};
 
 /// IP families this network namespace can program.
 fn families() -> Vec<IpFamily> {
@@ -27,6 +31,9 @@ fn families() -> Vec<IpFamily> {
     }
     families
 }
+
+/// How often the host's addresses are probed for changes (NodePort addresses).
+const HOST_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
 /// Runs the agent until it is signalled.
 pub fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -47,40 +54,15 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     runtime.spawn(async {
         exit_on_signal().await;
     });
-
-    let data_plane: Box<dyn DataPlane> = match &config.data_plane {
-        DataPlaneConfig::Iptables => Box::new(IptablesDataPlane::new(&families(), Scope::All)),
-        DataPlaneConfig::Ebpf(ebpf) => Box::new(
-            EbpfDataPlane::start(ebpf, &families(), metrics.clone())
-                .context("starting the eBPF data plane")?,
-        ),
-    };
+    let data_plane = start_data_plane(&config.data_plane, &metrics)?;
     let dns = match config.dns.clone() {
-        Some(dns_config) => {
-            let sockets = runtime
-                .block_on(dns::bind(dns_config.listen))
-                .with_context(|| format!("cannot listen for DNS on {}", dns_config.listen))?;
-            let cluster = ClusterDns::new(&dns_config.domain);
-            let served = cluster.clone();
-            runtime.spawn(async move {
-                let listen = dns_config.listen;
-                if let Err(e) = dns::serve(dns_config, sockets, served).await {
-                    tracing::error!(%listen, error = %e, "cluster DNS stopped");
-                }
-            });
-            Some(cluster)
-        }
+        Some(dns_config) => Some(start_dns(&runtime, dns_config)?),
         None => None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let _watcher = match &config.source {
-        SourceConfig::Manifests(dir) => Some(manifests::spawn(dir.clone(), tx)?),
-        SourceConfig::Cluster(access) => {
-            let client = runtime.block_on(source::kube::client(access))?;
-            runtime.spawn(source::kube::run(client, config.node_name.clone(), tx));
-            None
-        }
-    };
+    let host = host::probe_addresses();
+    host::watch_addresses(host.clone(), HOST_PROBE_PERIOD, tx.clone());
+    let _watcher = start_source(&runtime, &config, tx)?;
     let mut proxy = ProxyLoop::new(
         ProxyConfig {
             node_name: config.node_name,
@@ -90,8 +72,8 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             full_sync_period: config.full_sync_period,
         },
         data_plane,
-        metrics,
-        health.clone(),
+        Report::new(metrics, health.clone()),
+        host,
     )
     .with_service_health(ServiceHealthServers::new(runtime.handle().clone(), health));
     if let Some(dns) = dns {
@@ -99,6 +81,52 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     proxy.run(rx);
     Ok(())
+}
+
+fn start_data_plane(
+    config: &DataPlaneConfig,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Box<dyn DataPlane>> {
+    Ok(match config {
+        DataPlaneConfig::Iptables => Box::new(IptablesDataPlane::new(&families(), Scope::All)),
+        DataPlaneConfig::Ebpf(ebpf) => Box::new(
+            EbpfDataPlane::start(ebpf, &families(), metrics.clone())
+                .context("starting the eBPF data plane")?,
+        ),
+    })
+}
+
+/// Binds the DNS sockets (failing start-up if they cannot be had) and serves them.
+fn start_dns(runtime: &tokio::runtime::Runtime, config: DnsConfig) -> anyhow::Result<ClusterDns> {
+    let sockets = runtime
+        .block_on(dns::bind(config.listen))
+        .with_context(|| format!("cannot listen for DNS on {}", config.listen))?;
+    let cluster = ClusterDns::new(&config.domain);
+    let served = cluster.clone();
+    runtime.spawn(async move {
+        let listen = config.listen;
+        if let Err(e) = dns::serve(config, sockets, served).await {
+            tracing::error!(%listen, error = %e, "cluster DNS stopped");
+        }
+    });
+    Ok(cluster)
+}
+
+/// Starts the configured source feeding `tx`; returns the directory watcher's thread
+/// when the source is a manifest directory.
+fn start_source(
+    runtime: &tokio::runtime::Runtime,
+    config: &RunConfig,
+    tx: Sender<SourceEvent>,
+) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
+    match &config.source {
+        SourceConfig::Manifests(dir) => Ok(Some(manifests::spawn(dir.clone(), tx)?)),
+        SourceConfig::Cluster(access) => {
+            let client = runtime.block_on(source::kube::client(access))?;
+            runtime.spawn(source::kube::run(client, config.node_name.clone(), tx));
+            Ok(None)
+        }
+    }
 }
 
 /// Exits on SIGTERM or SIGINT. Programmed state is left in place on purpose (as

@@ -1,48 +1,12 @@
 //! Data planes: each turns the model's [`PlanDiff`] into kernel state. They never look
 //! at Kubernetes objects; every service semantic was decided by the model.
 
-use std::net::IpAddr;
-
-use ipnetwork::IpNetwork;
-
+pub use crate::model::NodeNetwork;
 use crate::model::{IpFamily, NodePlan, PlanDiff};
 
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
-
-/// Node facts a backend needs beyond the plan, recomputed before every sync.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeNetwork {
-    /// Addresses NodePorts answer on.
-    pub nodeport_ips: Vec<IpAddr>,
-    /// All of this node's own addresses.
-    pub node_ips: Vec<IpAddr>,
-    /// Pod CIDRs (`--cluster-cidr`).
-    pub cluster_cidrs: Vec<IpNetwork>,
-}
-
-impl NodeNetwork {
-    /// The part of it that concerns one IP family.
-    pub fn of_family(&self, family: IpFamily) -> NodeNetwork {
-        let keep_ip = |ips: &[IpAddr]| {
-            ips.iter()
-                .copied()
-                .filter(|ip| IpFamily::of(ip) == family)
-                .collect()
-        };
-        NodeNetwork {
-            nodeport_ips: keep_ip(&self.nodeport_ips),
-            node_ips: keep_ip(&self.node_ips),
-            cluster_cidrs: self
-                .cluster_cidrs
-                .iter()
-                .copied()
-                .filter(|n| n.is_ipv4() == (family == IpFamily::V4))
-                .collect(),
-        }
-    }
-}
 
 /// What one sync did, for logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,15 +15,26 @@ pub struct SyncStats {
     pub plans_written: usize,
     /// Frontend sets removed.
     pub plans_removed: usize,
-    /// Backend-specific unit count (iptables rule lines, map entries written).
+    /// Data-plane-specific unit count (iptables rule lines, map entries written).
     pub writes: usize,
-    /// iptables rules Ferry owns, by family and table.
-    pub iptables_rules: Vec<(IpFamily, &'static str, usize)>,
-    /// eBPF frontends and backends programmed.
-    pub ebpf_entries: Option<(usize, usize)>,
+    /// How much kernel state the data plane holds after the sync.
+    pub programmed: Vec<ProgrammedCount>,
 }
 
-/// A backend failed to program the kernel. The caller retries with a full sync.
+/// A count of kernel objects a data plane holds, exported as a gauge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProgrammedCount {
+    /// Rules Ferry owns in one iptables table of one family.
+    IptablesRules {
+        family: IpFamily,
+        table: &'static str,
+        rules: usize,
+    },
+    /// Frontends and backends in the eBPF maps.
+    EbpfEntries { frontends: usize, backends: usize },
+}
+
+/// A data plane failed to program the kernel. The caller retries with a full sync.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]

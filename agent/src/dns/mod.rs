@@ -21,11 +21,11 @@ use hickory_server::proto::op::{Edns, Query, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnetwork::IpNetwork;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use self::forward::Forwarder;
 use self::zone::{Outcome, QType, Rec, Zone};
-use crate::model::{ClusterState, ServiceName};
+use crate::model::{ClusterDomain, ClusterState, ServiceName};
 
 /// Largest UDP answer Ferry sends, whatever the client offers (the DNS flag day 2020
 /// value: avoids IP fragmentation).
@@ -35,7 +35,7 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 #[derive(Clone, Debug)]
 pub struct DnsConfig {
     pub listen: SocketAddr,
-    pub domain: String,
+    pub domain: ClusterDomain,
     pub ttl: u32,
     pub upstreams: Vec<SocketAddr>,
     /// Sources that may use the forwarder (the cluster zone answers everyone).
@@ -47,16 +47,17 @@ pub struct DnsConfig {
 #[derive(Clone)]
 pub struct ClusterDns {
     zone: Arc<RwLock<Zone>>,
-    domain: String,
+    domain: ClusterDomain,
     /// Bumped on every change, so answers encoded earlier know they are stale.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClusterDns {
-    pub fn new(domain: &str) -> Self {
+    /// An empty, not yet synced zone for `domain`.
+    pub fn new(domain: &ClusterDomain) -> Self {
         Self {
             zone: Arc::new(RwLock::new(Zone::new(domain))),
-            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            domain: domain.clone(),
             generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
@@ -67,26 +68,62 @@ impl ClusterDns {
         state: &ClusterState,
         services: impl IntoIterator<Item = &'a ServiceName>,
     ) {
-        let Ok(mut zone) = self.zone.write() else {
-            return;
-        };
+        let (mut zone, rebuild) = self.write_zone();
+        if rebuild {
+            for svc in state.services() {
+                zone.update(&svc.name, Some(self.records_of(state, &svc.name, svc)));
+            }
+        }
         for name in services {
-            let records = state.service(name).map(|svc| {
-                let slices: Vec<&crate::model::SliceInfo> =
-                    state.slices_of(name).map(|s| s.as_ref()).collect();
-                records::service_records(svc, &slices, &self.domain)
-            });
+            let records = state
+                .service(name)
+                .map(|svc| self.records_of(state, name, svc));
             zone.update(name, records);
         }
+        drop(zone);
         self.bump();
+    }
+
+    fn records_of(
+        &self,
+        state: &ClusterState,
+        name: &ServiceName,
+        svc: &crate::model::ServiceInfo,
+    ) -> records::ServiceRecords {
+        let slices: Vec<&crate::model::SliceInfo> =
+            state.slices_of(name).map(|s| s.as_ref()).collect();
+        records::service_records(svc, &slices, &self.domain)
+    }
+
+    /// The zone for writing, and whether it must be rebuilt from the model: a panic
+    /// during an earlier update poisons the lock and may have left the zone half
+    /// updated, so it is emptied (keeping its synced state) and refilled rather than
+    /// abandoned (which would answer SERVFAIL for every cluster name for good).
+    fn write_zone(&self) -> (std::sync::RwLockWriteGuard<'_, Zone>, bool) {
+        match self.zone.write() {
+            Ok(zone) => (zone, false),
+            Err(poisoned) => {
+                error!(
+                    "cluster DNS zone was left inconsistent by a panic; rebuilding it from the model"
+                );
+                self.zone.clear_poison();
+                let mut zone = poisoned.into_inner();
+                let synced = zone.is_synced();
+                *zone = Zone::new(&self.domain);
+                if synced {
+                    zone.set_synced();
+                }
+                (zone, true)
+            }
+        }
     }
 
     /// The model is complete: start answering authoritatively.
     pub fn set_synced(&self) {
-        if let Ok(mut zone) = self.zone.write() {
-            zone.set_synced();
-            info!(names = zone.len(), "cluster DNS zone ready");
-        }
+        let (mut zone, _) = self.write_zone();
+        zone.set_synced();
+        info!(names = zone.len(), "cluster DNS zone ready");
+        drop(zone);
         self.bump();
     }
 
@@ -100,11 +137,14 @@ impl ClusterDns {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Answers from the zone. A poisoned lock is read through: the writer rebuilds
+    /// the zone at its next update, and until then a possibly stale answer beats none.
     fn lookup(&self, qname: &str, qtype: QType) -> Outcome {
-        match self.zone.read() {
-            Ok(zone) => zone.lookup(qname, qtype),
-            Err(_) => Outcome::NotSynced,
-        }
+        let zone = self
+            .zone
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        zone.lookup(qname, qtype)
     }
 }
 
@@ -164,8 +204,7 @@ pub struct Answerer {
 
 impl Answerer {
     pub fn new(cluster: ClusterDns, config: &DnsConfig) -> Self {
-        let apex = Name::from_ascii(format!("{}.", config.domain.trim_end_matches('.')))
-            .unwrap_or_else(|_| Name::root());
+        let apex = Name::from_ascii(config.domain.apex()).unwrap_or_else(|_| Name::root());
         let label = |prefix: &str| {
             Name::from_ascii(format!("{prefix}.{apex}")).unwrap_or_else(|_| Name::root())
         };
@@ -379,7 +418,7 @@ pub async fn serve(
     sockets: DnsSockets,
     cluster: ClusterDns,
 ) -> std::io::Result<()> {
-    info!(listen = %config.listen, domain = config.domain, upstreams = ?config.upstreams, "serving DNS");
+    info!(listen = %config.listen, domain = %config.domain, upstreams = ?config.upstreams, "serving DNS");
     let answerer = Arc::new(Answerer::new(cluster, &config));
     udp::spawn_workers(
         sockets.udp,

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::model::{IpFamily, Protocol, ServiceInfo, ServiceType, SliceInfo};
+use crate::model::service::ServicePortSpec;
+use crate::model::{
+    ClusterDomain, IpFamily, Protocol, ServiceInfo, ServiceType, SliceInfo, endpoints,
+};
 
 /// An SRV record's data.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,69 +51,75 @@ fn proto_label(p: Protocol) -> &'static str {
     }
 }
 
-/// The records of `svc` in `zone` (e.g. `cluster.local`), given its slices.
-pub fn service_records(svc: &ServiceInfo, slices: &[&SliceInfo], zone: &str) -> ServiceRecords {
-    let mut out = ServiceRecords::default();
+/// The records of `svc` in `zone`, given its slices.
+pub fn service_records(
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
+    zone: &ClusterDomain,
+) -> ServiceRecords {
     let base = format!("{}.{}.svc.{zone}.", svc.name.name, svc.name.namespace);
-
-    if let ServiceType::ExternalName(target) = &svc.service_type {
-        out.names.insert(
-            base,
-            NameData {
-                cname: Some(format!("{}.", target.trim_end_matches('.'))),
-                ..NameData::default()
-            },
-        );
-        return out;
-    }
-
-    if !svc.headless {
-        if svc.cluster_ips.is_empty() {
-            return out;
-        }
-        let mut data = NameData {
-            addresses: svc.cluster_ips.clone(),
-            ..NameData::default()
-        };
-        data.addresses.sort();
-        out.names.insert(base.clone(), data);
-        for port in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+    match &svc.service_type {
+        ServiceType::ExternalName(target) => {
+            let mut out = ServiceRecords::default();
+            let cname = Some(format!("{}.", target.trim_end_matches('.')));
             out.names.insert(
-                format!("_{}.{}.{base}", port.name, proto_label(port.protocol)),
+                base,
                 NameData {
-                    srv: vec![Srv {
-                        priority: 0,
-                        weight: 100,
-                        port: port.port,
-                        target: base.clone(),
-                    }],
+                    cname,
                     ..NameData::default()
                 },
             );
+            out
         }
-        for ip in &svc.cluster_ips {
-            out.ptrs.push((*ip, base.clone()));
-        }
+        _ if svc.headless => headless_records(svc, slices, base),
+        _ => cluster_ip_records(svc, base),
+    }
+}
+
+/// A ClusterIP service: its addresses, an SRV per named port, PTRs for its IPs.
+fn cluster_ip_records(svc: &ServiceInfo, base: String) -> ServiceRecords {
+    let mut out = ServiceRecords::default();
+    if svc.cluster_ips.is_empty() {
         return out;
     }
+    let mut addresses = svc.cluster_ips.clone();
+    addresses.sort();
+    for port in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+        let srv = vec![Srv {
+            priority: 0,
+            weight: 100,
+            port: port.port,
+            target: base.clone(),
+        }];
+        out.names
+            .insert(srv_name(&port.name, port.protocol, &base), srv_data(srv));
+    }
+    out.ptrs = svc
+        .cluster_ips
+        .iter()
+        .map(|ip| (*ip, base.clone()))
+        .collect();
+    out.names.insert(
+        base,
+        NameData {
+            addresses,
+            ..NameData::default()
+        },
+    );
+    out
+}
 
-    // Headless: one record per ready endpoint address (or every endpoint with
-    // publishNotReadyAddresses), a name per endpoint, SRV per endpoint x named port.
+/// A headless service: one record per published endpoint address, a name per
+/// endpoint (its hostname or dashed address), SRV per endpoint x named port.
+fn headless_records(svc: &ServiceInfo, slices: &[&SliceInfo], base: String) -> ServiceRecords {
+    let mut out = ServiceRecords::default();
     let mut endpoints: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-    for slice in slices {
-        for ep in &slice.endpoints {
-            if !(ep.ready || svc.publish_not_ready_addresses) {
-                continue;
-            }
-            let label = ep
-                .hostname
-                .clone()
-                .unwrap_or_else(|| dashed(&ep.addresses[0]));
-            let ips = endpoints.entry(label).or_default();
-            for ip in &ep.addresses {
-                if !ips.contains(ip) {
-                    ips.push(*ip);
-                }
+    for ep in endpoints::dns_published(svc, slices) {
+        let label = ep.hostname.clone().unwrap_or_else(|| dashed(&ep.address()));
+        let ips = endpoints.entry(label).or_default();
+        for ip in ep.addresses() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
             }
         }
     }
@@ -120,55 +129,71 @@ pub fn service_records(svc: &ServiceInfo, slices: &[&SliceInfo], zone: &str) -> 
     let mut all: Vec<IpAddr> = endpoints.values().flatten().copied().collect();
     all.sort();
     all.dedup();
+    for port in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+        let srv = endpoint_srvs(port, slices, &endpoints, &base);
+        out.names
+            .insert(srv_name(&port.name, port.protocol, &base), srv_data(srv));
+    }
+    for (label, ips) in endpoints {
+        let name = format!("{label}.{base}");
+        out.ptrs.extend(ips.iter().map(|ip| (*ip, name.clone())));
+        out.names.insert(
+            name,
+            NameData {
+                addresses: ips,
+                ..NameData::default()
+            },
+        );
+    }
     out.names.insert(
-        base.clone(),
+        base,
         NameData {
             addresses: all,
             ..NameData::default()
         },
     );
-    for (label, ips) in &endpoints {
-        let name = format!("{label}.{base}");
-        for ip in ips {
-            out.ptrs.push((*ip, name.clone()));
-        }
-        out.names.insert(
-            name,
-            NameData {
-                addresses: ips.clone(),
-                ..NameData::default()
-            },
-        );
-    }
-    for port in svc.ports.iter().filter(|p| !p.name.is_empty()) {
-        // The endpoints' port number for this port (from the slices), per family.
-        let number = |family: IpFamily| {
-            slices
-                .iter()
-                .filter(|s| s.family == family)
-                .flat_map(|s| &s.ports)
-                .find(|p| p.name == port.name && p.protocol == port.protocol)
-                .map(|p| p.port)
-        };
-        let weight = (100 / endpoints.len()).max(1) as u16;
-        let srv = endpoints
-            .iter()
-            .map(|(label, ips)| Srv {
-                priority: 0,
-                weight,
-                port: number(IpFamily::of(&ips[0])).unwrap_or(port.port),
-                target: format!("{label}.{base}"),
-            })
-            .collect();
-        out.names.insert(
-            format!("_{}.{}.{base}", port.name, proto_label(port.protocol)),
-            NameData {
-                srv,
-                ..NameData::default()
-            },
-        );
-    }
     out
+}
+
+/// The SRV records of one named port of a headless service: one per endpoint name,
+/// with the endpoints' port number for it (from the slices of the endpoint's family).
+fn endpoint_srvs(
+    port: &ServicePortSpec,
+    slices: &[&SliceInfo],
+    endpoints: &BTreeMap<String, Vec<IpAddr>>,
+    base: &str,
+) -> Vec<Srv> {
+    let number = |family: IpFamily| {
+        slices
+            .iter()
+            .filter(|s| s.family == family)
+            .find_map(|s| s.port(&port.name, port.protocol))
+    };
+    let weight = (100 / endpoints.len()).max(1) as u16;
+    endpoints
+        .iter()
+        .map(|(label, ips)| Srv {
+            priority: 0,
+            weight,
+            port: ips
+                .first()
+                .and_then(|ip| number(IpFamily::of(ip)))
+                .unwrap_or(port.port),
+            target: format!("{label}.{base}"),
+        })
+        .collect()
+}
+
+/// `_port._proto.<base>`.
+fn srv_name(port: &str, protocol: Protocol, base: &str) -> String {
+    format!("_{port}.{}.{base}", proto_label(protocol))
+}
+
+fn srv_data(srv: Vec<Srv>) -> NameData {
+    NameData {
+        srv,
+        ..NameData::default()
+    }
 }
 
 #[cfg(test)]
@@ -190,7 +215,7 @@ mod tests {
         let s = svc(
             "metadata: {name: web, namespace: ns}\nspec: {clusterIPs: [10.96.0.10, 'fd00::10'], ports: [{name: http, port: 80}, {port: 81, name: h2, protocol: UDP}]}",
         );
-        let r = service_records(&s, &[], "cluster.local");
+        let r = service_records(&s, &[], &ClusterDomain::default());
         let base = "web.ns.svc.cluster.local.";
         assert_eq!(r.names[base].addresses.len(), 2);
         let srv = &r.names["_http._tcp.web.ns.svc.cluster.local."].srv;
@@ -212,7 +237,7 @@ mod tests {
         let s = svc(
             "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}",
         );
-        let r = service_records(&s, &[], "cluster.local");
+        let r = service_records(&s, &[], &ClusterDomain::default());
         assert_eq!(r.names.len(), 1);
     }
 
@@ -232,7 +257,7 @@ endpoints:
   - {addresses: [10.0.0.3], conditions: {ready: false}}
 "#,
         );
-        let r = service_records(&s, &[&sl], "cluster.local");
+        let r = service_records(&s, &[&sl], &ClusterDomain::default());
         let base = "db.ns.svc.cluster.local.";
         assert_eq!(
             r.names[base].addresses,
@@ -252,14 +277,14 @@ endpoints:
         let s = svc(
             "metadata: {name: db, namespace: ns}\nspec: {clusterIP: None, publishNotReadyAddresses: true}",
         );
-        let r = service_records(&s, &[&sl], "cluster.local");
+        let r = service_records(&s, &[&sl], &ClusterDomain::default());
         assert_eq!(r.names[base].addresses.len(), 3);
     }
 
     #[test]
     fn headless_without_ready_endpoints_has_no_names() {
         let s = svc("metadata: {name: db, namespace: ns}\nspec: {clusterIP: None}");
-        let r = service_records(&s, &[], "cluster.local");
+        let r = service_records(&s, &[], &ClusterDomain::default());
         assert!(r.names.is_empty());
     }
 
@@ -268,7 +293,7 @@ endpoints:
         let s = svc(
             "metadata: {name: ext, namespace: ns}\nspec: {type: ExternalName, externalName: Search.Example.com}",
         );
-        let r = service_records(&s, &[], "cluster.local");
+        let r = service_records(&s, &[], &ClusterDomain::default());
         assert_eq!(
             r.names["ext.ns.svc.cluster.local."].cname.as_deref(),
             Some("search.example.com.")

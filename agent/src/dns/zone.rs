@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::records::{NameData, ServiceRecords, Srv};
-use crate::model::ServiceName;
+use crate::model::{ClusterDomain, ServiceName};
 
 /// Schema version of the Kubernetes DNS specification implemented.
 pub const SCHEMA_VERSION: &str = "1.1.0";
@@ -92,9 +92,9 @@ pub struct Zone {
 
 impl Zone {
     /// An empty zone for `domain` (e.g. `cluster.local`).
-    pub fn new(domain: &str) -> Self {
+    pub fn new(domain: &ClusterDomain) -> Self {
         Self {
-            apex: format!("{}.", domain.trim_end_matches('.').to_ascii_lowercase()),
+            apex: domain.apex(),
             synced: false,
             names: HashMap::new(),
             ents: HashMap::new(),
@@ -103,14 +103,14 @@ impl Zone {
         }
     }
 
-    /// The apex, lower case with a trailing dot.
-    pub fn apex(&self) -> &str {
-        &self.apex
-    }
-
     /// The source delivered its first complete view: answer authoritatively.
     pub fn set_synced(&mut self) {
         self.synced = true;
+    }
+
+    /// Whether the model was complete once (authoritative answers).
+    pub fn is_synced(&self) -> bool {
+        self.synced
     }
 
     /// Replaces what `service` contributes (`None`: it is gone).
@@ -332,10 +332,10 @@ mod tests {
     fn zone_with(yaml: &str) -> Zone {
         let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(yaml).unwrap();
         let info = ServiceInfo::from_k8s(&svc).unwrap();
-        let mut z = Zone::new("cluster.local");
+        let mut z = Zone::new(&ClusterDomain::default());
         z.update(
             &info.name,
-            Some(service_records(&info, &[], "cluster.local")),
+            Some(service_records(&info, &[], &ClusterDomain::default())),
         );
         z.set_synced();
         z
@@ -416,7 +416,7 @@ mod tests {
 
     #[test]
     fn not_synced_is_not_nxdomain() {
-        let mut z = Zone::new("cluster.local");
+        let mut z = Zone::new(&ClusterDomain::default());
         assert_eq!(
             z.lookup("web.ns.svc.cluster.local.", QType::A),
             Outcome::NotSynced

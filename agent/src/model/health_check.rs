@@ -6,8 +6,7 @@
 //! only to nodes that answer 200, i.e. that have a ready endpoint of the service
 //! locally. Without it, external traffic to nodes with no local endpoint is dropped.
 
-use std::collections::HashSet;
-
+use super::endpoints;
 use super::service::ServiceType;
 use super::store::ClusterState;
 use super::types::ServiceName;
@@ -35,17 +34,9 @@ pub fn service_health_check(
     {
         return None;
     }
-    let node_port = svc.health_check_node_port?;
-    let node = state.node().topology.name.as_str();
-    let local_ready: HashSet<_> = state
-        .slices_of(name)
-        .flat_map(|slice| &slice.endpoints)
-        .filter(|ep| ep.ready && ep.node_name.as_deref() == Some(node))
-        .map(|ep| ep.addresses[0])
-        .collect();
     Some(ServiceHealthCheck {
-        node_port,
-        local_ready_endpoints: local_ready.len(),
+        node_port: svc.health_check_node_port?,
+        local_ready_endpoints: endpoints::local_ready_addresses(state, name),
     })
 }
 

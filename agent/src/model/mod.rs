@@ -1,21 +1,27 @@
 //! The pure core: Kubernetes objects in, what this node must program out.
 //!
 //! Sources feed objects into [`ClusterState`]; [`NodePlan::update`] turns the services
-//! that changed into a [`PlanDiff`]; backends and DNS consume plans and never look at
-//! Kubernetes objects themselves. Nothing here does I/O.
+//! that changed into a [`PlanDiff`]; data planes and DNS consume plans and never look
+//! at Kubernetes objects themselves. Every endpoint selection lives in [`endpoints`].
+//! Nothing here does I/O.
 
+pub mod domain;
+pub mod endpoints;
 pub mod health_check;
+pub mod node;
 pub mod plan;
 pub mod service;
 pub mod slice;
 pub mod store;
-pub mod topology;
 pub mod types;
 pub mod validate;
 
+pub use domain::ClusterDomain;
 pub use health_check::{ServiceHealthCheck, service_health_check};
+pub use node::{HostAddresses, LocalAddress, NodeInfo, NodeNetwork, NodePortAddresses};
 pub use plan::{NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo};
 pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};
 pub use types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
+pub use validate::ValidationError;

@@ -2,16 +2,17 @@
 //! and the incremental [`PlanDiff`] between two versions. Backends consume only this;
 //! every Kubernetes rule (which endpoints, REJECT vs DROP) is decided here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
+use super::endpoints::{Categorized, candidates, categorize};
+use super::service::{ServiceInfo, ServicePortSpec};
 use super::store::ClusterState;
-use super::topology::{Candidate, categorize};
-use super::types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
+use super::types::{Endpoint, IpFamily, ServiceName, ServicePortName};
 
 /// Identity of a frontend set: a service port in one IP family.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -83,6 +84,16 @@ impl ServicePortPlan {
         }
     }
 
+    /// Whether a `Local` policy leaves this node without endpoints although others
+    /// exist, for (internal, external) traffic: kube-proxy's "no local endpoints"
+    /// gauges count these.
+    pub fn lacks_local_endpoints(&self) -> (bool, bool) {
+        (
+            self.internal_policy_local && self.internal() == Traffic::Drop,
+            self.external_policy_local && self.external() == Traffic::Drop,
+        )
+    }
+
     /// Whether the service is reachable other than by ClusterIP.
     pub fn is_externally_accessible(&self) -> bool {
         self.node_port.is_some()
@@ -130,15 +141,6 @@ impl PlanDiff {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
         self.upserted.is_empty() && self.removed.is_empty()
-    }
-
-    /// Services touched by this diff.
-    pub fn services(&self) -> HashSet<&ServiceName> {
-        self.upserted
-            .iter()
-            .map(|u| &u.new.key.port.service)
-            .chain(self.removed.iter().map(|p| &p.key.port.service))
-            .collect()
     }
 }
 
@@ -219,112 +221,64 @@ fn plan_service(state: &ClusterState, name: &ServiceName) -> Vec<ServicePortPlan
     if !svc.is_proxied() {
         return Vec::new();
     }
-    let node = &state.node().topology;
-    let externally_accessible =
-        svc.has_node_ports() || !svc.external_ips.is_empty() || !svc.load_balancer_ips.is_empty();
     // Even with a Local external policy, cluster-wide endpoints are needed for the
     // short-circuit of traffic from pods and the node to external destinations.
-    let uses_cluster = !svc.internal_policy_local || externally_accessible;
-    let uses_local =
-        svc.internal_policy_local || (externally_accessible && svc.external_policy_local);
-
-    let mut plans = Vec::new();
+    let uses_cluster = !svc.internal_policy_local || svc.is_externally_accessible();
+    let uses_local = svc.internal_policy_local || svc.external_policy_local;
+    let mut plans = Vec::with_capacity(svc.cluster_ips.len() * svc.ports.len());
     for &cluster_ip in &svc.cluster_ips {
         let family = IpFamily::of(&cluster_ip);
-        let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            ips.iter()
-                .copied()
-                .filter(|ip| IpFamily::of(ip) == family)
-                .collect()
-        };
         for port in &svc.ports {
-            let candidates = candidates(state, name, family, &port.name, port.protocol, &node.name);
-            let categorized = categorize(&candidates, node, uses_cluster, uses_local);
-            plans.push(ServicePortPlan {
-                key: PlanKey {
-                    port: ServicePortName {
-                        service: name.clone(),
-                        port: port.name.clone(),
-                        protocol: port.protocol,
-                    },
-                    family,
-                },
-                cluster_ip,
-                port: port.port,
-                node_port: if svc.has_node_ports() {
-                    port.node_port
-                } else {
-                    None
-                },
-                external_ips: of_family(&svc.external_ips),
-                load_balancer_ips: of_family(&svc.load_balancer_ips),
-                load_balancer_source_ranges: svc
-                    .load_balancer_source_ranges
-                    .iter()
-                    .copied()
-                    .filter(|net| (net.is_ipv4()) == (family == IpFamily::V4))
-                    .collect(),
-                affinity_timeout_seconds: svc.affinity_timeout_seconds,
-                internal_policy_local: svc.internal_policy_local,
-                external_policy_local: svc.external_policy_local,
-                health_check_node_port: svc.health_check_node_port,
-                cluster_endpoints: categorized.cluster,
-                local_endpoints: categorized.local,
-                has_any_endpoints: categorized.has_any,
-            });
+            let found = candidates(state, name, family, (&port.name, port.protocol));
+            let categorized = categorize(&found, state.node(), uses_cluster, uses_local);
+            plans.push(port_plan(svc, port, cluster_ip, categorized));
         }
     }
     plans
 }
 
-/// The deduplicated endpoints of one service port in one family, sorted by address.
-/// An address listed by two slices counts once, preferring the non-terminating copy
-/// (and then the local one), as kube-proxy does.
-fn candidates(
-    state: &ClusterState,
-    service: &ServiceName,
-    family: IpFamily,
-    port_name: &str,
-    protocol: Protocol,
-    node_name: &str,
-) -> Vec<Candidate> {
-    let mut by_backend: HashMap<Endpoint, Candidate> = HashMap::new();
-    for slice in state.slices_of(service).filter(|s| s.family == family) {
-        let Some(slice_port) = slice
-            .ports
+/// The plan of one port of `svc` in the family of `cluster_ip`.
+fn port_plan(
+    svc: &ServiceInfo,
+    port: &ServicePortSpec,
+    cluster_ip: IpAddr,
+    endpoints: Categorized,
+) -> ServicePortPlan {
+    let family = IpFamily::of(&cluster_ip);
+    let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+        ips.iter()
+            .copied()
+            .filter(|ip| IpFamily::of(ip) == family)
+            .collect()
+    };
+    ServicePortPlan {
+        key: PlanKey {
+            port: ServicePortName {
+                service: svc.name.clone(),
+                port: port.name.clone(),
+                protocol: port.protocol,
+            },
+            family,
+        },
+        cluster_ip,
+        port: port.port,
+        node_port: port.node_port.filter(|_| svc.has_node_ports()),
+        external_ips: of_family(&svc.external_ips),
+        load_balancer_ips: of_family(&svc.load_balancer_ips),
+        load_balancer_source_ranges: svc
+            .load_balancer_source_ranges
             .iter()
-            .find(|p| p.name == port_name && p.protocol == protocol)
-        else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            let backend = Endpoint {
-                ip: ep.addresses[0],
-                port: slice_port.port,
-            };
-            let candidate = Candidate {
-                backend,
-                ready: ep.ready,
-                serving: ep.serving,
-                terminating: ep.terminating,
-                local: ep.node_name.as_deref() == Some(node_name),
-                zone_hints: ep.zone_hints.clone(),
-                node_hints: ep.node_hints.clone(),
-            };
-            match by_backend.get(&backend) {
-                Some(existing)
-                    if (!existing.terminating && candidate.terminating)
-                        || (existing.terminating == candidate.terminating
-                            && (existing.local || !candidate.local)) => {}
-                _ => {
-                    by_backend.insert(backend, candidate);
-                }
-            }
-        }
+            .copied()
+            .filter(|net| IpFamily::of(&net.ip()) == family)
+            .collect(),
+        affinity_timeout_seconds: svc.affinity_timeout_seconds,
+        internal_policy_local: svc.internal_policy_local,
+        external_policy_local: svc.external_policy_local,
+        health_check_node_port: svc.health_check_node_port,
+        cluster_endpoints: endpoints.cluster,
+        local_endpoints: endpoints.local,
+        has_any_endpoints: endpoints.has_any,
     }
-    let mut out: Vec<Candidate> = by_backend.into_values().collect();
-    out.sort_by_key(|c| c.backend);
-    out
 }
 
 /// A plain plan for backend tests: `ns/name:port`, one ClusterIP, these cluster-wide
@@ -332,7 +286,7 @@ fn candidates(
 #[cfg(test)]
 pub(crate) fn test_plan(
     service: (&str, &str, &str),
-    protocol: Protocol,
+    protocol: super::types::Protocol,
     cluster_ip: &str,
     port: u16,
     endpoints: &[(&str, u16)],
@@ -373,6 +327,7 @@ pub(crate) fn test_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
     use k8s_openapi::api::core::v1::{Node, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 

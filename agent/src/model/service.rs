@@ -3,10 +3,10 @@
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::types::{IpFamily, Protocol, ServiceName};
-use super::validate;
+use super::validate::{self, At, ValidationError};
 
 /// Label that hands a service to another proxy; kube-proxy skips services carrying it.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -60,166 +60,55 @@ pub struct ServiceInfo {
 
 impl ServiceInfo {
     /// Validates a Service object. The error names the first problem found.
-    pub fn from_k8s(svc: &Service) -> Result<Self, String> {
+    pub fn from_k8s(svc: &Service) -> Result<Self, ValidationError> {
         let meta = &svc.metadata;
-        let name = meta.name.as_deref().ok_or("metadata.name is missing")?;
-        validate::dns1035_label(name).map_err(|e| format!("metadata.name: {e}"))?;
+        let name = meta
+            .name
+            .as_deref()
+            .ok_or_else(|| ValidationError::missing("metadata.name"))?;
+        validate::dns1035_label(name).at("metadata.name")?;
         let namespace = meta.namespace.as_deref().unwrap_or("default");
-        validate::dns1123_label(namespace).map_err(|e| format!("metadata.namespace: {e}"))?;
-        let spec = svc.spec.as_ref().ok_or("spec is missing")?;
-
-        let foreign_proxy = meta
-            .labels
+        validate::dns1123_label(namespace).at("metadata.namespace")?;
+        let spec = svc
+            .spec
             .as_ref()
-            .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL));
-
-        let service_type = match spec.type_.as_deref() {
-            None | Some("ClusterIP") => ServiceType::ClusterIp,
-            Some("NodePort") => ServiceType::NodePort,
-            Some("LoadBalancer") => ServiceType::LoadBalancer,
-            Some("ExternalName") => {
-                let target = spec
-                    .external_name
-                    .as_deref()
-                    .ok_or("spec.externalName is required for type ExternalName")?;
-                validate::external_name(target).map_err(|e| format!("spec.externalName: {e}"))?;
-                ServiceType::ExternalName(target.trim_end_matches('.').to_ascii_lowercase())
-            }
-            Some(other) => return Err(format!("spec.type: unknown service type {other:?}")),
-        };
-
+            .ok_or_else(|| ValidationError::missing("spec"))?;
+        let service_type = service_type(spec)?;
         let (cluster_ips, headless) = parse_cluster_ips(spec)?;
-
-        let mut ports = Vec::new();
-        for (i, port) in spec.ports.iter().flatten().enumerate() {
-            let port_name = port.name.clone().unwrap_or_default();
-            if !port_name.is_empty() {
-                validate::port_name(&port_name)
-                    .map_err(|e| format!("spec.ports[{i}].name: {e}"))?;
-            }
-            let protocol = Protocol::from_k8s(port.protocol.as_deref())
-                .map_err(|e| format!("spec.ports[{i}].protocol: {e}"))?;
-            let number =
-                port_number(port.port).map_err(|e| format!("spec.ports[{i}].port: {e}"))?;
-            let node_port = match port.node_port {
-                None | Some(0) => None,
-                Some(n) => {
-                    Some(port_number(n).map_err(|e| format!("spec.ports[{i}].nodePort: {e}"))?)
-                }
-            };
-            if ports
-                .iter()
-                .any(|p: &ServicePortSpec| p.name == port_name && p.protocol == protocol)
-            {
-                return Err(format!(
-                    "spec.ports[{i}]: duplicate port name {port_name:?} for {protocol}"
-                ));
-            }
-            ports.push(ServicePortSpec {
-                name: port_name,
-                protocol,
-                port: number,
-                node_port,
-            });
-        }
-        if ports.len() > 1 && ports.iter().any(|p| p.name.is_empty()) {
-            return Err("spec.ports: every port must be named when there are several".into());
-        }
-
         let external_ips = parse_ips(spec.external_ips.iter().flatten(), "spec.externalIPs")?;
-        let mut load_balancer_ips = Vec::new();
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for (i, ing) in ingress.into_iter().flatten().enumerate() {
-            if ing.ip_mode.as_deref() == Some("Proxy") {
-                continue;
-            }
-            if let Some(ip) = &ing.ip {
-                load_balancer_ips.push(
-                    parse_ip(ip)
-                        .map_err(|e| format!("status.loadBalancer.ingress[{i}].ip: {e}"))?,
-                );
-            }
-        }
-        if service_type != ServiceType::LoadBalancer {
-            load_balancer_ips.clear();
-        }
-        let mut load_balancer_source_ranges = Vec::new();
-        for range in spec.load_balancer_source_ranges.iter().flatten() {
-            let net: IpNetwork = range
-                .trim()
-                .parse()
-                .map_err(|_| format!("spec.loadBalancerSourceRanges: invalid CIDR {range:?}"))?;
-            load_balancer_source_ranges.push(net);
-        }
-
-        let affinity_timeout_seconds = match spec.session_affinity.as_deref() {
-            None | Some("None") => None,
-            Some("ClientIP") => {
-                let timeout = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds);
-                match timeout {
-                    None => Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS),
-                    Some(t @ 1..=86_400) => Some(t as u32),
-                    Some(t) => {
-                        return Err(format!(
-                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is not in 1..=86400"
-                        ));
-                    }
-                }
-            }
-            Some(other) => return Err(format!("spec.sessionAffinity: unknown value {other:?}")),
+        let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
+            load_balancer_ips(svc)?
+        } else {
+            Vec::new()
         };
-
-        let internal_policy_local = match spec.internal_traffic_policy.as_deref() {
-            None | Some("Cluster") => false,
-            Some("Local") => true,
-            Some(other) => {
-                return Err(format!(
-                    "spec.internalTrafficPolicy: unknown value {other:?}"
-                ));
-            }
-        };
-        let externally_accessible = matches!(
-            service_type,
-            ServiceType::NodePort | ServiceType::LoadBalancer
-        ) || (service_type == ServiceType::ClusterIp
-            && !external_ips.is_empty());
-        let external_policy_local = match spec.external_traffic_policy.as_deref() {
-            None | Some("Cluster") => false,
-            Some("Local") => externally_accessible,
-            Some(other) => {
-                return Err(format!(
-                    "spec.externalTrafficPolicy: unknown value {other:?}"
-                ));
-            }
-        };
-        let health_check_node_port = match spec.health_check_node_port {
-            None | Some(0) => None,
-            Some(n) => Some(port_number(n).map_err(|e| format!("spec.healthCheckNodePort: {e}"))?),
-        };
-
+        let external_policy_local = policy_is_local(
+            spec.external_traffic_policy.as_deref(),
+            "spec.externalTrafficPolicy",
+        )? && is_externally_accessible(&service_type, &external_ips);
         Ok(Self {
             name: ServiceName::new(namespace, name),
-            service_type,
             cluster_ips,
             headless,
-            ports,
+            ports: service_ports(spec)?,
             external_ips,
             load_balancer_ips,
-            load_balancer_source_ranges,
-            affinity_timeout_seconds,
-            internal_policy_local,
+            load_balancer_source_ranges: source_ranges(spec)?,
+            affinity_timeout_seconds: affinity_timeout(spec)?,
+            internal_policy_local: policy_is_local(
+                spec.internal_traffic_policy.as_deref(),
+                "spec.internalTrafficPolicy",
+            )?,
             external_policy_local,
-            health_check_node_port,
+            health_check_node_port: optional_port(
+                spec.health_check_node_port,
+                "spec.healthCheckNodePort",
+            )?,
             publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
-            foreign_proxy,
+            foreign_proxy: meta
+                .labels
+                .as_ref()
+                .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL)),
+            service_type,
         })
     }
 
@@ -230,6 +119,12 @@ impl ServiceInfo {
             && !self.foreign_proxy
             && !matches!(self.service_type, ServiceType::ExternalName(_))
             && !self.cluster_ips.is_empty()
+    }
+
+    /// Whether traffic from outside the cluster can reach the service (NodePorts,
+    /// load balancers, externalIPs): only then does `externalTrafficPolicy` apply.
+    pub fn is_externally_accessible(&self) -> bool {
+        is_externally_accessible(&self.service_type, &self.external_ips)
     }
 
     /// The ClusterIP of one family, if the service has one.
@@ -249,9 +144,151 @@ impl ServiceInfo {
     }
 }
 
-fn parse_cluster_ips(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-) -> Result<(Vec<IpAddr>, bool), String> {
+/// Kubernetes' `ExternallyAccessible`: NodePort and LoadBalancer services, and
+/// ClusterIP services with externalIPs. Load-balancer IPs only exist on
+/// `LoadBalancer` services, so they need no check of their own.
+fn is_externally_accessible(service_type: &ServiceType, external_ips: &[IpAddr]) -> bool {
+    match service_type {
+        ServiceType::NodePort | ServiceType::LoadBalancer => true,
+        ServiceType::ClusterIp => !external_ips.is_empty(),
+        ServiceType::ExternalName(_) => false,
+    }
+}
+
+/// `spec.type` (and `spec.externalName` for ExternalName services).
+fn service_type(spec: &ServiceSpec) -> Result<ServiceType, ValidationError> {
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP") => Ok(ServiceType::ClusterIp),
+        Some("NodePort") => Ok(ServiceType::NodePort),
+        Some("LoadBalancer") => Ok(ServiceType::LoadBalancer),
+        Some("ExternalName") => {
+            let target = spec.external_name.as_deref().ok_or_else(|| {
+                ValidationError::invalid("spec.externalName", "required for type ExternalName")
+            })?;
+            validate::external_name(target).at("spec.externalName")?;
+            Ok(ServiceType::ExternalName(
+                target.trim_end_matches('.').to_ascii_lowercase(),
+            ))
+        }
+        Some(other) => Err(ValidationError::invalid(
+            "spec.type",
+            format!("unknown service type {other:?}"),
+        )),
+    }
+}
+
+/// `spec.ports`: valid names, protocols and numbers; unique name per protocol; every
+/// port named when there are several.
+fn service_ports(spec: &ServiceSpec) -> Result<Vec<ServicePortSpec>, ValidationError> {
+    let mut ports: Vec<ServicePortSpec> = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let name = port.name.clone().unwrap_or_default();
+        if !name.is_empty() {
+            validate::port_name(&name).at(format!("{field}.name"))?;
+        }
+        let protocol =
+            Protocol::from_k8s(port.protocol.as_deref()).at(format!("{field}.protocol"))?;
+        let number = port_number(port.port).at(format!("{field}.port"))?;
+        let node_port = optional_port(port.node_port, &format!("{field}.nodePort"))?;
+        if ports
+            .iter()
+            .any(|p| p.name == name && p.protocol == protocol)
+        {
+            let reason = format!("duplicate port name {name:?} for {protocol}");
+            return Err(ValidationError::invalid(field, reason));
+        }
+        ports.push(ServicePortSpec {
+            name,
+            protocol,
+            port: number,
+            node_port,
+        });
+    }
+    if ports.len() > 1 && ports.iter().any(|p| p.name.is_empty()) {
+        return Err(ValidationError::invalid(
+            "spec.ports",
+            "every port must be named when there are several",
+        ));
+    }
+    Ok(ports)
+}
+
+/// `status.loadBalancer.ingress[].ip`, except `ipMode: Proxy` ones (the load balancer
+/// proxies those, so the node must not capture them).
+fn load_balancer_ips(svc: &Service) -> Result<Vec<IpAddr>, ValidationError> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let mut ips = Vec::new();
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        if let Some(ip) = &ing.ip {
+            ips.push(parse_ip(ip).at(format!("status.loadBalancer.ingress[{i}].ip"))?);
+        }
+    }
+    Ok(ips)
+}
+
+/// `spec.loadBalancerSourceRanges` as CIDRs.
+fn source_ranges(spec: &ServiceSpec) -> Result<Vec<IpNetwork>, ValidationError> {
+    spec.load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .map(|range| {
+            range.trim().parse().map_err(|_| {
+                ValidationError::invalid(
+                    "spec.loadBalancerSourceRanges",
+                    format!("invalid CIDR {range:?}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The ClientIP affinity timeout, if `spec.sessionAffinity` is ClientIP.
+fn affinity_timeout(spec: &ServiceSpec) -> Result<Option<u32>, ValidationError> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS)),
+                Some(t @ 1..=86_400) => Ok(Some(t as u32)),
+                Some(t) => Err(ValidationError::invalid(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("{t} is not in 1..=86400"),
+                )),
+            }
+        }
+        Some(other) => Err(ValidationError::invalid(
+            "spec.sessionAffinity",
+            format!("unknown value {other:?}"),
+        )),
+    }
+}
+
+/// A traffic policy field: `Local` or (default) `Cluster`.
+fn policy_is_local(value: Option<&str>, field: &str) -> Result<bool, ValidationError> {
+    match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(ValidationError::invalid(
+            field,
+            format!("unknown value {other:?}"),
+        )),
+    }
+}
+
+fn parse_cluster_ips(spec: &ServiceSpec) -> Result<(Vec<IpAddr>, bool), ValidationError> {
     let mut raw: Vec<&str> = spec
         .cluster_ips
         .iter()
@@ -271,7 +308,10 @@ fn parse_cluster_ips(
         "spec.clusterIPs",
     )?;
     if ips.len() > 2 || (ips.len() == 2 && IpFamily::of(&ips[0]) == IpFamily::of(&ips[1])) {
-        return Err("spec.clusterIPs: at most one address per IP family".into());
+        return Err(ValidationError::invalid(
+            "spec.clusterIPs",
+            "at most one address per IP family",
+        ));
     }
     Ok((ips, false))
 }
@@ -279,10 +319,10 @@ fn parse_cluster_ips(
 fn parse_ips<'a>(
     values: impl IntoIterator<Item = impl AsRef<str> + 'a>,
     field: &str,
-) -> Result<Vec<IpAddr>, String> {
+) -> Result<Vec<IpAddr>, ValidationError> {
     values
         .into_iter()
-        .map(|v| parse_ip(v.as_ref()).map_err(|e| format!("{field}: {e}")))
+        .map(|v| parse_ip(v.as_ref()).at(field))
         .collect()
 }
 
@@ -297,6 +337,14 @@ fn port_number(value: i32) -> Result<u16, String> {
     match u16::try_from(value) {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{value} is not a valid port number")),
+    }
+}
+
+/// A port field where 0 or absent means "none allocated".
+fn optional_port(value: Option<i32>, field: &str) -> Result<Option<u16>, ValidationError> {
+    match value {
+        None | Some(0) => Ok(None),
+        Some(n) => port_number(n).at(field).map(Some),
     }
 }
 
@@ -467,7 +515,9 @@ status:
             ),
         ];
         for (yaml, expected) in cases {
-            let err = ServiceInfo::from_k8s(&svc(yaml)).expect_err(yaml);
+            let err = ServiceInfo::from_k8s(&svc(yaml))
+                .expect_err(yaml)
+                .to_string();
             assert!(
                 err.contains(expected),
                 "{yaml}: {err} should mention {expected}"

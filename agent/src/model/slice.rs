@@ -2,11 +2,11 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 
 use super::service::parse_ip;
 use super::types::{IpFamily, Protocol};
-use super::validate;
+use super::validate::{self, At, ValidationError};
 
 /// Label that ties a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -23,8 +23,10 @@ pub struct SlicePort {
 /// (nil ready = true, nil serving = true, nil terminating = false).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
-    /// All addresses; the data plane uses the first one (as kube-proxy does), DNS too.
-    pub addresses: Vec<IpAddr>,
+    /// The first address: the one the data plane uses, as kube-proxy does.
+    address: IpAddr,
+    /// Any further addresses (DNS publishes them too).
+    more_addresses: Vec<IpAddr>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -33,6 +35,18 @@ pub struct EndpointInfo {
     pub zone: Option<String>,
     pub zone_hints: Vec<String>,
     pub node_hints: Vec<String>,
+}
+
+impl EndpointInfo {
+    /// The address traffic goes to (the first one listed; an endpoint always has one).
+    pub fn address(&self) -> IpAddr {
+        self.address
+    }
+
+    /// Every address, the first one first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(self.more_addresses.iter().copied())
+    }
 }
 
 /// The validated facts of one EndpointSlice.
@@ -52,106 +66,55 @@ pub struct SliceInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SliceRejection {
     Ignored(String),
-    Invalid(String),
+    Invalid(ValidationError),
+}
+
+impl From<ValidationError> for SliceRejection {
+    fn from(err: ValidationError) -> Self {
+        Self::Invalid(err)
+    }
 }
 
 impl SliceInfo {
     /// Validates an EndpointSlice object.
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Self, SliceRejection> {
-        use SliceRejection::{Ignored, Invalid};
         let meta = &slice.metadata;
         let name = meta
             .name
             .as_deref()
-            .ok_or_else(|| Invalid("metadata.name is missing".into()))?;
-        validate::dns1123_subdomain(name).map_err(|e| Invalid(format!("metadata.name: {e}")))?;
+            .ok_or_else(|| ValidationError::missing("metadata.name"))?;
+        validate::dns1123_subdomain(name).at("metadata.name")?;
         let namespace = meta.namespace.as_deref().unwrap_or("default");
-        validate::dns1123_label(namespace)
-            .map_err(|e| Invalid(format!("metadata.namespace: {e}")))?;
+        validate::dns1123_label(namespace).at("metadata.namespace")?;
         let service = meta
             .labels
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .ok_or_else(|| Ignored(format!("no {SERVICE_NAME_LABEL} label")))?;
-        validate::dns1035_label(service)
-            .map_err(|e| Invalid(format!("label {SERVICE_NAME_LABEL}: {e}")))?;
+            .ok_or_else(|| SliceRejection::Ignored(format!("no {SERVICE_NAME_LABEL} label")))?;
+        validate::dns1035_label(service).at(format!("label {SERVICE_NAME_LABEL}"))?;
         let family = match slice.address_type.as_str() {
             "IPv4" => IpFamily::V4,
             "IPv6" => IpFamily::V6,
-            "FQDN" => return Err(Ignored("addressType FQDN is not proxied".into())),
-            other => return Err(Invalid(format!("addressType: unknown value {other:?}"))),
+            "FQDN" => {
+                return Err(SliceRejection::Ignored(
+                    "addressType FQDN is not proxied".into(),
+                ));
+            }
+            other => {
+                let reason = format!("unknown value {other:?}");
+                return Err(ValidationError::invalid("addressType", reason).into());
+            }
         };
-
         let mut ports = Vec::new();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
-            let port_name = port.name.clone().unwrap_or_default();
-            if !port_name.is_empty() {
-                validate::port_name(&port_name)
-                    .map_err(|e| Invalid(format!("ports[{i}].name: {e}")))?;
-            }
-            let protocol = Protocol::from_k8s(port.protocol.as_deref())
-                .map_err(|e| Invalid(format!("ports[{i}].protocol: {e}")))?;
-            // A port without a number means "all ports" to the API; kube-proxy ignores it.
-            let Some(number) = port.port else { continue };
-            let number = match u16::try_from(number) {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    return Err(Invalid(format!(
-                        "ports[{i}].port: {number} is not a valid port"
-                    )));
-                }
-            };
-            ports.push(SlicePort {
-                name: port_name,
-                protocol,
-                port: number,
-            });
+            ports.extend(slice_port(port, &format!("ports[{i}]"))?);
         }
-
-        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
-        for (i, ep) in slice.endpoints.iter().enumerate() {
-            if ep.addresses.is_empty() {
-                return Err(Invalid(format!("endpoints[{i}]: no addresses")));
-            }
-            let mut addresses = Vec::with_capacity(ep.addresses.len());
-            for addr in &ep.addresses {
-                let ip = parse_ip(addr).map_err(|e| Invalid(format!("endpoints[{i}]: {e}")))?;
-                if IpFamily::of(&ip) != family {
-                    return Err(Invalid(format!(
-                        "endpoints[{i}]: address {addr} is not {family}"
-                    )));
-                }
-                addresses.push(ip);
-            }
-            if let Some(hostname) = ep.hostname.as_deref() {
-                validate::dns1123_label(hostname)
-                    .map_err(|e| Invalid(format!("endpoints[{i}].hostname: {e}")))?;
-            }
-            if let Some(node) = ep.node_name.as_deref() {
-                validate::dns1123_subdomain(node)
-                    .map_err(|e| Invalid(format!("endpoints[{i}].nodeName: {e}")))?;
-            }
-            let conditions = ep.conditions.as_ref();
-            let hints = ep.hints.as_ref();
-            endpoints.push(EndpointInfo {
-                addresses,
-                ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-                serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                hostname: ep.hostname.clone(),
-                node_name: ep.node_name.clone(),
-                zone: ep.zone.clone(),
-                zone_hints: hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                    .unwrap_or_default(),
-                node_hints: hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                    .unwrap_or_default(),
-            });
-        }
-
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| endpoint_info(ep, family, &format!("endpoints[{i}]")))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -161,6 +124,86 @@ impl SliceInfo {
             endpoints,
         })
     }
+
+    /// The port number this slice gives the service port `name`/`protocol`: the join
+    /// of a Service's ports with its slices' ports (by name and protocol).
+    pub fn port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+}
+
+/// One entry of `ports`; `None` for a port without a number ("all ports" to the
+/// API, which kube-proxy ignores).
+fn slice_port(port: &EndpointPort, field: &str) -> Result<Option<SlicePort>, ValidationError> {
+    let name = port.name.clone().unwrap_or_default();
+    if !name.is_empty() {
+        validate::port_name(&name).at(format!("{field}.name"))?;
+    }
+    let protocol = Protocol::from_k8s(port.protocol.as_deref()).at(format!("{field}.protocol"))?;
+    let Some(number) = port.port else {
+        return Ok(None);
+    };
+    let number = match u16::try_from(number) {
+        Ok(n) if n > 0 => n,
+        _ => {
+            let reason = format!("{number} is not a valid port");
+            return Err(ValidationError::invalid(format!("{field}.port"), reason));
+        }
+    };
+    Ok(Some(SlicePort {
+        name,
+        protocol,
+        port: number,
+    }))
+}
+
+/// One entry of `endpoints`, whose addresses must all be of the slice's family.
+fn endpoint_info(
+    ep: &Endpoint,
+    family: IpFamily,
+    field: &str,
+) -> Result<EndpointInfo, ValidationError> {
+    let mut addresses = Vec::with_capacity(ep.addresses.len());
+    for addr in &ep.addresses {
+        let ip = parse_ip(addr).at(field)?;
+        if IpFamily::of(&ip) != family {
+            let reason = format!("address {addr} is not {family}");
+            return Err(ValidationError::invalid(field, reason));
+        }
+        addresses.push(ip);
+    }
+    let Some((&address, more)) = addresses.split_first() else {
+        return Err(ValidationError::invalid(field, "no addresses"));
+    };
+    if let Some(hostname) = ep.hostname.as_deref() {
+        validate::dns1123_label(hostname).at(format!("{field}.hostname"))?;
+    }
+    if let Some(node) = ep.node_name.as_deref() {
+        validate::dns1123_subdomain(node).at(format!("{field}.nodeName"))?;
+    }
+    let conditions = ep.conditions.as_ref();
+    let hints = ep.hints.as_ref();
+    Ok(EndpointInfo {
+        address,
+        more_addresses: more.to_vec(),
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        hostname: ep.hostname.clone(),
+        node_name: ep.node_name.clone(),
+        zone: ep.zone.clone(),
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect())
+            .unwrap_or_default(),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]
@@ -243,6 +286,7 @@ endpoints:
                 format!("metadata: {{name: a, labels: {{kubernetes.io/service-name: s}}}}\n{body}");
             match SliceInfo::from_k8s(&slice(&yaml)) {
                 Err(SliceRejection::Invalid(e)) => {
+                    let e = e.to_string();
                     assert!(e.contains(expected), "{e} vs {expected}")
                 }
                 other => panic!("{yaml}: expected invalid, got {other:?}"),

@@ -2,19 +2,17 @@
 //! kept incrementally, with the set of services whose programming may have changed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::node::{NodeInfo, ZONE_LABEL};
 use super::service::{ServiceInfo, parse_ip};
 use super::slice::{SliceInfo, SliceRejection};
-use super::topology::NodeTopology;
 use super::types::ServiceName;
-
-/// Label carrying a node's topology zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+use super::validate::{At, ValidationError};
 
 /// Kinds of objects the model consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +57,7 @@ impl std::fmt::Display for ObjectRef {
 #[error("invalid {object}: {reason}")]
 pub struct InvalidObject {
     pub object: ObjectRef,
-    pub reason: String,
+    pub reason: ValidationError,
 }
 
 /// What applying an object did.
@@ -71,14 +69,6 @@ pub enum Applied {
     Unchanged,
     /// A legal object the model has no use for (FQDN slice, another node), with why.
     Ignored(String),
-}
-
-/// Facts about this node that programming depends on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeInfo {
-    pub topology: NodeTopology,
-    /// Addresses from the Node object's status (InternalIP first, then ExternalIP).
-    pub addresses: Vec<IpAddr>,
 }
 
 /// Services and slices as this node knows them.
@@ -104,13 +94,7 @@ impl ClusterState {
     /// An empty view for the node called `node_name`.
     pub fn new(node_name: impl Into<String>) -> Self {
         Self {
-            node: NodeInfo {
-                topology: NodeTopology {
-                    name: node_name.into(),
-                    zone: None,
-                },
-                addresses: Vec::new(),
-            },
+            node: NodeInfo::named(node_name),
             ..Self::default()
         }
     }
@@ -228,10 +212,10 @@ impl ClusterState {
     /// Takes in a Node; only this node's object matters (zone label, addresses).
     pub fn apply_node(&mut self, node: &Node) -> Result<Applied, InvalidObject> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        if name != self.node.topology.name {
+        if name != self.node.name {
             return Ok(Applied::Ignored(format!(
                 "not this node ({})",
-                self.node.topology.name
+                self.node.name
             )));
         }
         let zone = node
@@ -249,24 +233,24 @@ impl ClusterState {
             .unwrap_or_default();
         for wanted in ["InternalIP", "ExternalIP"] {
             for addr in status_addresses.iter().filter(|a| a.type_ == wanted) {
-                let ip = parse_ip(&addr.address).map_err(|reason| InvalidObject {
-                    object: ObjectRef {
-                        kind: Kind::Node,
-                        namespace: String::new(),
-                        name: name.clone(),
-                    },
-                    reason: format!("status.addresses: {reason}"),
-                })?;
+                let ip = parse_ip(&addr.address)
+                    .at("status.addresses")
+                    .map_err(|reason| InvalidObject {
+                        object: ObjectRef {
+                            kind: Kind::Node,
+                            namespace: String::new(),
+                            name: name.clone(),
+                        },
+                        reason,
+                    })?;
                 if !addresses.contains(&ip) {
                     addresses.push(ip);
                 }
             }
         }
         let info = NodeInfo {
-            topology: NodeTopology {
-                name: name.clone(),
-                zone,
-            },
+            name: name.clone(),
+            zone,
             addresses,
         };
         if info == self.node {
@@ -279,16 +263,10 @@ impl ClusterState {
 
     /// Forgets this node's object (back to name only).
     pub fn delete_node(&mut self, name: &str) -> Applied {
-        if name != self.node.topology.name {
+        if name != self.node.name {
             return Applied::Unchanged;
         }
-        let fresh = NodeInfo {
-            topology: NodeTopology {
-                name: name.to_owned(),
-                zone: None,
-            },
-            addresses: Vec::new(),
-        };
+        let fresh = NodeInfo::named(name);
         if fresh == self.node {
             return Applied::Unchanged;
         }
@@ -473,10 +451,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(state.apply_node(&me), Ok(Applied::Changed));
-        assert_eq!(state.node().topology.zone.as_deref(), Some("z1"));
+        assert_eq!(state.node().zone.as_deref(), Some("z1"));
         assert_eq!(
             state.node().addresses,
-            vec!["172.18.0.2".parse::<IpAddr>().unwrap()]
+            vec!["172.18.0.2".parse::<std::net::IpAddr>().unwrap()]
         );
         let changes = state.take_changes();
         assert!(changes.node_changed);

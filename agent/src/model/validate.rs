@@ -2,6 +2,62 @@
 //! comments, DNS names) comes from names that passed these checks, so a manifest can
 //! never smuggle rule text or odd bytes through a name.
 
+/// Why an object is invalid: the field, named as the API server names it
+/// (`spec.ports[1].nodePort`), and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationError {
+    pub field: String,
+    pub problem: Problem,
+}
+
+/// What is wrong with a field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// A required field is absent.
+    Missing,
+    /// The value breaks a rule; the text says which.
+    Invalid(String),
+}
+
+impl ValidationError {
+    /// `field` is required but absent.
+    pub fn missing(field: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: Problem::Missing,
+        }
+    }
+
+    /// `field` holds a value that breaks a rule.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: Problem::Invalid(reason.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.problem {
+            Problem::Missing => write!(f, "{} is missing", self.field),
+            Problem::Invalid(reason) => write!(f, "{}: {reason}", self.field),
+        }
+    }
+}
+
+/// Names the field a rule check was about: `check(value).at("spec.type")?`.
+pub trait At<T> {
+    /// Turns a rule violation into a [`ValidationError`] for `field`.
+    fn at(self, field: impl Into<String>) -> Result<T, ValidationError>;
+}
+
+impl<T> At<T> for Result<T, String> {
+    fn at(self, field: impl Into<String>) -> Result<T, ValidationError> {
+        self.map_err(|reason| ValidationError::invalid(field, reason))
+    }
+}
+
 /// RFC 1123 label: namespaces, endpoint hostnames.
 pub fn dns1123_label(value: &str) -> Result<(), String> {
     let ok = !value.is_empty()

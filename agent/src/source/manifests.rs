@@ -599,6 +599,7 @@ mod tests {
                 SourceEvent::Delete(r) => format!("delete {r}"),
                 SourceEvent::Rejected { origin, .. } => format!("rejected {origin}"),
                 SourceEvent::Synced => "synced".into(),
+                SourceEvent::HostAddresses(_) => "host addresses".into(),
             })
             .collect()
     }

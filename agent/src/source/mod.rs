@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{Kind, ObjectRef};
+use crate::model::{HostAddresses, Kind, ObjectRef};
 
 pub mod kube;
 pub mod manifests;
@@ -45,10 +45,13 @@ pub enum SourceEvent {
     Apply { object: Object, origin: String },
     /// An object is gone.
     Delete(ObjectRef),
-    /// The source has delivered a complete view; programming may start. Sent once
-    /// after start-up and again after every full relist.
+    /// The source has delivered a complete view; programming may start. Sent once,
+    /// when every kind has been listed (or the directory read) for the first time.
     Synced,
     /// Input that could not become an object at all (unparseable document). Already
     /// logged by the source; counted by the agent.
     Rejected { kind: Option<Kind>, origin: String },
+    /// The host's addresses changed (from [`crate::host::watch_addresses`], not a
+    /// Kubernetes source): NodePort addresses may have to follow.
+    HostAddresses(HostAddresses),
 }

@@ -23,7 +23,7 @@ use self::loader::MapSizes;
 use self::state::{MapError, MapOps, Programmed};
 use super::iptables::IptablesDataPlane;
 use super::iptables::render::Scope;
-use super::{DataPlane, NodeNetwork, SyncError, SyncStats};
+use super::{DataPlane, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
 use crate::metrics::Metrics;
 use crate::model::{IpFamily, NodePlan, PlanDiff, ServicePortPlan};
 
@@ -174,7 +174,12 @@ impl DataPlane for EbpfDataPlane {
         self.metrics.ebpf_map_writes.inc_by(map_writes as u64);
         let mut stats = self.external.sync(plan, diff, node, full)?;
         stats.writes += map_writes;
-        stats.ebpf_entries = self.programmed.as_ref().map(Programmed::counts);
+        if let Some((frontends, backends)) = self.programmed.as_ref().map(Programmed::counts) {
+            stats.programmed.push(ProgrammedCount::EbpfEntries {
+                frontends,
+                backends,
+            });
+        }
         Ok(stats)
     }
 

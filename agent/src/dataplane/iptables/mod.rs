@@ -21,7 +21,7 @@ use self::render::{
     BUILTIN_JUMPS, NodeContext, Scope, ServiceRules, render_service, render_shared,
 };
 use self::rule::Rule;
-use super::{DataPlane, NodeNetwork, SyncError, SyncStats};
+use super::{DataPlane, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
 
 /// A rule in one of the shared chains (KUBE-SERVICES...): chain and arguments, kept
@@ -239,7 +239,6 @@ impl DataPlane for IptablesDataPlane {
                 return Err(err.into());
             }
         }
-        super::conntrack::clear(&super::conntrack::stale_udp_flows(diff));
         Ok(stats)
     }
 
@@ -286,8 +285,16 @@ impl FamilyState {
         }
         let nat: usize = self.rendered.values().map(|r| r.nat_rule_count).sum();
         let filter: usize = self.rendered.values().map(|r| r.filter_shared.len()).sum();
-        stats.iptables_rules.push((self.family, "nat", nat));
-        stats.iptables_rules.push((self.family, "filter", filter));
+        stats.programmed.push(ProgrammedCount::IptablesRules {
+            family: self.family,
+            table: "nat",
+            rules: nat,
+        });
+        stats.programmed.push(ProgrammedCount::IptablesRules {
+            family: self.family,
+            table: "filter",
+            rules: filter,
+        });
         self.ctx = Some(ctx);
         Ok(())
     }

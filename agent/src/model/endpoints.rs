@@ -1,13 +1,23 @@
-//! Which endpoints a node may use for a service port: kube-proxy's
-//! `CategorizeEndpoints`, the one place the ready -> serving+terminating fallback and
-//! topology hints are decided. Both backends and DNS read its result.
+//! Every endpoint selection the node makes, in one place: which endpoints of a service
+//! port the data plane balances across (kube-proxy's `CategorizeEndpoints`: the
+//! ready -> serving+terminating fallback, topology hints, cluster vs local sets), which
+//! endpoints DNS publishes for a headless service, and which count for a load
+//! balancer's health check. Data planes, DNS and the health servers read these results
+//! and never select endpoints themselves.
 
-use super::types::Endpoint;
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use super::node::NodeInfo;
+use super::service::ServiceInfo;
+use super::slice::{EndpointInfo, SliceInfo};
+use super::store::ClusterState;
+use super::types::{Endpoint, IpFamily, Protocol, ServiceName};
 
 /// One deduplicated endpoint of a service port, with what selection needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
-    pub backend: Endpoint,
+    pub endpoint: Endpoint,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -17,11 +27,86 @@ pub struct Candidate {
     pub node_hints: Vec<String>,
 }
 
-/// What the node is: its name and topology zone label.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeTopology {
-    pub name: String,
-    pub zone: Option<String>,
+impl Candidate {
+    /// Kube-proxy's preference when two slices list the same address: a
+    /// non-terminating copy wins, then a local one.
+    fn preferred_over(&self, other: &Candidate) -> bool {
+        (other.terminating && !self.terminating)
+            || (other.terminating == self.terminating && self.local && !other.local)
+    }
+
+    /// Usable when no ready endpoint exists (kube-proxy's terminating fallback).
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+}
+
+/// The deduplicated endpoints of one service port in one family, sorted by address:
+/// the join of the service port with its slices' ports by name and protocol.
+pub fn candidates(
+    state: &ClusterState,
+    service: &ServiceName,
+    family: IpFamily,
+    port: (&str, Protocol),
+) -> Vec<Candidate> {
+    let node = &state.node().name;
+    let mut by_endpoint: HashMap<Endpoint, Candidate> = HashMap::new();
+    for slice in state.slices_of(service).filter(|s| s.family == family) {
+        let Some(number) = slice.port(port.0, port.1) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let candidate = Candidate {
+                endpoint: Endpoint {
+                    ip: ep.address(),
+                    port: number,
+                },
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                local: ep.node_name.as_ref() == Some(node),
+                zone_hints: ep.zone_hints.clone(),
+                node_hints: ep.node_hints.clone(),
+            };
+            match by_endpoint.get(&candidate.endpoint) {
+                Some(existing) if !candidate.preferred_over(existing) => {}
+                _ => {
+                    by_endpoint.insert(candidate.endpoint, candidate);
+                }
+            }
+        }
+    }
+    let mut out: Vec<Candidate> = by_endpoint.into_values().collect();
+    out.sort_by_key(|c| c.endpoint);
+    out
+}
+
+/// Endpoints a headless service publishes in DNS: the ready ones, or every one with
+/// `publishNotReadyAddresses` (DNS specification 2.4.1).
+pub fn dns_published<'a>(
+    svc: &'a ServiceInfo,
+    slices: &'a [&'a SliceInfo],
+) -> impl Iterator<Item = &'a EndpointInfo> + 'a {
+    slices
+        .iter()
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|ep| ep.ready || svc.publish_not_ready_addresses)
+}
+
+/// Distinct ready endpoint addresses of `service` on this node: what a load
+/// balancer's health check counts. Terminating endpoints are not ready, so a node
+/// whose pods are going away drains.
+pub fn local_ready_addresses(state: &ClusterState, service: &ServiceName) -> usize {
+    let node = &state.node().name;
+    let mut addresses: Vec<IpAddr> = state
+        .slices_of(service)
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|ep| ep.ready && ep.node_name.as_ref() == Some(node))
+        .map(EndpointInfo::address)
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses.len()
 }
 
 /// The endpoint sets a service port's traffic policies choose from.
@@ -40,7 +125,7 @@ pub struct Categorized {
 /// `uses_cluster`/`uses_local` say which policies the service needs at all.
 pub fn categorize(
     endpoints: &[Candidate],
-    node: &NodeTopology,
+    node: &NodeInfo,
     uses_cluster: bool,
     uses_local: bool,
 ) -> Categorized {
@@ -50,15 +135,15 @@ pub fn categorize(
         out.cluster = endpoints
             .iter()
             .filter(|ep| ep.ready && mode.allows(ep, node))
-            .map(|ep| ep.backend)
+            .map(|ep| ep.endpoint)
             .collect();
         // No ready endpoint anywhere (topology was already ignored if it would have
         // left none): fall back to endpoints that still serve while terminating.
         if out.cluster.is_empty() {
             out.cluster = endpoints
                 .iter()
-                .filter(|ep| ep.serving && ep.terminating)
-                .map(|ep| ep.backend)
+                .filter(|ep| ep.serving_terminating())
+                .map(|ep| ep.endpoint)
                 .collect();
         }
         out.has_any = !out.cluster.is_empty();
@@ -70,7 +155,7 @@ pub fn categorize(
             if ep.ready {
                 out.has_any = true;
                 local_ready |= ep.local;
-            } else if ep.serving && ep.terminating {
+            } else if ep.serving_terminating() {
                 out.has_any = true;
                 local_serving_terminating |= ep.local;
             }
@@ -78,7 +163,7 @@ pub fn categorize(
         if local_ready {
             out.local = pick(endpoints, |ep| ep.local && ep.ready);
         } else if local_serving_terminating {
-            out.local = pick(endpoints, |ep| ep.local && ep.serving && ep.terminating);
+            out.local = pick(endpoints, |ep| ep.local && ep.serving_terminating());
         }
     }
     out
@@ -88,7 +173,7 @@ fn pick(endpoints: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Vec<Endpo
     endpoints
         .iter()
         .filter(|ep| keep(ep))
-        .map(|ep| ep.backend)
+        .map(|ep| ep.endpoint)
         .collect()
 }
 
@@ -101,7 +186,7 @@ enum TopologyMode {
 }
 
 impl TopologyMode {
-    fn allows(self, ep: &Candidate, node: &NodeTopology) -> bool {
+    fn allows(self, ep: &Candidate, node: &NodeInfo) -> bool {
         match self {
             Self::None => true,
             Self::Node => ep.node_hints.contains(&node.name),
@@ -116,7 +201,7 @@ impl TopologyMode {
 /// Hints are used only when every ready endpoint carries them and at least one names
 /// this node (or zone); otherwise they are ignored entirely, so hints never leave a
 /// node with nothing.
-fn topology_mode(endpoints: &[Candidate], node: &NodeTopology) -> TopologyMode {
+fn topology_mode(endpoints: &[Candidate], node: &NodeInfo) -> TopologyMode {
     let mut all_node_hints = true;
     let mut has_for_node = false;
     let mut all_zone_hints = true;
@@ -156,7 +241,7 @@ mod tests {
 
     fn ep(ip: &str) -> Candidate {
         Candidate {
-            backend: Endpoint {
+            endpoint: Endpoint {
                 ip: ip.parse().unwrap(),
                 port: 80,
             },
@@ -190,10 +275,11 @@ mod tests {
         backends.iter().map(|b| b.ip.to_string()).collect()
     }
 
-    fn node() -> NodeTopology {
-        NodeTopology {
+    fn node() -> NodeInfo {
+        NodeInfo {
             name: "node-a".into(),
             zone: Some("z1".into()),
+            addresses: vec![],
         }
     }
 

@@ -1,0 +1,317 @@
+//! Resolving `ferry run`'s flags into the settings the agent runs with. Unlike
+//! [`crate::cli`], this looks at the host: the cgroup2 mount, the host name, local
+//! addresses and `/etc/resolv.conf` (for DNS defaults).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use ipnetwork::IpNetwork;
+
+use crate::cli::{Mode, RunArgs, parse_bind, parse_nodeport_addresses};
+use crate::dataplane::ebpf::EbpfConfig;
+use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
+use crate::dns::DnsConfig;
+use crate::model::{ClusterDomain, NodePortAddresses};
+use crate::source::kube::ClusterAccess;
+
+/// The data plane to run, with its settings.
+#[derive(Debug)]
+pub enum DataPlaneConfig {
+    Ebpf(EbpfConfig),
+    Iptables,
+}
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests.
+    Manifests(PathBuf),
+    /// A Kubernetes API server.
+    Cluster(ClusterAccess),
+}
+
+/// Validated settings of `ferry run`.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub source: SourceConfig,
+    pub data_plane: DataPlaneConfig,
+    pub node_name: String,
+    pub cluster_cidrs: Vec<IpNetwork>,
+    pub nodeport_addresses: NodePortAddresses,
+    pub healthz: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    /// Cluster DNS, when `--dns-listen` is given.
+    pub dns: Option<DnsConfig>,
+    pub sync_period: Duration,
+    pub full_sync_period: Duration,
+}
+
+impl RunConfig {
+    /// Checks the flags and resolves them on this host; errors say what to change.
+    pub fn resolve(args: RunArgs) -> anyhow::Result<Self> {
+        let domain = ClusterDomain::new(&args.cluster_domain)
+            .map_err(|e| anyhow!("--cluster-domain: {e}"))?;
+        Ok(RunConfig {
+            source: source(&args)?,
+            dns: args.dns_listen.map(|listen| dns(&args, listen, domain)),
+            node_name: node_name(args.node_name.clone())?,
+            nodeport_addresses: parse_nodeport_addresses(&args.nodeport_addresses)?,
+            healthz: parse_bind("--healthz-bind-address", &args.healthz_bind_address)?,
+            metrics: parse_bind("--metrics-bind-address", &args.metrics_bind_address)?,
+            sync_period: args.sync_period,
+            full_sync_period: args.full_sync_period,
+            cluster_cidrs: args.cluster_cidr.clone(),
+            data_plane: data_plane(args)?,
+        })
+    }
+}
+
+fn source(args: &RunArgs) -> anyhow::Result<SourceConfig> {
+    Ok(match (&args.manifests, &args.kubeconfig) {
+        (Some(_), Some(_)) => {
+            bail!("--manifests and --kubeconfig exclude each other: pick one source")
+        }
+        (Some(dir), None) => SourceConfig::Manifests(dir.clone()),
+        (None, Some(path)) => SourceConfig::Cluster(ClusterAccess::Kubeconfig(path.clone())),
+        (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            SourceConfig::Cluster(ClusterAccess::InCluster)
+        }
+        (None, None) => bail!(
+            "no source: pass --manifests DIR or --kubeconfig PATH (or run in a cluster, where the service account is used)"
+        ),
+    })
+}
+
+fn data_plane(args: RunArgs) -> anyhow::Result<DataPlaneConfig> {
+    Ok(match args.mode {
+        Mode::Iptables => {
+            if args.cgroup.is_some() {
+                bail!("--cgroup only applies to --mode ebpf");
+            }
+            DataPlaneConfig::Iptables
+        }
+        Mode::Ebpf => DataPlaneConfig::Ebpf(EbpfConfig {
+            cgroup: match args.cgroup {
+                Some(c) => c,
+                None => cgroup2_root().ok_or_else(|| {
+                    anyhow!("no cgroup v2 mount found; pass --cgroup or use --mode iptables")
+                })?,
+            },
+            pin_dir: args.bpf.bpf_pin_path,
+            sizes: MapSizes {
+                frontends: args.bpf_max_frontends,
+                backends: args.bpf_max_backends,
+                affinity: args.bpf_max_affinity,
+                sockets: args.bpf_max_sockets,
+            },
+        }),
+    })
+}
+
+/// DNS settings: the forwarder serves the pods, `--dns-forward-allow`, loopback and
+/// the node's own addresses; upstreams default to resolv.conf, never this server.
+fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> DnsConfig {
+    let local: Vec<IpAddr> = crate::host::local_addresses()
+        .into_iter()
+        .map(|a| a.ip)
+        .collect();
+    let mut forward_allowed = args.cluster_cidr.clone();
+    forward_allowed.extend(args.dns_forward_allow.iter().copied());
+    forward_allowed.extend(
+        ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|c| c.parse::<IpNetwork>().ok()),
+    );
+    forward_allowed.extend(local.iter().map(|ip| IpNetwork::from(*ip)));
+    DnsConfig {
+        listen,
+        domain,
+        ttl: args.dns_ttl,
+        upstreams: crate::dns::upstreams(&args.dns_upstream, listen, &local),
+        forward_allowed,
+        cache_size: args.dns_cache_size.max(1),
+    }
+}
+
+fn node_name(flag: Option<String>) -> anyhow::Result<String> {
+    match flag {
+        Some(n) => Ok(n),
+        None => Ok(nix::unistd::gethostname()
+            .map_err(|e| anyhow!("cannot read the host name for --node-name: {e}"))?
+            .to_string_lossy()
+            .to_lowercase()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser as _;
+
+    fn parse(args: &[&str]) -> Result<RunConfig, String> {
+        let mut full = vec!["ferry", "run"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(run) => RunConfig::resolve(*run).map_err(|e| e.to_string()),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn iptables_mode_with_all_flags() {
+        let c = parse(&[
+            "--manifests",
+            "/tmp/m",
+            "--mode",
+            "iptables",
+            "--node-name",
+            "n1",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00::/64",
+            "--nodeport-addresses",
+            "172.18.0.0/16",
+            "--healthz-bind-address",
+            "",
+            "--sync-period",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.cluster_cidrs.len(), 2);
+        assert!(matches!(c.nodeport_addresses, NodePortAddresses::Cidrs(ref v) if v.len() == 1));
+        assert_eq!(c.healthz, None);
+        assert_eq!(c.metrics, Some("127.0.0.1:10249".parse().unwrap()));
+        assert_eq!(c.sync_period, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ebpf_mode_defaults() {
+        let c = parse(&[
+            "--manifests",
+            "/m",
+            "--cgroup",
+            "/sys/fs/cgroup/x",
+            "--bpf-max-backends",
+            "10",
+        ])
+        .unwrap();
+        match c.data_plane {
+            DataPlaneConfig::Ebpf(e) => {
+                assert_eq!(e.pin_dir, PathBuf::from("/sys/fs/bpf/ferry"));
+                assert_eq!(e.sizes.backends, 10);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["--manifests", "/m", "--mode", "iptables", "--cgroup", "/x"]).is_err());
+    }
+
+    #[test]
+    fn dns_flags() {
+        let c = parse(&[
+            "--manifests",
+            "/m",
+            "--mode",
+            "iptables",
+            "--dns-listen",
+            "127.0.0.1:5353",
+            "--dns-upstream",
+            "10.0.0.53,10.0.0.54:5300",
+            "--cluster-domain",
+            "Corp.Local.",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ])
+        .unwrap();
+        let dns = c.dns.unwrap();
+        assert_eq!(dns.domain.as_str(), "corp.local");
+        assert_eq!(dns.upstreams.len(), 2);
+        assert!(
+            dns.forward_allowed
+                .iter()
+                .any(|n| n.contains("10.244.1.1".parse().unwrap()))
+        );
+        assert!(
+            !dns.forward_allowed
+                .iter()
+                .any(|n| n.contains("192.0.2.1".parse().unwrap()))
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--cluster-domain",
+                "bad domain"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn sources() {
+        let c = parse(&["--kubeconfig", "/k", "--mode", "iptables"]).unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::Cluster(ClusterAccess::Kubeconfig(_))
+        ));
+        let err = parse(&["--kubeconfig", "/k", "--manifests", "/m"]).unwrap_err();
+        assert!(err.contains("exclude"), "{err}");
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            let err = parse(&["--mode", "iptables"]).unwrap_err();
+            assert!(err.contains("no source"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--cluster-cidr",
+                "nope"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--nodeport-addresses",
+                "x"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--sync-period",
+                "soon"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--manifests",
+                "/m",
+                "--mode",
+                "iptables",
+                "--metrics-bind-address",
+                "x"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! Probing the host: what the network namespace the agent runs in holds right now.
+//! The only place the agent reads interface addresses and routes; the proxy loop gets
+//! the results as events ([`watch_addresses`]) and never probes during a sync.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use tracing::debug;
+
+use crate::model::{HostAddresses, LocalAddress};
+use crate::source::SourceEvent;
+
+/// Every address configured in this network namespace.
+pub fn local_addresses() -> Vec<LocalAddress> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<LocalAddress> = addrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            let ip = if let Some(v4) = addr.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(addr.as_sockaddr_in6()?.ip())
+            };
+            Some(LocalAddress {
+                interface: ifa.interface_name,
+                ip,
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Interfaces that carry a default route (IPv4 or IPv6), read from procfs, which
+/// shows the reading process's own network namespace.
+fn default_route_interfaces() -> BTreeSet<String> {
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    default_v4_interfaces(&v4)
+        .chain(default_v6_interfaces(&v6))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `/proc/net/route`: `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`;
+/// a default route has destination and mask 00000000.
+fn default_v4_interfaces(table: &str) -> impl Iterator<Item = &str> {
+    table.lines().skip(1).filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
+            .then_some(fields[0])
+    })
+}
+
+/// `/proc/net/ipv6_route`: `dest dest_len src src_len next_hop metric refcnt use flags
+/// iface`; a default route has an all-zero destination of length 0.
+fn default_v6_interfaces(table: &str) -> impl Iterator<Item = &str> {
+    table.lines().filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() == 10
+            && fields[0].bytes().all(|b| b == b'0')
+            && fields[1] == "00"
+            && fields[9] != "lo")
+            .then_some(fields[9])
+    })
+}
+
+/// The host's addresses and default-route interfaces, now.
+pub fn probe_addresses() -> HostAddresses {
+    HostAddresses {
+        addresses: local_addresses(),
+        default_route_interfaces: default_route_interfaces(),
+    }
+}
+
+/// Probes the host every `period` on a thread of its own and sends
+/// [`SourceEvent::HostAddresses`] whenever the result differs from `initial`, so
+/// NodePorts follow address changes without the proxy loop probing during syncs.
+/// The thread ends when the loop hangs up.
+pub fn watch_addresses(initial: HostAddresses, period: Duration, events: Sender<SourceEvent>) {
+    let spawned = std::thread::Builder::new()
+        .name("ferry-host".into())
+        .spawn(move || {
+            let mut last = initial;
+            loop {
+                std::thread::sleep(period);
+                let now = probe_addresses();
+                if now != last {
+                    debug!(addresses = now.addresses.len(), "host addresses changed");
+                    last = now.clone();
+                    if events.send(SourceEvent::HostAddresses(now)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "cannot start the host address watcher; NodePort addresses stay as probed at start");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_from_procfs_tables() {
+        let v4 = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth1\t0000F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(default_v4_interfaces(v4).collect::<Vec<_>>(), ["eth0"]);
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000001 00000000 00000003 eth2\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n\
+                  fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth2\n";
+        assert_eq!(default_v6_interfaces(v6).collect::<Vec<_>>(), ["eth2"]);
+    }
+}

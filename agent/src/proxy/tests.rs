@@ -1,0 +1,224 @@
+//! The loop against a fake data plane: what reaches the data plane, and when.
+
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::*;
+use crate::dataplane::{SyncError, SyncStats};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::model::{LocalAddress, PlanDiff, PlanKey};
+
+/// One call of [`DataPlane::sync`], as the fake saw it.
+#[derive(Clone, Debug)]
+struct Call {
+    full: bool,
+    plans: usize,
+    upserted: Vec<PlanKey>,
+    removed: Vec<PlanKey>,
+    nodeport_ips: Vec<std::net::IpAddr>,
+}
+
+/// Records every sync; fails the next `fail` of them.
+#[derive(Clone, Default)]
+struct FakeDataPlane {
+    calls: Arc<Mutex<Vec<Call>>>,
+    fail: Arc<Mutex<usize>>,
+}
+
+impl DataPlane for FakeDataPlane {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn sync(
+        &mut self,
+        plan: &NodePlan,
+        diff: &PlanDiff,
+        node: &NodeNetwork,
+        full: bool,
+    ) -> Result<SyncStats, SyncError> {
+        let keys = |plans: &mut dyn Iterator<Item = &ServicePortPlan>| -> Vec<PlanKey> {
+            plans.map(|p| p.key.clone()).collect()
+        };
+        self.calls.lock().unwrap().push(Call {
+            full,
+            plans: plan.len(),
+            upserted: keys(&mut diff.upserted.iter().map(|u| u.new.as_ref())),
+            removed: keys(&mut diff.removed.iter().map(|p| p.as_ref())),
+            nodeport_ips: node.nodeport_ips.clone(),
+        });
+        let mut fail = self.fail.lock().unwrap();
+        if *fail > 0 {
+            *fail -= 1;
+            return Err(SyncError::Iptables(
+                crate::dataplane::iptables::exec::ExecError::Spawn {
+                    tool: "iptables-restore",
+                    source: std::io::Error::other("fake failure"),
+                },
+            ));
+        }
+        Ok(SyncStats::default())
+    }
+}
+
+use crate::model::ServicePortPlan;
+
+struct Harness {
+    proxy: ProxyLoop,
+    fake: FakeDataPlane,
+    metrics: Arc<Metrics>,
+}
+
+fn harness() -> Harness {
+    let fake = FakeDataPlane::default();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(Duration::from_secs(60)));
+    let config = ProxyConfig {
+        node_name: "node-a".into(),
+        cluster_cidrs: vec![],
+        nodeport_addresses: NodePortAddresses::Primary,
+        sync_period: Duration::from_secs(3600),
+        full_sync_period: Duration::from_secs(3600),
+    };
+    let host = host_with("172.18.0.2");
+    let proxy = ProxyLoop::new(
+        config,
+        Box::new(fake.clone()),
+        Report::new(metrics.clone(), health),
+        host,
+    );
+    Harness {
+        proxy,
+        fake,
+        metrics,
+    }
+}
+
+fn host_with(ip: &str) -> HostAddresses {
+    HostAddresses {
+        addresses: vec![LocalAddress {
+            interface: "eth0".into(),
+            ip: ip.parse().unwrap(),
+        }],
+        default_route_interfaces: ["eth0".to_owned()].into(),
+    }
+}
+
+fn service(yaml: &str) -> SourceEvent {
+    let svc: Service = serde_yaml::from_str(yaml).unwrap();
+    SourceEvent::Apply {
+        object: Object::Service(Box::new(svc)),
+        origin: "test".into(),
+    }
+}
+
+fn slice(yaml: &str) -> SourceEvent {
+    let slice: EndpointSlice = serde_yaml::from_str(yaml).unwrap();
+    SourceEvent::Apply {
+        object: Object::EndpointSlice(Box::new(slice)),
+        origin: "test".into(),
+    }
+}
+
+const WEB: &str = "metadata: {name: web, namespace: ns}\nspec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080}]}";
+const API: &str =
+    "metadata: {name: api, namespace: ns}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}";
+const WEB_SLICE: &str = "metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.0.10]}]";
+
+impl Harness {
+    fn feed(&mut self, events: impl IntoIterator<Item = SourceEvent>) {
+        for event in events {
+            self.proxy.handle(event);
+        }
+        self.proxy.after_batch();
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.fake.calls.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn nothing_is_programmed_until_the_source_is_complete() {
+    let mut h = harness();
+    h.feed([service(WEB), service(API)]);
+    assert!(h.calls().is_empty(), "no sync before Synced");
+    h.feed([SourceEvent::Synced]);
+    let calls = h.calls();
+    assert_eq!(calls.len(), 1);
+    assert!(calls[0].full);
+    assert_eq!(calls[0].plans, 2);
+}
+
+#[test]
+fn an_endpoint_change_is_a_partial_sync_of_its_plan_only() {
+    let mut h = harness();
+    h.feed([service(WEB), service(API), SourceEvent::Synced]);
+    h.feed([slice(WEB_SLICE)]);
+    let calls = h.calls();
+    assert_eq!(calls.len(), 2);
+    let partial = &calls[1];
+    assert!(!partial.full);
+    assert_eq!(partial.upserted.len(), 1);
+    assert_eq!(partial.upserted[0].port.service.name, "web");
+    assert!(partial.removed.is_empty());
+    // The same change again is no change: nothing reaches the data plane.
+    h.feed([slice(WEB_SLICE)]);
+    assert_eq!(h.calls().len(), 2);
+}
+
+#[test]
+fn an_invalid_object_is_counted_and_the_rest_programmed() {
+    let mut h = harness();
+    let bad = "metadata: {name: Bad_Name, namespace: ns}\nspec: {clusterIP: 10.96.0.12}";
+    h.feed([service(bad), service(WEB), SourceEvent::Synced]);
+    assert_eq!(h.calls()[0].plans, 1);
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("ferry_invalid_objects_total{kind=\"Service\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_failed_sync_is_retried_as_a_full_sync() {
+    let mut h = harness();
+    *h.fake.fail.lock().unwrap() = 1;
+    h.feed([service(WEB), SourceEvent::Synced]);
+    h.feed([slice(WEB_SLICE)]);
+    assert_eq!(h.calls().len(), 1, "no new attempt before the retry time");
+    h.proxy.retry_at = Some(Instant::now());
+    h.feed([]);
+    let calls = h.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls[1].full, "the retry reprograms everything");
+    assert!(
+        h.metrics
+            .encode()
+            .contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1")
+    );
+}
+
+#[test]
+fn a_host_address_change_reprograms_nodeport_addresses() {
+    let mut h = harness();
+    h.feed([service(WEB), SourceEvent::Synced]);
+    assert_eq!(
+        h.calls()[0].nodeport_ips,
+        ["172.18.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    h.feed([SourceEvent::HostAddresses(host_with("172.18.0.3"))]);
+    let calls = h.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls[1].full);
+    assert_eq!(
+        calls[1].nodeport_ips,
+        ["172.18.0.3".parse::<std::net::IpAddr>().unwrap()]
+    );
+    // The same addresses again change nothing.
+    h.feed([SourceEvent::HostAddresses(host_with("172.18.0.3"))]);
+    assert_eq!(h.calls().len(), 2);
+}
