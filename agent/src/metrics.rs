@@ -48,8 +48,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric at zero, registered under its exported name.
     pub fn new() -> Self {
-        let mut registry = Registry::default();
         let sync_buckets = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let sync_duration = sync_buckets();
         let sync_full_duration = sync_buckets();
@@ -78,6 +78,15 @@ impl Metrics {
             dns_programming: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             registry: Registry::default(),
         };
+        let mut registry = Registry::default();
+        m.register_kube_proxy(&mut registry);
+        m.register_ferry(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// kube-proxy's own metrics (`pkg/proxy/metrics`), same names and help texts.
+    fn register_kube_proxy(&self, registry: &mut Registry) {
+        let m = self;
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
@@ -143,6 +152,11 @@ impl Metrics {
             "Number of services with a Local traffic policy and no endpoints",
             m.no_local_endpoints.clone(),
         );
+    }
+
+    /// Ferry's own metrics (`ferry_*`).
+    fn register_ferry(&self, registry: &mut Registry) {
+        let m = self;
         registry.register(
             "ferry_invalid_objects",
             "Objects skipped because they are invalid, by kind",
@@ -178,7 +192,6 @@ impl Metrics {
             "From a Service or EndpointSlice change reaching the agent to DNS answering with it",
             m.dns_programming.clone(),
         );
-        Self { registry, ..m }
     }
 
     /// The metrics in Prometheus text format.

@@ -174,18 +174,7 @@ impl Zone {
     /// Answers `qname` (lower case, trailing dot).
     pub fn lookup(&self, qname: &str, qtype: QType) -> Outcome {
         if let Some(ip) = reverse_name(qname) {
-            return match self.ptrs.get(&ip).and_then(|l| l.first()) {
-                Some((_, target)) if matches!(qtype, QType::Ptr | QType::Any) => Outcome::Answer {
-                    answers: vec![Rec::Ptr {
-                        owner: None,
-                        target: target.clone(),
-                    }],
-                    additionals: Vec::new(),
-                },
-                Some(_) if self.synced => Outcome::NoData,
-                Some(_) => Outcome::NotSynced,
-                None => Outcome::Elsewhere,
-            };
+            return self.reverse_lookup(ip, qtype);
         }
         if !(qname == self.apex || qname.ends_with(&format!(".{}", self.apex))) {
             return Outcome::Elsewhere;
@@ -193,35 +182,67 @@ impl Zone {
         if !self.synced {
             return Outcome::NotSynced;
         }
+        if let Some(outcome) = self.fixed_name(qname, qtype) {
+            return outcome;
+        }
+        match self.names.get(qname) {
+            Some(data) => self.answer(data, qtype),
+            None => {
+                let exists = self.ents.contains_key(qname)
+                    || qname == format!("svc.{}", self.apex)
+                    || qname == format!("ns.dns.{}", self.apex);
+                if exists {
+                    Outcome::NoData
+                } else {
+                    Outcome::NxDomain
+                }
+            }
+        }
+    }
+
+    /// A PTR question for `ip`.
+    fn reverse_lookup(&self, ip: IpAddr, qtype: QType) -> Outcome {
+        match self.ptrs.get(&ip).and_then(|l| l.first()) {
+            Some((_, target)) if matches!(qtype, QType::Ptr | QType::Any) => Outcome::Answer {
+                answers: vec![Rec::Ptr {
+                    owner: None,
+                    target: target.clone(),
+                }],
+                additionals: Vec::new(),
+            },
+            Some(_) if self.synced => Outcome::NoData,
+            Some(_) => Outcome::NotSynced,
+            None => Outcome::Elsewhere,
+        }
+    }
+
+    /// The names every cluster zone has: the apex (SOA, NS) and `dns-version` (TXT).
+    fn fixed_name(&self, qname: &str, qtype: QType) -> Option<Outcome> {
         if qname == self.apex {
-            return match qtype {
+            return Some(match qtype {
                 QType::Soa | QType::Any => single(Rec::Soa { owner: None }),
                 QType::Ns => single(Rec::Ns {
                     owner: None,
                     target: format!("ns.dns.{}", self.apex),
                 }),
                 _ => Outcome::NoData,
-            };
+            });
         }
         if qname == format!("dns-version.{}", self.apex) {
-            return match qtype {
+            return Some(match qtype {
                 QType::Txt | QType::Any => single(Rec::Txt {
                     owner: None,
                     text: SCHEMA_VERSION.into(),
                 }),
                 _ => Outcome::NoData,
-            };
+            });
         }
-        let Some(data) = self.names.get(qname) else {
-            let exists = self.ents.contains_key(qname)
-                || qname == format!("svc.{}", self.apex)
-                || qname == format!("ns.dns.{}", self.apex);
-            return if exists {
-                Outcome::NoData
-            } else {
-                Outcome::NxDomain
-            };
-        };
+        None
+    }
+
+    /// The records of one name of a service for `qtype`, with the SRV targets'
+    /// addresses as additionals.
+    fn answer(&self, data: &NameData, qtype: QType) -> Outcome {
         let mut answers = Vec::new();
         let mut additionals = Vec::new();
         if let Some(target) = &data.cname {
@@ -233,28 +254,25 @@ impl Zone {
         }
         let want_v4 = matches!(qtype, QType::A | QType::Any);
         let want_v6 = matches!(qtype, QType::Aaaa | QType::Any);
-        for ip in &data.addresses {
-            if (ip.is_ipv4() && want_v4) || (ip.is_ipv6() && want_v6) {
-                answers.push(Rec::Addr {
-                    owner: None,
-                    ip: *ip,
-                });
-            }
-        }
+        let wanted = data
+            .addresses
+            .iter()
+            .filter(|ip| (ip.is_ipv4() && want_v4) || (ip.is_ipv6() && want_v6));
+        answers.extend(wanted.map(|ip| Rec::Addr {
+            owner: None,
+            ip: *ip,
+        }));
         if matches!(qtype, QType::Srv | QType::Any) {
             for srv in &data.srv {
                 answers.push(Rec::Srv {
                     owner: None,
                     srv: srv.clone(),
                 });
-                if let Some(target) = self.names.get(&srv.target) {
-                    for ip in &target.addresses {
-                        additionals.push(Rec::Addr {
-                            owner: Some(srv.target.clone()),
-                            ip: *ip,
-                        });
-                    }
-                }
+                let target = self.names.get(&srv.target).into_iter();
+                additionals.extend(target.flat_map(|t| &t.addresses).map(|ip| Rec::Addr {
+                    owner: Some(srv.target.clone()),
+                    ip: *ip,
+                }));
             }
         }
         if answers.is_empty() {

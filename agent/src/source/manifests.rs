@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, SystemTime};
 
 use notify::{RecursiveMode, Watcher as _};
@@ -123,22 +123,7 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
             return;
         }
     };
-    let metadata = map.get("metadata").and_then(|m| m.as_mapping());
-    let meta_str = |name: &str| {
-        metadata
-            .and_then(|m| m.get(name))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    let object = meta_str("name").map(|name| ObjectRef {
-        kind: model_kind,
-        namespace: if model_kind == Kind::Node {
-            String::new()
-        } else {
-            meta_str("namespace").unwrap_or_else(|| "default".into())
-        },
-        name,
-    });
+    let object = object_ref_of(map, model_kind);
     let invalid = |reason: String| Document::Invalid {
         object: object.clone(),
         origin: origin.clone(),
@@ -154,16 +139,40 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
         )));
         return;
     }
-    let typed = match model_kind {
+    match decode(value, model_kind) {
+        Ok(object) => out.push(Document::Object { object, origin }),
+        Err(e) => out.push(invalid(format!("does not match the {kind} schema: {e}"))),
+    }
+}
+
+/// The identity a document claims in its metadata, if it names itself.
+fn object_ref_of(map: &serde_yaml::Mapping, kind: Kind) -> Option<ObjectRef> {
+    let metadata = map.get("metadata").and_then(|m| m.as_mapping());
+    let meta_str = |name: &str| {
+        metadata
+            .and_then(|m| m.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    meta_str("name").map(|name| ObjectRef {
+        kind,
+        namespace: if kind == Kind::Node {
+            String::new()
+        } else {
+            meta_str("namespace").unwrap_or_else(|| "default".into())
+        },
+        name,
+    })
+}
+
+/// A document as the typed object of its kind.
+fn decode(value: serde_yaml::Value, kind: Kind) -> Result<Object, serde_yaml::Error> {
+    match kind {
         Kind::Service => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
         Kind::EndpointSlice => {
             serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Box::new(o)))
         }
         Kind::Node => serde_yaml::from_value(value).map(|o| Object::Node(Box::new(o))),
-    };
-    match typed {
-        Ok(object) => out.push(Document::Object { object, origin }),
-        Err(e) => out.push(invalid(format!("does not match the {kind} schema: {e}"))),
     }
 }
 
@@ -214,39 +223,21 @@ impl ManifestState {
 
     /// Applies a parsed file (what `reload` does after reading it).
     pub fn apply_documents(&mut self, path: &Path, documents: Vec<Document>) -> Vec<SourceEvent> {
-        let mut events = Vec::new();
-        let old_refs: HashSet<ObjectRef> = self
-            .files
-            .get(path)
-            .map(|refs| refs.iter().cloned().collect())
-            .unwrap_or_default();
-        let mut new_refs: Vec<ObjectRef> = Vec::new();
+        let mut file = FileUpdate {
+            path,
+            old_refs: self
+                .files
+                .get(path)
+                .map(|refs| refs.iter().cloned().collect())
+                .unwrap_or_default(),
+            new_refs: Vec::new(),
+            current: HashMap::new(),
+            events: Vec::new(),
+        };
         let mut keep_everything = false;
-        // This file's objects, in case they become the effective definition.
-        let mut current: HashMap<ObjectRef, (Object, String)> = HashMap::new();
-
         for doc in documents {
             match doc {
-                Document::Object { object, origin } => {
-                    let r = object.object_ref();
-                    if new_refs.contains(&r) {
-                        warn!(origin, object = %r, "object defined twice in one file; the later one wins");
-                    } else {
-                        new_refs.push(r.clone());
-                    }
-                    let before = self.effective(&r);
-                    let definition = Definition {
-                        fingerprint: fingerprint(&object),
-                        origin: origin.clone(),
-                    };
-                    let defs = self.defs.entry(r.clone()).or_default();
-                    defs.insert(path.to_owned(), definition);
-                    if defs.len() > 1 {
-                        warn!(object = %r, "object defined in several files; the first file by name wins");
-                    }
-                    current.insert(r.clone(), (object, origin));
-                    self.emit_if_changed(&r, before, path, &mut current, &mut events);
-                }
+                Document::Object { object, origin } => self.apply_object(&mut file, object, origin),
                 Document::Irrelevant { kind, origin } => {
                     debug!(origin, kind, "ignoring object of a kind Ferry does not use");
                 }
@@ -254,59 +245,63 @@ impl ManifestState {
                     object,
                     origin,
                     reason,
-                } => {
-                    let shown = object
-                        .as_ref()
-                        .map(|o| o.to_string())
-                        .unwrap_or_else(|| "unidentified object".into());
-                    warn!(
-                        origin,
-                        object = shown,
-                        reason,
-                        "skipping invalid document; what it defined before stays in effect"
-                    );
-                    events.push(SourceEvent::Rejected {
-                        kind: object.as_ref().map(|o| o.kind),
-                        origin,
-                    });
-                    match object {
-                        // Keep the last good version of the object this document names.
-                        Some(r) if old_refs.contains(&r) => {
-                            if !new_refs.contains(&r) {
-                                new_refs.push(r);
-                            }
-                        }
-                        Some(_) => {}
-                        // Cannot tell which object broke: keep all the file defined.
-                        None => keep_everything = true,
-                    }
-                }
+                } => keep_everything |= file.reject(object, origin, &reason),
             }
         }
-
         if keep_everything {
-            for r in &old_refs {
-                if !new_refs.contains(r) {
-                    new_refs.push(r.clone());
-                }
-            }
+            let old: Vec<ObjectRef> = file.old_refs.iter().cloned().collect();
+            old.into_iter().for_each(|r| file.keep(r));
         }
-        for r in old_refs.iter().filter(|r| !new_refs.contains(r)) {
-            let before = self.effective(r);
-            if let Some(defs) = self.defs.get_mut(r) {
-                defs.remove(path);
-                if defs.is_empty() {
-                    self.defs.remove(r);
-                }
-            }
-            self.emit_if_changed(r, before, path, &mut current, &mut events);
-        }
-        if new_refs.is_empty() {
+        self.forget_missing(&mut file);
+        if file.new_refs.is_empty() {
             self.files.remove(path);
         } else {
-            self.files.insert(path.to_owned(), new_refs);
+            self.files.insert(path.to_owned(), file.new_refs);
         }
-        events
+        file.events
+    }
+
+    /// One valid object of the file: record its definition, emit it if it is (now)
+    /// the effective one.
+    fn apply_object(&mut self, file: &mut FileUpdate<'_>, object: Object, origin: String) {
+        let r = object.object_ref();
+        if file.new_refs.contains(&r) {
+            warn!(origin, object = %r, "object defined twice in one file; the later one wins");
+        }
+        file.keep(r.clone());
+        let before = self.effective(&r);
+        let definition = Definition {
+            fingerprint: fingerprint(&object),
+            origin: origin.clone(),
+        };
+        let defs = self.defs.entry(r.clone()).or_default();
+        defs.insert(file.path.to_owned(), definition);
+        if defs.len() > 1 {
+            warn!(object = %r, "object defined in several files; the first file by name wins");
+        }
+        file.current.insert(r.clone(), (object, origin));
+        self.emit_if_changed(&r, before, file);
+    }
+
+    /// Objects the file defined before and no longer does: another file's definition
+    /// takes over, or the object is deleted.
+    fn forget_missing(&mut self, file: &mut FileUpdate<'_>) {
+        let gone: Vec<ObjectRef> = file
+            .old_refs
+            .iter()
+            .filter(|r| !file.new_refs.contains(r))
+            .cloned()
+            .collect();
+        for r in gone {
+            let before = self.effective(&r);
+            if let Some(defs) = self.defs.get_mut(&r) {
+                defs.remove(file.path);
+                if defs.is_empty() {
+                    self.defs.remove(&r);
+                }
+            }
+            self.emit_if_changed(&r, before, file);
+        }
     }
 
     /// The winning file and fingerprint of an object.
@@ -317,20 +312,20 @@ impl ManifestState {
             .map(|(path, def)| (path.clone(), def.fingerprint))
     }
 
+    /// Emits what changed for `r` since its effective definition was `before`.
     fn emit_if_changed(
         &self,
         r: &ObjectRef,
         before: Option<(PathBuf, u64)>,
-        path: &Path,
-        current: &mut HashMap<ObjectRef, (Object, String)>,
-        events: &mut Vec<SourceEvent>,
+        file: &mut FileUpdate<'_>,
     ) {
+        let events = &mut file.events;
         let after = self.effective(r);
         match (before, after) {
             (Some((_, old)), Some((_, new))) if old == new => {}
             (_, Some((winner, _))) => {
-                let found = if winner == path {
-                    current.remove(r)
+                let found = if winner == file.path {
+                    file.current.remove(r)
                 } else {
                     // Another file's definition takes over: read it back.
                     load_object(&winner, r)
@@ -346,10 +341,53 @@ impl ManifestState {
             (None, None) => {}
         }
     }
+}
 
-    /// Paths currently contributing objects.
-    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
-        self.files.keys()
+/// One file being re-applied: what it defined before, what it defines now, and the
+/// events that causes.
+struct FileUpdate<'a> {
+    path: &'a Path,
+    old_refs: HashSet<ObjectRef>,
+    new_refs: Vec<ObjectRef>,
+    /// This file's objects, in case they become the effective definition.
+    current: HashMap<ObjectRef, (Object, String)>,
+    events: Vec<SourceEvent>,
+}
+
+impl FileUpdate<'_> {
+    /// The file (still) defines `r`.
+    fn keep(&mut self, r: ObjectRef) {
+        if !self.new_refs.contains(&r) {
+            self.new_refs.push(r);
+        }
+    }
+
+    /// An invalid document: logged and counted; the last good version of the object it
+    /// names stays. Returns true when it names no object, so nothing the file defined
+    /// may be dropped.
+    fn reject(&mut self, object: Option<ObjectRef>, origin: String, reason: &str) -> bool {
+        let shown = object
+            .as_ref()
+            .map(|o| o.to_string())
+            .unwrap_or_else(|| "unidentified object".into());
+        warn!(
+            origin,
+            object = shown,
+            reason,
+            "skipping invalid document; what it defined before stays in effect"
+        );
+        self.events.push(SourceEvent::Rejected {
+            kind: object.as_ref().map(|o| o.kind),
+            origin,
+        });
+        match object {
+            Some(r) if self.old_refs.contains(&r) => {
+                self.keep(r);
+                false
+            }
+            Some(_) => false,
+            None => true,
+        }
     }
 }
 
@@ -415,7 +453,7 @@ fn list_manifests(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
 /// the directory cannot be read or watched at start.
 pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::thread::JoinHandle<()>> {
     use anyhow::Context as _;
-    let mut stamps = list_manifests(&dir)
+    let stamps = list_manifests(&dir)
         .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
     let (raw_tx, raw_rx) = mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(move |event| {
@@ -441,59 +479,95 @@ pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::threa
     info!(dir = %dir.display(), files = stamps.len(), objects, "loaded manifests");
     tx.send(SourceEvent::Synced).ok();
 
-    let handle = std::thread::Builder::new()
+    let watch = DirectoryWatch {
+        dir,
+        stamps,
+        state,
+        raw_rx,
+        tx,
+    };
+    std::thread::Builder::new()
         .name("manifests".into())
         .spawn(move || {
             // Keep the watcher alive as long as the thread runs.
             let _watcher = watcher;
-            let mut last_rescan = std::time::Instant::now();
-            loop {
-                let mut changed: HashSet<PathBuf> = HashSet::new();
-                match raw_rx.recv_timeout(RESCAN_INTERVAL) {
-                    Ok(event) => collect_paths(&dir, event, &mut changed),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-                // Debounce: gather the rest of a burst.
-                while let Ok(event) = raw_rx.recv_timeout(DEBOUNCE) {
-                    collect_paths(&dir, event, &mut changed);
-                }
-                if last_rescan.elapsed() >= RESCAN_INTERVAL {
-                    last_rescan = std::time::Instant::now();
-                    match list_manifests(&dir) {
-                        Ok(now) => {
-                            for (path, stamp) in &now {
-                                if stamps.get(path) != Some(stamp) {
-                                    changed.insert(path.clone());
-                                }
-                            }
-                            changed.extend(stamps.keys().filter(|p| !now.contains_key(*p)).cloned());
-                        }
-                        Err(e) => warn!(dir = %dir.display(), error = %e, "cannot rescan manifest directory"),
-                    }
-                }
-                let mut paths: Vec<PathBuf> = changed.into_iter().collect();
-                paths.sort();
-                for path in paths {
-                    debug!(file = %path.display(), "manifest file changed");
-                    match std::fs::metadata(&path) {
-                        Ok(meta) => {
-                            stamps.insert(path.clone(), (meta.modified().ok(), meta.len()));
-                        }
-                        Err(_) => {
-                            stamps.remove(&path);
-                        }
-                    }
-                    for event in state.reload(&path) {
-                        if tx.send(event).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
+            watch.run();
         })
-        .context("cannot start manifest watcher thread")?;
-    Ok(handle)
+        .context("cannot start manifest watcher thread")
+}
+
+/// The watcher thread's state: file change notifications in, source events out.
+struct DirectoryWatch {
+    dir: PathBuf,
+    stamps: BTreeMap<PathBuf, Stamp>,
+    state: ManifestState,
+    raw_rx: Receiver<notify::Result<notify::Event>>,
+    tx: Sender<SourceEvent>,
+}
+
+impl DirectoryWatch {
+    /// Until the agent hangs up: gathers changed paths (notifications, debounced, and a
+    /// periodic rescan that catches what notifications miss) and reloads them.
+    fn run(mut self) {
+        let mut last_rescan = std::time::Instant::now();
+        loop {
+            let mut changed: HashSet<PathBuf> = HashSet::new();
+            match self.raw_rx.recv_timeout(RESCAN_INTERVAL) {
+                Ok(event) => collect_paths(&self.dir, event, &mut changed),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            // Debounce: gather the rest of a burst.
+            while let Ok(event) = self.raw_rx.recv_timeout(DEBOUNCE) {
+                collect_paths(&self.dir, event, &mut changed);
+            }
+            if last_rescan.elapsed() >= RESCAN_INTERVAL {
+                last_rescan = std::time::Instant::now();
+                self.rescan(&mut changed);
+            }
+            let mut paths: Vec<PathBuf> = changed.into_iter().collect();
+            paths.sort();
+            if !paths.iter().all(|path| self.reload(path)) {
+                return;
+            }
+        }
+    }
+
+    /// Adds the files whose size or modification time changed, appeared or vanished.
+    fn rescan(&self, changed: &mut HashSet<PathBuf>) {
+        match list_manifests(&self.dir) {
+            Ok(now) => {
+                for (path, stamp) in &now {
+                    if self.stamps.get(path) != Some(stamp) {
+                        changed.insert(path.clone());
+                    }
+                }
+                let gone = self.stamps.keys().filter(|p| !now.contains_key(*p));
+                changed.extend(gone.cloned());
+            }
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot rescan manifest directory")
+            }
+        }
+    }
+
+    /// Reloads one file and sends what changed; false once the agent has hung up.
+    fn reload(&mut self, path: &Path) -> bool {
+        debug!(file = %path.display(), "manifest file changed");
+        match std::fs::metadata(path) {
+            Ok(meta) => {
+                self.stamps
+                    .insert(path.to_owned(), (meta.modified().ok(), meta.len()));
+            }
+            Err(_) => {
+                self.stamps.remove(path);
+            }
+        }
+        self.state
+            .reload(path)
+            .into_iter()
+            .all(|event| self.tx.send(event).is_ok())
+    }
 }
 
 fn collect_paths(dir: &Path, event: notify::Result<notify::Event>, out: &mut HashSet<PathBuf>) {
