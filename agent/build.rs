@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (crate `ferry-ebpf`) with Debian's rustc, which ships a
-//! prebuilt `core` for bpfel-unknown-none; see ../shared/EBPF-TOOLCHAIN.md.
+//! prebuilt `core` for bpfel-unknown-none; see docs/ebpf-toolchain.md.
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {

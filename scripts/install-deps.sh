@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything Ferry needs to build, run, test and benchmark on a Debian
-# machine (see ../shared/EBPF-TOOLCHAIN.md for why each toolchain piece is needed).
+# machine (see docs/ebpf-toolchain.md for why each toolchain piece is needed).
 # Idempotent: every step is skipped when what it installs is already present, so it is
 # cheap to run before every `run`/`test`. `--vm` also installs what `cargo xtask vm`
 # needs (QEMU and debootstrap, for the KVM test VM in vm-test/).
@@ -47,12 +47,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
-# rustup's own toolchain builds the host crates; a fresh machine may not have it.
+# rustup's stable toolchain builds the host crates, and aya-build drives the eBPF build
+# through `rustup run`. Debian 12 packages no rustup and nothing is fetched from outside
+# the package registries, so it must come with the machine.
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v rustup >/dev/null 2>&1; then
-  echo "install-deps: installing rustup (stable toolchain)"
-  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-  export PATH="$HOME/.cargo/bin:$PATH"
+  echo "install-deps: rustup is required (with a stable toolchain) but not installed;" >&2
+  echo "install-deps: install it from your distribution (e.g. Debian 13's rustup package)." >&2
+  exit 1
 fi
 for component in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then

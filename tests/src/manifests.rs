@@ -161,8 +161,20 @@ impl Endpoint {
     }
 }
 
-/// An EndpointSlice manifest for `service`.
+/// An EndpointSlice manifest for `service` in namespace `default`.
 pub fn slice(
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[Port],
+    endpoints: &[Endpoint],
+) -> String {
+    slice_in("default", name, service, address_type, ports, endpoints)
+}
+
+/// An EndpointSlice manifest for `service` in `namespace`.
+pub fn slice_in(
+    namespace: &str,
     name: &str,
     service: &str,
     address_type: &str,
@@ -172,7 +184,7 @@ pub fn slice(
     let mut y = String::new();
     let _ = writeln!(
         y,
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {address_type}"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {address_type}"
     );
     y.push_str("ports:\n");
     for p in ports {

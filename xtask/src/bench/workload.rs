@@ -1,9 +1,11 @@
 //! Synthetic clusters for the benchmarks: N services with E endpoints each, written as
-//! manifests. Only the measured service points at a real pod; the others point at
-//! addresses nobody dials, which is all the data plane cares about.
+//! manifests with the test harness's builders. Only the measured service points at a
+//! real pod; the others point at addresses nobody dials, which is all the data plane
+//! cares about.
 
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+
+use ferry_tests::manifests::{Service, docs, ep, port, slice_in};
 
 /// The measured service (always the last one, so rule walks show).
 pub const MEASURED: &str = "measured";
@@ -21,13 +23,21 @@ fn fake_endpoint(n: usize) -> Ipv4Addr {
 
 /// One service with a TCP (80 -> 8080) and a UDP (53 -> 5353) port, and its slice.
 pub fn service(name: &str, ip: Ipv4Addr, endpoints: &[Ipv4Addr]) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: 80, protocol: TCP}}\n  - {{name: dns, port: 53, protocol: UDP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:\n"
+    let svc = Service::new(name)
+        .namespace("bench")
+        .cluster_ip(&ip.to_string())
+        .port(port("http", "TCP", 80))
+        .port(port("dns", "UDP", 53));
+    let endpoints: Vec<_> = endpoints.iter().map(|ip| ep(&ip.to_string())).collect();
+    let slice = slice_in(
+        "bench",
+        &format!("{name}-1"),
+        name,
+        "IPv4",
+        &[port("http", "TCP", 8080), port("dns", "UDP", 5353)],
+        &endpoints,
     );
-    for ep in endpoints {
-        let _ = writeln!(y, "- {{addresses: [\"{ep}\"], nodeName: node-a}}");
-    }
-    y
+    docs(&[svc.yaml(), slice])
 }
 
 /// Manifest files for `services` services (the last one is [`MEASURED`], backed by
