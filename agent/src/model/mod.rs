@@ -19,7 +19,7 @@ pub mod validate;
 pub use domain::ClusterDomain;
 pub use health_check::{ServiceHealthCheck, service_health_check};
 pub use node::{HostAddresses, LocalAddress, NodeInfo, NodeNetwork, NodePortAddresses};
-pub use plan::{NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
+pub use plan::{EndpointSet, NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo};
 pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};

@@ -56,6 +56,16 @@ pub enum Traffic<'a> {
     Drop,
 }
 
+/// Which endpoint set a kind of traffic balances across: kube-proxy's cluster chain
+/// (`KUBE-SVC-*`) or local chain (`KUBE-SVL-*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointSet {
+    /// [`ServicePortPlan::cluster_endpoints`].
+    Cluster,
+    /// [`ServicePortPlan::local_endpoints`].
+    Local,
+}
+
 impl ServicePortPlan {
     /// Handling of traffic to the ClusterIP.
     pub fn internal(&self) -> Traffic<'_> {
@@ -68,14 +78,46 @@ impl ServicePortPlan {
         self.traffic(self.external_policy_local)
     }
 
+    /// Handling of traffic from pods or the node itself to an external destination
+    /// (externalIP, load-balancer IP): kube-proxy short-circuits it to the cluster-wide
+    /// set whatever the external policy, as if it went out to the load balancer and
+    /// came back.
+    pub fn external_from_inside(&self) -> Traffic<'_> {
+        self.traffic(false)
+    }
+
+    /// The endpoint set ClusterIP traffic uses.
+    pub fn internal_endpoint_set(&self) -> EndpointSet {
+        Self::set_of(self.internal_policy_local)
+    }
+
+    /// The endpoint set traffic from outside uses.
+    pub fn external_endpoint_set(&self) -> EndpointSet {
+        Self::set_of(self.external_policy_local)
+    }
+
+    /// Whether traffic from outside is masqueraded to the node's address: with
+    /// `Cluster` policy the endpoint may be on another node and must reply through this
+    /// one; `Local` keeps the client's address.
+    pub fn masquerades_external(&self) -> bool {
+        !self.external_policy_local
+    }
+
+    fn set_of(local_policy: bool) -> EndpointSet {
+        if local_policy {
+            EndpointSet::Local
+        } else {
+            EndpointSet::Cluster
+        }
+    }
+
     fn traffic(&self, local_policy: bool) -> Traffic<'_> {
         if !self.has_any_endpoints {
             return Traffic::Reject;
         }
-        let endpoints = if local_policy {
-            &self.local_endpoints
-        } else {
-            &self.cluster_endpoints
+        let endpoints = match Self::set_of(local_policy) {
+            EndpointSet::Local => &self.local_endpoints,
+            EndpointSet::Cluster => &self.cluster_endpoints,
         };
         if endpoints.is_empty() {
             Traffic::Drop
