@@ -1,6 +1,9 @@
 #![no_std]
+#![warn(missing_docs)]
 //! The map ABI shared by Ferry's eBPF programs (`ferry-ebpf`) and the agent: key and
-//! value layouts, flags, map names. One home for it, so both sides cannot drift.
+//! value layouts, flags, map names, sizes and types ([`maps`]), program names and
+//! hooks ([`programs`]). One home for it, so both sides cannot drift; the agent's
+//! tests check the compiled object against it.
 //!
 //! Rules (Cilium's, for the same reasons): `#[repr(C)]` with explicit padding, no
 //! `bool`, bitfields or unions; a layout change gets a new map-name suffix (`_v2`),
@@ -15,27 +18,196 @@ pub const FAMILY_V4: u8 = 2;
 /// `family` value for IPv6 (`AF_INET6`).
 pub const FAMILY_V6: u8 = 10;
 
-/// Map names (pinned under the agent's bpffs directory).
+/// The kernel's `bpf_map_type` of a map (values from `include/uapi/linux/bpf.h`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// `BPF_MAP_TYPE_HASH`.
+    Hash = 1,
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
+    PerCpuArray = 6,
+    /// `BPF_MAP_TYPE_LRU_HASH`.
+    LruHash = 9,
+}
+
+/// One map of the ABI: the eBPF crate declares it from this, the agent loads, sizes
+/// and opens it by it, and the agent's tests check the compiled object against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Name in the object, and of the pin under the agent's bpffs directory.
+    pub name: &'static str,
+    /// Map type.
+    pub kind: MapKind,
+    /// `size_of` the key type.
+    pub key_size: u32,
+    /// `size_of` the value type.
+    pub value_size: u32,
+    /// Default max entries, as compiled into the object (the agent may override it at
+    /// load time, see the `--bpf-max-*` flags).
+    pub max_entries: u32,
+    /// `BPF_F_*` map flags.
+    pub map_flags: u32,
+}
+
+impl MapSpec {
+    const fn new<K, V>(name: &'static str, kind: MapKind, max_entries: u32, flags: u32) -> Self {
+        Self {
+            name,
+            kind,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+            map_flags: flags,
+        }
+    }
+
+    /// Whether a map declared under `name` with key `K` and value `V` is this one.
+    /// The eBPF crate asserts this at compile time for each map it declares, since its
+    /// `#[map]` attribute needs the name as a literal.
+    pub const fn declared_as<K, V>(&self, name: &str) -> bool {
+        size_of::<K>() == self.key_size as usize
+            && size_of::<V>() == self.value_size as usize
+            && same_str(self.name, name)
+    }
+}
+
+/// `a == b`, usable in `const` context.
+const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Max entries of the backend-list map of size class `class` (index into
+/// [`LIST_CAPACITY`]) when the frontends map holds `frontends`: every frontend may use
+/// the smallest class, a quarter of them the next, 1/64 the one after; the largest
+/// (256 KiB values) stays at 64 entries whatever the frontend count.
+pub const fn list_max_entries(class: usize, frontends: u32) -> u32 {
+    const FLOOR: u32 = 64;
+    let n = match class {
+        0 => return frontends,
+        1 => frontends / 4,
+        2 => frontends / 64,
+        _ => return FLOOR,
+    };
+    if n > FLOOR { n } else { FLOOR }
+}
+
+/// The maps, pinned under the agent's bpffs directory by name.
 pub mod maps {
-    /// [`super::FrontendKey`] -> [`super::Frontend`].
-    pub const FRONTENDS: &str = "ferry_fe_v1";
-    /// `u32` backend id -> [`super::BackendAddr`].
-    pub const BACKENDS: &str = "ferry_be_v1";
-    /// `u32` frontend id -> [`super::BackendList`] of each size class.
-    pub const LISTS: [&str; 4] = [
-        "ferry_ls16_v1",
-        "ferry_ls256_v1",
-        "ferry_ls4k_v1",
-        "ferry_ls64k_v1",
+    use super::{
+        AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
+        MapKind, MapSpec, ReverseKey, ReverseValue, VipKey, list_max_entries, stats,
+    };
+
+    /// `BPF_F_NO_PREALLOC`: elements are allocated per update and freed after an RCU
+    /// grace period, so a program reading a value never sees it half-rewritten (with
+    /// preallocation the kernel may recycle an element while a reader still uses it).
+    pub const NO_PREALLOC: u32 = 1;
+
+    /// Default size of the frontends map, which the ClusterIP set and the list maps
+    /// follow.
+    const FRONTENDS_MAX: u32 = 65_536;
+
+    /// [`FrontendKey`] -> [`Frontend`].
+    pub const FRONTENDS: MapSpec = MapSpec::new::<FrontendKey, Frontend>(
+        "ferry_fe_v1",
+        MapKind::Hash,
+        FRONTENDS_MAX,
+        NO_PREALLOC,
+    );
+    /// `u32` backend id -> [`BackendAddr`].
+    pub const BACKENDS: MapSpec =
+        MapSpec::new::<u32, BackendAddr>("ferry_be_v1", MapKind::Hash, 262_144, NO_PREALLOC);
+    /// `u32` frontend id -> [`BackendList`], one map per size class of
+    /// [`LIST_CAPACITY`].
+    pub const LISTS: [MapSpec; LIST_CAPACITY.len()] = [
+        list::<{ LIST_CAPACITY[0] }>("ferry_ls16_v1", 0),
+        list::<{ LIST_CAPACITY[1] }>("ferry_ls256_v1", 1),
+        list::<{ LIST_CAPACITY[2] }>("ferry_ls4k_v1", 2),
+        list::<{ LIST_CAPACITY[3] }>("ferry_ls64k_v1", 3),
     ];
-    /// [`super::VipKey`] -> `u32` (1): ClusterIPs, to refuse ports no service exposes.
-    pub const VIPS: &str = "ferry_vip_v1";
-    /// [`super::AffinityKey`] -> [`super::AffinityValue`] (LRU).
-    pub const AFFINITY: &str = "ferry_aff_v1";
-    /// [`super::ReverseKey`] -> [`super::ReverseValue`] (LRU): what a socket connected to.
-    pub const REVERSE: &str = "ferry_rev_v1";
-    /// Per-CPU `u64` counters indexed by [`super::stats`].
-    pub const STATS: &str = "ferry_stats_v1";
+    /// [`VipKey`] -> `u32` (1): ClusterIPs, to refuse ports no service exposes. At most
+    /// one per frontend.
+    pub const VIPS: MapSpec =
+        MapSpec::new::<VipKey, u32>("ferry_vip_v1", MapKind::Hash, FRONTENDS_MAX, NO_PREALLOC);
+    /// [`AffinityKey`] -> [`AffinityValue`] (LRU).
+    pub const AFFINITY: MapSpec =
+        MapSpec::new::<AffinityKey, AffinityValue>("ferry_aff_v1", MapKind::LruHash, 65_536, 0);
+    /// [`ReverseKey`] -> [`ReverseValue`] (LRU): what a socket connected to.
+    pub const REVERSE: MapSpec =
+        MapSpec::new::<ReverseKey, ReverseValue>("ferry_rev_v1", MapKind::LruHash, 262_144, 0);
+    /// Per-CPU `u64` counters indexed by [`stats`].
+    pub const STATS: MapSpec =
+        MapSpec::new::<u32, u64>("ferry_stats_v1", MapKind::PerCpuArray, stats::COUNT, 0);
+
+    const fn list<const N: usize>(name: &'static str, class: usize) -> MapSpec {
+        MapSpec::new::<u32, BackendList<N>>(
+            name,
+            MapKind::Hash,
+            list_max_entries(class, FRONTENDS_MAX),
+            NO_PREALLOC,
+        )
+    }
+}
+
+/// The programs: one per cgroup `sock_addr` hook, named as the eBPF crate's entry
+/// points. The agent attaches each of them.
+pub mod programs {
+    /// The cgroup hook a program attaches to; its section is `cgroup/<hook>`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Hook {
+        /// `connect()` of an IPv4 socket.
+        Connect4,
+        /// `connect()` of an IPv6 socket.
+        Connect6,
+        /// `sendmsg()`/`sendto()` of an IPv4 UDP socket.
+        SendMsg4,
+        /// `sendmsg()`/`sendto()` of an IPv6 UDP socket.
+        SendMsg6,
+        /// `recvmsg()`/`recvfrom()` of an IPv4 UDP socket.
+        RecvMsg4,
+        /// `recvmsg()`/`recvfrom()` of an IPv6 UDP socket.
+        RecvMsg6,
+        /// `getpeername()` of an IPv4 socket.
+        GetPeerName4,
+        /// `getpeername()` of an IPv6 socket.
+        GetPeerName6,
+    }
+
+    /// One program of the object.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ProgramSpec {
+        /// Function (symbol) name in the eBPF crate.
+        pub name: &'static str,
+        /// Where it attaches.
+        pub hook: Hook,
+    }
+
+    /// Every program, in attach order.
+    pub const ALL: [ProgramSpec; 8] = [
+        spec("ferry_connect4", Hook::Connect4),
+        spec("ferry_connect6", Hook::Connect6),
+        spec("ferry_sendmsg4", Hook::SendMsg4),
+        spec("ferry_sendmsg6", Hook::SendMsg6),
+        spec("ferry_recvmsg4", Hook::RecvMsg4),
+        spec("ferry_recvmsg6", Hook::RecvMsg6),
+        spec("ferry_getpeername4", Hook::GetPeerName4),
+        spec("ferry_getpeername6", Hook::GetPeerName6),
+    ];
+
+    const fn spec(name: &'static str, hook: Hook) -> ProgramSpec {
+        ProgramSpec { name, hook }
+    }
 }
 
 /// Backend-list size classes: a frontend's list lives in the smallest class that
@@ -81,6 +253,7 @@ pub mod flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FrontendKey {
+    /// Destination address.
     pub addr: [u32; 4],
     /// Network byte order.
     pub port: u16,
@@ -100,6 +273,7 @@ pub struct Frontend {
     pub flags: u16,
     /// Size class (index into [`LIST_CAPACITY`]) of the backend list.
     pub list_class: u8,
+    /// Explicit padding, zero.
     pub _pad: u8,
     /// ClientIP affinity timeout in seconds (with [`flags::AFFINITY`]).
     pub affinity_timeout: u32,
@@ -109,10 +283,13 @@ pub struct Frontend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendAddr {
+    /// Backend address.
     pub addr: [u32; 4],
     /// Network byte order.
     pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, zero.
     pub _pad: u8,
 }
 
@@ -120,8 +297,11 @@ pub struct BackendAddr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BackendList<const N: usize> {
+    /// How many of `ids` are used.
     pub count: u32,
+    /// Explicit padding, zero.
     pub _pad: u32,
+    /// Backend ids (keys of the backends map); only the first `count` count.
     pub ids: [u32; N],
 }
 
@@ -129,8 +309,11 @@ pub struct BackendList<const N: usize> {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VipKey {
+    /// The ClusterIP.
     pub addr: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, zero.
     pub _pad: [u8; 3],
 }
 
@@ -139,8 +322,11 @@ pub struct VipKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
+    /// `bpf_get_netns_cookie()` of the client's socket.
     pub netns_cookie: u64,
+    /// [`Frontend::id`].
     pub frontend_id: u32,
+    /// Explicit padding, zero.
     pub _pad: u32,
 }
 
@@ -148,7 +334,9 @@ pub struct AffinityKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityValue {
+    /// The backend id.
     pub backend_id: u32,
+    /// Explicit padding, zero.
     pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last use.
     pub last_used_ns: u64,
@@ -158,10 +346,15 @@ pub struct AffinityValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReverseKey {
+    /// `bpf_get_socket_cookie()` of the socket.
     pub cookie: u64,
+    /// The backend's address, as the socket sees it.
     pub addr: [u32; 4],
+    /// Network byte order.
     pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, zero.
     pub _pad: [u8; 5],
 }
 
@@ -169,9 +362,13 @@ pub struct ReverseKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReverseValue {
+    /// The service address.
     pub addr: [u32; 4],
+    /// Network byte order.
     pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, zero.
     pub _pad: u8,
 }
 
@@ -206,4 +403,14 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 32);
     assert!(offset_of!(ReverseKey, addr) == 8);
     assert!(size_of::<ReverseValue>() == 20);
+    // The list maps' values are the lists of their class.
+    let mut class = 0;
+    while class < LIST_CAPACITY.len() {
+        assert!(maps::LISTS[class].value_size as usize == 8 + LIST_CAPACITY[class] * 4);
+        class += 1;
+    }
+    // The defaults compiled into the object.
+    assert!(maps::LISTS[1].max_entries == 16_384);
+    assert!(maps::LISTS[2].max_entries == 1_024);
+    assert!(maps::LISTS[3].max_entries == 64);
 };

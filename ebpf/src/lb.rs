@@ -29,6 +29,7 @@ const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
 impl Refuse {
+    /// The errno the failed syscall returns.
     pub fn errno(&self) -> i32 {
         match self {
             Self::NoEndpoints | Self::NoPort => ECONNREFUSED,
@@ -40,8 +41,11 @@ impl Refuse {
 /// A destination as the hook sees it (network byte order, IPv4 in `addr[0]`).
 #[derive(Clone, Copy)]
 pub struct Dest {
+    /// Address words, network byte order.
     pub addr: [u32; 4],
+    /// Network byte order.
     pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
 }
 
@@ -62,14 +66,16 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         proto,
         family: dest.family,
     };
-    // SAFETY: values are copied out at once; the map is NO_PREALLOC (RCU-freed).
+    // SAFETY: `get` hands out a reference into the map value, which the kernel keeps
+    // alive until the program returns (RCU read side; NO_PREALLOC elements are freed
+    // only after a grace period). It is copied out at once, so no reference escapes.
     let Some(fe) = (unsafe { FRONTENDS.get(&key) }).copied() else {
         let vip = VipKey {
             addr: dest.addr,
             family: dest.family,
             _pad: [0; 3],
         };
-        // SAFETY: presence check only.
+        // SAFETY: as above; only presence is checked, the value is not read.
         if unsafe { VIPS.get(&vip) }.is_some() {
             count(stats::NO_PORT);
             return Err(Refuse::NoPort);
@@ -91,7 +97,7 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         count(stats::MISSING);
         return Ok(None);
     };
-    // SAFETY: copied out at once; NO_PREALLOC map.
+    // SAFETY: as for the frontend: copied out at once, NO_PREALLOC map.
     let Some(backend) = (unsafe { BACKENDS.get(&backend_id) }).copied() else {
         count(stats::MISSING);
         return Ok(None);
@@ -107,7 +113,8 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
 /// The reverse-map key of this socket talking to `backend`.
 #[inline(always)]
 fn reverse_key(ctx: &SockAddrContext, backend: Dest) -> ReverseKey {
-    // SAFETY: the helper only reads the socket behind the context.
+    // SAFETY: `bpf_get_socket_cookie` accepts the program's own `bpf_sock_addr`
+    // context (the verifier checks the argument type) and only reads its socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     ReverseKey {
         cookie,
@@ -131,7 +138,8 @@ pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
     // A socket sending datagram after datagram to one service hits the same entry
     // each time: a lookup is much cheaper than an LRU update, so skip the write when
     // the entry is already right.
-    // SAFETY: compared at once, not kept.
+    // SAFETY: the value reference lives until the program returns (RCU read side);
+    // it is compared at once and not kept.
     if unsafe { REVERSE.get(&key) }.is_some_and(|v| *v == value) {
         return;
     }
@@ -143,7 +151,7 @@ pub fn remember(ctx: &SockAddrContext, service: Dest, backend: Dest) {
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext, backend: Dest) -> Option<Dest> {
     let key = reverse_key(ctx, backend);
-    // SAFETY: copied out at once.
+    // SAFETY: as in `remember`: copied out at once, no reference kept.
     let value = (unsafe { REVERSE.get(&key) }).copied()?;
     count(stats::REVERSED);
     Some(Dest {
@@ -160,17 +168,19 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Option<u32> {
     if fe.flags & flags::AFFINITY == 0 {
         return random_backend(fe);
     }
-    // SAFETY: the helper only reads the socket's network namespace.
+    // SAFETY: `bpf_get_netns_cookie` accepts the `bpf_sock_addr` context (the
+    // verifier checks the argument type) and only reads its network namespace.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     let key = AffinityKey {
         netns_cookie,
         frontend_id: fe.id,
         _pad: 0,
     };
-    // SAFETY: time helper, no arguments.
+    // SAFETY: no arguments, no memory access.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(fe.affinity_timeout) * 1_000_000_000;
-    // SAFETY: copied out at once.
+    // SAFETY: map value references live until the program returns; the affinity
+    // entry is copied out at once, the backend only checked for presence.
     let sticky = (unsafe { AFFINITY.get(&key) })
         .copied()
         .filter(|v| now.wrapping_sub(v.last_used_ns) < timeout_ns)
@@ -190,10 +200,13 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Option<u32> {
     Some(id)
 }
 
+/// One backend id drawn uniformly at random from the frontend's list.
 #[inline(always)]
 fn random_backend(fe: &Frontend) -> Option<u32> {
-    // SAFETY: the list is copied by value-slot only (one u32); NO_PREALLOC map, so a
-    // concurrent replacement is seen either whole old or whole new.
+    // SAFETY: the list reference lives until the program returns (RCU read side) and
+    // `pick` only reads `count` and one id from it. The map is NO_PREALLOC, so the
+    // agent replacing the list makes a new element: this run sees the old list or the
+    // new one whole, never a mix.
     unsafe {
         match fe.list_class {
             0 => pick(LIST16.get(&fe.id)?),
@@ -204,13 +217,14 @@ fn random_backend(fe: &Frontend) -> Option<u32> {
     }
 }
 
+/// A random id among the first `count` of `list`.
 #[inline(always)]
 fn pick<const N: usize>(list: &BackendList<N>) -> Option<u32> {
     let count = list.count;
     if count == 0 {
         return None;
     }
-    // SAFETY: helper with no arguments.
+    // SAFETY: no arguments, no memory access.
     let index = unsafe { bpf_get_prandom_u32() } % count;
     // `get` bounds-checks against N, which the verifier needs to see.
     list.ids.get(index as usize).copied()
@@ -220,7 +234,8 @@ fn pick<const N: usize>(list: &BackendList<N>) -> Option<u32> {
 /// of `user_ip4`/`user_port` (port in network order in the low 16 bits).
 #[inline(always)]
 pub fn dest4(ctx: &SockAddrContext) -> Dest {
-    // SAFETY: ctx points to the kernel's bpf_sock_addr for this hook.
+    // SAFETY: `sock_addr` is the kernel's `bpf_sock_addr` for this run; both reads
+    // are whole aligned 4-byte loads, the only access the verifier allows to them.
     let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
     Dest {
         addr: [ip, 0, 0, 0],
@@ -232,7 +247,7 @@ pub fn dest4(ctx: &SockAddrContext) -> Dest {
 /// Reads the destination of an IPv6 hook (each `user_ip6` word a 4-byte load).
 #[inline(always)]
 pub fn dest6(ctx: &SockAddrContext) -> Dest {
-    // SAFETY: as in `dest4`.
+    // SAFETY: as in `dest4`; each `user_ip6` word is its own 4-byte load.
     let (addr, port) = unsafe {
         let sa = &*ctx.sock_addr;
         (
@@ -255,7 +270,8 @@ pub fn dest6(ctx: &SockAddrContext) -> Dest {
 /// Writes a new destination into an IPv4 hook (whole 4-byte stores).
 #[inline(always)]
 pub fn set_dest4(ctx: &SockAddrContext, dest: Dest) {
-    // SAFETY: writable fields of bpf_sock_addr for connect4/sendmsg4/recvmsg4.
+    // SAFETY: `user_ip4`/`user_port` are writable in the connect4, sendmsg4,
+    // recvmsg4 and getpeername4 hooks, as whole 4-byte stores (the verifier's rule).
     unsafe {
         (*ctx.sock_addr).user_ip4 = dest.addr[0];
         (*ctx.sock_addr).user_port = u32::from(dest.port);
@@ -265,7 +281,8 @@ pub fn set_dest4(ctx: &SockAddrContext, dest: Dest) {
 /// Writes a new destination into an IPv6 hook.
 #[inline(always)]
 pub fn set_dest6(ctx: &SockAddrContext, dest: Dest) {
-    // SAFETY: writable fields of bpf_sock_addr for connect6/sendmsg6/recvmsg6.
+    // SAFETY: `user_ip6[*]`/`user_port` are writable in the IPv6 counterparts of
+    // those hooks, each as a whole 4-byte store.
     unsafe {
         let sa = &mut *ctx.sock_addr;
         sa.user_ip6[0] = dest.addr[0];
@@ -279,7 +296,7 @@ pub fn set_dest6(ctx: &SockAddrContext, dest: Dest) {
 /// The socket's protocol, if it is one services use.
 #[inline(always)]
 pub fn protocol(ctx: &SockAddrContext) -> Option<u8> {
-    // SAFETY: 4-byte read of a readable field.
+    // SAFETY: `protocol` is readable in every sock_addr hook, as a 4-byte load.
     let proto = unsafe { (*ctx.sock_addr).protocol };
     matches!(proto, 6 | 17 | 132).then_some(proto as u8)
 }

@@ -2,7 +2,9 @@
 #![no_main]
 //! Ferry's kernel programs: cgroup socket hooks that load-balance services at
 //! connect()/sendmsg() time and translate addresses back at recvmsg()/getpeername().
-//! Entry points are thin; the logic is in `lb`, the maps in `maps`.
+//! Entry points are thin; the logic is in `lb`, the maps in `maps`. The entry points'
+//! names and hooks are listed in `ferry_common::programs`, which the agent attaches
+//! by (its tests check this object against that list).
 
 mod lb;
 mod maps;
@@ -16,8 +18,9 @@ use lb::{
     Dest, dest4, dest6, forward, protocol, remember, reverse, set_dest4, set_dest6, v4_mapped,
 };
 
-/// Hook verdicts.
+/// Verdict letting the syscall go on (with the context as the program left it).
 const ALLOW: i32 = 1;
+/// Verdict failing the syscall (EPERM unless `bpf_set_retval` set another errno).
 const REJECT: i32 = 0;
 
 /// Rewrites the destination of an IPv4 socket operation to a backend.
@@ -84,7 +87,7 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
 /// default EPERM, so a client sees "connection refused" like with kube-proxy.
 #[inline(always)]
 fn refuse_with(errno: i32) -> i32 {
-    // SAFETY: helper takes a plain integer.
+    // SAFETY: takes a plain integer, no memory access; allowed in cgroup hooks.
     unsafe { bpf_set_retval(-errno) };
     REJECT
 }
@@ -98,6 +101,7 @@ fn reverse4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Rewrites a backend address an IPv6 socket sees back to the service address.
 #[inline(always)]
 fn reverse6(ctx: &SockAddrContext) -> i32 {
     if let Some(service) = reverse(ctx, dest6(ctx)) {
@@ -106,41 +110,49 @@ fn reverse6(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// `connect()` of IPv4 sockets: balance to a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     forward4(&ctx)
 }
 
+/// `connect()` of IPv6 (and dual-stack) sockets: balance to a backend.
 #[cgroup_sock_addr(connect6)]
 pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     forward6(&ctx)
 }
 
+/// Unconnected IPv4 UDP `sendmsg()`: balance each datagram.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ferry_sendmsg4(ctx: SockAddrContext) -> i32 {
     forward4(&ctx)
 }
 
+/// Unconnected IPv6 UDP `sendmsg()`: balance each datagram.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn ferry_sendmsg6(ctx: SockAddrContext) -> i32 {
     forward6(&ctx)
 }
 
+/// IPv4 UDP `recvmsg()`: show the service as the sender, not the backend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn ferry_recvmsg4(ctx: SockAddrContext) -> i32 {
     reverse4(&ctx)
 }
 
+/// IPv6 UDP `recvmsg()`: show the service as the sender, not the backend.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn ferry_recvmsg6(ctx: SockAddrContext) -> i32 {
     reverse6(&ctx)
 }
 
+/// IPv4 `getpeername()`: show the service as the peer, not the backend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
     reverse4(&ctx)
 }
 
+/// IPv6 `getpeername()`: show the service as the peer, not the backend.
 #[cgroup_sock_addr(getpeername6)]
 pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse6(&ctx)

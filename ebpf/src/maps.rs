@@ -1,55 +1,57 @@
 //! The maps, pinned by name so they outlive the agent (restart without disruption).
-//! Layouts and names come from `ferry-common`; default sizes here are overridden by
-//! the agent at load time (`--bpf-map-*` flags).
+//! Names, types, sizes and flags come from `ferry_common::maps`; the agent may
+//! override the sizes at load time (`--bpf-max-*` flags).
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use ferry_common::{
-    AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, ReverseKey,
-    ReverseValue, VipKey, stats,
+    AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
+    ReverseKey, ReverseValue, VipKey, maps,
 };
 
-/// `BPF_F_NO_PREALLOC`: elements are allocated per update and freed after an RCU
-/// grace period, so a program reading a value never sees it half-rewritten (with
-/// preallocation the kernel may recycle an element while a reader still uses it).
-const NO_PREALLOC: u32 = 1;
+/// Declares a pinned map from its `ferry_common::maps` spec. `#[map]` needs the name
+/// as a literal, so it is written here again and checked against the spec at compile
+/// time, together with the key and value sizes; max entries and flags are the spec's.
+macro_rules! pinned_map {
+    ($name:literal => $static:ident: $map:ident<$key:ty, $value:ty> = $spec:expr) => {
+        #[doc = concat!("The `", $name, "` map.")]
+        #[map(name = $name)]
+        pub static $static: $map<$key, $value> = $map::pinned($spec.max_entries, $spec.map_flags);
+        const _: () = assert!($spec.declared_as::<$key, $value>($name));
+    };
+    // Arrays: the key is the `u32` index.
+    ($name:literal => $static:ident: $map:ident<$value:ty> = $spec:expr) => {
+        #[doc = concat!("The `", $name, "` map.")]
+        #[map(name = $name)]
+        pub static $static: $map<$value> = $map::pinned($spec.max_entries, $spec.map_flags);
+        const _: () = assert!($spec.declared_as::<u32, $value>($name));
+    };
+}
 
-#[map(name = "ferry_fe_v1")]
-pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::pinned(65_536, NO_PREALLOC);
-
-#[map(name = "ferry_be_v1")]
-pub static BACKENDS: HashMap<u32, BackendAddr> = HashMap::pinned(262_144, NO_PREALLOC);
-
-#[map(name = "ferry_ls16_v1")]
-pub static LIST16: HashMap<u32, BackendList<16>> = HashMap::pinned(65_536, NO_PREALLOC);
-
-#[map(name = "ferry_ls256_v1")]
-pub static LIST256: HashMap<u32, BackendList<256>> = HashMap::pinned(16_384, NO_PREALLOC);
-
-#[map(name = "ferry_ls4k_v1")]
-pub static LIST4K: HashMap<u32, BackendList<4096>> = HashMap::pinned(1_024, NO_PREALLOC);
-
-#[map(name = "ferry_ls64k_v1")]
-pub static LIST64K: HashMap<u32, BackendList<65536>> = HashMap::pinned(64, NO_PREALLOC);
-
-#[map(name = "ferry_vip_v1")]
-pub static VIPS: HashMap<VipKey, u32> = HashMap::pinned(65_536, NO_PREALLOC);
-
-#[map(name = "ferry_aff_v1")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(65_536, 0);
-
-#[map(name = "ferry_rev_v1")]
-pub static REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(262_144, 0);
-
-#[map(name = "ferry_stats_v1")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+pinned_map!("ferry_fe_v1" => FRONTENDS: HashMap<FrontendKey, Frontend> = maps::FRONTENDS);
+pinned_map!("ferry_be_v1" => BACKENDS: HashMap<u32, BackendAddr> = maps::BACKENDS);
+pinned_map!("ferry_ls16_v1" =>
+    LIST16: HashMap<u32, BackendList<{ LIST_CAPACITY[0] }>> = maps::LISTS[0]);
+pinned_map!("ferry_ls256_v1" =>
+    LIST256: HashMap<u32, BackendList<{ LIST_CAPACITY[1] }>> = maps::LISTS[1]);
+pinned_map!("ferry_ls4k_v1" =>
+    LIST4K: HashMap<u32, BackendList<{ LIST_CAPACITY[2] }>> = maps::LISTS[2]);
+pinned_map!("ferry_ls64k_v1" =>
+    LIST64K: HashMap<u32, BackendList<{ LIST_CAPACITY[3] }>> = maps::LISTS[3]);
+pinned_map!("ferry_vip_v1" => VIPS: HashMap<VipKey, u32> = maps::VIPS);
+pinned_map!("ferry_aff_v1" => AFFINITY: LruHashMap<AffinityKey, AffinityValue> = maps::AFFINITY);
+pinned_map!("ferry_rev_v1" => REVERSE: LruHashMap<ReverseKey, ReverseValue> = maps::REVERSE);
+pinned_map!("ferry_stats_v1" => STATS: PerCpuArray<u64> = maps::STATS);
 
 /// Adds one to a counter (per CPU, so no atomics needed).
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot of a live map value; programs on this CPU run one at a
-        // time (cgroup sock_addr programs are not preempted mid-run).
+        // SAFETY: `get_ptr_mut` bounds-checked `index` and returned this CPU's slot of
+        // the array, which lives as long as the map. Programs run with migration
+        // disabled, so the slot stays this CPU's for the whole run; sock_addr hooks run
+        // in syscall context, never in interrupts, so at worst a preempted run loses
+        // one increment, harmless for a statistic.
         unsafe { *counter += 1 };
     }
 }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use ferry_common::flags;
+use ferry_common::{Frontend, FrontendKey, flags};
 use serde::Serialize;
 
 use super::kernel::KernelMaps;
@@ -16,13 +16,17 @@ use super::state::{MapError, MapOps};
 /// One frontend as programmed.
 #[derive(Debug, Serialize)]
 pub struct FrontendView {
+    /// `ip:port`.
     pub address: String,
+    /// `TCP`, `UDP` or `SCTP`.
     pub protocol: &'static str,
     /// `ClusterIP` or `External` (externalIP / load-balancer IP).
     pub kind: &'static str,
     /// `forward`, `reject` (no endpoints) or `drop` (none usable here).
     pub action: &'static str,
+    /// ClientIP affinity timeout, when affinity is on.
     pub affinity_timeout_seconds: Option<u32>,
+    /// `ip:port` of each backend, in list order.
     pub backends: Vec<String>,
 }
 
@@ -54,41 +58,8 @@ pub fn inspect(pin_dir: &Path) -> Result<Inspection, MapError> {
         .frontends
         .iter()
         .map(|(key, fe)| {
-            let address = SocketAddr::new(words_addr(key.addr, key.family), u16::from_be(key.port));
-            FrontendView {
-                address: address.to_string(),
-                protocol: match key.proto {
-                    6 => "TCP",
-                    17 => "UDP",
-                    132 => "SCTP",
-                    _ => "?",
-                },
-                kind: if fe.flags & flags::CLUSTER_IP != 0 {
-                    "ClusterIP"
-                } else {
-                    "External"
-                },
-                action: match fe.flags & flags::ACTION_MASK {
-                    flags::ACTION_FORWARD => "forward",
-                    flags::ACTION_REJECT => "reject",
-                    _ => "drop",
-                },
-                affinity_timeout_seconds: (fe.flags & flags::AFFINITY != 0)
-                    .then_some(fe.affinity_timeout),
-                backends: lists
-                    .get(&(fe.list_class, fe.id))
-                    .map(|ids| {
-                        ids.iter()
-                            .map(|id| {
-                                backends
-                                    .get(id)
-                                    .cloned()
-                                    .unwrap_or_else(|| format!("<missing #{id}>"))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }
+            let ids = lists.get(&(fe.list_class, fe.id)).copied();
+            frontend_view(key, fe, ids.map(Vec::as_slice), &backends)
         })
         .collect();
     frontends
@@ -98,6 +69,43 @@ pub fn inspect(pin_dir: &Path) -> Result<Inspection, MapError> {
         backends: backends.len(),
         counters: maps.counters().into_iter().collect(),
     })
+}
+
+/// One frontend for display, its backend ids resolved through `backends`.
+fn frontend_view(
+    key: &FrontendKey,
+    fe: &Frontend,
+    ids: Option<&[u32]>,
+    backends: &HashMap<u32, String>,
+) -> FrontendView {
+    let address = SocketAddr::new(words_addr(key.addr, key.family), u16::from_be(key.port));
+    let backend = |id: &u32| {
+        backends
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| format!("<missing #{id}>"))
+    };
+    FrontendView {
+        address: address.to_string(),
+        protocol: match key.proto {
+            6 => "TCP",
+            17 => "UDP",
+            132 => "SCTP",
+            _ => "?",
+        },
+        kind: if fe.flags & flags::CLUSTER_IP != 0 {
+            "ClusterIP"
+        } else {
+            "External"
+        },
+        action: match fe.flags & flags::ACTION_MASK {
+            flags::ACTION_FORWARD => "forward",
+            flags::ACTION_REJECT => "reject",
+            _ => "drop",
+        },
+        affinity_timeout_seconds: (fe.flags & flags::AFFINITY != 0).then_some(fe.affinity_timeout),
+        backends: ids.unwrap_or_default().iter().map(backend).collect(),
+    }
 }
 
 impl Inspection {

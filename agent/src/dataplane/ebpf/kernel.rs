@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use ferry_common::{
     AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
-    VipKey, maps, stats,
+    MapSpec, VipKey, maps, stats,
 };
 
 use super::state::{KernelState, MapError, MapOps};
@@ -28,18 +28,19 @@ pub struct KernelMaps {
     pub writes: usize,
 }
 
-fn open<T>(dir: &Path, name: &'static str) -> Result<T, MapError>
+/// Opens the map pinned in `dir` under `spec`'s name as a typed map.
+fn open<T>(dir: &Path, spec: &MapSpec) -> Result<T, MapError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let fail = |reason: String| MapError::Failed {
-        map: name,
+    let fail = |source| MapError::Failed {
+        map: spec.name,
         op: "open",
-        reason,
+        source,
     };
-    let data = MapData::from_pin(dir.join(name)).map_err(|e| fail(e.to_string()))?;
-    let map = Map::from_map_data(data).map_err(|e| fail(e.to_string()))?;
-    T::try_from(map).map_err(|e| fail(e.to_string()))
+    let data = MapData::from_pin(dir.join(spec.name)).map_err(fail)?;
+    let map = Map::from_map_data(data).map_err(fail)?;
+    T::try_from(map).map_err(fail)
 }
 
 /// Classifies an update error: a full map is expected under load and handled;
@@ -53,11 +54,7 @@ fn update_error(map: &'static str, op: &'static str, e: aya::maps::MapError) -> 
     {
         return MapError::Full { map };
     }
-    MapError::Failed {
-        map,
-        op,
-        reason: e.to_string(),
-    }
+    MapError::Failed { map, op, source: e }
 }
 
 /// Deleting something already gone is fine (the goal is its absence).
@@ -71,20 +68,26 @@ fn delete_result(map: &'static str, r: Result<(), aya::maps::MapError>) -> Resul
         {
             Ok(())
         }
-        Err(e) => Err(MapError::Failed {
+        Err(source) => Err(MapError::Failed {
             map,
             op: "delete",
-            reason: e.to_string(),
+            source,
         }),
     }
 }
 
-fn read_err(map: &'static str, e: aya::maps::MapError) -> MapError {
+/// A failed read of `map`.
+fn read_err(map: &'static str, source: aya::maps::MapError) -> MapError {
     MapError::Failed {
         map,
         op: "read",
-        reason: e.to_string(),
+        source,
     }
+}
+
+/// The name of the list map of `class` (the largest for anything above).
+fn list_map(class: u8) -> &'static str {
+    maps::LISTS[usize::from(class).min(LIST_CAPACITY.len() - 1)].name
 }
 
 /// Builds a list value on the heap (the largest class is 256 KiB).
@@ -99,14 +102,14 @@ fn list_value<const N: usize>(ids: &[u32]) -> Box<BackendList<N>> {
     list
 }
 
+/// Appends every list of one class map to `out` as (class, frontend id, ids).
 fn read_lists<const N: usize>(
     map: &Hash<u32, BackendList<N>>,
-    name: &'static str,
     class: u8,
     out: &mut Vec<(u8, u32, Vec<u32>)>,
 ) -> Result<(), MapError> {
     for item in map.iter() {
-        let (id, list) = item.map_err(|e| read_err(name, e))?;
+        let (id, list) = item.map_err(|e| read_err(list_map(class), e))?;
         let n = (list.count as usize).min(N);
         out.push((class, id, list.ids[..n].to_vec()));
     }
@@ -117,15 +120,15 @@ impl KernelMaps {
     /// Opens the maps pinned in `dir`.
     pub fn open(dir: &Path) -> Result<Self, MapError> {
         Ok(Self {
-            frontends: open(dir, maps::FRONTENDS)?,
-            backends: open(dir, maps::BACKENDS)?,
-            list16: open(dir, maps::LISTS[0])?,
-            list256: open(dir, maps::LISTS[1])?,
-            list4k: open(dir, maps::LISTS[2])?,
-            list64k: open(dir, maps::LISTS[3])?,
-            vips: open(dir, maps::VIPS)?,
-            affinity: open(dir, maps::AFFINITY)?,
-            stats: open(dir, maps::STATS)?,
+            frontends: open(dir, &maps::FRONTENDS)?,
+            backends: open(dir, &maps::BACKENDS)?,
+            list16: open(dir, &maps::LISTS[0])?,
+            list256: open(dir, &maps::LISTS[1])?,
+            list4k: open(dir, &maps::LISTS[2])?,
+            list64k: open(dir, &maps::LISTS[3])?,
+            vips: open(dir, &maps::VIPS)?,
+            affinity: open(dir, &maps::AFFINITY)?,
+            stats: open(dir, &maps::STATS)?,
             writes: 0,
         })
     }
@@ -159,17 +162,17 @@ impl MapOps for KernelMaps {
         self.writes += 1;
         self.frontends
             .insert(key, value, 0)
-            .map_err(|e| update_error(maps::FRONTENDS, "insert", e))
+            .map_err(|e| update_error(maps::FRONTENDS.name, "insert", e))
     }
 
     fn del_frontend(&mut self, key: &FrontendKey) -> Result<(), MapError> {
         self.writes += 1;
-        delete_result(maps::FRONTENDS, self.frontends.remove(key))
+        delete_result(maps::FRONTENDS.name, self.frontends.remove(key))
     }
 
     fn put_list(&mut self, class: u8, id: u32, ids: &[u32]) -> Result<(), MapError> {
         self.writes += 1;
-        let name = maps::LISTS[usize::from(class).min(LIST_CAPACITY.len() - 1)];
+        let name = list_map(class);
         let r = match class {
             0 => self.list16.insert(id, list_value::<16>(ids).as_ref(), 0),
             1 => self.list256.insert(id, list_value::<256>(ids).as_ref(), 0),
@@ -183,7 +186,7 @@ impl MapOps for KernelMaps {
 
     fn del_list(&mut self, class: u8, id: u32) -> Result<(), MapError> {
         self.writes += 1;
-        let name = maps::LISTS[usize::from(class).min(LIST_CAPACITY.len() - 1)];
+        let name = list_map(class);
         let r = match class {
             0 => self.list16.remove(&id),
             1 => self.list256.remove(&id),
@@ -197,24 +200,24 @@ impl MapOps for KernelMaps {
         self.writes += 1;
         self.backends
             .insert(id, addr, 0)
-            .map_err(|e| update_error(maps::BACKENDS, "insert", e))
+            .map_err(|e| update_error(maps::BACKENDS.name, "insert", e))
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
         self.writes += 1;
-        delete_result(maps::BACKENDS, self.backends.remove(&id))
+        delete_result(maps::BACKENDS.name, self.backends.remove(&id))
     }
 
     fn put_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
         self.writes += 1;
         self.vips
             .insert(key, 1, 0)
-            .map_err(|e| update_error(maps::VIPS, "insert", e))
+            .map_err(|e| update_error(maps::VIPS.name, "insert", e))
     }
 
     fn del_vip(&mut self, key: &VipKey) -> Result<(), MapError> {
         self.writes += 1;
-        delete_result(maps::VIPS, self.vips.remove(key))
+        delete_result(maps::VIPS.name, self.vips.remove(key))
     }
 
     fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError> {
@@ -227,7 +230,7 @@ impl MapOps for KernelMaps {
             .collect();
         for key in stale {
             self.writes += 1;
-            delete_result(maps::AFFINITY, self.affinity.remove(&key))?;
+            delete_result(maps::AFFINITY.name, self.affinity.remove(&key))?;
         }
         Ok(())
     }
@@ -237,19 +240,21 @@ impl MapOps for KernelMaps {
         for item in self.frontends.iter() {
             state
                 .frontends
-                .push(item.map_err(|e| read_err(maps::FRONTENDS, e))?);
+                .push(item.map_err(|e| read_err(maps::FRONTENDS.name, e))?);
         }
         for item in self.backends.iter() {
             state
                 .backends
-                .push(item.map_err(|e| read_err(maps::BACKENDS, e))?);
+                .push(item.map_err(|e| read_err(maps::BACKENDS.name, e))?);
         }
-        read_lists(&self.list16, maps::LISTS[0], 0, &mut state.lists)?;
-        read_lists(&self.list256, maps::LISTS[1], 1, &mut state.lists)?;
-        read_lists(&self.list4k, maps::LISTS[2], 2, &mut state.lists)?;
-        read_lists(&self.list64k, maps::LISTS[3], 3, &mut state.lists)?;
+        read_lists(&self.list16, 0, &mut state.lists)?;
+        read_lists(&self.list256, 1, &mut state.lists)?;
+        read_lists(&self.list4k, 2, &mut state.lists)?;
+        read_lists(&self.list64k, 3, &mut state.lists)?;
         for item in self.vips.keys() {
-            state.vips.push(item.map_err(|e| read_err(maps::VIPS, e))?);
+            state
+                .vips
+                .push(item.map_err(|e| read_err(maps::VIPS.name, e))?);
         }
         Ok(state)
     }

@@ -3,12 +3,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ferry_common::{BackendAddr, FAMILY_V4, FAMILY_V6, FrontendKey, VipKey, flags};
+use ferry_common::{BackendAddr, FAMILY_V4, FAMILY_V6, FrontendKey, flags};
 
 use crate::model::{Endpoint, ServicePortPlan, Traffic};
 
 /// An address in the maps' representation (network byte order words).
-pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
     match ip {
         IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
         IpAddr::V6(v6) => {
@@ -59,16 +59,6 @@ pub fn backend_of(b: &BackendAddr) -> Endpoint {
     Endpoint {
         ip: words_addr(b.addr, b.family),
         port: u16::from_be(b.port),
-    }
-}
-
-/// The ClusterIP set key for an address.
-pub fn vip_key(ip: IpAddr) -> VipKey {
-    let (addr, family) = addr_words(ip);
-    VipKey {
-        addr,
-        family,
-        _pad: [0; 3],
     }
 }
 

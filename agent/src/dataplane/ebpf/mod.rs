@@ -6,8 +6,8 @@
 //! iptables mode.
 
 pub mod inspect;
-pub mod kernel;
-pub mod layout;
+mod kernel;
+mod layout;
 pub mod loader;
 pub mod state;
 
@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use self::kernel::KernelMaps;
 use self::layout::{DesiredFrontend, frontends};
@@ -34,10 +34,12 @@ pub struct EbpfConfig {
     pub cgroup: PathBuf,
     /// bpffs directory for maps and links.
     pub pin_dir: PathBuf,
+    /// Max entries of the maps (the `--bpf-max-*` flags).
     pub sizes: MapSizes,
 }
 
-/// An error with all its causes, for a log line.
+/// An error with all its causes, for a log line (`Display` of an error shows only
+/// its own context; the causes are its `source()` chain).
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
@@ -97,6 +99,7 @@ impl EbpfDataPlane {
         }
     }
 
+    /// Re-reads the maps (adopting what they hold) and reconciles every frontend.
     fn full_sync(&mut self, plan: &NodePlan) -> Result<(), MapError> {
         let mut prog = Programmed::adopt(&mut self.maps as &mut dyn MapOps)?;
         let mut wanted: HashMap<_, (&ServicePortPlan, DesiredFrontend)> = HashMap::new();
@@ -122,6 +125,7 @@ impl EbpfDataPlane {
         Ok(())
     }
 
+    /// Applies only what `diff` changed to the mirror and the maps.
     fn partial_sync(&mut self, prog: &mut Programmed, diff: &PlanDiff) -> Result<(), MapError> {
         for old in &diff.removed {
             for d in frontends(old) {
@@ -168,6 +172,8 @@ impl DataPlane for EbpfDataPlane {
         if let Err(e) = result {
             // The mirror may be off now; the retry re-reads the maps.
             self.programmed = None;
+            // The caller logs only the error's own message; the errno is in its causes.
+            warn!(error = %error_chain(&e), "eBPF map update failed");
             return Err(e.into());
         }
         let map_writes = self.maps.writes - writes_before;

@@ -19,39 +19,54 @@ use tracing::warn;
 
 use super::layout::{DesiredFrontend, backend_addr};
 
-/// A map operation failed.
+/// A map operation failed. The proxy loop retries with a full sync either way.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
     /// The map has no room (max entries reached). Not fatal: the frontend is skipped.
     #[error("eBPF map {map} is full (raise its size with the --bpf-max-* flags)")]
     Full { map: &'static str },
-    #[error("eBPF map {map}: {op} failed: {reason}")]
+    /// Opening, reading or writing a map failed for another reason; `source` has the
+    /// syscall and errno.
+    #[error("eBPF map {map}: {op} failed")]
     Failed {
         map: &'static str,
         op: &'static str,
-        reason: String,
+        #[source]
+        source: aya::maps::MapError,
     },
 }
 
 /// Everything the maps hold, as read back from the kernel.
 #[derive(Clone, Debug, Default)]
 pub struct KernelState {
+    /// Frontends map entries.
     pub frontends: Vec<(FrontendKey, Frontend)>,
     /// (class, frontend id, backend ids).
     pub lists: Vec<(u8, u32, Vec<u32>)>,
+    /// Backends map entries (id, address).
     pub backends: Vec<(u32, BackendAddr)>,
+    /// The ClusterIP set.
     pub vips: Vec<VipKey>,
 }
 
-/// The writes the reconciler needs.
+/// The map operations the reconciler needs: the kernel maps in production
+/// (`KernelMaps`), a recording fake in tests. Deleting an absent entry succeeds.
 pub trait MapOps {
+    /// Inserts or replaces a frontend.
     fn put_frontend(&mut self, key: &FrontendKey, value: &Frontend) -> Result<(), MapError>;
+    /// Deletes a frontend.
     fn del_frontend(&mut self, key: &FrontendKey) -> Result<(), MapError>;
+    /// Writes frontend `id`'s backend list into the map of size class `class`.
     fn put_list(&mut self, class: u8, id: u32, ids: &[u32]) -> Result<(), MapError>;
+    /// Deletes frontend `id`'s list from the map of `class`.
     fn del_list(&mut self, class: u8, id: u32) -> Result<(), MapError>;
+    /// Inserts or replaces backend `id`.
     fn put_backend(&mut self, id: u32, addr: &BackendAddr) -> Result<(), MapError>;
+    /// Deletes backend `id`.
     fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
+    /// Adds a ClusterIP to the set.
     fn put_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
+    /// Removes a ClusterIP from the set.
     fn del_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
     /// Forgets clients stuck to `backends` of frontend `id`.
     fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError>;
@@ -60,7 +75,7 @@ pub trait MapOps {
 }
 
 /// The smallest list class that holds `n` backends.
-pub fn list_class(n: usize) -> u8 {
+fn list_class(n: usize) -> u8 {
     LIST_CAPACITY
         .iter()
         .position(|&cap| n <= cap)
@@ -95,6 +110,7 @@ pub struct Programmed {
     next_backend_id: u32,
 }
 
+/// The ClusterIP set key of a frontend.
 fn vip_of(key: &FrontendKey) -> VipKey {
     VipKey {
         addr: key.addr,
@@ -103,12 +119,54 @@ fn vip_of(key: &FrontendKey) -> VipKey {
     }
 }
 
+/// Whether a frontend is a ClusterIP (counted in the ClusterIP set).
 fn is_cluster_ip(value: &Frontend) -> bool {
     value.flags & flags::CLUSTER_IP != 0
 }
 
+/// Whether frontend flags say "balance across the list".
 fn forwards(flags_: u16) -> bool {
     flags_ & flags::ACTION_MASK == flags::ACTION_FORWARD
+}
+
+/// The backend addresses of `desired`, cut to what the largest list holds.
+fn wanted_backends(desired: &DesiredFrontend) -> Vec<BackendAddr> {
+    let mut wanted: Vec<BackendAddr> = desired.backends.iter().map(backend_addr).collect();
+    let max = LIST_CAPACITY[LIST_CAPACITY.len() - 1];
+    if wanted.len() > max {
+        warn!(
+            backends = wanted.len(),
+            max, "service has more backends than one eBPF list holds; using the first {max}"
+        );
+        wanted.truncate(max);
+    }
+    wanted
+}
+
+/// Steps 2 and 3 of an upsert: the list in one update, then the frontend if it
+/// changed. If the frontend write fails, a list it alone would have used is deleted.
+fn write_entry(
+    ops: &mut dyn MapOps,
+    key: &FrontendKey,
+    value: &Frontend,
+    existing: Option<&Entry>,
+    ids: &[u32],
+    needs_list: bool,
+) -> Result<(), MapError> {
+    if needs_list {
+        ops.put_list(value.list_class, value.id, ids)?;
+    }
+    if existing.is_none_or(|e| e.value != *value)
+        && let Err(e) = ops.put_frontend(key, value)
+    {
+        if needs_list
+            && existing.is_none_or(|e| !e.has_list || e.value.list_class != value.list_class)
+        {
+            ops.del_list(value.list_class, value.id)?;
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 impl Programmed {
@@ -122,72 +180,99 @@ impl Programmed {
             next_backend_id: 1,
             ..Self::default()
         };
-        for (id, addr) in &state.backends {
-            me.backends.insert(
-                *id,
-                BackendSlot {
-                    addr: *addr,
-                    refs: 0,
-                },
-            );
-            me.backend_ids.insert(*addr, *id);
-            me.next_backend_id = me.next_backend_id.max(id.wrapping_add(1));
-        }
+        me.adopt_backends(&state.backends);
         let mut lists: HashMap<(u8, u32), Vec<u32>> = state
             .lists
             .into_iter()
             .map(|(class, id, ids)| ((class, id), ids))
             .collect();
         for (key, value) in state.frontends {
-            me.next_frontend_id = me.next_frontend_id.max(value.id.wrapping_add(1));
             let list = lists.remove(&(value.list_class, value.id));
-            let has_list = list.is_some();
-            let ids = list.unwrap_or_default();
-            if forwards(value.flags) && ids.iter().any(|id| !me.backends.contains_key(id)) {
-                // A list pointing at unknown backends: drop the frontend, the
-                // reconcile that follows rewrites it.
-                ops.del_frontend(&key)?;
-                ops.del_list(value.list_class, value.id)?;
-                continue;
-            }
-            for id in &ids {
-                if let Some(slot) = me.backends.get_mut(id) {
-                    slot.refs += 1;
-                }
-            }
-            if is_cluster_ip(&value) {
-                *me.vips.entry(vip_of(&key)).or_default() += 1;
-            }
-            me.frontend_ids.insert(value.id);
-            me.frontends.insert(
-                key,
-                Entry {
-                    value,
-                    backends: ids,
-                    has_list,
-                },
-            );
+            me.adopt_frontend(ops, key, value, list)?;
         }
         for ((class, id), _) in lists {
             ops.del_list(class, id)?;
         }
-        let unused: Vec<u32> = me
+        me.release_unused(ops)?;
+        me.reconcile_vips(ops, &state.vips)?;
+        Ok(me)
+    }
+
+    /// Takes the backends read back, unreferenced until frontends claim them.
+    fn adopt_backends(&mut self, backends: &[(u32, BackendAddr)]) {
+        for (id, addr) in backends {
+            self.backends.insert(
+                *id,
+                BackendSlot {
+                    addr: *addr,
+                    refs: 0,
+                },
+            );
+            self.backend_ids.insert(*addr, *id);
+            self.next_backend_id = self.next_backend_id.max(id.wrapping_add(1));
+        }
+    }
+
+    /// Takes one frontend read back with its list, or deletes both when the list
+    /// points at unknown backends (the reconcile that follows rewrites it).
+    fn adopt_frontend(
+        &mut self,
+        ops: &mut dyn MapOps,
+        key: FrontendKey,
+        value: Frontend,
+        list: Option<Vec<u32>>,
+    ) -> Result<(), MapError> {
+        self.next_frontend_id = self.next_frontend_id.max(value.id.wrapping_add(1));
+        let has_list = list.is_some();
+        let ids = list.unwrap_or_default();
+        if forwards(value.flags) && ids.iter().any(|id| !self.backends.contains_key(id)) {
+            ops.del_frontend(&key)?;
+            return ops.del_list(value.list_class, value.id);
+        }
+        for id in &ids {
+            if let Some(slot) = self.backends.get_mut(id) {
+                slot.refs += 1;
+            }
+        }
+        if is_cluster_ip(&value) {
+            *self.vips.entry(vip_of(&key)).or_default() += 1;
+        }
+        self.frontend_ids.insert(value.id);
+        self.frontends.insert(
+            key,
+            Entry {
+                value,
+                backends: ids,
+                has_list,
+            },
+        );
+        Ok(())
+    }
+
+    /// Deletes the backends no frontend references.
+    fn release_unused(&mut self, ops: &mut dyn MapOps) -> Result<(), MapError> {
+        let unused: Vec<u32> = self
             .backends
             .iter()
             .filter(|(_, s)| s.refs == 0)
             .map(|(id, _)| *id)
             .collect();
         for id in unused {
-            me.release_slot(ops, id)?;
+            self.release_slot(ops, id)?;
         }
-        let wanted: HashSet<VipKey> = me.vips.keys().copied().collect();
-        for vip in state.vips.iter().filter(|v| !wanted.contains(v)) {
+        Ok(())
+    }
+
+    /// Makes the ClusterIP set (`found` in the map) match the ClusterIP frontends.
+    fn reconcile_vips(&self, ops: &mut dyn MapOps, found: &[VipKey]) -> Result<(), MapError> {
+        let wanted: HashSet<VipKey> = self.vips.keys().copied().collect();
+        for vip in found.iter().filter(|v| !wanted.contains(v)) {
             ops.del_vip(vip)?;
         }
-        for vip in wanted.iter().filter(|v| !state.vips.contains(v)) {
+        for vip in wanted.iter().filter(|v| !found.contains(v)) {
             ops.put_vip(vip)?;
         }
-        Ok(me)
+        Ok(())
     }
 
     /// Frontend keys currently programmed.
@@ -200,59 +285,27 @@ impl Programmed {
         (self.frontends.len(), self.backends.len())
     }
 
-    /// Brings one frontend to its desired state.
+    /// Brings one frontend to its desired state, in the order of the module docs.
     pub fn upsert(
         &mut self,
         ops: &mut dyn MapOps,
         desired: &DesiredFrontend,
     ) -> Result<(), MapError> {
-        let mut wanted: Vec<BackendAddr> = desired.backends.iter().map(backend_addr).collect();
-        let max = LIST_CAPACITY[LIST_CAPACITY.len() - 1];
-        if wanted.len() > max {
-            warn!(
-                backends = wanted.len(),
-                max, "service has more backends than one eBPF list holds; using the first {max}"
-            );
-            wanted.truncate(max);
-        }
+        let wanted = wanted_backends(desired);
         let existing = self.frontends.get(&desired.key).cloned();
         let needs_list = forwards(desired.flags) && !wanted.is_empty();
-
-        // Unchanged? Compare by address so nothing is acquired for a no-op.
-        if let Some(entry) = &existing {
-            let same_backends = entry.backends.len() == wanted.len()
-                && entry
-                    .backends
-                    .iter()
-                    .zip(&wanted)
-                    .all(|(id, addr)| self.backends.get(id).is_some_and(|s| s.addr == *addr));
-            let class = list_class(wanted.len());
-            if same_backends
-                && entry.has_list == needs_list
-                && entry.value.flags == desired.flags
-                && entry.value.affinity_timeout == desired.affinity_timeout
-                && (!needs_list || entry.value.list_class == class)
-            {
-                return Ok(());
-            }
+        if let Some(entry) = &existing
+            && self.unchanged(entry, desired, &wanted, needs_list)
+        {
+            return Ok(());
         }
-
         // 1. Backends first.
-        let mut ids = Vec::with_capacity(wanted.len());
-        for addr in &wanted {
-            match self.acquire(ops, addr) {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    self.release_all(ops, &ids)?;
-                    return Err(e);
-                }
-            }
-        }
+        let ids = self.acquire_all(ops, &wanted)?;
         let id = existing
             .as_ref()
             .map(|e| e.value.id)
             .unwrap_or_else(|| self.alloc_frontend_id());
-        let class = if needs_list {
+        let list_class = if needs_list {
             list_class(ids.len())
         } else {
             existing.as_ref().map(|e| e.value.list_class).unwrap_or(0)
@@ -260,27 +313,19 @@ impl Programmed {
         let value = Frontend {
             id,
             flags: desired.flags,
-            list_class: class,
+            list_class,
             _pad: 0,
             affinity_timeout: desired.affinity_timeout,
         };
-
-        // 2. The list, in one update.
-        if needs_list && let Err(e) = ops.put_list(class, id, &ids) {
-            self.abandon(ops, existing.is_none().then_some(id), &ids)?;
-            return Err(e);
-        }
-        // 3. The frontend, if it changed.
-        if existing.as_ref().is_none_or(|e| e.value != value)
-            && let Err(e) = ops.put_frontend(&desired.key, &value)
-        {
-            if needs_list
-                && existing
-                    .as_ref()
-                    .is_none_or(|e| !e.has_list || e.value.list_class != class)
-            {
-                ops.del_list(class, id)?;
-            }
+        // 2. and 3.
+        if let Err(e) = write_entry(
+            ops,
+            &desired.key,
+            &value,
+            existing.as_ref(),
+            &ids,
+            needs_list,
+        ) {
             self.abandon(ops, existing.is_none().then_some(id), &ids)?;
             return Err(e);
         }
@@ -289,24 +334,7 @@ impl Programmed {
         }
         // 4. Clean up what the old version used.
         if let Some(old) = existing {
-            if old.has_list && (!needs_list || old.value.list_class != class) {
-                ops.del_list(old.value.list_class, id)?;
-            }
-            if old.value.flags & flags::AFFINITY != 0 {
-                let gone: Vec<u32> = old
-                    .backends
-                    .iter()
-                    .copied()
-                    .filter(|b| !ids.contains(b))
-                    .collect();
-                if !gone.is_empty() {
-                    ops.purge_affinity(id, &gone)?;
-                }
-            }
-            if is_cluster_ip(&old.value) && !is_cluster_ip(&value) {
-                self.vip_unref(ops, &desired.key)?;
-            }
-            self.release_all(ops, &old.backends)?;
+            self.clean_up_old(ops, &desired.key, &old, &value, &ids, needs_list)?;
         }
         self.frontends.insert(
             desired.key,
@@ -317,6 +345,78 @@ impl Programmed {
             },
         );
         Ok(())
+    }
+
+    /// Whether `entry` already is `desired` (compared by address, so nothing is
+    /// acquired for a no-op).
+    fn unchanged(
+        &self,
+        entry: &Entry,
+        desired: &DesiredFrontend,
+        wanted: &[BackendAddr],
+        needs_list: bool,
+    ) -> bool {
+        let same_backends = entry.backends.len() == wanted.len()
+            && entry
+                .backends
+                .iter()
+                .zip(wanted)
+                .all(|(id, addr)| self.backends.get(id).is_some_and(|s| s.addr == *addr));
+        same_backends
+            && entry.has_list == needs_list
+            && entry.value.flags == desired.flags
+            && entry.value.affinity_timeout == desired.affinity_timeout
+            && (!needs_list || entry.value.list_class == list_class(wanted.len()))
+    }
+
+    /// Takes a reference on (writing if new) each backend, all or none.
+    fn acquire_all(
+        &mut self,
+        ops: &mut dyn MapOps,
+        wanted: &[BackendAddr],
+    ) -> Result<Vec<u32>, MapError> {
+        let mut ids = Vec::with_capacity(wanted.len());
+        for addr in wanted {
+            match self.acquire(ops, addr) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    self.release_all(ops, &ids)?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Step 4 of an upsert that replaced `old` by `new`: its list if `new` moved
+    /// away from it, affinity to backends it dropped, its ClusterIP, its backends.
+    fn clean_up_old(
+        &mut self,
+        ops: &mut dyn MapOps,
+        key: &FrontendKey,
+        old: &Entry,
+        new: &Frontend,
+        ids: &[u32],
+        needs_list: bool,
+    ) -> Result<(), MapError> {
+        if old.has_list && (!needs_list || old.value.list_class != new.list_class) {
+            ops.del_list(old.value.list_class, new.id)?;
+        }
+        if old.value.flags & flags::AFFINITY != 0 {
+            let gone: Vec<u32> = old
+                .backends
+                .iter()
+                .copied()
+                .filter(|b| !ids.contains(b))
+                .collect();
+            if !gone.is_empty() {
+                ops.purge_affinity(new.id, &gone)?;
+            }
+        }
+        if is_cluster_ip(&old.value) && !is_cluster_ip(new) {
+            self.vip_unref(ops, key)?;
+        }
+        self.release_all(ops, &old.backends)
     }
 
     /// Removes one frontend (and whatever only it used).
