@@ -17,7 +17,7 @@ use crate::model::{
     Applied, ClusterState, HostAddresses, Kind, NodeNetwork, NodePlan, NodePortAddresses,
     ServiceName, service_health_check,
 };
-use crate::report::{Report, SyncOutcome};
+use crate::report::{Report, SyncOutcome, error_chain};
 use crate::service_health::ServiceHealthServers;
 use crate::source::{Object, SourceEvent};
 
@@ -263,7 +263,7 @@ impl ProxyLoop {
                 });
             }
             Err(err) => {
-                error!(data_plane = self.data_plane.name(), error = %err, "sync failed; retrying with a full sync");
+                error!(data_plane = self.data_plane.name(), error = %error_chain(&err), "sync failed; retrying with a full sync");
                 self.report.sync_failed(&err);
                 self.needs_full_sync = true;
                 self.retry_at = Some(Instant::now() + RETRY_AFTER);

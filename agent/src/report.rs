@@ -160,6 +160,19 @@ impl Report {
     }
 }
 
+/// An error with all its causes, for a log line (`Display` of an error shows only its
+/// own context; the causes are its `source()` chain, e.g. the errno of a map write).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
 /// One successful sync, as [`Report::synced`] reports it.
 pub struct SyncOutcome<'a> {
     pub data_plane: &'static str,

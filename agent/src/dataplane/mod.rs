@@ -41,8 +41,8 @@ pub enum SyncError {
     Iptables(#[from] iptables::exec::ExecError),
     #[error(transparent)]
     Ebpf(#[from] ebpf::state::MapError),
-    #[error("{0}")]
-    Other(String),
+    #[error(transparent)]
+    Load(#[from] ebpf::loader::LoadError),
 }
 
 /// A data plane.

@@ -143,14 +143,6 @@ impl ServicePortPlan {
             || !self.load_balancer_ips.is_empty()
     }
 
-    /// Endpoints that traffic from pods or the node itself to an external destination
-    /// (externalIP, load-balancer IP) uses under `Local` external policy: kube-proxy
-    /// short-circuits it to the cluster-wide set, as if it went out to the load
-    /// balancer and came back.
-    pub fn short_circuit_endpoints(&self) -> &[Endpoint] {
-        &self.cluster_endpoints
-    }
-
     /// Every endpoint some policy of this plan uses (deduplicated, sorted).
     pub fn reachable_endpoints(&self) -> Vec<Endpoint> {
         let mut all: Vec<Endpoint> = self

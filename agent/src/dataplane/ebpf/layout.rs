@@ -99,14 +99,7 @@ pub fn frontends(plan: &ServicePortPlan) -> Vec<DesiredFrontend> {
         affinity_timeout,
         backends: internal_backends,
     });
-    let short_circuit = plan.short_circuit_endpoints();
-    let (external, external_backends) = if !plan.has_any_endpoints {
-        (flags::ACTION_REJECT, Vec::new())
-    } else if short_circuit.is_empty() {
-        action(plan.external())
-    } else {
-        (flags::ACTION_FORWARD, short_circuit.to_vec())
-    };
+    let (external, external_backends) = action(plan.external_from_inside());
     for &ip in plan.external_ips.iter().chain(&plan.load_balancer_ips) {
         out.push(DesiredFrontend {
             key: frontend_key(ip, plan.port, protocol),

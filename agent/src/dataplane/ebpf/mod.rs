@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use self::kernel::KernelMaps;
 use self::layout::{DesiredFrontend, frontends};
@@ -38,19 +38,6 @@ pub struct EbpfConfig {
     pub sizes: MapSizes,
 }
 
-/// An error with all its causes, for a log line (`Display` of an error shows only
-/// its own context; the causes are its `source()` chain).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
-
 /// Socket-LB maps plus iptables for traffic entering the node.
 pub struct EbpfDataPlane {
     maps: KernelMaps,
@@ -68,8 +55,7 @@ impl EbpfDataPlane {
         families: &[IpFamily],
         metrics: Arc<Metrics>,
     ) -> Result<Self, SyncError> {
-        loader::load_and_attach(&config.pin_dir, &config.cgroup, config.sizes)
-            .map_err(|e| SyncError::Other(error_chain(&e)))?;
+        loader::load_and_attach(&config.pin_dir, &config.cgroup, config.sizes)?;
         let maps = KernelMaps::open(&config.pin_dir)?;
         Ok(Self {
             maps,
@@ -172,8 +158,6 @@ impl DataPlane for EbpfDataPlane {
         if let Err(e) = result {
             // The mirror may be off now; the retry re-reads the maps.
             self.programmed = None;
-            // The caller logs only the error's own message; the errno is in its causes.
-            warn!(error = %error_chain(&e), "eBPF map update failed");
             return Err(e.into());
         }
         let map_writes = self.maps.writes - writes_before;
