@@ -24,6 +24,46 @@ pub enum ExecError {
     },
 }
 
+/// What the data plane needs from the iptables tools of one family. [`Tools`] runs
+/// the real binaries; tests use a fake that records payloads, so the sync logic runs
+/// without root.
+pub trait Runner {
+    /// Applies the payload `write` produces, atomically, leaving chains it does not
+    /// mention alone (`iptables-restore --noflush`). `write` may run more than once.
+    fn restore_with(
+        &self,
+        write: &dyn Fn(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), ExecError>;
+
+    /// Reads the chains and built-in chain rules of one table.
+    fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError>;
+
+    /// Whether a chain exists in a table.
+    fn chain_exists(&self, table: &str, chain: &str) -> bool;
+
+    /// Applies a payload held in memory.
+    fn restore(&self, payload: &str) -> Result<(), ExecError> {
+        self.restore_with(&|w| w.write_all(payload.as_bytes()))
+    }
+}
+
+impl Runner for Tools {
+    fn restore_with(
+        &self,
+        write: &dyn Fn(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), ExecError> {
+        Tools::restore_with(self, write)
+    }
+
+    fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError> {
+        Tools::save_summary(self, table)
+    }
+
+    fn chain_exists(&self, table: &str, chain: &str) -> bool {
+        Tools::chain_exists(self, table, chain)
+    }
+}
+
 /// The tool set of one family (`iptables*` or `ip6tables*`).
 #[derive(Clone, Copy, Debug)]
 pub struct Tools {

@@ -16,13 +16,16 @@ use std::io::Write;
 use tracing::{debug, info};
 
 use self::chains::{FILTER_CHAINS, KUBE_PROXY_CANARY, NAT_CHAINS};
-use self::exec::{ExecError, SaveSummary, Tools};
+use self::exec::{ExecError, Runner, SaveSummary, Tools};
 use self::render::{
     BUILTIN_JUMPS, NodeContext, Scope, ServiceRules, render_service, render_shared,
 };
 use self::rule::Rule;
 use super::{DataPlane, NodeNetwork, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
+
+#[cfg(test)]
+mod golden_tests;
 
 /// A rule in one of the shared chains (KUBE-SERVICES...): chain and arguments, kept
 /// so a later partial sync can delete exactly this rule.
@@ -102,17 +105,17 @@ fn write_chain_rules(out: &mut dyn Write, rules: &ServiceRules) -> std::io::Resu
 const BULK_CHAINS: usize = 1000;
 
 /// Programmed state of one IP family.
-struct FamilyState {
+struct FamilyState<R> {
     family: IpFamily,
-    tools: Tools,
+    tools: R,
     ctx: Option<NodeContext>,
     rendered: BTreeMap<PlanKey, Rendered>,
 }
 
 /// kube-proxy-compatible iptables data plane.
-pub struct IptablesDataPlane {
+pub struct IptablesDataPlane<R = Tools> {
     scope: Scope,
-    families: Vec<FamilyState>,
+    families: Vec<FamilyState<R>>,
     /// Rules were written at least once (so later syncs must keep them right).
     programmed: bool,
 }
@@ -121,6 +124,18 @@ impl IptablesDataPlane {
     /// A backend for the given families. `scope` limits it to traffic entering the node
     /// when another data plane (eBPF) handles ClusterIPs.
     pub fn new(families: &[IpFamily], scope: Scope) -> Self {
+        Self::with_runners(families, scope, Tools::for_family)
+    }
+
+    /// Removes every chain and jump Ferry (or kube-proxy) installed, in all families.
+    pub fn cleanup(families: &[IpFamily]) -> Result<(), ExecError> {
+        cleanup_with(families.iter().map(|&f| (f, Tools::for_family(f))))
+    }
+}
+
+impl<R: Runner> IptablesDataPlane<R> {
+    /// A backend whose iptables tools come from `runner` (a fake in tests).
+    fn with_runners(families: &[IpFamily], scope: Scope, runner: impl Fn(IpFamily) -> R) -> Self {
         Self {
             scope,
             programmed: false,
@@ -128,59 +143,58 @@ impl IptablesDataPlane {
                 .iter()
                 .map(|&family| FamilyState {
                     family,
-                    tools: Tools::for_family(family),
+                    tools: runner(family),
                     ctx: None,
                     rendered: BTreeMap::new(),
                 })
                 .collect(),
         }
     }
+}
 
-    /// Removes every chain and jump Ferry (or kube-proxy) installed, in all families.
-    pub fn cleanup(families: &[IpFamily]) -> Result<(), ExecError> {
-        for &family in families {
-            let tools = Tools::for_family(family);
-            let mut payload = String::new();
-            for table in ["filter", "nat"] {
-                let save = tools.save_summary(table)?;
-                let ours: Vec<&str> = save
-                    .chains
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|c| is_ferry_chain(c))
-                    .collect();
-                let jumps: Vec<&str> = save
-                    .builtin_rules
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|l| {
-                        BUILTIN_JUMPS
-                            .iter()
-                            .any(|j| j.table == table && j.matches_save_line(l))
-                    })
-                    .collect();
-                if ours.is_empty() && jumps.is_empty() {
-                    continue;
-                }
-                let _ = writeln!(payload, "*{table}");
-                for chain in &ours {
-                    let _ = writeln!(payload, ":{chain} - [0:0]");
-                }
-                for jump in &jumps {
-                    let _ = writeln!(payload, "-D{}", &jump[2..]);
-                }
-                for chain in &ours {
-                    let _ = writeln!(payload, "-X {chain}");
-                }
-                payload.push_str("COMMIT\n");
+/// [`IptablesDataPlane::cleanup`] with the given tools per family.
+fn cleanup_with<R: Runner>(families: impl Iterator<Item = (IpFamily, R)>) -> Result<(), ExecError> {
+    for (family, tools) in families {
+        let mut payload = String::new();
+        for table in ["filter", "nat"] {
+            let save = tools.save_summary(table)?;
+            let ours: Vec<&str> = save
+                .chains
+                .iter()
+                .map(String::as_str)
+                .filter(|c| is_ferry_chain(c))
+                .collect();
+            let jumps: Vec<&str> = save
+                .builtin_rules
+                .iter()
+                .map(String::as_str)
+                .filter(|l| {
+                    BUILTIN_JUMPS
+                        .iter()
+                        .any(|j| j.table == table && j.matches_save_line(l))
+                })
+                .collect();
+            if ours.is_empty() && jumps.is_empty() {
+                continue;
             }
-            if !payload.is_empty() {
-                tools.restore(&payload)?;
-                info!(%family, "removed iptables rules");
+            let _ = writeln!(payload, "*{table}");
+            for chain in &ours {
+                let _ = writeln!(payload, ":{chain} - [0:0]");
             }
+            for jump in &jumps {
+                let _ = writeln!(payload, "-D{}", &jump[2..]);
+            }
+            for chain in &ours {
+                let _ = writeln!(payload, "-X {chain}");
+            }
+            payload.push_str("COMMIT\n");
         }
-        Ok(())
+        if !payload.is_empty() {
+            tools.restore(&payload)?;
+            info!(%family, "removed iptables rules");
+        }
     }
+    Ok(())
 }
 
 /// Chains Ferry owns: the shared ones, the canary and per-service ones.
@@ -191,7 +205,7 @@ fn is_ferry_chain(name: &str) -> bool {
         || name == KUBE_PROXY_CANARY
 }
 
-impl DataPlane for IptablesDataPlane {
+impl<R: Runner + Send> DataPlane for IptablesDataPlane<R> {
     fn name(&self) -> &'static str {
         match self.scope {
             Scope::All => "iptables",
@@ -206,10 +220,32 @@ impl DataPlane for IptablesDataPlane {
         node: &NodeNetwork,
         full: bool,
     ) -> Result<SyncStats, SyncError> {
+        self.sync_plans(|| plan.iter().map(|p| p.as_ref()), diff, node, full)
+    }
+
+    fn needs_full_sync(&mut self) -> bool {
+        self.families.iter().any(|f| {
+            f.ctx.is_some()
+                && ["filter", "nat"]
+                    .iter()
+                    .any(|table| !f.tools.chain_exists(table, KUBE_PROXY_CANARY))
+        })
+    }
+}
+
+impl<R: Runner> IptablesDataPlane<R> {
+    /// [`DataPlane::sync`] over the plans `plans` yields (each time it is called).
+    fn sync_plans<'a, I: Iterator<Item = &'a ServicePortPlan>>(
+        &mut self,
+        plans: impl Fn() -> I,
+        diff: &PlanDiff,
+        node: &NodeNetwork,
+        full: bool,
+    ) -> Result<SyncStats, SyncError> {
         let mut stats = SyncStats::default();
         let anything_external = || {
             if full {
-                plan.iter().any(|p| p.is_externally_accessible())
+                plans().any(|p| p.is_externally_accessible())
             } else {
                 diff.upserted
                     .iter()
@@ -231,7 +267,7 @@ impl DataPlane for IptablesDataPlane {
                 node_ips: net.node_ips,
                 scope: self.scope,
             };
-            let result = family.sync(plan, diff, ctx, full, &mut stats);
+            let result = family.sync(plans(), diff, ctx, full, &mut stats);
             if let Err(err) = result {
                 // The kernel no longer matches the cache: rebuild from scratch next time.
                 family.rendered.clear();
@@ -242,21 +278,12 @@ impl DataPlane for IptablesDataPlane {
         super::conntrack::clear(&super::conntrack::stale_udp_flows(diff));
         Ok(stats)
     }
-
-    fn needs_full_sync(&mut self) -> bool {
-        self.families.iter().any(|f| {
-            f.ctx.is_some()
-                && ["filter", "nat"]
-                    .iter()
-                    .any(|table| !f.tools.chain_exists(table, KUBE_PROXY_CANARY))
-        })
-    }
 }
 
-impl FamilyState {
-    fn sync(
+impl<R: Runner> FamilyState<R> {
+    fn sync<'a>(
         &mut self,
-        plan: &NodePlan,
+        plan: impl Iterator<Item = &'a ServicePortPlan>,
         diff: &PlanDiff,
         ctx: NodeContext,
         full: bool,
@@ -295,20 +322,16 @@ impl FamilyState {
     /// Everything: shared chains rewritten, every service chain written, stale
     /// service chains (found with iptables-save) deleted, built-in jumps ensured. The
     /// payload is streamed into iptables-restore.
-    fn full_sync(
+    fn full_sync<'a>(
         &mut self,
-        plan: &NodePlan,
+        plan: impl Iterator<Item = &'a ServicePortPlan>,
         ctx: &NodeContext,
         stats: &mut SyncStats,
     ) -> Result<(), ExecError> {
         let nat_save = self.tools.save_summary("nat")?;
         let filter_save = self.tools.save_summary("filter")?;
         self.rendered.clear();
-        let plans: Vec<&ServicePortPlan> = plan
-            .iter()
-            .filter(|p| p.key.family == self.family)
-            .map(|p| p.as_ref())
-            .collect();
+        let plans: Vec<&ServicePortPlan> = plan.filter(|p| p.key.family == self.family).collect();
         for p in &plans {
             self.rendered.insert(p.key.clone(), Rendered::new(p, ctx).0);
         }
@@ -374,7 +397,7 @@ impl FamilyState {
             }
             out.write_all(b"COMMIT\n")
         };
-        self.tools.restore_with(write)
+        self.tools.restore_with(&write)
     }
 
     /// Only what the diff touched: the changed services' chains are rewritten and
