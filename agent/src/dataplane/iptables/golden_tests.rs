@@ -78,6 +78,14 @@ impl Runner for Fake {
             .missing
             .contains(&chain)
     }
+
+    fn enable_route_localnet(&self) -> std::io::Result<()> {
+        let mut state = self.state.lock().expect("fake state");
+        state
+            .log
+            .push_str(&format!("-- sysctl route_localnet=1 ({})\n", self.family));
+        Ok(())
+    }
 }
 
 /// A data plane on fake tools, the plans it was last given, and the transcript.
@@ -608,4 +616,34 @@ fn cleanup_removes_only_ferry_state() {
     cleanup_with(fakes.into_iter()).expect("cleanup");
     let log = state.lock().expect("fake state").log.clone();
     check_golden("cleanup", &log);
+}
+
+#[test]
+fn route_localnet_is_set_once_before_loopback_nodeports() {
+    let mut node = node_dual();
+    node.nodeport_ips
+        .push("127.0.0.1".parse().expect("test address"));
+    let mut h = Harness::new(&[IpFamily::V4, IpFamily::V6], Scope::All, node);
+    let mut web = svc("web", "172.30.0.10", &["10.180.0.1"]);
+    web.node_port = Some(30080);
+    h.full("first", vec![web]);
+    h.full("second", h.plans.clone());
+    let log = h.transcript();
+    assert_eq!(log.matches("-- sysctl").count(), 1, "{log}");
+    let sysctl = log
+        .find("-- sysctl route_localnet=1 (IPv4)")
+        .expect("sysctl set");
+    let first_restore = log.find("-- restore").expect("restored");
+    assert!(sysctl < first_restore, "set before the rules that need it");
+    assert!(log.contains("-d 127.0.0.1 -j KUBE-NODEPORTS"));
+    assert!(!log.contains("-d ::1"), "no NodePorts on IPv6 loopback");
+}
+
+#[test]
+fn route_localnet_is_left_alone_without_loopback_nodeports() {
+    let mut h = Harness::new(&[IpFamily::V4], Scope::All, node_v4());
+    let mut web = svc("web", "172.30.0.10", &["10.180.0.1"]);
+    web.node_port = Some(30080);
+    h.full("no loopback", vec![web]);
+    assert!(!h.transcript().contains("-- sysctl"));
 }
