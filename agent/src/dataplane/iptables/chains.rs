@@ -6,12 +6,19 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{Endpoint, ServicePortName};
 
+/// Entry of every service frontend (nat: DNAT; filter: REJECT/DROP).
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+/// Filter refusals of traffic to external frontends (NodePorts, externalIPs, LB IPs).
 pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+/// NodePort frontends.
 pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+/// Masquerades what KUBE-MARK-MASQ marked.
 pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+/// Marks a packet for masquerade.
 pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+/// Accepts forwarded service traffic.
 pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+/// Drops LB IP traffic that loadBalancerSourceRanges do not accept.
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 /// Exists while Ferry's rules are in place; its absence means someone flushed the
 /// tables and a full resync is due.
@@ -46,6 +53,15 @@ const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
 /// Whether a chain is a per-service chain Ferry (or kube-proxy) owns.
 pub fn is_service_chain(name: &str) -> bool {
     SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Whether a chain is Ferry's (or kube-proxy's) to delete on cleanup: the shared
+/// chains, the canary and the per-service chains.
+pub fn is_owned_chain(name: &str) -> bool {
+    is_service_chain(name)
+        || FILTER_CHAINS.contains(&name)
+        || NAT_CHAINS.contains(&name)
+        || name == KUBE_PROXY_CANARY
 }
 
 fn hash16(input: &str) -> String {

@@ -8,20 +8,55 @@ use crate::model::IpFamily;
 /// Failure of an iptables tool.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The tool could not be started or waited for (missing binary, no permission).
     #[error("could not run {tool}: {source}")]
     Spawn {
+        /// The tool's name.
         tool: &'static str,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The tool ran and failed, e.g. iptables-restore rejected the payload.
     #[error("{tool} failed ({status}): {stderr}{context}")]
     Failed {
+        /// The tool's name.
         tool: &'static str,
+        /// Its exit status.
         status: std::process::ExitStatus,
+        /// What it printed on stderr.
         stderr: String,
         /// The payload lines around a reported failing line, if any.
         context: String,
     },
+}
+
+/// What the data plane needs from the iptables tools of one family. [`Tools`] runs
+/// the real binaries; tests use a fake that records payloads, so the sync logic runs
+/// without root.
+pub trait Runner {
+    /// Applies the payload `write` produces, atomically, leaving chains it does not
+    /// mention alone (`iptables-restore --noflush`). `write` may run more than once.
+    fn restore_with(
+        &self,
+        write: &dyn Fn(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), ExecError>;
+
+    /// Reads the chains and built-in chain rules of one table.
+    fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError>;
+
+    /// Whether a chain exists in a table.
+    fn chain_exists(&self, table: &str, chain: &str) -> bool;
+
+    /// Lets the kernel route packets with loopback addresses (`route_localnet`), which
+    /// NodePorts on 127.0.0.1 need. A sysctl rather than an iptables tool, but the
+    /// same kind of host write, so tests see it too.
+    fn enable_route_localnet(&self) -> std::io::Result<()>;
+
+    /// Applies a payload held in memory.
+    fn restore(&self, payload: &str) -> Result<(), ExecError> {
+        self.restore_with(&|w| w.write_all(payload.as_bytes()))
+    }
 }
 
 /// The tool set of one family (`iptables*` or `ip6tables*`).
@@ -33,6 +68,7 @@ pub struct Tools {
 }
 
 impl Tools {
+    /// The tools of one family.
     pub fn for_family(family: IpFamily) -> Self {
         match family {
             IpFamily::V4 => Self {
@@ -47,19 +83,19 @@ impl Tools {
             },
         }
     }
+}
 
-    /// Applies a payload atomically, leaving chains it does not mention alone.
-    pub fn restore(&self, payload: &str) -> Result<(), ExecError> {
-        self.restore_with(|w| w.write_all(payload.as_bytes()))
-    }
+/// The sysctl [`Runner::enable_route_localnet`] sets.
+const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
-    /// Like [`Tools::restore`], but the payload is written straight into
-    /// iptables-restore's input: a full sync at scale is ~100 MB of text that never
-    /// needs to exist in memory. `write` runs a second time, into memory, only to
-    /// show the failing lines when iptables-restore rejects the payload.
-    pub fn restore_with(
+impl Runner for Tools {
+    /// The payload is written straight into iptables-restore's input: a full sync at
+    /// scale is ~100 MB of text that never needs to exist in memory. `write` runs a
+    /// second time, into memory, only to show the failing lines when iptables-restore
+    /// rejects the payload.
+    fn restore_with(
         &self,
-        write: impl Fn(&mut dyn Write) -> std::io::Result<()>,
+        write: &dyn Fn(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), ExecError> {
         let mut child = Command::new(self.restore)
             .args(["-w", "--noflush"])
@@ -104,9 +140,8 @@ impl Tools {
         })
     }
 
-    /// Reads one table's chains and built-in chain rules, streaming `iptables-save`
-    /// (~100 MB at 10,000 services) instead of buffering it.
-    pub fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError> {
+    /// Streams `iptables-save` (~100 MB at 10,000 services) instead of buffering it.
+    fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError> {
         use std::io::BufRead as _;
         let mut child = Command::new(self.save)
             .args(["-t", table])
@@ -144,14 +179,18 @@ impl Tools {
         Ok(summary)
     }
 
-    /// Whether a chain exists (`iptables -S CHAIN`).
-    pub fn chain_exists(&self, table: &str, chain: &str) -> bool {
+    /// `iptables -S CHAIN`.
+    fn chain_exists(&self, table: &str, chain: &str) -> bool {
         Command::new(self.iptables)
             .args(["-w", "-t", table, "-S", chain])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
+    }
+
+    fn enable_route_localnet(&self) -> std::io::Result<()> {
+        std::fs::write(ROUTE_LOCALNET, "1")
     }
 }
 

@@ -7,11 +7,11 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 
 use super::chains::{
-    self, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_POSTROUTING,
-    KUBE_PROXY_FIREWALL, KUBE_SERVICES,
+    self, KUBE_EXTERNAL_SERVICES, KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
+    KUBE_SERVICES,
 };
-use super::rule::{MASQ_MARK, Match, Rule, Target};
-use crate::model::{Endpoint, IpFamily, ServicePortPlan, Traffic};
+use super::rule::{Match, Rule, Target};
+use crate::model::{Endpoint, IpFamily, Protocol, ServicePortName, ServicePortPlan, Traffic};
 
 /// Which frontends the iptables rules cover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +26,7 @@ pub enum Scope {
 /// Node facts the rules depend on, for one IP family.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeContext {
+    /// The family every address here (and every plan rendered with it) belongs to.
     pub family: IpFamily,
     /// Pod CIDRs of this family (`--cluster-cidr`); traffic from elsewhere to a
     /// ClusterIP is masqueraded. Empty: cannot tell, so no such rule (as kube-proxy).
@@ -34,530 +35,480 @@ pub struct NodeContext {
     pub nodeport_ips: Vec<IpAddr>,
     /// This node's own addresses (for loadBalancerSourceRanges that include the node).
     pub node_ips: Vec<IpAddr>,
+    /// Which frontends to render.
     pub scope: Scope,
 }
+
+/// One of a plan's own nat chains with its rules.
+pub type Chain = (String, Vec<Rule>);
 
 /// The rules one service port plan contributes, ready to splice into a restore payload.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceRules {
+    /// Its rules in nat KUBE-SERVICES (ClusterIP, externalIPs, LB IPs).
     pub nat_services: Vec<Rule>,
+    /// Its rules in nat KUBE-NODEPORTS.
     pub nat_nodeports: Vec<Rule>,
+    /// Its REJECT/DROP rules in filter KUBE-SERVICES (ClusterIP without endpoints).
     pub filter_services: Vec<Rule>,
+    /// Its REJECT/DROP rules in filter KUBE-EXTERNAL-SERVICES.
     pub filter_external: Vec<Rule>,
+    /// Its DROP rules in filter KUBE-PROXY-FIREWALL (LB IPs with source ranges).
     pub filter_firewall: Vec<Rule>,
     /// This plan's own nat chains, in creation order, with their rules.
-    pub chains: Vec<(String, Vec<Rule>)>,
+    pub chains: Vec<Chain>,
 }
 
 /// Renders one plan.
 pub fn render_service(plan: &ServicePortPlan, ctx: &NodeContext) -> ServiceRules {
-    let mut out = ServiceRules::default();
-    if ctx.scope == Scope::ExternalOnly && !plan.is_externally_accessible() {
+    let facts = Facts::of(plan);
+    if ctx.scope == Scope::ExternalOnly && !facts.externally_accessible {
         // Socket-level LB handles everything this service offers.
-        return out;
+        return ServiceRules::default();
     }
-    let name = &plan.key.port;
-    let label = name.to_string();
-    let protocol = name.protocol;
-
-    let cluster_chain = chains::cluster_chain(name);
-    let local_chain = chains::local_chain(name);
-    let ext_chain = chains::external_chain(name);
-    let fw_chain = chains::firewall_chain(name);
-
-    let has_endpoints = plan.has_any_endpoints;
-    let uses_cluster_chain = !plan.cluster_endpoints.is_empty();
-    let uses_local_chain = !plan.local_endpoints.is_empty();
-    let policy_chain = |local: bool| {
-        if local {
-            local_chain.clone()
-        } else {
-            cluster_chain.clone()
-        }
+    let renderer = Renderer::new(&facts, ctx);
+    let mut out = ServiceRules::default();
+    renderer.cluster_ip(&mut out);
+    let external_ip = Frontend {
+        kind: "external IP",
+        jump: &renderer.chains.external,
+        firewall: false,
     };
-    let internal_chain = policy_chain(plan.internal_policy_local);
-    let external_policy_chain = policy_chain(plan.external_policy_local);
-    let (has_internal, internal_filter) = filter_target(plan.internal(), &label);
-    let (has_external, external_filter) = filter_target(plan.external(), &label);
-    let uses_ext_chain = has_endpoints && plan.is_externally_accessible();
-    let uses_fw_chain = has_endpoints
-        && !plan.load_balancer_ips.is_empty()
-        && !plan.load_balancer_source_ranges.is_empty();
-    let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
+    renderer.frontend_ips(&mut out, facts.external_ips, &external_ip);
+    let load_balancer = Frontend {
+        kind: "loadbalancer IP",
+        jump: renderer.load_balancer_chain(),
+        firewall: facts.uses_firewall_chain,
+    };
+    renderer.frontend_ips(&mut out, facts.load_balancer_ips, &load_balancer);
+    renderer.node_port(&mut out);
+    renderer.external_chain(&mut out);
+    renderer.firewall_chain(&mut out);
+    renderer.balancing_chains(&mut out);
+    renderer.endpoint_chains(&mut out);
+    out
+}
 
-    let frontend = |chain: &str, target: Target, comment: &str, ip: IpAddr, port: u16| {
+/// Which endpoints a kind of traffic is balanced across.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// All of them (KUBE-SVC-*).
+    Cluster,
+    /// This node's (KUBE-SVL-*).
+    Local,
+}
+
+/// How the rules treat one kind of traffic (internal or external).
+enum Handling {
+    /// Balanced by the chain of this policy.
+    Forward(Policy),
+    /// Refused in the filter table with this target and comment.
+    Refuse(Target, String),
+}
+
+/// Everything the renderer reads from a plan, read here only.
+struct Facts<'a> {
+    name: &'a ServicePortName,
+    /// `ns/svc:port`, the start of every comment.
+    label: String,
+    cluster_ip: IpAddr,
+    port: u16,
+    node_port: Option<u16>,
+    external_ips: &'a [IpAddr],
+    load_balancer_ips: &'a [IpAddr],
+    source_ranges: &'a [IpNetwork],
+    affinity_timeout_seconds: Option<u32>,
+    internal: Handling,
+    external: Handling,
+    external_policy_local: bool,
+    /// Some endpoint anywhere can serve.
+    has_endpoints: bool,
+    externally_accessible: bool,
+    /// KUBE-EXT-* exists: something can serve external destinations.
+    uses_external_chain: bool,
+    /// KUBE-FW-* exists: LB IPs restricted by source ranges, and something can serve.
+    uses_firewall_chain: bool,
+    cluster_endpoints: &'a [Endpoint],
+    local_endpoints: &'a [Endpoint],
+    reachable_endpoints: Vec<Endpoint>,
+}
+
+impl<'a> Facts<'a> {
+    fn of(plan: &'a ServicePortPlan) -> Self {
+        let label = plan.key.port.to_string();
+        let has_endpoints = plan.has_any_endpoints;
+        let externally_accessible = plan.is_externally_accessible();
+        let restricted_lb =
+            !plan.load_balancer_ips.is_empty() && !plan.load_balancer_source_ranges.is_empty();
+        Self {
+            internal: handling(plan.internal(), plan.internal_policy_local, &label),
+            external: handling(plan.external(), plan.external_policy_local, &label),
+            name: &plan.key.port,
+            label,
+            cluster_ip: plan.cluster_ip,
+            port: plan.port,
+            node_port: plan.node_port,
+            external_ips: &plan.external_ips,
+            load_balancer_ips: &plan.load_balancer_ips,
+            source_ranges: &plan.load_balancer_source_ranges,
+            affinity_timeout_seconds: plan.affinity_timeout_seconds,
+            external_policy_local: plan.external_policy_local,
+            has_endpoints,
+            externally_accessible,
+            uses_external_chain: has_endpoints && externally_accessible,
+            uses_firewall_chain: has_endpoints && restricted_lb,
+            cluster_endpoints: &plan.cluster_endpoints,
+            local_endpoints: &plan.local_endpoints,
+            reachable_endpoints: plan.reachable_endpoints(),
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        self.name.protocol
+    }
+}
+
+/// Forwarded under the (`local` or cluster) policy, or refused: REJECT when nothing
+/// can serve, DROP when only endpoints this traffic may not use exist.
+fn handling(traffic: Traffic<'_>, local: bool, label: &str) -> Handling {
+    match traffic {
+        Traffic::Forward(_) if local => Handling::Forward(Policy::Local),
+        Traffic::Forward(_) => Handling::Forward(Policy::Cluster),
+        Traffic::Reject => Handling::Refuse(Target::Reject, format!("{label} has no endpoints")),
+        Traffic::Drop => Handling::Refuse(Target::Drop, format!("{label} has no local endpoints")),
+    }
+}
+
+/// The names of one service port's chains, computed once per render.
+struct ServiceChains {
+    /// KUBE-SVC-*: balances across `Cluster`-policy endpoints.
+    cluster: String,
+    /// KUBE-SVL-*: balances across `Local`-policy endpoints.
+    local: String,
+    /// KUBE-EXT-*: entry for external destinations.
+    external: String,
+    /// KUBE-FW-*: enforces loadBalancerSourceRanges.
+    firewall: String,
+    /// KUBE-SEP-* of every reachable endpoint, sorted by endpoint.
+    endpoints: Vec<(Endpoint, String)>,
+}
+
+impl ServiceChains {
+    fn of(name: &ServicePortName, endpoints: &[Endpoint]) -> Self {
+        Self {
+            cluster: chains::cluster_chain(name),
+            local: chains::local_chain(name),
+            external: chains::external_chain(name),
+            firewall: chains::firewall_chain(name),
+            endpoints: endpoints
+                .iter()
+                .map(|ep| (*ep, chains::endpoint_chain(name, ep)))
+                .collect(),
+        }
+    }
+
+    /// The chain balancing under a policy.
+    fn policy(&self, policy: Policy) -> &str {
+        match policy {
+            Policy::Cluster => &self.cluster,
+            Policy::Local => &self.local,
+        }
+    }
+
+    /// The KUBE-SEP-* chain of an endpoint.
+    fn endpoint(&self, name: &ServicePortName, ep: &Endpoint) -> String {
+        match self.endpoints.binary_search_by_key(ep, |(e, _)| *e) {
+            Ok(i) => self.endpoints[i].1.clone(),
+            // Every balanced endpoint is reachable; computing it is the safe fallback.
+            Err(_) => chains::endpoint_chain(name, ep),
+        }
+    }
+}
+
+/// An address kind that jumps from KUBE-SERVICES (externalIPs, LB IPs).
+struct Frontend<'a> {
+    /// Comment suffix.
+    kind: &'a str,
+    /// Chain the nat rule jumps to.
+    jump: &'a str,
+    /// Also drop what the firewall chain did not accept (LB IPs with source ranges).
+    firewall: bool,
+}
+
+/// Renders one plan's rules from its facts and chain names.
+struct Renderer<'a> {
+    facts: &'a Facts<'a>,
+    chains: ServiceChains,
+    ctx: &'a NodeContext,
+}
+
+impl<'a> Renderer<'a> {
+    fn new(facts: &'a Facts<'a>, ctx: &'a NodeContext) -> Self {
+        Self {
+            chains: ServiceChains::of(facts.name, &facts.reachable_endpoints),
+            facts,
+            ctx,
+        }
+    }
+
+    /// Where LB IP traffic goes first: the firewall chain when there is one.
+    fn load_balancer_chain(&self) -> &str {
+        if self.facts.uses_firewall_chain {
+            &self.chains.firewall
+        } else {
+            &self.chains.external
+        }
+    }
+
+    /// A rule matching this port's protocol, `ip` and `port`.
+    fn frontend(&self, chain: &str, target: Target, comment: &str, ip: IpAddr, port: u16) -> Rule {
         Rule::new(chain, target)
             .comment(comment)
-            .with(Match::Protocol(protocol))
+            .with(Match::Protocol(self.facts.protocol()))
             .with(Match::Dst(ip))
             .with(Match::DstPort(port))
-    };
+    }
 
-    // ClusterIP.
-    if ctx.scope == Scope::All {
-        if has_internal {
-            out.nat_services.push(frontend(
-                KUBE_SERVICES,
-                Target::Jump(internal_chain.clone()),
-                &format!("{label} cluster IP"),
-                plan.cluster_ip,
-                plan.port,
-            ));
-        } else if let Some((target, comment)) = &internal_filter {
-            out.filter_services.push(frontend(
-                KUBE_SERVICES,
-                target.clone(),
-                comment,
-                plan.cluster_ip,
-                plan.port,
-            ));
+    /// The KUBE-EXTERNAL-SERVICES rule refusing traffic to `ip`, if external traffic
+    /// is refused.
+    fn refuse_external(&self, ip: IpAddr) -> Option<Rule> {
+        let chain = KUBE_EXTERNAL_SERVICES;
+        match &self.facts.external {
+            Handling::Refuse(target, comment) => {
+                Some(self.frontend(chain, target.clone(), comment, ip, self.facts.port))
+            }
+            Handling::Forward(_) => None,
         }
     }
 
-    // externalIPs.
-    for &ip in &plan.external_ips {
-        if has_endpoints {
-            out.nat_services.push(frontend(
-                KUBE_SERVICES,
-                Target::Jump(ext_chain.clone()),
-                &format!("{label} external IP"),
-                ip,
-                plan.port,
-            ));
+    /// The ClusterIP's jump, or its refusal, in KUBE-SERVICES (Scope::All only).
+    fn cluster_ip(&self, out: &mut ServiceRules) {
+        let f = self.facts;
+        if self.ctx.scope != Scope::All {
+            return;
         }
-        if let Some((target, comment)) = external_filter.as_ref().filter(|_| !has_external) {
-            out.filter_external.push(frontend(
-                KUBE_EXTERNAL_SERVICES,
+        match &f.internal {
+            Handling::Forward(policy) => out.nat_services.push(self.frontend(
+                KUBE_SERVICES,
+                Target::Jump(self.chains.policy(*policy).to_owned()),
+                &format!("{} cluster IP", f.label),
+                f.cluster_ip,
+                f.port,
+            )),
+            Handling::Refuse(target, comment) => out.filter_services.push(self.frontend(
+                KUBE_SERVICES,
                 target.clone(),
                 comment,
-                ip,
-                plan.port,
-            ));
+                f.cluster_ip,
+                f.port,
+            )),
         }
     }
 
-    // Load-balancer IPs.
-    for &ip in &plan.load_balancer_ips {
-        if has_endpoints {
-            out.nat_services.push(frontend(
-                KUBE_SERVICES,
-                Target::Jump(lb_chain.clone()),
-                &format!("{label} loadbalancer IP"),
-                ip,
-                plan.port,
-            ));
-        }
-        if uses_fw_chain {
-            out.filter_firewall.push(frontend(
-                KUBE_PROXY_FIREWALL,
-                Target::Drop,
-                &format!("{label} traffic not accepted by {fw_chain}"),
-                ip,
-                plan.port,
-            ));
-        }
-        if let Some((target, comment)) = external_filter.as_ref().filter(|_| !has_external) {
-            out.filter_external.push(frontend(
-                KUBE_EXTERNAL_SERVICES,
-                target.clone(),
-                comment,
-                ip,
-                plan.port,
-            ));
+    /// The rules of externalIPs or LB IPs: nat jumps while something can serve, the
+    /// firewall's DROP, and the filter's refusal when external traffic is refused.
+    fn frontend_ips(&self, out: &mut ServiceRules, ips: &[IpAddr], frontend: &Frontend<'_>) {
+        let f = self.facts;
+        let comment = format!("{} {}", f.label, frontend.kind);
+        let dropped = format!(
+            "{} traffic not accepted by {}",
+            f.label, self.chains.firewall
+        );
+        for &ip in ips {
+            if f.has_endpoints {
+                let jump = Target::Jump(frontend.jump.to_owned());
+                let rule = self.frontend(KUBE_SERVICES, jump, &comment, ip, f.port);
+                out.nat_services.push(rule);
+            }
+            if frontend.firewall {
+                let rule = self.frontend(KUBE_PROXY_FIREWALL, Target::Drop, &dropped, ip, f.port);
+                out.filter_firewall.push(rule);
+            }
+            out.filter_external.extend(self.refuse_external(ip));
         }
     }
 
-    // NodePort.
-    if let Some(node_port) = plan.node_port {
-        if has_endpoints {
+    /// The NodePort's jump in KUBE-NODEPORTS, or its refusal for local destinations.
+    fn node_port(&self, out: &mut ServiceRules) {
+        let f = self.facts;
+        let Some(node_port) = f.node_port else {
+            return;
+        };
+        if f.has_endpoints {
             out.nat_nodeports.push(
-                Rule::new(KUBE_NODEPORTS, Target::Jump(ext_chain.clone()))
-                    .comment(&label)
-                    .with(Match::Protocol(protocol))
+                Rule::new(KUBE_NODEPORTS, Target::Jump(self.chains.external.clone()))
+                    .comment(&f.label)
+                    .with(Match::Protocol(f.protocol()))
                     .with(Match::DstPort(node_port)),
             );
         }
-        if let Some((target, comment)) = external_filter.as_ref().filter(|_| !has_external) {
+        if let Handling::Refuse(target, comment) = &f.external {
             out.filter_external.push(
                 Rule::new(KUBE_EXTERNAL_SERVICES, target.clone())
                     .comment(comment)
                     .with(Match::DstTypeLocal)
-                    .with(Match::Protocol(protocol))
+                    .with(Match::Protocol(f.protocol()))
                     .with(Match::DstPort(node_port)),
             );
         }
     }
 
-    // Per-service chains. The internal chain first masquerades ClusterIP traffic that
-    // comes from outside the cluster CIDR (it may be routed here from off-node).
-    let mut internal_masq = Vec::new();
-    if has_internal && ctx.scope == Scope::All {
-        for cidr in &ctx.cluster_cidrs {
-            internal_masq.push(
-                frontend(
-                    &internal_chain,
-                    Target::Jump(KUBE_MARK_MASQ.into()),
-                    &format!("{label} cluster IP"),
-                    plan.cluster_ip,
-                    plan.port,
-                )
-                .with(Match::NotSrc(*cidr)),
-            );
+    /// KUBE-EXT-*: masquerade (Cluster policy) or short-circuit pod and node traffic
+    /// (Local policy), then on to the external policy's chain.
+    fn external_chain(&self, out: &mut ServiceRules) {
+        if !self.facts.uses_external_chain {
+            return;
         }
-    }
-
-    if uses_ext_chain {
+        let (f, ext) = (self.facts, &self.chains.external);
+        let to = |target: &str, comment: String| {
+            Rule::new(ext, Target::Jump(target.into())).comment(comment)
+        };
+        let label = &f.label;
         let mut rules = Vec::new();
-        if !plan.external_policy_local {
-            rules.push(
-                Rule::new(&ext_chain, Target::Jump(KUBE_MARK_MASQ.into())).comment(format!(
-                    "masquerade traffic for {label} external destinations"
-                )),
-            );
+        if !f.external_policy_local {
+            let comment = format!("masquerade traffic for {label} external destinations");
+            rules.push(to(KUBE_MARK_MASQ, comment));
         } else {
-            for cidr in &ctx.cluster_cidrs {
-                rules.push(
-                    Rule::new(&ext_chain, Target::Jump(cluster_chain.clone()))
-                        .comment(format!("pod traffic for {label} external destinations"))
-                        .with(Match::Src(*cidr)),
-                );
+            let cluster = &self.chains.cluster;
+            for cidr in &self.ctx.cluster_cidrs {
+                let comment = format!("pod traffic for {label} external destinations");
+                rules.push(to(cluster, comment).with(Match::Src(*cidr)));
             }
-            rules.push(
-                Rule::new(&ext_chain, Target::Jump(KUBE_MARK_MASQ.into()))
-                    .comment(format!(
-                        "masquerade LOCAL traffic for {label} external destinations"
-                    ))
-                    .with(Match::SrcTypeLocal),
-            );
-            rules.push(
-                Rule::new(&ext_chain, Target::Jump(cluster_chain.clone()))
-                    .comment(format!(
-                        "route LOCAL traffic for {label} external destinations"
-                    ))
-                    .with(Match::SrcTypeLocal),
-            );
+            let comment = format!("masquerade LOCAL traffic for {label} external destinations");
+            rules.push(to(KUBE_MARK_MASQ, comment).with(Match::SrcTypeLocal));
+            let comment = format!("route LOCAL traffic for {label} external destinations");
+            rules.push(to(cluster, comment).with(Match::SrcTypeLocal));
         }
-        if has_external {
-            rules.push(Rule::new(
-                &ext_chain,
-                Target::Jump(external_policy_chain.clone()),
-            ));
+        if let Handling::Forward(policy) = f.external {
+            let policy_chain = self.chains.policy(policy).to_owned();
+            rules.push(Rule::new(ext, Target::Jump(policy_chain)));
         }
-        out.chains.push((ext_chain.clone(), rules));
+        out.chains.push((ext.clone(), rules));
     }
 
-    if uses_fw_chain {
-        let mut rules = Vec::new();
-        let mut allow_from_node = false;
-        for range in &plan.load_balancer_source_ranges {
-            rules.push(
-                Rule::new(&fw_chain, Target::Jump(ext_chain.clone()))
-                    .comment(format!("{label} loadbalancer IP"))
-                    .with(Match::Src(*range)),
+    /// KUBE-FW-*: accepted source ranges (and the node's LB IPs when a range covers
+    /// the node) on to KUBE-EXT-*; the rest is dropped by KUBE-PROXY-FIREWALL.
+    fn firewall_chain(&self, out: &mut ServiceRules) {
+        if !self.facts.uses_firewall_chain {
+            return;
+        }
+        let (f, fw) = (self.facts, &self.chains.firewall);
+        let accept = |source: IpNetwork| {
+            Rule::new(fw, Target::Jump(self.chains.external.clone()))
+                .comment(format!("{} loadbalancer IP", f.label))
+                .with(Match::Src(source))
+        };
+        let mut rules: Vec<Rule> = f.source_ranges.iter().map(|r| accept(*r)).collect();
+        let covers_node =
+            |range: &IpNetwork| self.ctx.node_ips.iter().any(|ip| range.contains(*ip));
+        if f.source_ranges.iter().any(covers_node) {
+            rules.extend(
+                f.load_balancer_ips
+                    .iter()
+                    .map(|ip| accept(IpNetwork::from(*ip))),
             );
-            allow_from_node |= ctx.node_ips.iter().any(|ip| range.contains(*ip));
         }
-        if allow_from_node {
-            for &ip in &plan.load_balancer_ips {
-                rules.push(
-                    Rule::new(&fw_chain, Target::Jump(ext_chain.clone()))
-                        .comment(format!("{label} loadbalancer IP"))
-                        .with(Match::Src(IpNetwork::from(ip))),
-                );
-            }
-        }
-        rules.push(Rule::new(&fw_chain, Target::CountOnly).comment(format!(
-            "other traffic to {label} will be dropped by KUBE-PROXY-FIREWALL"
+        rules.push(Rule::new(fw, Target::CountOnly).comment(format!(
+            "other traffic to {} will be dropped by KUBE-PROXY-FIREWALL",
+            f.label
         )));
-        out.chains.push((fw_chain.clone(), rules));
+        out.chains.push((fw.clone(), rules));
     }
 
-    if uses_cluster_chain {
-        let mut rules = if internal_chain == cluster_chain {
-            std::mem::take(&mut internal_masq)
-        } else {
-            Vec::new()
-        };
-        balance(
-            &mut rules,
-            &cluster_chain,
-            plan,
-            &plan.cluster_endpoints,
-            &label,
-        );
-        out.chains.push((cluster_chain.clone(), rules));
-    }
-    if uses_local_chain {
-        let mut rules = if internal_chain == local_chain {
-            std::mem::take(&mut internal_masq)
-        } else {
-            Vec::new()
-        };
-        balance(
-            &mut rules,
-            &local_chain,
-            plan,
-            &plan.local_endpoints,
-            &label,
-        );
-        out.chains.push((local_chain.clone(), rules));
-    }
-
-    for backend in plan.reachable_endpoints() {
-        let chain = chains::endpoint_chain(name, &backend);
-        let mut dnat = Rule::new(&chain, Target::Dnat(backend)).comment(&label);
-        if plan.affinity_timeout_seconds.is_some() {
-            dnat = dnat.with(Match::RecentSet {
-                name: chain.clone(),
-            });
-        }
-        let rules = vec![
-            Rule::new(&chain, Target::Jump(KUBE_MARK_MASQ.into()))
-                .comment(&label)
-                .with(Match::Src(IpNetwork::from(backend.ip))),
-            dnat.with(Match::Protocol(protocol)),
+    /// KUBE-SVC-* and KUBE-SVL-*, where they have endpoints. The internal policy's
+    /// chain first masquerades ClusterIP traffic from outside the cluster CIDR (it may
+    /// be routed here from off-node).
+    fn balancing_chains(&self, out: &mut ServiceRules) {
+        let f = self.facts;
+        let balanced = [
+            (Policy::Cluster, f.cluster_endpoints),
+            (Policy::Local, f.local_endpoints),
         ];
-        out.chains.push((chain, rules));
-    }
-    out
-}
-
-/// For traffic that is not forwarded: whether it is, and the filter target + comment.
-fn filter_target(traffic: Traffic<'_>, label: &str) -> (bool, Option<(Target, String)>) {
-    match traffic {
-        Traffic::Forward(_) => (true, None),
-        Traffic::Reject => (
-            false,
-            Some((Target::Reject, format!("{label} has no endpoints"))),
-        ),
-        Traffic::Drop => (
-            false,
-            Some((Target::Drop, format!("{label} has no local endpoints"))),
-        ),
-    }
-}
-
-/// Affinity lookups, then equal-probability jumps to each endpoint's chain: rule i of n
-/// matches with probability 1/(n-i), so every endpoint gets 1/n overall.
-fn balance(
-    rules: &mut Vec<Rule>,
-    chain: &str,
-    plan: &ServicePortPlan,
-    endpoints: &[Endpoint],
-    label: &str,
-) {
-    let name = &plan.key.port;
-    if let Some(seconds) = plan.affinity_timeout_seconds {
-        for backend in endpoints {
-            let sep = chains::endpoint_chain(name, backend);
-            rules.push(
-                Rule::new(chain, Target::Jump(sep.clone()))
-                    .comment(format!("{label} -> {backend}"))
-                    .with(Match::RecentCheck { name: sep, seconds }),
-            );
+        for (policy, endpoints) in balanced {
+            if endpoints.is_empty() {
+                continue;
+            }
+            let chain = self.chains.policy(policy);
+            let mut rules = match f.internal {
+                Handling::Forward(internal) if internal == policy => {
+                    self.internal_masquerade(chain)
+                }
+                _ => Vec::new(),
+            };
+            self.balance(&mut rules, chain, endpoints);
+            out.chains.push((chain.to_owned(), rules));
         }
     }
-    let n = endpoints.len();
-    for (i, backend) in endpoints.iter().enumerate() {
-        let mut rule = Rule::new(chain, Target::Jump(chains::endpoint_chain(name, backend)))
-            .comment(format!("{label} -> {backend}"));
-        if i + 1 < n {
-            rule = rule.with(Match::Probability(1.0 / (n - i) as f64));
+
+    /// Masquerade of ClusterIP traffic from outside each cluster CIDR.
+    fn internal_masquerade(&self, chain: &str) -> Vec<Rule> {
+        let f = self.facts;
+        if self.ctx.scope != Scope::All {
+            return Vec::new();
         }
-        rules.push(rule);
+        let comment = format!("{} cluster IP", f.label);
+        let masq = || Target::Jump(KUBE_MARK_MASQ.into());
+        self.ctx
+            .cluster_cidrs
+            .iter()
+            .map(|cidr| {
+                self.frontend(chain, masq(), &comment, f.cluster_ip, f.port)
+                    .with(Match::NotSrc(*cidr))
+            })
+            .collect()
     }
-}
 
-/// Rules of the shared chains that do not depend on any service.
-pub struct SharedRules {
-    pub nat: Vec<Rule>,
-    pub filter: Vec<Rule>,
-    /// The jump to KUBE-NODEPORTS; must be the last rule of nat KUBE-SERVICES.
-    pub nodeports_jump: Vec<Rule>,
-}
-
-/// Renders the service-independent rules.
-pub fn render_shared(ctx: &NodeContext) -> SharedRules {
-    let nat = vec![
-        Rule::new(KUBE_POSTROUTING, Target::Return).with(Match::Mark {
-            mark: MASQ_MARK,
-            negate: true,
-        }),
-        Rule::new(KUBE_POSTROUTING, Target::XorMark(MASQ_MARK)),
-        Rule::new(KUBE_POSTROUTING, Target::Masquerade)
-            .comment("kubernetes service traffic requiring SNAT"),
-        Rule::new(KUBE_MARK_MASQ, Target::OrMark(MASQ_MARK)),
-    ];
-    let filter = vec![
-        Rule::new(KUBE_FORWARD, Target::Drop).with(Match::CtState("INVALID")),
-        Rule::new(KUBE_FORWARD, Target::Accept)
-            .comment("kubernetes forwarding rules")
-            .with(Match::Mark {
-                mark: MASQ_MARK,
-                negate: false,
-            }),
-        Rule::new(KUBE_FORWARD, Target::Accept)
-            .comment("kubernetes forwarding conntrack rule")
-            .with(Match::CtState("RELATED,ESTABLISHED")),
-    ];
-    let nodeports_jump = ctx
-        .nodeport_ips
-        .iter()
-        .filter(|ip| !(ctx.family == IpFamily::V6 && ip.is_loopback()))
-        .map(|&ip| {
-            Rule::new(KUBE_SERVICES, Target::Jump(KUBE_NODEPORTS.into()))
-                .comment(
-                    "kubernetes service nodeports; NOTE: this must be the last rule in this chain",
-                )
-                .with(Match::Dst(ip))
-        })
-        .collect();
-    SharedRules {
-        nat,
-        filter,
-        nodeports_jump,
-    }
-}
-
-/// A jump from a built-in chain into Ferry's chains, ensured on every full sync.
-pub struct BuiltinJump {
-    pub table: &'static str,
-    pub chain: &'static str,
-    pub target: &'static str,
-    pub comment: &'static str,
-    /// Only for new connections (`--ctstate NEW`).
-    pub new_only: bool,
-}
-
-impl BuiltinJump {
-    /// The rule, as inserted into the built-in chain.
-    pub fn rule(&self) -> Rule {
-        let mut rule = Rule::new(self.chain, Target::Jump(self.target.into()));
-        if self.new_only {
-            rule = rule.with(Match::CtState("NEW"));
+    /// Affinity lookups, then equal-probability jumps to each endpoint's chain: rule i
+    /// of n matches with probability 1/(n-i), so every endpoint gets 1/n overall.
+    fn balance(&self, rules: &mut Vec<Rule>, chain: &str, endpoints: &[Endpoint]) {
+        let f = self.facts;
+        let to_endpoint = |ep: &Endpoint| {
+            let sep = self.chains.endpoint(f.name, ep);
+            let rule =
+                Rule::new(chain, Target::Jump(sep.clone())).comment(format!("{} -> {ep}", f.label));
+            (sep, rule)
+        };
+        if let Some(seconds) = f.affinity_timeout_seconds {
+            for ep in endpoints {
+                let (name, rule) = to_endpoint(ep);
+                rules.push(rule.with(Match::RecentCheck { name, seconds }));
+            }
         }
-        rule.comment(self.comment)
-    }
-}
-
-/// kube-proxy's jumps from the built-in chains, in their order within each chain.
-pub const BUILTIN_JUMPS: [BuiltinJump; 12] = {
-    const fn jump(
-        table: &'static str,
-        chain: &'static str,
-        target: &'static str,
-        comment: &'static str,
-        new_only: bool,
-    ) -> BuiltinJump {
-        BuiltinJump {
-            table,
-            chain,
-            target,
-            comment,
-            new_only,
+        let n = endpoints.len();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let (_, mut rule) = to_endpoint(ep);
+            if i + 1 < n {
+                rule = rule.with(Match::Probability(1.0 / (n - i) as f64));
+            }
+            rules.push(rule);
         }
     }
-    [
-        jump(
-            "filter",
-            "INPUT",
-            KUBE_PROXY_FIREWALL,
-            "kubernetes load balancer firewall",
-            true,
-        ),
-        jump(
-            "filter",
-            "INPUT",
-            KUBE_NODEPORTS,
-            "kubernetes health check service ports",
-            false,
-        ),
-        jump(
-            "filter",
-            "INPUT",
-            KUBE_EXTERNAL_SERVICES,
-            "kubernetes externally-visible service portals",
-            true,
-        ),
-        jump(
-            "filter",
-            "FORWARD",
-            KUBE_PROXY_FIREWALL,
-            "kubernetes load balancer firewall",
-            true,
-        ),
-        jump(
-            "filter",
-            "FORWARD",
-            KUBE_FORWARD,
-            "kubernetes forwarding rules",
-            false,
-        ),
-        jump(
-            "filter",
-            "FORWARD",
-            KUBE_SERVICES,
-            "kubernetes service portals",
-            true,
-        ),
-        jump(
-            "filter",
-            "FORWARD",
-            KUBE_EXTERNAL_SERVICES,
-            "kubernetes externally-visible service portals",
-            true,
-        ),
-        jump(
-            "filter",
-            "OUTPUT",
-            KUBE_PROXY_FIREWALL,
-            "kubernetes load balancer firewall",
-            true,
-        ),
-        jump(
-            "filter",
-            "OUTPUT",
-            KUBE_SERVICES,
-            "kubernetes service portals",
-            true,
-        ),
-        jump(
-            "nat",
-            "OUTPUT",
-            KUBE_SERVICES,
-            "kubernetes service portals",
-            false,
-        ),
-        jump(
-            "nat",
-            "PREROUTING",
-            KUBE_SERVICES,
-            "kubernetes service portals",
-            false,
-        ),
-        jump(
-            "nat",
-            "POSTROUTING",
-            KUBE_POSTROUTING,
-            "kubernetes postrouting rules",
-            false,
-        ),
-    ]
-};
 
-impl BuiltinJump {
-    /// Whether an `iptables-save` line is this jump.
-    pub fn matches_save_line(&self, line: &str) -> bool {
-        line.starts_with(&format!("-A {} ", self.chain))
-            && line.contains(self.comment)
-            && line.ends_with(&format!("-j {}", self.target))
+    /// KUBE-SEP-*: masquerade hairpin traffic, then DNAT (recording affinity).
+    fn endpoint_chains(&self, out: &mut ServiceRules) {
+        let f = self.facts;
+        for (ep, chain) in &self.chains.endpoints {
+            let mut dnat = Rule::new(chain, Target::Dnat(*ep)).comment(&f.label);
+            if f.affinity_timeout_seconds.is_some() {
+                dnat = dnat.with(Match::RecentSet {
+                    name: chain.clone(),
+                });
+            }
+            let rules = vec![
+                Rule::new(chain, Target::Jump(KUBE_MARK_MASQ.into()))
+                    .comment(&f.label)
+                    .with(Match::Src(IpNetwork::from(ep.ip))),
+                dnat.with(Match::Protocol(f.protocol())),
+            ];
+            out.chains.push((chain.clone(), rules));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
+    use crate::dataplane::iptables::payload::{Op, write_rule};
     use crate::model::plan::test_plan;
 
     fn backend(ip: &str, port: u16) -> Endpoint {
@@ -591,9 +542,9 @@ mod tests {
         rules
             .iter()
             .map(|r| {
-                let mut s = String::new();
-                r.write_to(&mut s);
-                s.trim_end().to_string()
+                let mut line = Vec::new();
+                write_rule(&mut line, Op::Append, r).expect("writing into memory");
+                String::from_utf8_lossy(&line).trim_end().to_string()
             })
             .collect()
     }

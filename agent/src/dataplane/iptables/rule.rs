@@ -19,6 +19,7 @@ pub const MASQ_MARK: u32 = 0x4000;
 pub struct Comment(String);
 
 impl Comment {
+    /// A comment from free text, with anything unsafe dropped.
     pub fn new(text: impl AsRef<str>) -> Self {
         let clean: String = text
             .as_ref()
@@ -33,29 +34,41 @@ impl Comment {
 /// A packet match.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Match {
+    /// `-m comment --comment "C"`.
     Comment(Comment),
+    /// `-m P -p P`.
     Protocol(Protocol),
+    /// `-d IP`.
     Dst(IpAddr),
+    /// `--dport N`.
     DstPort(u16),
+    /// `-s NET`.
     Src(IpNetwork),
+    /// `! -s NET`.
     NotSrc(IpNetwork),
-    NotDst(IpNetwork),
+    /// `-m addrtype --dst-type LOCAL`: to one of the node's addresses.
     DstTypeLocal,
+    /// `-m addrtype --src-type LOCAL`: from one of the node's addresses.
     SrcTypeLocal,
     /// `-m statistic --mode random --probability p`.
     Probability(f64),
     /// `-m recent --name N --rcheck --seconds S --reap` (ClientIP affinity lookup).
     RecentCheck {
+        /// The recent list (the endpoint's chain name).
         name: String,
+        /// How long an entry pins the client to the endpoint.
         seconds: u32,
     },
     /// `-m recent --name N --set` (ClientIP affinity record).
     RecentSet {
+        /// The recent list (the endpoint's chain name).
         name: String,
     },
     /// `-m mark --mark M/M` (or `! --mark` when `negate`).
     Mark {
+        /// The mark bits (also the mask).
         mark: u32,
+        /// Match packets without the mark.
         negate: bool,
     },
     /// `-m conntrack --ctstate S`.
@@ -65,28 +78,41 @@ pub enum Match {
 /// What a matching packet gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// `-j CHAIN`.
     Jump(String),
+    /// `-j ACCEPT`.
     Accept,
+    /// `-j DROP`.
     Drop,
+    /// `-j REJECT`.
     Reject,
+    /// `-j RETURN`.
     Return,
+    /// `-j DNAT --to-destination IP:PORT`.
     Dnat(Endpoint),
+    /// `-j MARK --or-mark M`.
     OrMark(u32),
+    /// `-j MARK --xor-mark M`.
     XorMark(u32),
+    /// `-j MASQUERADE --random-fully`.
     Masquerade,
     /// No target: the rule only counts (kube-proxy's end-of-firewall-chain marker).
     CountOnly,
 }
 
-/// One `-A CHAIN ...` line.
+/// One rule of a chain; [`super::payload`] writes it as an `-A`, `-I` or `-D` line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
+    /// The chain it belongs to.
     pub chain: String,
+    /// Its matches, in order.
     pub matches: Vec<Match>,
+    /// What a matching packet gets.
     pub target: Target,
 }
 
 impl Rule {
+    /// A rule matching every packet (add matches with [`Rule::with`]).
     pub fn new(chain: impl Into<String>, target: Target) -> Self {
         Self {
             chain: chain.into(),
@@ -106,7 +132,7 @@ impl Rule {
         self.with(Match::Comment(Comment::new(text)))
     }
 
-    /// The rule's arguments after `-A CHAIN` (also what `-C`/`-I` take).
+    /// The rule's arguments after `-A CHAIN` (also what `-D`/`-I` take).
     pub fn spec(&self) -> String {
         let mut out = String::new();
         for m in &self.matches {
@@ -115,15 +141,6 @@ impl Rule {
         out.push_str(&self.target.to_string());
         out.truncate(out.trim_end().len());
         out
-    }
-
-    /// Appends the restore-format line for this rule.
-    pub fn write_to(&self, out: &mut String) {
-        out.push_str("-A ");
-        out.push_str(&self.chain);
-        out.push(' ');
-        out.push_str(&self.spec());
-        out.push('\n');
     }
 }
 
@@ -136,7 +153,6 @@ fn write_match(out: &mut String, m: &Match) {
         Match::DstPort(port) => write!(out, "--dport {port} "),
         Match::Src(net) => write!(out, "-s {net} "),
         Match::NotSrc(net) => write!(out, "! -s {net} "),
-        Match::NotDst(net) => write!(out, "! -d {net} "),
         Match::DstTypeLocal => write!(out, "-m addrtype --dst-type LOCAL "),
         Match::SrcTypeLocal => write!(out, "-m addrtype --src-type LOCAL "),
         Match::Probability(p) => write!(out, "-m statistic --mode random --probability {p:.10} "),
@@ -183,11 +199,9 @@ mod tests {
             .with(Match::Protocol(Protocol::Tcp))
             .with(Match::Dst("10.96.0.10".parse().unwrap()))
             .with(Match::DstPort(80));
-        let mut out = String::new();
-        rule.write_to(&mut out);
         assert_eq!(
-            out,
-            "-A KUBE-SERVICES -m comment --comment \"ns/web:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j KUBE-SVC-ABC\n"
+            rule.spec(),
+            "-m comment --comment \"ns/web:http cluster IP\" -m tcp -p tcp -d 10.96.0.10 --dport 80 -j KUBE-SVC-ABC"
         );
     }
 
