@@ -136,8 +136,11 @@ impl ServicePortPlan {
         )
     }
 
-    /// Whether the service is reachable other than by ClusterIP.
-    pub fn is_externally_accessible(&self) -> bool {
+    /// Whether this port has frontends for traffic from outside on this node (a
+    /// NodePort, externalIPs or load-balancer IPs of its family). The service-level
+    /// rule that decides whether external policy applies is
+    /// [`ServiceInfo::is_externally_accessible`].
+    pub fn has_external_frontends(&self) -> bool {
         self.node_port.is_some()
             || !self.external_ips.is_empty()
             || !self.load_balancer_ips.is_empty()

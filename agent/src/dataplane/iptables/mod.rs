@@ -189,11 +189,9 @@ impl<R: Runner> IptablesDataPlane<R> {
         let mut stats = SyncStats::default();
         let anything_external = || {
             if full {
-                plans().any(|p| p.is_externally_accessible())
+                plans().any(|p| p.has_external_frontends())
             } else {
-                diff.upserted
-                    .iter()
-                    .any(|u| u.new.is_externally_accessible())
+                diff.upserted.iter().any(|u| u.new.has_external_frontends())
             }
         };
         if self.scope == Scope::ExternalOnly && !self.programmed && !anything_external() {

@@ -11,7 +11,9 @@ use super::chains::{
     KUBE_SERVICES,
 };
 use super::rule::{Match, Rule, Target};
-use crate::model::{Endpoint, IpFamily, Protocol, ServicePortName, ServicePortPlan, Traffic};
+use crate::model::{
+    Endpoint, EndpointSet, IpFamily, Protocol, ServicePortName, ServicePortPlan, Traffic,
+};
 
 /// Which frontends the iptables rules cover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +64,7 @@ pub struct ServiceRules {
 /// Renders one plan.
 pub fn render_service(plan: &ServicePortPlan, ctx: &NodeContext) -> ServiceRules {
     let facts = Facts::of(plan);
-    if ctx.scope == Scope::ExternalOnly && !facts.externally_accessible {
+    if ctx.scope == Scope::ExternalOnly && !facts.has_external_frontends {
         // Socket-level LB handles everything this service offers.
         return ServiceRules::default();
     }
@@ -89,19 +91,10 @@ pub fn render_service(plan: &ServicePortPlan, ctx: &NodeContext) -> ServiceRules
     out
 }
 
-/// Which endpoints a kind of traffic is balanced across.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Policy {
-    /// All of them (KUBE-SVC-*).
-    Cluster,
-    /// This node's (KUBE-SVL-*).
-    Local,
-}
-
 /// How the rules treat one kind of traffic (internal or external).
 enum Handling {
-    /// Balanced by the chain of this policy.
-    Forward(Policy),
+    /// Balanced by the chain of this endpoint set.
+    Forward(EndpointSet),
     /// Refused in the filter table with this target and comment.
     Refuse(Target, String),
 }
@@ -120,10 +113,11 @@ struct Facts<'a> {
     affinity_timeout_seconds: Option<u32>,
     internal: Handling,
     external: Handling,
-    external_policy_local: bool,
+    /// External traffic is masqueraded (`Cluster` policy) rather than short-circuited.
+    masquerades_external: bool,
     /// Some endpoint anywhere can serve.
     has_endpoints: bool,
-    externally_accessible: bool,
+    has_external_frontends: bool,
     /// KUBE-EXT-* exists: something can serve external destinations.
     uses_external_chain: bool,
     /// KUBE-FW-* exists: LB IPs restricted by source ranges, and something can serve.
@@ -137,12 +131,12 @@ impl<'a> Facts<'a> {
     fn of(plan: &'a ServicePortPlan) -> Self {
         let label = plan.key.port.to_string();
         let has_endpoints = plan.has_any_endpoints;
-        let externally_accessible = plan.is_externally_accessible();
+        let has_external_frontends = plan.has_external_frontends();
         let restricted_lb =
             !plan.load_balancer_ips.is_empty() && !plan.load_balancer_source_ranges.is_empty();
         Self {
-            internal: handling(plan.internal(), plan.internal_policy_local, &label),
-            external: handling(plan.external(), plan.external_policy_local, &label),
+            internal: handling(plan.internal(), plan.internal_endpoint_set(), &label),
+            external: handling(plan.external(), plan.external_endpoint_set(), &label),
             name: &plan.key.port,
             label,
             cluster_ip: plan.cluster_ip,
@@ -152,10 +146,10 @@ impl<'a> Facts<'a> {
             load_balancer_ips: &plan.load_balancer_ips,
             source_ranges: &plan.load_balancer_source_ranges,
             affinity_timeout_seconds: plan.affinity_timeout_seconds,
-            external_policy_local: plan.external_policy_local,
+            masquerades_external: plan.masquerades_external(),
             has_endpoints,
-            externally_accessible,
-            uses_external_chain: has_endpoints && externally_accessible,
+            has_external_frontends,
+            uses_external_chain: has_endpoints && has_external_frontends,
             uses_firewall_chain: has_endpoints && restricted_lb,
             cluster_endpoints: &plan.cluster_endpoints,
             local_endpoints: &plan.local_endpoints,
@@ -168,12 +162,11 @@ impl<'a> Facts<'a> {
     }
 }
 
-/// Forwarded under the (`local` or cluster) policy, or refused: REJECT when nothing
-/// can serve, DROP when only endpoints this traffic may not use exist.
-fn handling(traffic: Traffic<'_>, local: bool, label: &str) -> Handling {
+/// Forwarded through the chain of `set`, or refused: REJECT when nothing can serve,
+/// DROP when only endpoints this traffic may not use exist.
+fn handling(traffic: Traffic<'_>, set: EndpointSet, label: &str) -> Handling {
     match traffic {
-        Traffic::Forward(_) if local => Handling::Forward(Policy::Local),
-        Traffic::Forward(_) => Handling::Forward(Policy::Cluster),
+        Traffic::Forward(_) => Handling::Forward(set),
         Traffic::Reject => Handling::Refuse(Target::Reject, format!("{label} has no endpoints")),
         Traffic::Drop => Handling::Refuse(Target::Drop, format!("{label} has no local endpoints")),
     }
@@ -208,10 +201,10 @@ impl ServiceChains {
     }
 
     /// The chain balancing under a policy.
-    fn policy(&self, policy: Policy) -> &str {
-        match policy {
-            Policy::Cluster => &self.cluster,
-            Policy::Local => &self.local,
+    fn balancing(&self, set: EndpointSet) -> &str {
+        match set {
+            EndpointSet::Cluster => &self.cluster,
+            EndpointSet::Local => &self.local,
         }
     }
 
@@ -290,7 +283,7 @@ impl<'a> Renderer<'a> {
         match &f.internal {
             Handling::Forward(policy) => out.nat_services.push(self.frontend(
                 KUBE_SERVICES,
-                Target::Jump(self.chains.policy(*policy).to_owned()),
+                Target::Jump(self.chains.balancing(*policy).to_owned()),
                 &format!("{} cluster IP", f.label),
                 f.cluster_ip,
                 f.port,
@@ -365,7 +358,7 @@ impl<'a> Renderer<'a> {
         };
         let label = &f.label;
         let mut rules = Vec::new();
-        if !f.external_policy_local {
+        if f.masquerades_external {
             let comment = format!("masquerade traffic for {label} external destinations");
             rules.push(to(KUBE_MARK_MASQ, comment));
         } else {
@@ -380,7 +373,7 @@ impl<'a> Renderer<'a> {
             rules.push(to(cluster, comment).with(Match::SrcTypeLocal));
         }
         if let Handling::Forward(policy) = f.external {
-            let policy_chain = self.chains.policy(policy).to_owned();
+            let policy_chain = self.chains.balancing(policy).to_owned();
             rules.push(Rule::new(ext, Target::Jump(policy_chain)));
         }
         out.chains.push((ext.clone(), rules));
@@ -421,14 +414,14 @@ impl<'a> Renderer<'a> {
     fn balancing_chains(&self, out: &mut ServiceRules) {
         let f = self.facts;
         let balanced = [
-            (Policy::Cluster, f.cluster_endpoints),
-            (Policy::Local, f.local_endpoints),
+            (EndpointSet::Cluster, f.cluster_endpoints),
+            (EndpointSet::Local, f.local_endpoints),
         ];
         for (policy, endpoints) in balanced {
             if endpoints.is_empty() {
                 continue;
             }
-            let chain = self.chains.policy(policy);
+            let chain = self.chains.balancing(policy);
             let mut rules = match f.internal {
                 Handling::Forward(internal) if internal == policy => {
                     self.internal_masquerade(chain)
