@@ -269,49 +269,16 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected() {
-        assert!(
-            parse(&[
-                "--manifests",
-                "/m",
-                "--mode",
-                "iptables",
-                "--cluster-cidr",
-                "nope"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "--manifests",
-                "/m",
-                "--mode",
-                "iptables",
-                "--nodeport-addresses",
-                "x"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "--manifests",
-                "/m",
-                "--mode",
-                "iptables",
-                "--sync-period",
-                "soon"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "--manifests",
-                "/m",
-                "--mode",
-                "iptables",
-                "--metrics-bind-address",
-                "x"
-            ])
-            .is_err()
-        );
+        let bad = [
+            ["--cluster-cidr", "nope"],
+            ["--nodeport-addresses", "x"],
+            ["--sync-period", "soon"],
+            ["--metrics-bind-address", "x"],
+            ["--cluster-domain", "bad domain"],
+        ];
+        for [flag, value] in bad {
+            let args = ["--manifests", "/m", "--mode", "iptables", flag, value];
+            assert!(parse(&args).is_err(), "{flag} {value} must be refused");
+        }
     }
 }
