@@ -228,6 +228,15 @@ fn run_demo(mode: &str, manifests: &Path) -> anyhow::Result<()> {
     let dns = format!("{}:53", ferry_tests::cluster::NODE_IP);
     cluster.start_agent_with(&["--dns-listen", &dns]);
 
+    print_demo_hints(&cluster, mode, &manifests);
+    let signal = signals.wait()?;
+    println!("\n{signal:?}: tearing the demo down.");
+    drop(cluster);
+    Ok(())
+}
+
+/// What a user can try against the running demo.
+fn print_demo_hints(cluster: &Cluster, mode: Mode, manifests: &Path) {
     let client = cluster.pod("client");
     println!(
         "\nFerry ({}) is running on the demo node, serving {}.\n",
@@ -284,11 +293,6 @@ fn run_demo(mode: &str, manifests: &Path) -> anyhow::Result<()> {
         "(client pod address: {})\n\nCtrl-C stops the demo and removes everything.",
         client.ip
     );
-
-    let signal = signals.wait()?;
-    println!("\n{signal:?}: tearing the demo down.");
-    drop(cluster);
-    Ok(())
 }
 
 fn run_on_host(mode: &str, manifests: &Path) -> anyhow::Result<()> {

@@ -163,12 +163,60 @@ pub fn run(
         c.write_manifest(&file, &yaml);
     }
     c.write_manifest("churn.yaml", &workload::churn(per_service, 0));
+    let mut children = vec![start_upstream(&c)?];
+    c.start_agent_with(&[
+        "--dns-listen",
+        &format!("127.0.0.1:{PORT_FERRY}"),
+        "--dns-upstream",
+        &format!("127.0.0.1:{PORT_UPSTREAM}"),
+    ]);
+    // The same A records for the others.
+    let records: Vec<(String, std::net::Ipv4Addr)> = (0..services)
+        .map(|i| (service_name(i, services), workload::cluster_ip(i)))
+        .collect();
+    let knot = start_knot(&c, &dir, &records)?;
+    let unbound = start_unbound(&c, &dir, &records)?;
+    let dnsmasq = start_dnsmasq(&c, &dir, &records)?;
+    let servers: [(&'static str, u16, Option<u32>); 4] = [
+        ("ferry", PORT_FERRY, c.agent_pid()),
+        ("knot", PORT_KNOT, Some(knot.id())),
+        ("unbound", PORT_UNBOUND, Some(unbound.id())),
+        ("dnsmasq", PORT_DNSMASQ, Some(dnsmasq.id())),
+    ];
+    children.extend([knot, unbound, dnsmasq]);
+    let result = measure_all(&mut c, &servers, services, per_service, &dir, seconds);
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
 
-    // The upstream for outside names (answers every site-N.outside.test).
+/// Once every server answers: query rates, then the agent's DNS freshness.
+fn measure_all(
+    c: &mut Cluster,
+    servers: &[(&'static str, u16, Option<u32>)],
+    services: usize,
+    per_service: usize,
+    dir: &Path,
+    seconds: u64,
+) -> anyhow::Result<(Vec<DnsRow>, DnsFreshness)> {
+    let last = service_name(services - 1, services);
+    for (name, port, _) in servers {
+        wait_answering(c, *port, &last).with_context(|| format!("{name} is not answering"))?;
+    }
+    let queries = write_queries(dir, services)?;
+    let rows = measure(c, servers, &queries, seconds)?;
+    Ok((rows, freshness(c, per_service)))
+}
+
+/// The upstream for outside names (answers every site-N.outside.test).
+fn start_upstream(c: &Cluster) -> anyhow::Result<Child> {
     let answers: Vec<String> = (0..OUTSIDE)
         .map(|i| format!("{}=192.0.2.{}", outside_name(i), 1 + i % 250))
         .collect();
-    let mut upstream = spawn(
+    spawn(
         c.node_command(c.bin("ferry-probe")).args([
             "dns-upstream",
             "--listen",
@@ -179,24 +227,20 @@ pub fn run(
             &answers.join(","),
         ]),
         "test upstream",
-    )?;
+    )
+}
 
-    c.start_agent_with(&[
-        "--dns-listen",
-        &format!("127.0.0.1:{PORT_FERRY}"),
-        "--dns-upstream",
-        &format!("127.0.0.1:{PORT_UPSTREAM}"),
-    ]);
-
-    // The same A records for the others.
-    let records: Vec<(String, std::net::Ipv4Addr)> = (0..services)
-        .map(|i| (service_name(i, services), workload::cluster_ip(i)))
-        .collect();
+/// Knot DNS serving the records as an authoritative zone.
+fn start_knot(
+    c: &Cluster,
+    dir: &Path,
+    records: &[(String, std::net::Ipv4Addr)],
+) -> anyhow::Result<Child> {
     let zone = dir.join("cluster.local.zone");
     let mut text = String::from(
         "$ORIGIN cluster.local.\n$TTL 5\n@ SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 5\n@ NS ns.dns.cluster.local.\nns.dns A 127.0.0.1\n",
     );
-    for (name, ip) in &records {
+    for (name, ip) in records {
         text.push_str(&format!("{name}. A {ip}\n"));
     }
     std::fs::write(&zone, text)?;
@@ -208,34 +252,48 @@ pub fn run(
             z = zone.display()
         ),
     )?;
-    let mut knot = spawn(
+    spawn(
         c.node_command("knotd").arg("-c").arg(dir.join("knot.conf")),
         "knotd (apt package knot)",
-    )?;
+    )
+}
 
-    let mut unbound_conf = format!(
+/// Unbound with the records as local data, forwarding `test.` to the upstream.
+fn start_unbound(
+    c: &Cluster,
+    dir: &Path,
+    records: &[(String, std::net::Ipv4Addr)],
+) -> anyhow::Result<Child> {
+    let mut conf = format!(
         "server:\n  interface: 127.0.0.1@{PORT_UNBOUND}\n  port: {PORT_UNBOUND}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  access-control: 127.0.0.0/8 allow\n  do-not-query-localhost: no\n  num-threads: 2\n  module-config: \"iterator\"\n  local-zone: \"cluster.local.\" static\n",
         d = dir.display()
     );
-    for (name, ip) in &records {
-        unbound_conf.push_str(&format!("  local-data: \"{name}. 5 IN A {ip}\"\n"));
+    for (name, ip) in records {
+        conf.push_str(&format!("  local-data: \"{name}. 5 IN A {ip}\"\n"));
     }
-    unbound_conf.push_str(&format!("remote-control:\n  control-enable: no\nforward-zone:\n  name: \"test.\"\n  forward-addr: 127.0.0.1@{PORT_UPSTREAM}\n"));
-    std::fs::write(dir.join("unbound.conf"), unbound_conf)?;
-    let mut unbound = spawn(
+    conf.push_str(&format!("remote-control:\n  control-enable: no\nforward-zone:\n  name: \"test.\"\n  forward-addr: 127.0.0.1@{PORT_UPSTREAM}\n"));
+    std::fs::write(dir.join("unbound.conf"), conf)?;
+    spawn(
         c.node_command("unbound")
             .arg("-d")
             .arg("-c")
             .arg(dir.join("unbound.conf")),
         "unbound",
-    )?;
+    )
+}
 
+/// dnsmasq with the records as a hosts file, forwarding `test` to the upstream.
+fn start_dnsmasq(
+    c: &Cluster,
+    dir: &Path,
+    records: &[(String, std::net::Ipv4Addr)],
+) -> anyhow::Result<Child> {
     let hosts: String = records
         .iter()
         .map(|(name, ip)| format!("{ip} {name}\n"))
         .collect();
     std::fs::write(dir.join("hosts"), hosts)?;
-    let mut dnsmasq = spawn(
+    spawn(
         c.node_command("dnsmasq").args([
             "-k",
             "--conf-file=/dev/null",
@@ -253,20 +311,12 @@ pub fn run(
             &format!("--addn-hosts={}", dir.join("hosts").display()),
         ]),
         "dnsmasq",
-    )?;
+    )
+}
 
-    let servers: [(&'static str, u16, Option<u32>); 4] = [
-        ("ferry", PORT_FERRY, c.agent_pid()),
-        ("knot", PORT_KNOT, Some(knot.id())),
-        ("unbound", PORT_UNBOUND, Some(unbound.id())),
-        ("dnsmasq", PORT_DNSMASQ, Some(dnsmasq.id())),
-    ];
-    let last = service_name(services - 1, services);
-    for (name, port, _) in &servers {
-        wait_answering(&c, *port, &last).with_context(|| format!("{name} is not answering"))?;
-    }
-
-    // Query files: every service once, shuffled by a fixed stride; outside names.
+/// Query files: every service once, shuffled by a fixed stride ("cluster"), and the
+/// outside names ("outside").
+fn write_queries(dir: &Path, services: usize) -> anyhow::Result<[(&'static str, PathBuf); 2]> {
     let cluster_q = dir.join("cluster.queries");
     let stride = 7919 % services.max(1);
     let cluster_lines: String = (0..services)
@@ -285,16 +335,26 @@ pub fn run(
             .map(|i| format!("{} A\n", outside_name(i)))
             .collect::<String>(),
     )?;
+    Ok([("cluster", cluster_q), ("outside", outside_q)])
+}
 
+/// Query rate of every server for each name set, with ratios against the reference
+/// (Knot for cluster names, Unbound for outside names).
+fn measure(
+    c: &Cluster,
+    servers: &[(&'static str, u16, Option<u32>)],
+    queries: &[(&'static str, PathBuf)],
+    seconds: u64,
+) -> anyhow::Result<Vec<DnsRow>> {
     let mut rows = Vec::new();
-    for (names, queries) in [("cluster", &cluster_q), ("outside", &outside_q)] {
-        for (server, port, pid) in &servers {
-            if names == "outside" && *server == "knot" {
+    for (names, queries) in queries {
+        for (server, port, pid) in servers {
+            if *names == "outside" && *server == "knot" {
                 continue; // authoritative only: no forwarding
             }
             // Warm caches (outside names) and code paths, then measure.
-            dnsperf(&c, *port, queries, 1)?;
-            let (qps, latency, lost) = dnsperf(&c, *port, queries, seconds)?;
+            dnsperf(c, *port, queries, 1)?;
+            let (qps, latency, lost) = dnsperf(c, *port, queries, seconds)?;
             eprintln!("   {server:<8} {names:<8} {qps:>9.0} qps avg {latency:>6.0}us lost {lost}");
             rows.push(DnsRow {
                 server,
@@ -307,12 +367,7 @@ pub fn run(
             });
         }
     }
-    for names in ["cluster", "outside"] {
-        let reference = if names == "cluster" {
-            "knot"
-        } else {
-            "unbound"
-        };
+    for (names, reference) in [("cluster", "knot"), ("outside", "unbound")] {
         let base = rows
             .iter()
             .find(|r| r.names == names && r.server == reference)
@@ -322,8 +377,11 @@ pub fn run(
             r.vs_reference = if base > 0.0 { r.qps / base } else { 0.0 };
         }
     }
+    Ok(rows)
+}
 
-    // Freshness: the agent logs how long each change took to reach the zone.
+/// Freshness: the agent logs how long each change took to reach the zone.
+fn freshness(c: &mut Cluster, per_service: usize) -> DnsFreshness {
     let before = c.agent_log_values("dns updated", "latency_us").len();
     for step in 1..=50 {
         c.write_manifest("churn.yaml", &workload::churn(per_service, step));
@@ -343,16 +401,9 @@ pub fn run(
             .copied()
             .unwrap_or(0.0)
     };
-    let freshness = DnsFreshness {
+    DnsFreshness {
         changes: latencies.len(),
         p50_us: pct(0.5),
         p99_us: pct(0.99),
-    };
-
-    for child in [&mut upstream, &mut knot, &mut unbound, &mut dnsmasq] {
-        let _ = child.kill();
-        let _ = child.wait();
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok((rows, freshness))
 }

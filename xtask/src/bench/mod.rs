@@ -89,37 +89,11 @@ pub fn run(
     // SAFETY: xtask has not started any thread yet; nothing reads the environment
     // concurrently.
     unsafe { std::env::set_var("FERRY_BIN_DIR", root.join("target/release")) };
-    let levels: &[usize] = if quick { &[1, 100] } else { &[1, 1000, 10_000] };
-    let duration = if quick { 1000 } else { 3000 };
-    let mut traffic = Vec::new();
-    let levels = if only == Some("scale") {
-        &[][..]
+    let traffic = if only == Some("scale") {
+        Vec::new()
     } else {
-        levels
+        traffic_part(quick)?
     };
-    for &services in levels {
-        eprintln!("== traffic at {services} services");
-        let direct = measure_direct(duration)?;
-        let direct_rates: Vec<f64> = direct.iter().map(|r| r.rate).collect();
-        let mut rows = direct;
-        rows.extend(measure_haproxy(duration)?);
-        for mode in [Mode::Ebpf, Mode::Iptables] {
-            rows.extend(measure_ferry(mode, services, duration)?);
-        }
-        for row in &mut rows {
-            row.services = services;
-            let i = SCENARIOS
-                .iter()
-                .position(|(s, _)| *s == row.scenario)
-                .unwrap_or(0);
-            row.vs_direct = if direct_rates[i] > 0.0 {
-                row.rate / direct_rates[i]
-            } else {
-                0.0
-            };
-        }
-        traffic.extend(rows);
-    }
     let (default_services, per_service, changes) = if quick {
         (1000, 10, 20)
     } else {
@@ -127,16 +101,12 @@ pub fn run(
     };
     let scale_services = scale_services.unwrap_or(default_services);
     let mut scale = Vec::new();
-    let scale_modes = if matches!(only, Some("traffic" | "dns")) {
-        &[][..]
-    } else {
-        &[Mode::Ebpf, Mode::Iptables][..]
-    };
-    for &mode in scale_modes {
-        eprintln!("== scale: {} with {scale_services} services", mode.flag());
-        scale.push(measure_scale(mode, scale_services, per_service, changes)?);
+    if !matches!(only, Some("traffic" | "dns")) {
+        for mode in [Mode::Ebpf, Mode::Iptables] {
+            eprintln!("== scale: {} with {scale_services} services", mode.flag());
+            scale.push(measure_scale(mode, scale_services, per_service, changes)?);
+        }
     }
-
     let (dns_rows, dns_freshness) = if matches!(only, None | Some("dns")) {
         eprintln!("== dns with {scale_services} services");
         let (rows, fresh) = dns::run(scale_services, per_service, if quick { 2 } else { 5 })?;
@@ -161,16 +131,53 @@ pub fn run(
         dns_freshness,
         dns_services: scale_services,
     };
+    write_results(root, name, &results)
+}
+
+/// Connection rates at each service count: direct, HAProxy, and Ferry's modes, with
+/// each row's ratio to direct.
+fn traffic_part(quick: bool) -> anyhow::Result<Vec<TrafficRow>> {
+    let levels: &[usize] = if quick { &[1, 100] } else { &[1, 1000, 10_000] };
+    let duration = if quick { 1000 } else { 3000 };
+    let mut traffic = Vec::new();
+    for &services in levels {
+        eprintln!("== traffic at {services} services");
+        let direct = measure_direct(duration)?;
+        let direct_rates: Vec<f64> = direct.iter().map(|r| r.rate).collect();
+        let mut rows = direct;
+        rows.extend(measure_haproxy(duration)?);
+        for mode in [Mode::Ebpf, Mode::Iptables] {
+            rows.extend(measure_ferry(mode, services, duration)?);
+        }
+        for row in &mut rows {
+            row.services = services;
+            let i = SCENARIOS
+                .iter()
+                .position(|(s, _)| *s == row.scenario)
+                .unwrap_or(0);
+            row.vs_direct = if direct_rates[i] > 0.0 {
+                row.rate / direct_rates[i]
+            } else {
+                0.0
+            };
+        }
+        traffic.extend(rows);
+    }
+    Ok(traffic)
+}
+
+/// Writes the JSON, Markdown table and plot; prints the table.
+fn write_results(root: &Path, name: &str, results: &Results) -> anyhow::Result<PathBuf> {
     let dir = root.join("bench/results");
     std::fs::create_dir_all(&dir)?;
     let stem = dir.join(format!("{}-{}", results.date, name));
     std::fs::write(
         stem.with_extension("json"),
-        serde_json::to_string_pretty(&results)?,
+        serde_json::to_string_pretty(results)?,
     )?;
-    let table = markdown(&results);
+    let table = markdown(results);
     std::fs::write(stem.with_extension("md"), &table)?;
-    plot::rates(&results, &stem.with_extension("png"))?;
+    plot::rates(results, &stem.with_extension("png"))?;
     println!("{table}");
     println!("wrote {}.{{json,md,png}}", stem.display());
     Ok(stem)
@@ -514,6 +521,19 @@ pub fn markdown(r: &Results) -> String {
         r.cpus,
         if r.quick { " --quick" } else { "" }
     );
+    traffic_table(r, &mut out);
+    scale_table(r, &mut out);
+    dns_table(r, &mut out);
+    let _ = writeln!(
+        out,
+        "\n\"one change\" is measured by the agent from the moment the change reaches its proxy loop to the moment the kernel is programmed ({} changes); \"ready\" includes reading and parsing all manifests.",
+        r.scale.first().map(|s| s.changes).unwrap_or(0)
+    );
+    out
+}
+
+fn traffic_table(r: &Results, out: &mut String) {
+    use std::fmt::Write as _;
     let _ = writeln!(
         out,
         "## Traffic: one client pod, 4 concurrent clients, to the last service added\n"
@@ -537,6 +557,10 @@ pub fn markdown(r: &Results) -> String {
             row.errors
         );
     }
+}
+
+fn scale_table(r: &Results, out: &mut String) {
+    use std::fmt::Write as _;
     let _ = writeln!(out, "\n## Scale: agent control plane\n");
     let _ = writeln!(
         out,
@@ -565,6 +589,10 @@ pub fn markdown(r: &Results) -> String {
         out,
         "\n\"Rewrite one chain, unchanged\" is the time iptables-restore takes to rewrite one service's KUBE-SVC chain with the rules it already has, at that table size: the least any endpoint change costs in kube-proxy's rule layout, whoever writes it (nf_tables re-validates every jump of the table when a reachable chain gains jumps). iptables mode cannot go below it; eBPF mode does not pay it."
     );
+}
+
+fn dns_table(r: &Results, out: &mut String) {
+    use std::fmt::Write as _;
     if !r.dns.is_empty() {
         let _ = writeln!(
             out,
@@ -596,10 +624,4 @@ pub fn markdown(r: &Results) -> String {
             f.p50_us, f.p99_us, f.changes
         );
     }
-    let _ = writeln!(
-        out,
-        "\n\"one change\" is measured by the agent from the moment the change reaches its proxy loop to the moment the kernel is programmed ({} changes); \"ready\" includes reading and parsing all manifests.",
-        r.scale.first().map(|s| s.changes).unwrap_or(0)
-    );
-    out
 }
