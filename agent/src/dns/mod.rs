@@ -477,6 +477,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_zone_poisoned_by_a_panic_is_rebuilt_from_the_model() {
+        let mut state = crate::model::store::test_state(&[
+            "kind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}",
+        ]);
+        state.track_dns();
+        let dns = ClusterDns::new(&ClusterDomain::default());
+        let web = ServiceName::new("ns", "web");
+        dns.update(&state, [&web]);
+        dns.set_synced();
+        let name = "web.ns.svc.cluster.local.";
+        assert!(matches!(dns.lookup(name, QType::A), Outcome::Answer { .. }));
+
+        // A writer panics half way through an update, holding the lock.
+        let zone = dns.zone.clone();
+        let half_done = web.clone();
+        let _ = std::thread::spawn(move || {
+            let mut guard = zone.write().unwrap();
+            guard.update(&half_done, None);
+            panic!("simulated bug during a zone update");
+        })
+        .join();
+        assert!(dns.zone.is_poisoned());
+
+        // Readers are still answered from the zone as it was left (not SERVFAIL for
+        // good), and the next update rebuilds every service, not only those it names.
+        assert!(matches!(dns.lookup(name, QType::A), Outcome::NxDomain));
+        dns.update(&state, std::iter::empty::<&ServiceName>());
+        assert!(!dns.zone.is_poisoned());
+        assert!(matches!(dns.lookup(name, QType::A), Outcome::Answer { .. }));
+    }
+
+    #[test]
     fn never_forwards_to_itself() {
         let listen: SocketAddr = "0.0.0.0:53".parse().unwrap();
         let local = ["10.0.0.1".parse().unwrap()];
