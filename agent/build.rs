@@ -9,6 +9,13 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .context("eBPF crate path is not UTF-8")?
         .to_owned();
+    // aya-build relays every line the nested cargo prints as a `cargo:warning`, which
+    // floods a first build with "Compiling ..." lines; a quiet nested cargo prints only
+    // what matters (compiler errors and warnings still come through, and a failure
+    // still fails this build).
+    // SAFETY: the build script is single-threaded here; nothing reads the environment
+    // concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "ferry-ebpf",

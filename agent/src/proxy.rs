@@ -247,7 +247,9 @@ impl ProxyLoop {
         let started = Instant::now();
         match self.data_plane.sync(&self.plan, &diff, &node, full) {
             Ok(stats) => {
-                conntrack::clear(&conntrack::stale_udp_flows(&diff));
+                if self.data_plane.nats_through_conntrack() {
+                    conntrack::clear(&conntrack::stale_udp_flows(&diff));
+                }
                 if full {
                     self.last_full = Instant::now();
                 }

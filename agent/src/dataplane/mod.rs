@@ -65,4 +65,11 @@ pub trait DataPlane: Send {
     fn needs_full_sync(&mut self) -> bool {
         false
     }
+
+    /// Whether traffic is translated by kernel NAT rules that record flows in
+    /// conntrack, so stale UDP entries must be cleared after a sync
+    /// ([`conntrack`]). Socket-level load balancing creates no such entries.
+    fn nats_through_conntrack(&self) -> bool {
+        false
+    }
 }

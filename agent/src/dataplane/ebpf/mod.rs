@@ -176,4 +176,9 @@ impl DataPlane for EbpfDataPlane {
     fn needs_full_sync(&mut self) -> bool {
         self.external.needs_full_sync()
     }
+
+    /// Only traffic entering the node goes through (iptables) NAT, once it is programmed.
+    fn nats_through_conntrack(&self) -> bool {
+        self.external.nats_through_conntrack()
+    }
 }

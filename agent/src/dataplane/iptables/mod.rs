@@ -149,6 +149,12 @@ impl<R: Runner + Send> DataPlane for IptablesDataPlane<R> {
         self.sync_plans(|| plan.iter().map(|p| p.as_ref()), diff, node, full)
     }
 
+    /// Once rules are installed (in the external-only scope, not before a service
+    /// needs them).
+    fn nats_through_conntrack(&self) -> bool {
+        self.programmed
+    }
+
     fn needs_full_sync(&mut self) -> bool {
         self.families.iter().any(|f| {
             f.ctx.is_some()
