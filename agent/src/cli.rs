@@ -116,9 +116,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "cluster.local", env = "FERRY_CLUSTER_DOMAIN")]
     pub cluster_domain: String,
     /// Upstream resolvers for names outside the cluster, IP[:PORT] comma-separated.
-    /// Default: the nameservers of /etc/resolv.conf (never this server itself).
-    #[arg(long, value_delimiter = ',', value_name = "IP[:PORT]", value_parser = crate::dns::parse_upstream, env = "FERRY_DNS_UPSTREAM")]
-    pub dns_upstream: Vec<SocketAddr>,
+    /// Default (also when empty): the nameservers of /etc/resolv.conf (never this
+    /// server itself).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "IP[:PORT]",
+        env = "FERRY_DNS_UPSTREAM"
+    )]
+    pub dns_upstream: Vec<String>,
     /// TTL of cluster records, in seconds (CoreDNS's default is 5).
     #[arg(long, default_value_t = 5, env = "FERRY_DNS_TTL")]
     pub dns_ttl: u32,
@@ -181,9 +187,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|_| format!("duration {s:?} must be positive"))
 }
 
-/// Which addresses NodePorts answer on, from `--nodeport-addresses`.
+/// `--dns-upstream`'s resolvers; empty entries (an empty environment variable, as a
+/// ConfigMap writes "use the default") are skipped.
+pub fn parse_upstreams(values: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    values
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            crate::dns::parse_upstream(v.trim()).map_err(|e| anyhow::anyhow!("--dns-upstream: {e}"))
+        })
+        .collect()
+}
+
+/// Which addresses NodePorts answer on, from `--nodeport-addresses` (empty entries
+/// are skipped; nothing, or only `primary`, means `primary`).
 pub fn parse_nodeport_addresses(values: &[String]) -> anyhow::Result<NodePortAddresses> {
-    if values.is_empty() || values.iter().all(|v| v == "primary") {
+    let values: Vec<&String> = values.iter().filter(|v| !v.trim().is_empty()).collect();
+    if values.is_empty() || values.iter().all(|v| *v == "primary") {
         return Ok(NodePortAddresses::Primary);
     }
     let cidrs = values

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use ipnetwork::IpNetwork;
+use tracing::warn;
 
-use crate::cli::{Mode, RunArgs, parse_bind, parse_nodeport_addresses};
+use crate::cli::{Mode, RunArgs, parse_bind, parse_nodeport_addresses, parse_upstreams};
 use crate::dataplane::ebpf::EbpfConfig;
 use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
@@ -55,7 +56,10 @@ impl RunConfig {
             .map_err(|e| anyhow!("--cluster-domain: {e}"))?;
         Ok(RunConfig {
             source: source(&args)?,
-            dns: args.dns_listen.map(|listen| dns(&args, listen, domain)),
+            dns: match args.dns_listen {
+                Some(listen) => Some(dns(&args, listen, domain)?),
+                None => None,
+            },
             node_name: node_name(args.node_name.clone())?,
             nodeport_addresses: parse_nodeport_addresses(&args.nodeport_addresses)?,
             healthz: parse_bind("--healthz-bind-address", &args.healthz_bind_address)?,
@@ -87,8 +91,10 @@ fn source(args: &RunArgs) -> anyhow::Result<SourceConfig> {
 fn data_plane(args: RunArgs) -> anyhow::Result<DataPlaneConfig> {
     Ok(match args.mode {
         Mode::Iptables => {
-            if args.cgroup.is_some() {
-                bail!("--cgroup only applies to --mode ebpf");
+            // kube-proxy ignores other modes' settings, so one ConfigMap serves every
+            // mode.
+            if let Some(cgroup) = &args.cgroup {
+                warn!(cgroup = %cgroup.display(), "--cgroup only applies to --mode ebpf; ignored");
             }
             DataPlaneConfig::Iptables
         }
@@ -112,7 +118,7 @@ fn data_plane(args: RunArgs) -> anyhow::Result<DataPlaneConfig> {
 
 /// DNS settings: the forwarder serves the pods, `--dns-forward-allow`, loopback and
 /// the node's own addresses; upstreams default to resolv.conf, never this server.
-fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> DnsConfig {
+fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
     let local: Vec<IpAddr> = crate::host::local_addresses()
         .into_iter()
         .map(|a| a.ip)
@@ -125,14 +131,15 @@ fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> DnsConfig {
             .filter_map(|c| c.parse::<IpNetwork>().ok()),
     );
     forward_allowed.extend(local.iter().map(|ip| IpNetwork::from(*ip)));
-    DnsConfig {
+    let configured = parse_upstreams(&args.dns_upstream)?;
+    Ok(DnsConfig {
         listen,
         domain,
         ttl: args.dns_ttl,
-        upstreams: crate::dns::upstreams(&args.dns_upstream, listen, &local),
+        upstreams: crate::dns::upstreams(&configured, listen, &local),
         forward_allowed,
         cache_size: args.dns_cache_size.max(1),
-    }
+    })
 }
 
 fn node_name(flag: Option<String>) -> anyhow::Result<String> {
@@ -206,7 +213,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(parse(&["--manifests", "/m", "--mode", "iptables", "--cgroup", "/x"]).is_err());
+        // Another mode's setting is ignored (with a warning), as kube-proxy does.
+        let c = parse(&["--manifests", "/m", "--mode", "iptables", "--cgroup", "/x"]).unwrap();
+        assert!(matches!(c.data_plane, DataPlaneConfig::Iptables));
     }
 
     #[test]
@@ -228,6 +237,20 @@ mod tests {
         .unwrap();
         let dns = c.dns.unwrap();
         assert_eq!(dns.domain.as_str(), "corp.local");
+        let with_upstream = |value: &str| {
+            let args = ["--manifests", "/m", "--mode", "iptables"];
+            let mut args = args.to_vec();
+            args.extend(["--dns-listen", "127.0.0.1:5353", "--dns-upstream", value]);
+            parse(&args)
+        };
+        assert!(with_upstream("nope").is_err());
+        // An empty value (a ConfigMap's "use the default") is the default.
+        assert!(with_upstream("").is_ok());
+        assert!(
+            crate::cli::parse_upstreams(&[String::new()])
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(dns.upstreams.len(), 2);
         assert!(
             dns.forward_allowed

@@ -157,6 +157,8 @@ pub struct Cluster {
     manifests: PathBuf,
     /// Watch an API server through this kubeconfig instead of the manifest directory.
     kubeconfig: Option<PathBuf>,
+    /// Environment variables every agent start gets (flags still win over them).
+    agent_env: Vec<(String, String)>,
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
@@ -303,6 +305,7 @@ impl Cluster {
             cgroup,
             agent: None,
             agent_runs: 0,
+            agent_env: Vec::new(),
             manifests: dir.join("manifests"),
             kubeconfig: None,
             dir,
@@ -392,6 +395,11 @@ impl Cluster {
         self.wait_healthy();
     }
 
+    /// Environment for every later agent start (e.g. a ConfigMap's `FERRY_*` values).
+    pub fn set_agent_env(&mut self, env: Vec<(String, String)>) {
+        self.agent_env = env;
+    }
+
     /// Starts the agent without waiting for it.
     pub fn spawn_agent(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
@@ -432,6 +440,7 @@ impl Cluster {
             .node
             .command(self.bin_dir.join("ferry"), None)
             .args(&args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

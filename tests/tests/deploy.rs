@@ -112,3 +112,59 @@ fn configmap_keys_are_flags_the_agent_reads() {
         );
     }
 }
+
+/// The ConfigMap's `FERRY_*` values as the agent's environment, with what must differ
+/// in a test node remapped: the mode under test, the test's cgroup and bpffs pin
+/// directory, and a DNS address the test node has (the DaemonSet's init container
+/// creates 169.254.20.10). Every other value is passed exactly as shipped.
+fn configmap_env(c: &ferry_tests::Cluster, mode: ferry_tests::Mode) -> Vec<(String, String)> {
+    let config: ConfigMap = one("ConfigMap");
+    config
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match key.as_str() {
+                "FERRY_MODE" => mode.flag().to_owned(),
+                "FERRY_CGROUP" => c.cgroup_path().display().to_string(),
+                "FERRY_BPF_PIN_PATH" => c.pin_dir().display().to_string(),
+                "FERRY_DNS_LISTEN" => "127.0.0.1:10053".to_owned(),
+                _ => value,
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// Every shipped configuration value is accepted in every mode: the agent runs with
+/// the ConfigMap's environment until healthy, and serves DNS for the configured
+/// cluster domain (an empty upstream means the host's resolvers, a cgroup setting is
+/// ignored outside eBPF mode).
+#[test]
+fn shipped_configmap_starts_the_agent_in_every_mode() {
+    use ferry_tests::manifests::{Service, port};
+    for mode in [ferry_tests::Mode::Ebpf, ferry_tests::Mode::Iptables] {
+        let mut c = ferry_tests::Cluster::new(mode, &[]);
+        let env = configmap_env(&c, mode);
+        let domain = env
+            .iter()
+            .find(|(k, _)| k == "FERRY_CLUSTER_DOMAIN")
+            .map(|(_, v)| v.clone())
+            .expect("the ConfigMap sets the cluster domain");
+        c.set_agent_env(env);
+        let web = Service::new("web")
+            .cluster_ip("10.96.0.10")
+            .port(port("http", "TCP", 80));
+        c.write_manifest("web.yaml", &web.yaml());
+        c.start_agent();
+        let name = format!("web.default.svc.{domain}");
+        let answer = ferry_tests::dig::run(
+            c.node_command("dig"),
+            "127.0.0.1",
+            &name,
+            "A",
+            &["-p", "10053"],
+        );
+        assert_eq!(answer.data("A"), ["10.96.0.10"], "{mode:?}: {answer:?}");
+    }
+}
