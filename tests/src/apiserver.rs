@@ -78,6 +78,8 @@ struct Change {
 struct Store {
     /// (API group, resource, verb) of every request served.
     requests: std::collections::BTreeSet<(String, String, String)>,
+    /// `User-Agent` headers seen.
+    user_agents: std::collections::BTreeSet<String>,
     rv: u64,
     /// Watches may not resume from before this resource version (410 Gone).
     compacted_to: u64,
@@ -115,6 +117,7 @@ impl FakeApi {
         let api = Self {
             store: Arc::new(Mutex::new(Store {
                 requests: std::collections::BTreeSet::new(),
+                user_agents: std::collections::BTreeSet::new(),
                 rv: 1,
                 compacted_to: 0,
                 objects: BTreeMap::new(),
@@ -136,13 +139,16 @@ impl FakeApi {
                 let app = Router::new()
                     .route(
                         "/api/v1/services",
-                        get(|s, q| list_or_watch(s, q, Kind::Service)),
+                        get(|s, q, h| list_or_watch(s, q, h, Kind::Service)),
                     )
                     .route(
                         "/apis/discovery.k8s.io/v1/endpointslices",
-                        get(|s, q| list_or_watch(s, q, Kind::EndpointSlice)),
+                        get(|s, q, h| list_or_watch(s, q, h, Kind::EndpointSlice)),
                     )
-                    .route("/api/v1/nodes", get(|s, q| list_or_watch(s, q, Kind::Node)))
+                    .route(
+                        "/api/v1/nodes",
+                        get(|s, q, h| list_or_watch(s, q, h, Kind::Node)),
+                    )
                     .with_state(served.clone());
                 let listener = tokio::net::TcpListener::bind(served.addr)
                     .await
@@ -241,6 +247,14 @@ impl FakeApi {
             .unwrap_or_default()
     }
 
+    /// Every `User-Agent` clients sent so far.
+    pub fn user_agents(&self) -> std::collections::BTreeSet<String> {
+        self.store
+            .lock()
+            .map(|s| s.user_agents.clone())
+            .unwrap_or_default()
+    }
+
     /// Takes the server down (every request fails) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.store.lock().expect("store").down = down;
@@ -278,8 +292,14 @@ fn selected(object: &Value, field_selector: Option<&str>) -> bool {
 async fn list_or_watch(
     State(api): State<FakeApi>,
     Query(params): Query<Params>,
+    headers: axum::http::HeaderMap,
     kind: Kind,
 ) -> Response {
+    if let (Ok(mut store), Some(agent)) = (api.store.lock(), headers.get("user-agent")) {
+        store
+            .user_agents
+            .insert(String::from_utf8_lossy(agent.as_bytes()).into_owned());
+    }
     if api.store.lock().map(|s| s.down).unwrap_or(true) {
         return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
     }

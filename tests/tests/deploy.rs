@@ -74,6 +74,14 @@ fn daemonset_runs_like_kube_proxy() {
             .map(|h| h.path.clone().unwrap_or_default())
     };
     assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&c.startup_probe).as_deref(), Some("/livez"));
+    // The forwarder's default upstream is this pod's resolv.conf: the node's own, not
+    // the cluster DNS (which Ferry replaces).
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
     assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
     let mounts: Vec<&str> = c
         .volume_mounts
@@ -167,4 +175,36 @@ fn shipped_configmap_starts_the_agent_in_every_mode() {
         );
         assert_eq!(answer.data("A"), ["10.96.0.10"], "{mode:?}: {answer:?}");
     }
+}
+
+/// The init container's script gives the node the DNS listen address on a kernel with
+/// the `dummy` driver or without it (then on `lo`), and is safe to run again.
+#[test]
+fn init_container_creates_the_dns_address_with_or_without_dummy() {
+    let ds: DaemonSet = one("DaemonSet");
+    let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let init = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "dns-address")
+        .expect("dns-address init container");
+    let command = init.command.clone().expect("command");
+    let netns = ferry_tests::netns::Netns::create(&format!("ferry-deploy-{}", std::process::id()));
+    netns.ip_batch(&["link set lo up"]);
+    for run in 0..2 {
+        let status = netns
+            .command(&command[0], None)
+            .args(&command[1..])
+            .status()
+            .expect("run the init script");
+        assert!(status.success(), "run {run}: {status}");
+    }
+    let out = netns
+        .command("ip", None)
+        .args(["-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    let addrs = String::from_utf8_lossy(&out.stdout);
+    assert!(addrs.contains("inet 169.254.20.10/32"), "{addrs}");
 }

@@ -193,6 +193,11 @@ fn rbac_in_deploy_matches_the_requests_made() {
     api.apply(&web_slice(&c, &["a", "b"]));
     c.wait_for("watching", WAIT, || reaches(&c, &["a", "b"]));
     let made = api.requests();
+    // Operators tell Ferry's requests apart by their User-Agent.
+    let agents = api.user_agents();
+    let ours = format!("ferry/{}", env!("CARGO_PKG_VERSION"));
+    assert!(agents.iter().all(|a| *a == ours), "{agents:?}");
+    assert!(!agents.is_empty());
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ferry.yaml"))
             .expect("deploy/ferry.yaml");

@@ -48,6 +48,11 @@ pub async fn client(access: &ClusterAccess) -> anyhow::Result<Client> {
             kube::Config::incluster().context("reading the in-cluster service account")?
         }
     };
+    let mut config = config;
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(concat!("ferry/", env!("CARGO_PKG_VERSION"))),
+    ));
     Client::try_from(config).context("creating the Kubernetes client")
 }
 
