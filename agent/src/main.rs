@@ -13,8 +13,14 @@ fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("ferry={default_level},warn")));
+    // kube-client logs every failed API response as an error; during an API outage
+    // that is several lines a second. The source reports those failures itself, rate
+    // limited and with their cause, so that one module is silenced (RUST_LOG overrides).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "ferry={default_level},kube_client::client::builder=off,warn"
+        ))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

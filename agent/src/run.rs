@@ -122,8 +122,9 @@ fn start_source(
     match &config.source {
         SourceConfig::Manifests(dir) => Ok(Some(manifests::spawn(dir.clone(), tx)?)),
         SourceConfig::Cluster(access) => {
-            let client = runtime.block_on(source::kube::client(access))?;
-            runtime.spawn(source::kube::run(client, config.node_name.clone(), tx));
+            let (client, server) = runtime.block_on(source::kube::client(access))?;
+            let node = config.node_name.clone();
+            runtime.spawn(source::kube::run(client, server, node, tx));
             Ok(None)
         }
     }

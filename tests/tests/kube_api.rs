@@ -125,6 +125,32 @@ fn api_outage_keeps_the_last_state_serving() {
     });
 }
 
+/// After a long outage followed by 410 Gone, changes flow again promptly (client-go
+/// relists about a second after a 410), not after a backoff that grew during the
+/// outage; and the outage is not logged once per retry.
+#[test]
+fn changes_flow_soon_after_a_long_outage_and_410() {
+    let (c, api) = api_node();
+    api.set_down(true);
+    // Long enough for kube-rs' default backoff (0.8 s doubling, jittered) to have its
+    // next retry more than 5 s after the server is back.
+    std::thread::sleep(Duration::from_secs(16));
+    api.apply(&web_slice(&c, &["b"]));
+    api.compact();
+    api.set_down(false);
+    c.wait_for(
+        "the change after the outage",
+        Duration::from_secs(5),
+        || reaches(&c, &["b"]),
+    );
+    let log = c.agent_log();
+    let warnings = log.matches("list/watch failed").count();
+    assert!(
+        (1..=6).contains(&warnings),
+        "one warning per kind and interval, not per retry ({warnings}):\n{log}"
+    );
+}
+
 #[test]
 fn service_proxy_name_label_is_honoured() {
     let (c, api) = api_node();
