@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// Kubeconfig for watching a real cluster.
     #[arg(long, value_name = "PATH", env = "FERRY_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL (kube-proxy's `--master`): overrides the kubeconfig's or
+    /// the in-cluster address, e.g. so a node reaches the API server before any
+    /// ClusterIP is programmed.
+    #[arg(long, value_name = "URL", env = "FERRY_MASTER")]
+    pub master: Option<String>,
     /// Data plane.
     #[arg(long, value_enum, default_value = "ebpf", env = "FERRY_MODE")]
     pub mode: Mode,

@@ -15,7 +15,7 @@ use crate::dataplane::ebpf::EbpfConfig;
 use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
 use crate::model::{ClusterDomain, NodePortAddresses};
-use crate::source::kube::ClusterAccess;
+use crate::source::kube::{ClusterAccess, Credentials};
 
 /// The data plane to run, with its settings.
 #[derive(Debug)]
@@ -73,19 +73,36 @@ impl RunConfig {
 }
 
 fn source(args: &RunArgs) -> anyhow::Result<SourceConfig> {
-    Ok(match (&args.manifests, &args.kubeconfig) {
-        (Some(_), Some(_)) => {
-            bail!("--manifests and --kubeconfig exclude each other: pick one source")
-        }
-        (Some(dir), None) => SourceConfig::Manifests(dir.clone()),
-        (None, Some(path)) => SourceConfig::Cluster(ClusterAccess::Kubeconfig(path.clone())),
-        (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-            SourceConfig::Cluster(ClusterAccess::InCluster)
-        }
-        (None, None) => bail!(
-            "no source: pass --manifests DIR or --kubeconfig PATH (or run in a cluster, where the service account is used)"
+    let master = match args.master.as_deref().filter(|m| !m.trim().is_empty()) {
+        Some(url) => Some(
+            url.trim()
+                .parse::<axum::http::Uri>()
+                .ok()
+                .filter(|u| u.scheme().is_some() && u.host().is_some())
+                .ok_or_else(|| {
+                    anyhow!("--master: {url:?} is not a URL such as https://10.0.0.1:6443")
+                })?,
         ),
-    })
+        None => None,
+    };
+    if let Some(dir) = &args.manifests {
+        if args.kubeconfig.is_some() || master.is_some() {
+            bail!("--manifests and --kubeconfig/--master exclude each other: pick one source");
+        }
+        return Ok(SourceConfig::Manifests(dir.clone()));
+    }
+    let credentials = match &args.kubeconfig {
+        Some(path) => Credentials::Kubeconfig(path.clone()),
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Credentials::InCluster,
+        None if master.is_some() => Credentials::Anonymous,
+        None => bail!(
+            "no source: pass --manifests DIR, --kubeconfig PATH or --master URL (or run in a cluster, where the service account is used)"
+        ),
+    };
+    Ok(SourceConfig::Cluster(ClusterAccess {
+        credentials,
+        master,
+    }))
 }
 
 fn data_plane(args: RunArgs) -> anyhow::Result<DataPlaneConfig> {
@@ -280,10 +297,27 @@ mod tests {
         let c = parse(&["--kubeconfig", "/k", "--mode", "iptables"]).unwrap();
         assert!(matches!(
             c.source,
-            SourceConfig::Cluster(ClusterAccess::Kubeconfig(_))
+            SourceConfig::Cluster(ClusterAccess {
+                credentials: Credentials::Kubeconfig(_),
+                master: None,
+            })
         ));
         let err = parse(&["--kubeconfig", "/k", "--manifests", "/m"]).unwrap_err();
         assert!(err.contains("exclude"), "{err}");
+        let c = parse(&["--kubeconfig", "/k", "--master", "https://10.0.0.1:6443"]).unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::Cluster(ClusterAccess { master: Some(ref m), .. }) if m.port_u16() == Some(6443)
+        ));
+        let c = parse(&["--master", "http://127.0.0.1:8080", "--mode", "iptables"]).unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::Cluster(ClusterAccess {
+                credentials: Credentials::Anonymous | Credentials::InCluster,
+                ..
+            })
+        ));
+        assert!(parse(&["--master", "not a url", "--mode", "iptables"]).is_err());
         if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
             let err = parse(&["--mode", "iptables"]).unwrap_err();
             assert!(err.contains("no source"), "{err}");

@@ -151,6 +151,23 @@ fn changes_flow_soon_after_a_long_outage_and_410() {
     );
 }
 
+/// `--master` (kube-proxy's flag) overrides the kubeconfig's server, as a node that
+/// boots without kube-proxy needs (its kubeconfig or in-cluster address may be a
+/// ClusterIP nothing programs yet).
+#[test]
+fn master_overrides_the_kubeconfig_server() {
+    let mut c = Cluster::new(Mode::Iptables, &["a", "b", "client"]);
+    let api = c.in_node(|| FakeApi::start(API.parse().expect("addr")));
+    api.apply(&web_service());
+    api.apply(&web_slice(&c, &["a"]));
+    // The kubeconfig names an address where nothing listens.
+    let unreachable = api.kubeconfig().replace(API, "127.0.0.1:1");
+    assert_ne!(unreachable, api.kubeconfig());
+    c.use_kubeconfig(&unreachable);
+    c.start_agent_with(&["--master", &format!("http://{API}")]);
+    assert!(reaches(&c, &["a"]));
+}
+
 #[test]
 fn service_proxy_name_label_is_honoured() {
     let (c, api) = api_node();

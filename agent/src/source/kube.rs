@@ -25,12 +25,25 @@ use tracing::{info, warn};
 use super::{Object, SourceEvent};
 use crate::model::{Kind, ObjectRef};
 
-/// Where the cluster is.
+/// Where the cluster is and how to authenticate to it.
 #[derive(Clone, Debug)]
-pub enum ClusterAccess {
+pub struct ClusterAccess {
+    pub credentials: Credentials,
+    /// `--master`: the API server's URL, overriding the kubeconfig's or the in-cluster
+    /// one (the `kubernetes` Service ClusterIP, which nothing programs on a node that
+    /// boots without kube-proxy).
+    pub master: Option<axum::http::Uri>,
+}
+
+/// Where the client's credentials come from.
+#[derive(Clone, Debug)]
+pub enum Credentials {
     Kubeconfig(PathBuf),
     /// The pod's service account (in-cluster).
     InCluster,
+    /// None: only with `--master`, for an API server that needs none (as kube-proxy's
+    /// `--master` alone does).
+    Anonymous,
 }
 
 /// Watchers retry a failed list or watch after a short, jittered, exponential delay
@@ -48,8 +61,8 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Builds a client for `access`; also returns the API server's URL, for log lines.
 pub async fn client(access: &ClusterAccess) -> anyhow::Result<(Client, String)> {
-    let config = match access {
-        ClusterAccess::Kubeconfig(path) => {
+    let mut config = match &access.credentials {
+        Credentials::Kubeconfig(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(
@@ -59,11 +72,17 @@ pub async fn client(access: &ClusterAccess) -> anyhow::Result<(Client, String)> 
             .await
             .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
-        ClusterAccess::InCluster => {
+        Credentials::InCluster => {
             kube::Config::incluster().context("reading the in-cluster service account")?
         }
+        Credentials::Anonymous => match &access.master {
+            Some(master) => kube::Config::new(master.clone()),
+            None => anyhow::bail!("no credentials and no --master: nothing to connect to"),
+        },
     };
-    let mut config = config;
+    if let Some(master) = &access.master {
+        config.cluster_url = master.clone();
+    }
     config.headers.push((
         axum::http::header::USER_AGENT,
         axum::http::HeaderValue::from_static(concat!("ferry/", env!("CARGO_PKG_VERSION"))),
