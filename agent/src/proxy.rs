@@ -285,12 +285,15 @@ impl ProxyLoop {
         let Some(servers) = &mut self.service_health else {
             return;
         };
-        let mut names: Vec<ServiceName> = changed.iter().cloned().collect();
-        if let Some(node) = full_sync {
-            servers.set_addresses(node.nodeport_ips.clone());
-            names = servers.services();
-            names.extend(self.state.services().map(|svc| svc.name.clone()));
-        }
+        let names: Vec<ServiceName> = match full_sync {
+            Some(node) => {
+                servers.set_addresses(node.nodeport_ips.clone());
+                let mut names = servers.services();
+                names.extend(self.state.services().map(|svc| svc.name.clone()));
+                names
+            }
+            None => changed.iter().cloned().collect(),
+        };
         for name in names {
             servers.update(&name, service_health_check(&self.state, &name));
         }

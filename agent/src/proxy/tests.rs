@@ -9,7 +9,7 @@ use super::*;
 use crate::dataplane::{SyncError, SyncStats};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::model::{LocalAddress, PlanDiff, PlanKey};
+use crate::model::{LocalAddress, PlanDiff, PlanKey, ServicePortPlan};
 
 /// One call of [`DataPlane::sync`], as the fake saw it.
 #[derive(Clone, Debug)]
@@ -63,8 +63,6 @@ impl DataPlane for FakeDataPlane {
         Ok(SyncStats::default())
     }
 }
-
-use crate::model::ServicePortPlan;
 
 struct Harness {
     proxy: ProxyLoop,
