@@ -17,7 +17,7 @@ fi
 APT_PACKAGES=(
   rustc-web libstd-rust-web-dev-bpf cargo-web llvm-22-dev
   build-essential pkg-config curl ca-certificates
-  iproute2 iptables nftables conntrack bpftool procps util-linux
+  iproute2 iptables nftables conntrack ipset bpftool procps util-linux
   dnsutils curl
   haproxy dnsperf knot unbound dnsmasq-base fonts-dejavu-core
 )
@@ -46,6 +46,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
   if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+command -v kubectl >/dev/null 2>&1 || { echo "install-deps: apt installing kubernetes-client (kubectl, for the deploy tests)"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client; }
 
 # rustup's stable toolchain builds the host crates, and aya-build drives the eBPF build
 # through `rustup run`. Debian 12 packages no rustup and nothing is fetched from outside

@@ -18,6 +18,9 @@ pub struct Cli {
     /// More logging (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// kube-proxy's log level flag (`--v=2`): 0-2 info, 3-4 debug, 5+ trace.
+    #[arg(long = "v", value_name = "LEVEL", global = true, hide = true)]
+    pub klog_level: Option<u8>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -27,7 +30,7 @@ pub enum Command {
     /// Watch services and program this node (the network namespace ferry runs in).
     Run(Box<RunArgs>),
     /// Remove everything ferry programmed on this node.
-    Cleanup(BpfArgs),
+    Cleanup(CleanupArgs),
     /// Show what is programmed, read back from the kernel.
     Inspect {
         #[command(subcommand)]
@@ -63,6 +66,18 @@ pub struct BpfArgs {
     pub bpf_pin_path: PathBuf,
 }
 
+/// Flags of `ferry cleanup`.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Also remove what kube-proxy leaves behind in any mode: its rules in both
+    /// iptables backends (legacy and nft), its nftables tables, and IPVS state
+    /// (`kube-ipvs0`, its ipsets, virtual servers).
+    #[arg(long)]
+    pub kube_proxy: bool,
+    #[command(flatten)]
+    pub bpf: BpfArgs,
+}
+
 /// Which data plane programs the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -75,6 +90,19 @@ pub enum Mode {
 /// Flags of `ferry run`. Names follow kube-proxy's where one exists.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// A kube-proxy configuration file (`KubeProxyConfiguration`,
+    /// kubeproxy.config.k8s.io/v1alpha1), e.g. kubeadm's `kube-proxy` ConfigMap: its
+    /// values apply where no flag or environment variable sets them.
+    #[arg(long, value_name = "FILE", env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Remove what was programmed and exit (kube-proxy's `--cleanup`; `ferry cleanup
+    /// --kube-proxy` with this flag's pin path).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Apply the node settings (conntrack sysctls) and exit, as kube-proxy's
+    /// `--init-only` does for a privileged init container.
+    #[arg(long)]
+    pub init_only: bool,
     /// Directory of Kubernetes manifests (Services, EndpointSlices, Nodes) to serve
     /// instead of a cluster; watched for changes.
     #[arg(long, value_name = "DIR", env = "FERRY_MANIFESTS")]
@@ -87,11 +115,18 @@ pub struct RunArgs {
     /// ClusterIP is programmed.
     #[arg(long, value_name = "URL", env = "FERRY_MASTER")]
     pub master: Option<String>,
-    /// Data plane.
-    #[arg(long, value_enum, default_value = "ebpf", env = "FERRY_MODE")]
+    /// Data plane (kube-proxy's `--proxy-mode`).
+    #[arg(
+        long,
+        visible_alias = "proxy-mode",
+        value_enum,
+        default_value = "ebpf",
+        env = "FERRY_MODE"
+    )]
     pub mode: Mode,
-    /// This node's name (endpoint locality, Node object). Default: the host name.
-    #[arg(long, env = "FERRY_NODE_NAME")]
+    /// This node's name (endpoint locality, Node object; kube-proxy's
+    /// `--hostname-override`). Default: the host name.
+    #[arg(long, visible_alias = "hostname-override", env = "FERRY_NODE_NAME")]
     pub node_name: Option<String>,
     /// Pod CIDRs, comma-separated; traffic to ClusterIPs from outside them is
     /// masqueraded.
@@ -162,9 +197,24 @@ pub struct RunArgs {
         env = "FERRY_METRICS_BIND_ADDRESS"
     )]
     pub metrics_bind_address: String,
-    /// How often to check that programmed state is intact (e.g. 30s, 1m).
-    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "FERRY_SYNC_PERIOD")]
+    /// Also fail (exit) when the health or metrics address cannot be bound, instead
+    /// of retrying the bind in the background.
+    #[arg(long, env = "FERRY_BIND_ADDRESS_HARD_FAIL")]
+    pub bind_address_hard_fail: bool,
+    /// How often to check that programmed state is intact (e.g. 30s, 1m;
+    /// kube-proxy's `--iptables-sync-period`).
+    #[arg(long, visible_alias = "iptables-sync-period", default_value = "30s", value_parser = parse_duration, env = "FERRY_SYNC_PERIOD")]
     pub sync_period: Duration,
+    /// Least time between two syncs: changes arriving meanwhile are batched
+    /// (kube-proxy's `--iptables-min-sync-period`; its default is 1s).
+    #[arg(long, visible_alias = "iptables-min-sync-period", default_value = "0s", value_parser = parse_duration, env = "FERRY_MIN_SYNC_PERIOD")]
+    pub min_sync_period: Duration,
+    /// Masquerade all traffic to ClusterIPs, not only traffic from outside
+    /// --cluster-cidr (iptables mode; eBPF balances at the socket and NATs nothing).
+    #[arg(long, env = "FERRY_MASQUERADE_ALL")]
+    pub masquerade_all: bool,
+    #[command(flatten)]
+    pub node_settings: NodeSettingsArgs,
     /// Full resync at least this often.
     #[arg(long, default_value = "1h", value_parser = parse_duration, env = "FERRY_FULL_SYNC_PERIOD")]
     pub full_sync_period: Duration,
@@ -183,9 +233,79 @@ pub struct RunArgs {
     /// recvmsg/getpeername.
     #[arg(long, default_value_t = MapSizes::default().sockets, env = "FERRY_BPF_MAX_SOCKETS")]
     pub bpf_max_sockets: u32,
+    /// Flags (argument ids) given on the command line or in the environment, which a
+    /// `--config` file does not override. Filled by [`parse_from`].
+    #[arg(skip)]
+    pub explicit: std::collections::BTreeSet<String>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Process and kernel settings applied at start, with kube-proxy's flags and defaults.
+#[derive(Debug, Args)]
+pub struct NodeSettingsArgs {
+    /// The agent's oom_score_adj (-1000..1000): like kube-proxy, the kernel's OOM
+    /// killer should pick almost anything before it.
+    #[arg(long, default_value_t = -999, allow_negative_numbers = true, env = "FERRY_OOM_SCORE_ADJ")]
+    pub oom_score_adj: i32,
+    /// nf_conntrack_max per CPU (0: leave the limit and the hash size alone).
+    #[arg(long, default_value_t = 32_768, env = "FERRY_CONNTRACK_MAX_PER_CORE")]
+    pub conntrack_max_per_core: u32,
+    /// nf_conntrack_max at least this, whatever the CPU count.
+    #[arg(long, default_value_t = 131_072, env = "FERRY_CONNTRACK_MIN")]
+    pub conntrack_min: u32,
+    /// Idle timeout of established TCP flows (0: leave as is).
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "FERRY_CONNTRACK_TCP_TIMEOUT_ESTABLISHED")]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// Timeout of TCP flows in CLOSE_WAIT (0: leave as is).
+    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "FERRY_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT")]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    /// Accept out-of-window TCP packets instead of marking them INVALID.
+    #[arg(long, env = "FERRY_CONNTRACK_TCP_BE_LIBERAL")]
+    pub conntrack_tcp_be_liberal: bool,
+    /// Timeout of UDP flows seen in one direction (0: leave as is).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, env = "FERRY_CONNTRACK_UDP_TIMEOUT")]
+    pub conntrack_udp_timeout: Duration,
+    /// Timeout of UDP flows seen in both directions (0: leave as is).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, env = "FERRY_CONNTRACK_UDP_TIMEOUT_STREAM")]
+    pub conntrack_udp_timeout_stream: Duration,
+}
+
+/// Parses the command line, noting which `ferry run` flags were given (on the command
+/// line or in the environment) so a `--config` file fills in only the others.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Run(run), Some(("run", sub))) = (&mut cli.command, matches.subcommand()) {
+        run.explicit = sub
+            .ids()
+            .filter(|id| {
+                sub.value_source(id.as_str())
+                    .is_some_and(|s| s != ValueSource::DefaultValue)
+            })
+            .map(|id| id.as_str().to_owned())
+            .collect();
+    }
+    Ok(cli)
+}
+
+/// The command line as kube-proxy's is written: when the binary is invoked as
+/// `kube-proxy` (the name kube-proxy's DaemonSets run), `ferry run` is meant.
+pub fn kube_proxy_compatible_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("kube-proxy") {
+        args.insert(1, "run".into());
+    }
+    args
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration = s
         .parse()
         .map_err(|e| format!("invalid duration {s:?}: {e}"))?;

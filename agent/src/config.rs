@@ -14,7 +14,9 @@ use crate::cli::{Mode, RunArgs, parse_bind, parse_nodeport_addresses, parse_upst
 use crate::dataplane::ebpf::EbpfConfig;
 use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
+use crate::kube_proxy_config::KubeProxyConfiguration;
 use crate::model::{ClusterDomain, NodePortAddresses};
+use crate::node_settings::{ConntrackSettings, NodeSettings};
 use crate::source::kube::{ClusterAccess, Credentials};
 
 /// The data plane to run, with its settings.
@@ -22,6 +24,16 @@ use crate::source::kube::{ClusterAccess, Credentials};
 pub enum DataPlaneConfig {
     Ebpf(EbpfConfig),
     Iptables,
+}
+
+impl DataPlaneConfig {
+    /// The mode's name, as `/proxyMode` answers it.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Self::Ebpf(_) => "ebpf",
+            Self::Iptables => "iptables",
+        }
+    }
 }
 
 /// Where Services and EndpointSlices come from.
@@ -46,12 +58,31 @@ pub struct RunConfig {
     /// Cluster DNS, when `--dns-listen` is given.
     pub dns: Option<DnsConfig>,
     pub sync_period: Duration,
+    pub min_sync_period: Duration,
     pub full_sync_period: Duration,
+    /// Masquerade all ClusterIP traffic (iptables mode).
+    pub masquerade_all: bool,
+    /// Exit when the health or metrics address cannot be bound.
+    pub bind_address_hard_fail: bool,
+    /// Applied at start.
+    pub node_settings: NodeSettings,
 }
 
 impl RunConfig {
-    /// Checks the flags and resolves them on this host; errors say what to change.
-    pub fn resolve(args: RunArgs) -> anyhow::Result<Self> {
+    /// Checks the flags (filled in from `--config` where not given) and resolves
+    /// them on this host; errors say what to change.
+    pub fn resolve(mut args: RunArgs) -> anyhow::Result<Self> {
+        if let Some(path) = args.config.clone() {
+            let file = KubeProxyConfiguration::load(&path)?;
+            for warning in file.apply(&mut args)? {
+                warn!(config = %path.display(), "{warning}");
+            }
+        }
+        if args.masquerade_all && args.mode == Mode::Ebpf {
+            warn!(
+                "--masquerade-all has no effect in eBPF mode: connections are balanced at the socket and nothing is NATed"
+            );
+        }
         let domain = ClusterDomain::new(&args.cluster_domain)
             .map_err(|e| anyhow!("--cluster-domain: {e}"))?;
         Ok(RunConfig {
@@ -65,7 +96,11 @@ impl RunConfig {
             healthz: parse_bind("--healthz-bind-address", &args.healthz_bind_address)?,
             metrics: parse_bind("--metrics-bind-address", &args.metrics_bind_address)?,
             sync_period: args.sync_period,
+            min_sync_period: args.min_sync_period,
             full_sync_period: args.full_sync_period,
+            masquerade_all: args.masquerade_all,
+            bind_address_hard_fail: args.bind_address_hard_fail,
+            node_settings: node_settings(&args),
             cluster_cidrs: args.cluster_cidr.clone(),
             data_plane: data_plane(args)?,
         })
@@ -159,9 +194,27 @@ fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> anyhow::Res
     })
 }
 
+fn node_settings(args: &RunArgs) -> NodeSettings {
+    let s = &args.node_settings;
+    NodeSettings {
+        oom_score_adj: s.oom_score_adj.clamp(-1000, 1000),
+        unlimited_memlock: args.mode == Mode::Ebpf,
+        conntrack: ConntrackSettings {
+            max_per_core: s.conntrack_max_per_core,
+            min: s.conntrack_min,
+            tcp_established_timeout: s.conntrack_tcp_timeout_established,
+            tcp_close_wait_timeout: s.conntrack_tcp_timeout_close_wait,
+            tcp_be_liberal: s.conntrack_tcp_be_liberal,
+            udp_timeout: s.conntrack_udp_timeout,
+            udp_stream_timeout: s.conntrack_udp_timeout_stream,
+        },
+    }
+}
+
 fn node_name(flag: Option<String>) -> anyhow::Result<String> {
     match flag {
-        Some(n) => Ok(n),
+        Some(n) if n.trim().is_empty() => bail!("--node-name (--hostname-override) is empty"),
+        Some(n) => Ok(n.trim().to_lowercase()),
         None => Ok(nix::unistd::gethostname()
             .map_err(|e| anyhow!("cannot read the host name for --node-name: {e}"))?
             .to_string_lossy()
@@ -172,13 +225,12 @@ fn node_name(flag: Option<String>) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser as _;
+    use crate::cli::Command;
 
     fn parse(args: &[&str]) -> Result<RunConfig, String> {
         let mut full = vec!["ferry", "run"];
         full.extend_from_slice(args);
-        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        let cli = crate::cli::parse_from(full).map_err(|e| e.to_string())?;
         match cli.command {
             Command::Run(run) => RunConfig::resolve(*run).map_err(|e| e.to_string()),
             other => Err(format!("{other:?}")),

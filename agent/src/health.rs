@@ -1,5 +1,7 @@
 //! kube-proxy's operational endpoints: `/healthz` and `/livez` on the healthz address
-//! (default :10256) and `/metrics` on the metrics address (default :10249).
+//! (default :10256); `/metrics`, `/healthz` and `/proxyMode` on the metrics address
+//! (default 127.0.0.1:10249). Binds that fail (a port still held by a departing
+//! kube-proxy, say) are retried in the background unless `--bind-address-hard-fail`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -7,17 +9,24 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::model::IpFamily;
 
-/// Sync freshness, shared between the proxy loop (writer) and the HTTP server.
+/// The `Server` header of every answer, so an operator (or Ferry itself, before
+/// taking a port over) can tell Ferry's endpoints from kube-proxy's.
+pub const SERVER: &str = concat!("ferry/", env!("CARGO_PKG_VERSION"));
+
+/// Sync freshness and node eligibility, shared between the proxy loop (writer) and
+/// the HTTP servers.
 pub struct Health {
     inner: Mutex<HealthInner>,
-    /// How long a queued change may stay unsynced before the node reports unhealthy.
+    /// How long a queued change may stay unsynced before the node reports unhealthy
+    /// (kube-proxy: twice the sync period).
     timeout: Duration,
 }
 
@@ -25,9 +34,25 @@ pub struct Health {
 struct HealthInner {
     last_updated: Option<SystemTime>,
     oldest_pending: Option<Instant>,
+    /// The Node object says the node is going away.
+    leaving: bool,
+}
+
+/// What `/healthz` and `/livez` answer from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthStatus {
+    /// The first full sync is done and no change waits longer than the timeout.
+    pub healthy: bool,
+    /// No change waits longer than the timeout after the first sync (a long first
+    /// sync is not a reason to restart the agent).
+    pub live: bool,
+    /// The node is not being deleted (kube-proxy's `nodeEligible`).
+    pub eligible: bool,
+    pub last_updated: Option<SystemTime>,
 }
 
 impl Health {
+    /// Health that turns stale when a change waits longer than `timeout`.
     pub fn new(timeout: Duration) -> Self {
         Self {
             inner: Mutex::new(HealthInner::default()),
@@ -50,14 +75,32 @@ impl Health {
         }
     }
 
-    /// Healthy once the first full sync is done and no change waits longer than the
-    /// timeout; also returns the time of the last successful sync.
-    pub fn status(&self) -> (bool, Option<SystemTime>) {
+    /// Whether load balancers may send this node traffic (its Node object is not
+    /// being deleted).
+    pub fn node_eligible(&self, eligible: bool) {
+        if let Ok(mut h) = self.inner.lock() {
+            h.leaving = !eligible;
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> HealthStatus {
         let Ok(h) = self.inner.lock() else {
-            return (false, None);
+            return HealthStatus {
+                healthy: false,
+                live: false,
+                eligible: false,
+                last_updated: None,
+            };
         };
         let stale = h.oldest_pending.is_some_and(|t| t.elapsed() > self.timeout);
-        (h.last_updated.is_some() && !stale, h.last_updated)
+        let synced = h.last_updated.is_some();
+        HealthStatus {
+            healthy: synced && !stale,
+            live: !synced || !stale,
+            eligible: !h.leaving,
+            last_updated: h.last_updated,
+        }
     }
 }
 
@@ -67,23 +110,128 @@ fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let (healthy, last) = health.status();
-    let body = serde_json::json!({
+/// What the health endpoints need.
+#[derive(Clone)]
+struct HealthState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    families: Vec<IpFamily>,
+}
+
+/// kube-proxy's body: `lastUpdated` (now, when healthy, as upstream does for
+/// compatibility), `currentTime`, `nodeEligible` (only on /healthz), `healthy` and
+/// the per-family `status`.
+fn health_body(
+    status: &HealthStatus,
+    healthy: bool,
+    with_node: bool,
+    families: &[IpFamily],
+) -> String {
+    let now = SystemTime::now();
+    let last = if healthy {
+        Some(now)
+    } else {
+        status.last_updated
+    };
+    let per_family: serde_json::Map<String, serde_json::Value> = families
+        .iter()
+        .map(|f| {
+            let entry = serde_json::json!({
+                "lastUpdated": rfc3339(status.last_updated),
+                "healthy": status.healthy,
+            });
+            (f.to_string(), entry)
+        })
+        .collect();
+    let mut body = serde_json::json!({
         "lastUpdated": rfc3339(last),
-        "currentTime": rfc3339(Some(SystemTime::now())),
-        "nodeEligible": true,
+        "currentTime": rfc3339(Some(now)),
     });
-    let code = if healthy {
+    if with_node {
+        body["nodeEligible"] = status.eligible.into();
+    }
+    body["healthy"] = status.healthy.into();
+    body["status"] = per_family.into();
+    body.to_string()
+}
+
+fn answer(state: &HealthState, livez: bool) -> Response {
+    let status = state.health.status();
+    let ok = if livez {
+        status.live
+    } else {
+        status.healthy && status.eligible
+    };
+    let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    state.metrics.health_answered(livez, code.as_u16());
+    let body = health_body(&status, ok, !livez, &state.families);
     (
         code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
     )
+        .into_response()
+}
+
+async fn healthz(State(state): State<HealthState>) -> Response {
+    answer(&state, false)
+}
+
+async fn livez(State(state): State<HealthState>) -> Response {
+    answer(&state, true)
+}
+
+/// Serves `/healthz` (503 until the first sync, while a change waits too long, and
+/// while the node is being deleted) and `/livez` (only the wait, and only after the
+/// first sync).
+pub async fn serve_health(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    families: Vec<IpFamily>,
+    hard_fail: bool,
+) {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .with_state(HealthState {
+            health,
+            metrics,
+            families,
+        });
+    serve(addr, app, "healthz", hard_fail).await;
+}
+
+/// Serves `/metrics`, `/healthz` ("ok": the metrics server is up) and `/proxyMode`
+/// (the data plane's name, as kube-proxy's e2e tests read it).
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    mode: &'static str,
+    hard_fail: bool,
+) {
+    let text = |body: &'static str| {
+        (
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            body,
+        )
+    };
+    let app = Router::new()
+        .route("/metrics", get(self::metrics))
+        .route("/healthz", get(move || async move { text("ok") }))
+        .route("/proxyMode", get(move || async move { text(mode) }))
+        .with_state(metrics);
+    serve(addr, app, "metrics", hard_fail).await;
 }
 
 async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -96,35 +244,55 @@ async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
-/// Serves `/healthz` and `/livez` (same semantics as kube-proxy: unhealthy until the
-/// first sync and while changes wait too long).
-pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(healthz))
-        .with_state(health);
-    serve(addr, app, "healthz").await;
-}
+/// First and largest wait between bind attempts.
+const BIND_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
-/// Serves `/metrics`.
-pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) {
-    let app = Router::new()
-        .route("/metrics", get(self::metrics))
-        .with_state(metrics);
-    serve(addr, app, "metrics").await;
-}
-
-async fn serve(addr: SocketAddr, app: Router, what: &str) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(%addr, error = %e, "cannot serve {what}; continuing without it");
-            return;
-        }
+async fn serve(addr: SocketAddr, app: Router, what: &str, hard_fail: bool) {
+    let app = app.layer(axum::middleware::map_response(
+        |mut response: Response| async move {
+            response
+                .headers_mut()
+                .insert(header::SERVER, HeaderValue::from_static(SERVER));
+            response
+        },
+    ));
+    let listener = match bind(addr, what, hard_fail).await {
+        Some(l) => l,
+        None => return,
     };
     info!(%addr, "serving {what}");
     if let Err(e) = axum::serve(listener, app).await {
         warn!(%addr, error = %e, "{what} server stopped");
+    }
+}
+
+/// Binds, retrying with a growing wait (one warning, then one every minute) until it
+/// succeeds; with `hard_fail` the agent exits instead, as kube-proxy's
+/// `--bind-address-hard-fail` does.
+async fn bind(addr: SocketAddr, what: &str, hard_fail: bool) -> Option<tokio::net::TcpListener> {
+    let mut wait = BIND_RETRY.0;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                if last_warning.is_some() {
+                    info!(%addr, "bound {what} address after retrying");
+                }
+                return Some(l);
+            }
+            Err(e) if hard_fail => {
+                tracing::error!(%addr, error = %e, "cannot serve {what}; exiting (--bind-address-hard-fail)");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    warn!(%addr, error = %e, "cannot serve {what} yet; retrying in the background");
+                    last_warning = Some(Instant::now());
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(BIND_RETRY.1);
     }
 }
 
@@ -144,13 +312,40 @@ mod tests {
     #[test]
     fn health_turns_on_after_first_sync_and_off_when_stale() {
         let h = Health::new(Duration::from_millis(10));
-        assert!(!h.status().0);
-        h.updated();
-        assert!(h.status().0);
+        let s = h.status();
+        assert!(!s.healthy && s.live, "a first sync in progress is alive");
         h.queued();
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!h.status().0);
+        assert!(h.status().live, "even a long first sync");
         h.updated();
-        assert!(h.status().0);
+        assert!(h.status().healthy);
+        h.queued();
+        std::thread::sleep(Duration::from_millis(20));
+        let s = h.status();
+        assert!(!s.healthy && !s.live);
+        h.updated();
+        assert!(h.status().healthy);
+    }
+
+    #[test]
+    fn body_has_kube_proxys_fields() {
+        let h = Health::new(Duration::from_secs(60));
+        h.updated();
+        h.node_eligible(false);
+        let status = h.status();
+        let body: serde_json::Value = serde_json::from_str(&health_body(
+            &status,
+            false,
+            true,
+            &[IpFamily::V4, IpFamily::V6],
+        ))
+        .unwrap();
+        assert_eq!(body["nodeEligible"], false);
+        assert_eq!(body["healthy"], true);
+        assert_eq!(body["status"]["IPv6"]["healthy"], true);
+        assert!(body["lastUpdated"].is_string() && body["currentTime"].is_string());
+        let livez: serde_json::Value =
+            serde_json::from_str(&health_body(&status, true, false, &[IpFamily::V4])).unwrap();
+        assert!(livez.get("nodeEligible").is_none());
     }
 }

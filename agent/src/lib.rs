@@ -4,7 +4,9 @@
 //! Data flows one way: [`source`] -> [`model`] -> [`dataplane`]. The [`proxy`] loop
 //! drives it and [`report`] tells operators about it; [`health`] and [`metrics`] serve
 //! that; [`service_health`] answers load balancers' health checks; [`host`] probes the
-//! node's addresses; [`cli`] parses flags and [`config`] resolves them.
+//! node's addresses; [`cli`] parses flags, [`kube_proxy_config`] reads kube-proxy's configuration
+//! file and [`config`] resolves both; [`node_settings`] applies kube-proxy's process and
+//! conntrack settings.
 
 pub mod cli;
 pub mod config;
@@ -12,8 +14,11 @@ pub mod dataplane;
 pub mod dns;
 pub mod health;
 pub mod host;
+pub mod kube_proxy;
+pub mod kube_proxy_config;
 pub mod metrics;
 pub mod model;
+pub mod node_settings;
 pub mod proxy;
 pub mod report;
 pub mod run;

@@ -2,13 +2,18 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use ferry::cli::{Cli, Command, InspectWhat};
+use ferry::cli::{Command, InspectWhat, RunArgs};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let default_level = match cli.verbose {
+    let args = ferry::cli::kube_proxy_compatible_args(std::env::args_os().collect());
+    let cli = ferry::cli::parse_from(args).unwrap_or_else(|e| e.exit());
+    // klog's --v: 0-2 are kube-proxy's normal levels, 4 its debug.
+    let level = match cli.klog_level {
+        Some(v) => v.saturating_sub(2).min(2),
+        None => cli.verbose,
+    };
+    let default_level = match level {
         0 => "info",
         1 => "debug",
         _ => "trace",
@@ -28,8 +33,8 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run(args) => ferry::config::RunConfig::resolve(*args).and_then(ferry::run::run),
-        Command::Cleanup(bpf) => ferry::run::cleanup(&bpf.bpf_pin_path),
+        Command::Run(args) => run(*args),
+        Command::Cleanup(args) => ferry::run::cleanup(&args.bpf.bpf_pin_path, args.kube_proxy),
         Command::Inspect {
             what: InspectWhat::Services { json, bpf },
         } => ferry::run::inspect_services(&bpf.bpf_pin_path, json),
@@ -45,4 +50,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ferry run`, or kube-proxy's `--cleanup` / `--init-only` variants of it.
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        // kube-proxy's --cleanup removes what any of its modes left, as this does.
+        return ferry::run::cleanup(&args.bpf.bpf_pin_path, true);
+    }
+    let init_only = args.init_only;
+    let config = ferry::config::RunConfig::resolve(args)?;
+    if init_only {
+        config.node_settings.apply();
+        return Ok(());
+    }
+    ferry::run::run(config)
 }

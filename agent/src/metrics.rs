@@ -1,34 +1,88 @@
-//! Prometheus metrics under kube-proxy's names, so existing dashboards and alerts keep
-//! working when Ferry replaces it, plus a few of Ferry's own (`ferry_*`).
+//! Prometheus metrics under kube-proxy's names, types, buckets and labels
+//! (`pkg/proxy/metrics`), so existing dashboards and alerts keep working when Ferry
+//! replaces it, plus the process metrics every Kubernetes component exports and
+//! Ferry's own (`ferry_*`, including the eBPF data-path counters).
+
+mod collectors;
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::model::IpFamily;
+
 /// Label set of a metric family.
 pub type Labels = Vec<(String, String)>;
+
+/// A histogram family whose histograms all have the same buckets.
+pub type HistogramFamily = Family<Labels, Histogram, Buckets>;
+
+/// A timestamp gauge family (seconds since the epoch).
+pub type TimestampFamily = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// Makes histograms with one bucket layout (a `Family` constructor).
+#[derive(Clone)]
+pub struct Buckets(fn() -> Vec<f64>);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new((self.0)())
+    }
+}
+
+/// kube-proxy's sync latency buckets: 1 ms to 16.4 s, doubling.
+fn sync_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 15).collect()
+}
+
+/// kube-proxy's network programming latency buckets: 0, 0.25 s, 0.5 s, every second
+/// to 59 s, every 5 s to 115 s, every 30 s to 300 s.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    b
+}
+
+/// Ferry's DNS programming buckets: 10 µs doubling to about 10 s.
+fn dns_buckets() -> Vec<f64> {
+    exponential_buckets(0.00001, 2.0, 20).collect()
+}
+
+/// The `ip_family` label kube-proxy puts on its per-family metrics.
+pub fn ip_family(family: IpFamily) -> Labels {
+    vec![("ip_family".to_owned(), family.to_string())]
+}
 
 /// All metrics the agent exports. Cheap to update from any thread.
 pub struct Metrics {
     registry: Registry,
-    pub sync_duration: Histogram,
-    pub sync_full_duration: Histogram,
-    pub sync_partial_duration: Histogram,
-    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
-    pub last_queued_timestamp: Gauge<f64, AtomicU64>,
-    pub network_programming: Histogram,
+    pub sync_duration: HistogramFamily,
+    pub sync_full_duration: HistogramFamily,
+    pub sync_partial_duration: HistogramFamily,
+    pub last_sync_timestamp: TimestampFamily,
+    pub last_queued_timestamp: TimestampFamily,
+    pub network_programming: HistogramFamily,
     pub endpoint_changes: Counter,
     pub endpoint_changes_pending: Gauge,
     pub service_changes: Counter,
     pub service_changes_pending: Gauge,
     pub iptables_rules: Family<Labels, Gauge>,
-    pub restore_failures: Counter,
+    pub iptables_rules_last: Family<Labels, Gauge>,
+    pub restore_failures: Family<Labels, Counter>,
+    pub partial_restore_failures: Family<Labels, Counter>,
     pub no_local_endpoints: Family<Labels, Gauge>,
+    pub healthz_requests: Family<Labels, Counter>,
+    pub livez_requests: Family<Labels, Counter>,
+    pub conntrack_cleanup_duration: HistogramFamily,
+    pub conntrack_deleted: Family<Labels, Counter>,
     pub invalid_objects: Family<Labels, Counter>,
     pub sync_failures: Counter,
     /// eBPF map updates refused by the kernel (map full), by map.
@@ -37,8 +91,13 @@ pub struct Metrics {
     pub ebpf_backends: Gauge,
     /// Updates and deletes done on the eBPF maps.
     pub ebpf_map_writes: Counter,
+    /// From a change reaching the agent to its being programmed.
+    pub programming: Histogram,
     /// From a change reaching the agent to DNS answering with it.
     pub dns_programming: Histogram,
+    /// Where the eBPF maps are pinned, once the eBPF data plane runs: the data-path
+    /// counters are read from there at each scrape.
+    datapath_pins: Arc<OnceLock<std::path::PathBuf>>,
 }
 
 impl Default for Metrics {
@@ -50,148 +109,197 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric at zero, registered under its exported name.
     pub fn new() -> Self {
-        let sync_buckets = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
-        let sync_duration = sync_buckets();
-        let sync_full_duration = sync_buckets();
-        let sync_partial_duration = sync_buckets();
-        let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        let histograms = |b| HistogramFamily::new_with_constructor(Buckets(b));
         let m = Self {
-            sync_duration,
-            sync_full_duration,
-            sync_partial_duration,
-            last_sync_timestamp: Gauge::default(),
-            last_queued_timestamp: Gauge::default(),
-            network_programming,
+            sync_duration: histograms(sync_buckets),
+            sync_full_duration: histograms(sync_buckets),
+            sync_partial_duration: histograms(sync_buckets),
+            last_sync_timestamp: Family::default(),
+            last_queued_timestamp: Family::default(),
+            network_programming: histograms(network_programming_buckets),
             endpoint_changes: Counter::default(),
             endpoint_changes_pending: Gauge::default(),
             service_changes: Counter::default(),
             service_changes_pending: Gauge::default(),
             iptables_rules: Family::default(),
-            restore_failures: Counter::default(),
+            iptables_rules_last: Family::default(),
+            restore_failures: Family::default(),
+            partial_restore_failures: Family::default(),
             no_local_endpoints: Family::default(),
+            healthz_requests: Family::default(),
+            livez_requests: Family::default(),
+            conntrack_cleanup_duration: histograms(sync_buckets),
+            conntrack_deleted: Family::default(),
             invalid_objects: Family::default(),
             sync_failures: Counter::default(),
             map_full: Family::default(),
             ebpf_frontends: Gauge::default(),
             ebpf_backends: Gauge::default(),
             ebpf_map_writes: Counter::default(),
-            dns_programming: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
+            programming: Histogram::new(network_programming_buckets()),
+            dns_programming: Histogram::new(dns_buckets()),
+            datapath_pins: Arc::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
         m.register_kube_proxy(&mut registry);
         m.register_ferry(&mut registry);
+        registry.register_collector(Box::new(collectors::Process));
+        registry.register_collector(Box::new(collectors::BuildInfo));
+        registry.register_collector(Box::new(collectors::Datapath(m.datapath_pins.clone())));
         Self { registry, ..m }
     }
 
-    /// kube-proxy's own metrics (`pkg/proxy/metrics`), same names and help texts.
-    fn register_kube_proxy(&self, registry: &mut Registry) {
+    /// kube-proxy's own metrics, same names, help texts, buckets and labels.
+    fn register_kube_proxy(&self, r: &mut Registry) {
         let m = self;
-        registry.register(
-            "kubeproxy_sync_proxy_rules_duration_seconds",
+        let p = "kubeproxy_sync_proxy_rules";
+        r.register(
+            format!("{p}_duration_seconds"),
             "SyncProxyRules latency in seconds",
             m.sync_duration.clone(),
         );
-        registry.register(
+        r.register(
             "kubeproxy_sync_full_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for full resyncs",
             m.sync_full_duration.clone(),
         );
-        registry.register(
+        r.register(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for partial resyncs",
             m.sync_partial_duration.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        r.register(
+            format!("{p}_last_timestamp_seconds"),
             "The last time proxy rules were successfully synced",
             m.last_sync_timestamp.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        r.register(
+            format!("{p}_last_queued_timestamp_seconds"),
             "The last time a sync of proxy rules was queued",
             m.last_queued_timestamp.clone(),
         );
-        registry.register(
+        r.register(
             "kubeproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds",
             m.network_programming.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_endpoint_changes",
+        r.register(
+            format!("{p}_endpoint_changes"),
             "Cumulative proxy rules Endpoint changes",
             m.endpoint_changes.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+        r.register(
+            format!("{p}_endpoint_changes_pending"),
             "Pending proxy rules Endpoint changes",
             m.endpoint_changes_pending.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_service_changes",
+        r.register(
+            format!("{p}_service_changes"),
             "Cumulative proxy rules Service changes",
             m.service_changes.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_service_changes_pending",
+        r.register(
+            format!("{p}_service_changes_pending"),
             "Pending proxy rules Service changes",
             m.service_changes_pending.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_iptables_total",
+        r.register(
+            format!("{p}_iptables_total"),
             "Total number of iptables rules owned by kube-proxy",
             m.iptables_rules.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+        r.register(
+            format!("{p}_iptables_last"),
+            "Number of iptables rules written by kube-proxy in last sync",
+            m.iptables_rules_last.clone(),
+        );
+        r.register(
+            format!("{p}_iptables_restore_failures"),
             "Cumulative proxy iptables restore failures",
             m.restore_failures.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        r.register(
+            format!("{p}_iptables_partial_restore_failures"),
+            "Cumulative proxy iptables partial restore failures",
+            m.partial_restore_failures.clone(),
+        );
+        r.register(
+            format!("{p}_no_local_endpoints_total"),
             "Number of services with a Local traffic policy and no endpoints",
             m.no_local_endpoints.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.healthz_requests.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.livez_requests.clone(),
+        );
+        r.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            m.conntrack_cleanup_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            m.conntrack_deleted.clone(),
         );
     }
 
     /// Ferry's own metrics (`ferry_*`).
-    fn register_ferry(&self, registry: &mut Registry) {
+    fn register_ferry(&self, r: &mut Registry) {
         let m = self;
-        registry.register(
+        r.register(
             "ferry_invalid_objects",
             "Objects skipped because they are invalid, by kind",
             m.invalid_objects.clone(),
         );
-        registry.register(
+        r.register(
             "ferry_sync_failures",
             "Syncs that failed and were retried as full syncs",
             m.sync_failures.clone(),
         );
-        registry.register(
+        r.register(
             "ferry_ebpf_map_full_errors",
             "eBPF map updates refused because the map is full, by map",
             m.map_full.clone(),
         );
-        registry.register(
+        r.register(
             "ferry_ebpf_frontends",
             "Service frontends programmed in the eBPF maps",
             m.ebpf_frontends.clone(),
         );
-        registry.register(
+        r.register(
             "ferry_ebpf_backends",
             "Distinct backends programmed in the eBPF maps",
             m.ebpf_backends.clone(),
         );
-        registry.register(
+        r.register(
             "ferry_ebpf_map_writes",
             "Updates and deletes done on the eBPF maps",
             m.ebpf_map_writes.clone(),
         );
-        registry.register(
+        r.register(
+            "ferry_programming_duration_seconds",
+            "From a Service or EndpointSlice change reaching the agent to its being programmed",
+            m.programming.clone(),
+        );
+        r.register(
             "ferry_dns_programming_duration_seconds",
             "From a Service or EndpointSlice change reaching the agent to DNS answering with it",
             m.dns_programming.clone(),
         );
+    }
+
+    /// Exports the eBPF data path's counters, read from the maps pinned in `dir` at
+    /// each scrape.
+    pub fn export_datapath_counters(&self, dir: std::path::PathBuf) {
+        let _ = self.datapath_pins.set(dir);
     }
 
     /// The metrics in Prometheus text format.
@@ -206,6 +314,18 @@ impl Metrics {
     pub fn invalid_object(&self, kind: &str) {
         self.invalid_objects
             .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .inc();
+    }
+
+    /// Counts one answer of the health server (`livez`: the liveness endpoint).
+    pub fn health_answered(&self, livez: bool, code: u16) {
+        let family = if livez {
+            &self.livez_requests
+        } else {
+            &self.healthz_requests
+        };
+        family
+            .get_or_create(&vec![("code".to_owned(), code.to_string())])
             .inc();
     }
 }
@@ -223,20 +343,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exports_kube_proxy_names() {
+    fn exports_kube_proxy_names_types_and_labels() {
         let m = Metrics::new();
-        m.sync_duration.observe(0.01);
+        m.sync_duration
+            .get_or_create(&ip_family(IpFamily::V6))
+            .observe(0.01);
         m.endpoint_changes.inc();
         m.invalid_object("Service");
+        m.health_answered(false, 503);
         let text = m.encode();
-        for name in [
-            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        for line in [
+            "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.016\",ip_family=\"IPv6\"} 1",
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\",ip_family=\"IPv6\"} 1",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "kubeproxy_network_programming_duration_seconds",
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 1",
             "ferry_invalid_objects_total{kind=\"Service\"} 1",
+            "# TYPE process_resident_memory_bytes gauge",
+            "# TYPE process_cpu_seconds counter",
+            "ferry_build_info{version=\"",
         ] {
-            assert!(text.contains(name), "missing {name} in\n{text}");
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn network_programming_buckets_are_kube_proxys() {
+        let b = network_programming_buckets();
+        assert_eq!(b.len(), 81);
+        assert_eq!(&b[..5], [0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(b[61], 59.0);
+        assert_eq!(b[62], 60.0);
+        assert_eq!(b[73], 115.0);
+        assert_eq!(b[74], 120.0);
+        assert_eq!(b[80], 300.0);
+        assert_eq!(sync_buckets().last(), Some(&16.384));
     }
 }

@@ -15,7 +15,7 @@ use crate::dataplane::{DataPlane, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::{
     Applied, ClusterState, HostAddresses, Kind, NodeNetwork, NodePlan, NodePortAddresses,
-    ServiceName, service_health_check,
+    ServiceName, last_change_trigger_time, service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
 use crate::service_health::ServiceHealthServers;
@@ -29,8 +29,12 @@ pub struct ProxyConfig {
     pub node_name: String,
     pub cluster_cidrs: Vec<IpNetwork>,
     pub nodeport_addresses: NodePortAddresses,
+    /// Masquerade every ClusterIP connection (kube-proxy's `masqueradeAll`).
+    pub masquerade_all: bool,
     /// How often to check for outside tampering (and retry cadence ceiling).
     pub sync_period: Duration,
+    /// Least time between two syncs (changes meanwhile are batched).
+    pub min_sync_period: Duration,
     /// Full resync at least this often even without tampering.
     pub full_sync_period: Duration,
 }
@@ -58,6 +62,8 @@ pub struct ProxyLoop {
     source_synced: bool,
     needs_full_sync: bool,
     retry_at: Option<Instant>,
+    /// When the last sync (attempt) started, for `min_sync_period`.
+    last_sync: Option<Instant>,
     last_check: Instant,
     last_full: Instant,
 }
@@ -83,6 +89,7 @@ impl ProxyLoop {
             source_synced: false,
             needs_full_sync: true,
             retry_at: None,
+            last_sync: None,
             last_check: Instant::now(),
             last_full: Instant::now(),
         }
@@ -141,9 +148,18 @@ impl ProxyLoop {
         if self.last_full.elapsed() >= self.config.full_sync_period {
             self.needs_full_sync = true;
         }
-        if self.retry_at.is_none_or(|t| Instant::now() >= t) {
+        if self.retry_at.is_none_or(|t| Instant::now() >= t) && self.min_sync_period_passed() {
             self.sync();
         }
+    }
+
+    /// When the next sync may start at the earliest (`min_sync_period` after the last).
+    fn earliest_sync(&self) -> Option<Instant> {
+        self.last_sync.map(|t| t + self.config.min_sync_period)
+    }
+
+    fn min_sync_period_passed(&self) -> bool {
+        self.earliest_sync().is_none_or(|t| Instant::now() >= t)
     }
 
     fn next_wakeup(&self) -> Duration {
@@ -152,6 +168,11 @@ impl ProxyLoop {
             .sync_period
             .saturating_sub(self.last_check.elapsed());
         if let Some(t) = self.retry_at {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
+        if (self.state.has_changes() || self.needs_full_sync)
+            && let Some(t) = self.earliest_sync()
+        {
             wait = wait.min(t.saturating_duration_since(Instant::now()));
         }
         wait.max(Duration::from_millis(1))
@@ -184,6 +205,9 @@ impl ProxyLoop {
                 };
                 if applied == Applied::Changed {
                     self.report.changed(r.kind);
+                    if r.kind == Kind::Node {
+                        self.report.node_leaving(self.state.node().leaving);
+                    }
                 }
             }
             SourceEvent::Rejected { kind, .. } => self.report.invalid(kind),
@@ -213,7 +237,17 @@ impl ProxyLoop {
             Object::Node(node) => self.state.apply_node(node),
         };
         match result {
-            Ok(Applied::Changed) => self.report.changed(kind),
+            Ok(Applied::Changed) => {
+                self.report.changed(kind);
+                if let Object::EndpointSlice(slice) = &object
+                    && let Some((family, at)) = last_change_trigger_time(slice)
+                {
+                    self.report.triggered_at(family, at);
+                }
+                if let Object::Node(_) = &object {
+                    self.report.node_leaving(self.state.node().leaving);
+                }
+            }
             Ok(Applied::Unchanged) => {}
             Ok(Applied::Ignored(why)) => {
                 debug!(origin, object = %object.object_ref(), why, "ignored");
@@ -232,12 +266,14 @@ impl ProxyLoop {
         if changes.services.is_empty() && !full {
             return;
         }
+        self.last_sync = Some(Instant::now());
         let diff = self.plan.update(&self.state, &changes.services);
         let node = NodeNetwork::new(
             self.state.node(),
             &self.host,
             &self.config.nodeport_addresses,
             &self.config.cluster_cidrs,
+            self.config.masquerade_all,
         );
         self.update_service_health(&changes.services, full.then_some(&node));
         if diff.is_empty() && !full {
@@ -248,7 +284,8 @@ impl ProxyLoop {
         match self.data_plane.sync(&self.plan, &diff, &node, full) {
             Ok(stats) => {
                 if self.data_plane.nats_through_conntrack() {
-                    conntrack::clear(&conntrack::stale_udp_flows(&diff));
+                    let cleared = conntrack::clear(&conntrack::stale_udp_flows(&diff));
+                    self.report.conntrack_cleared(&cleared);
                 }
                 if full {
                     self.last_full = Instant::now();

@@ -3,22 +3,35 @@
 //! planes' kernel object counts, and the health state `/healthz` serves. The loop
 //! calls it at each step; nothing here decides what to program.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
+use crate::dataplane::conntrack::Cleared;
 use crate::dataplane::{ProgrammedCount, SyncError, SyncStats};
 use crate::health::Health;
-use crate::metrics::{Metrics, unix_now};
-use crate::model::{Kind, NodePlan, PlanDiff, ServicePortPlan};
+use crate::metrics::{Metrics, ip_family, unix_now};
+use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, ServicePortPlan};
+
+/// Trigger times kept for the next sync at most (a bound on memory when a sync is
+/// slow and every endpoint churns); later ones are not measured.
+const MAX_PENDING_TRIGGERS: usize = 100_000;
 
 /// The loop's reporting state.
 pub struct Report {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// When the oldest change not programmed yet arrived (network programming latency).
+    /// The families the data plane programs (kube-proxy has one proxier each).
+    families: Vec<IpFamily>,
+    /// When reporting started: trigger times before it are not measured (upstream
+    /// skips changes older than the proxy).
+    started: jiff::Timestamp,
+    /// When the oldest change not programmed yet arrived.
     pending_since: Option<Instant>,
+    /// EndpointSlice trigger times waiting for the next successful sync.
+    pending_triggers: Vec<(IpFamily, jiff::Timestamp)>,
     /// When the oldest change DNS has not seen yet arrived.
     dns_pending_since: Option<Instant>,
     /// Plans with Local internal / external policy and nothing local.
@@ -26,12 +39,16 @@ pub struct Report {
 }
 
 impl Report {
-    /// Reports into these metrics and health state.
-    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+    /// Reports into these metrics and health state, for a data plane programming
+    /// `families`.
+    pub fn new(metrics: Arc<Metrics>, health: Arc<Health>, families: Vec<IpFamily>) -> Self {
         Self {
             metrics,
             health,
+            families,
+            started: jiff::Timestamp::now(),
             pending_since: None,
+            pending_triggers: Vec::new(),
             dns_pending_since: None,
             no_local: NoLocalEndpoints::default(),
         }
@@ -49,10 +66,30 @@ impl Report {
                 self.metrics.service_changes_pending.inc();
             }
         }
-        self.metrics.last_queued_timestamp.set(unix_now());
+        for family in &self.families {
+            let queued = self
+                .metrics
+                .last_queued_timestamp
+                .get_or_create(&ip_family(*family));
+            queued.set(unix_now());
+        }
         self.pending_since.get_or_insert_with(Instant::now);
         self.dns_pending_since.get_or_insert_with(Instant::now);
         self.health.queued();
+    }
+
+    /// A changed EndpointSlice carried the time its change was triggered
+    /// (`endpoints.kubernetes.io/last-change-trigger-time`): network programming
+    /// latency is measured from there to the next successful sync.
+    pub fn triggered_at(&mut self, family: IpFamily, at: jiff::Timestamp) {
+        if at > self.started && self.pending_triggers.len() < MAX_PENDING_TRIGGERS {
+            self.pending_triggers.push((family, at));
+        }
+    }
+
+    /// This node's object says whether it is going away (`/healthz` turns 503 then).
+    pub fn node_leaving(&self, leaving: bool) {
+        self.health.node_eligible(!leaving);
     }
 
     /// An object was refused (`kind` as the source knew it).
@@ -77,9 +114,22 @@ impl Report {
     /// A sync programmed `diff` (everything in `plan` when `full`).
     pub fn synced(&mut self, sync: &SyncOutcome<'_>) {
         let secs = sync.took.as_secs_f64();
-        self.metrics.sync_duration.observe(secs);
+        // One sync programs every family; each family's series gets it, as each of a
+        // dual-stack kube-proxy's proxiers reports its own.
+        for family in &self.families {
+            let labels = ip_family(*family);
+            self.metrics
+                .sync_duration
+                .get_or_create(&labels)
+                .observe(secs);
+            let kind = if sync.full {
+                &self.metrics.sync_full_duration
+            } else {
+                &self.metrics.sync_partial_duration
+            };
+            kind.get_or_create(&labels).observe(secs);
+        }
         if sync.full {
-            self.metrics.sync_full_duration.observe(secs);
             info!(
                 data_plane = sync.data_plane,
                 plans = sync.plan.len(),
@@ -87,7 +137,6 @@ impl Report {
                 "full sync done"
             );
         } else {
-            self.metrics.sync_partial_duration.observe(secs);
             // From the first change of this batch reaching the loop to programmed.
             let programming_us = self
                 .pending_since
@@ -106,11 +155,30 @@ impl Report {
         self.programmed(&sync.stats.programmed);
         self.no_local.update(sync.plan, sync.diff, sync.full);
         self.no_local.export(&self.metrics);
+        self.observe_triggers();
         self.finish_pending();
+    }
+
+    /// Network programming latency of the trigger times this sync programmed.
+    fn observe_triggers(&mut self) {
+        let now = jiff::Timestamp::now();
+        for (family, at) in self.pending_triggers.drain(..) {
+            let latency = now.duration_since(at).as_secs_f64().max(0.0);
+            self.metrics
+                .network_programming
+                .get_or_create(&ip_family(family))
+                .observe(latency);
+        }
     }
 
     /// Kernel object counts, under their metric names.
     fn programmed(&self, programmed: &[ProgrammedCount]) {
+        let table_family = |table: &str, family: &IpFamily| {
+            vec![
+                ("table".to_owned(), table.to_owned()),
+                ("ip_family".to_owned(), family.to_string()),
+            ]
+        };
         for entry in programmed {
             match entry {
                 ProgrammedCount::IptablesRules {
@@ -118,12 +186,20 @@ impl Report {
                     table,
                     rules,
                 } => {
-                    let labels = vec![
-                        ("table".to_owned(), (*table).to_owned()),
-                        ("ip_family".to_owned(), family.to_string()),
-                    ];
-                    self.metrics
+                    let gauge = self
+                        .metrics
                         .iptables_rules
+                        .get_or_create(&table_family(table, family));
+                    gauge.set(*rules as i64);
+                }
+                ProgrammedCount::IptablesRulesWritten {
+                    family,
+                    table,
+                    rules,
+                } => {
+                    let labels = table_family(table, family);
+                    self.metrics
+                        .iptables_rules_last
                         .get_or_create(&labels)
                         .set(*rules as i64);
                 }
@@ -138,24 +214,57 @@ impl Report {
         }
     }
 
-    /// A sync failed; the loop retries with a full sync.
+    /// A sync failed; the loop retries with a full sync. The trigger times stay
+    /// pending: the retry is what programs them.
     pub fn sync_failed(&self, err: &SyncError) {
         self.metrics.sync_failures.inc();
-        if matches!(err, SyncError::Iptables(_)) {
-            self.metrics.restore_failures.inc();
+        if let SyncError::Iptables {
+            family, partial, ..
+        } = err
+        {
+            let labels = ip_family(*family);
+            self.metrics.restore_failures.get_or_create(&labels).inc();
+            if *partial {
+                self.metrics
+                    .partial_restore_failures
+                    .get_or_create(&labels)
+                    .inc();
+            }
+        }
+    }
+
+    /// Stale conntrack entries were deleted after a sync.
+    pub fn conntrack_cleared(&self, cleared: &[Cleared]) {
+        for c in cleared {
+            let labels = ip_family(c.family);
+            let duration = self
+                .metrics
+                .conntrack_cleanup_duration
+                .get_or_create(&labels);
+            duration.observe(c.took.as_secs_f64());
+            self.metrics
+                .conntrack_deleted
+                .get_or_create(&labels)
+                .inc_by(c.deleted);
         }
     }
 
     /// Everything queued so far is programmed (or needed no programming).
     pub fn finish_pending(&mut self) {
         if let Some(since) = self.pending_since.take() {
-            self.metrics
-                .network_programming
-                .observe(since.elapsed().as_secs_f64());
+            let latency = since.elapsed().as_secs_f64();
+            self.metrics.programming.observe(latency);
         }
+        self.pending_triggers.clear();
         self.metrics.endpoint_changes_pending.set(0);
         self.metrics.service_changes_pending.set(0);
-        self.metrics.last_sync_timestamp.set(unix_now());
+        for family in &self.families {
+            let last = self
+                .metrics
+                .last_sync_timestamp
+                .get_or_create(&ip_family(*family));
+            last.set(unix_now());
+        }
         self.health.updated();
     }
 }
@@ -184,18 +293,18 @@ pub struct SyncOutcome<'a> {
 }
 
 /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total` gauges (internal and
-/// external traffic policy), kept from diffs so a sync costs nothing per untouched
-/// service.
+/// external traffic policy, per family), kept from diffs so a sync costs nothing per
+/// untouched service.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct NoLocalEndpoints {
-    internal: i64,
-    external: i64,
+    /// (policy, family) -> services.
+    counts: BTreeMap<(&'static str, IpFamily), i64>,
 }
 
 impl NoLocalEndpoints {
     fn update(&mut self, plan: &NodePlan, diff: &PlanDiff, full: bool) {
         if full {
-            *self = Self::default();
+            self.counts.values_mut().for_each(|n| *n = 0);
             plan.iter().for_each(|p| self.add(p, 1));
             return;
         }
@@ -210,16 +319,24 @@ impl NoLocalEndpoints {
 
     fn add(&mut self, plan: &ServicePortPlan, sign: i64) {
         let (internal, external) = plan.lacks_local_endpoints();
-        self.internal += sign * i64::from(internal);
-        self.external += sign * i64::from(external);
+        let family = plan.key.family;
+        for (policy, lacks) in [("internal", internal), ("external", external)] {
+            *self.counts.entry((policy, family)).or_default() += sign * i64::from(lacks);
+        }
+    }
+
+    #[cfg(test)]
+    fn get(&self, policy: &'static str, family: IpFamily) -> i64 {
+        self.counts.get(&(policy, family)).copied().unwrap_or(0)
     }
 
     fn export(&self, metrics: &Metrics) {
-        for (policy, n) in [("internal", self.internal), ("external", self.external)] {
-            metrics
-                .no_local_endpoints
-                .get_or_create(&vec![("traffic_policy".to_owned(), policy.to_owned())])
-                .set(n);
+        for ((policy, family), n) in &self.counts {
+            let labels = vec![
+                ("traffic_policy".to_owned(), (*policy).to_owned()),
+                ("ip_family".to_owned(), family.to_string()),
+            ];
+            metrics.no_local_endpoints.get_or_create(&labels).set(*n);
         }
     }
 }
@@ -244,19 +361,16 @@ mod tests {
         let (plan, diff) = plan_of(&[svc, remote]);
         let mut counts = NoLocalEndpoints::default();
         counts.update(&plan, &diff, true);
-        assert_eq!(
-            counts,
-            NoLocalEndpoints {
-                internal: 1,
-                external: 1
-            }
-        );
+        assert_eq!(counts.get("internal", IpFamily::V4), 1);
+        assert_eq!(counts.get("external", IpFamily::V4), 1);
+        assert_eq!(counts.get("external", IpFamily::V6), 0);
         // The same plan removed, applied as a partial diff, brings both back to zero.
         let removed = PlanDiff {
             upserted: vec![],
             removed: plan.iter().cloned().collect(),
         };
         counts.update(&NodePlan::default(), &removed, false);
-        assert_eq!(counts, NoLocalEndpoints::default());
+        assert_eq!(counts.get("internal", IpFamily::V4), 0);
+        assert_eq!(counts.get("external", IpFamily::V4), 0);
     }
 }

@@ -16,6 +16,7 @@ use crate::dataplane::iptables::render::Scope;
 use crate::dns::{self, ClusterDns, DnsConfig};
 use crate::health::{Health, serve_health, serve_metrics};
 use crate::host;
+use crate::kube_proxy;
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
 use crate::proxy::{ProxyConfig, ProxyLoop};
@@ -38,6 +39,16 @@ const HOST_PROBE_PERIOD: Duration = Duration::from_secs(1);
 /// Runs the agent until it is signalled.
 pub fn run(config: RunConfig) -> anyhow::Result<()> {
     info!(version = env!("CARGO_PKG_VERSION"), node = config.node_name, data_plane = ?config.data_plane, "ferry starting");
+    let ports: Vec<_> = config
+        .healthz
+        .iter()
+        .chain(&config.metrics)
+        .copied()
+        .collect();
+    if let Some(what) = kube_proxy::running_on(&ports) {
+        anyhow::bail!(kube_proxy::refusal(&what));
+    }
+    config.node_settings.apply();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(config.sync_period * 2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -45,11 +56,19 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let hard_fail = config.bind_address_hard_fail;
     if let Some(addr) = config.healthz {
-        runtime.spawn(serve_health(addr, health.clone()));
+        runtime.spawn(serve_health(
+            addr,
+            health.clone(),
+            metrics.clone(),
+            families(),
+            hard_fail,
+        ));
     }
     if let Some(addr) = config.metrics {
-        runtime.spawn(serve_metrics(addr, metrics.clone()));
+        let mode = config.data_plane.mode_name();
+        runtime.spawn(serve_metrics(addr, metrics.clone(), mode, hard_fail));
     }
     runtime.spawn(async {
         exit_on_signal().await;
@@ -68,11 +87,13 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             node_name: config.node_name,
             cluster_cidrs: config.cluster_cidrs,
             nodeport_addresses: config.nodeport_addresses,
+            masquerade_all: config.masquerade_all,
             sync_period: config.sync_period,
+            min_sync_period: config.min_sync_period,
             full_sync_period: config.full_sync_period,
         },
         data_plane,
-        Report::new(metrics, health.clone()),
+        Report::new(metrics, health.clone(), families()),
         host,
     )
     .with_service_health(ServiceHealthServers::new(runtime.handle().clone(), health));
@@ -149,9 +170,12 @@ async fn exit_on_signal() {
 }
 
 /// Removes everything Ferry programmed in this network namespace, and its pinned
-/// eBPF programs and maps.
-pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+/// eBPF programs and maps; with `kube_proxy`, also what kube-proxy left in any mode.
+pub fn cleanup(pin_dir: &std::path::Path, kube_proxy: bool) -> anyhow::Result<()> {
     IptablesDataPlane::cleanup(&families()).context("removing iptables rules")?;
+    if kube_proxy {
+        kube_proxy::cleanup(&families())?;
+    }
     if loader::cleanup(pin_dir).context("removing eBPF programs and maps")? {
         info!(pins = %pin_dir.display(), "removed eBPF programs and maps");
     }

@@ -158,7 +158,7 @@ impl ServiceHealthServers {
 
 async fn answer(State(served): State<Arc<Served>>) -> impl IntoResponse {
     let count = served.local_ready_endpoints.load(Ordering::Relaxed);
-    let proxy_healthy = served.proxy.status().0;
+    let proxy_healthy = served.proxy.status().healthy;
     let body = serde_json::json!({
         "service": {
             "namespace": served.service.namespace,

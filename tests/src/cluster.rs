@@ -402,10 +402,16 @@ impl Cluster {
 
     /// Starts the agent without waiting for it.
     pub fn spawn_agent(&mut self, extra: &[&str]) {
-        assert!(self.agent.is_none(), "agent already running");
-        let log_path = self.dir.join(format!("agent-{}.log", self.agent_runs));
-        self.agent_runs += 1;
-        let log = std::fs::File::create(&log_path).expect("create agent log");
+        let mut args = self.agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_agent_raw(&args);
+    }
+
+    /// The flags every test agent runs with: its source, mode, node name, cluster
+    /// CIDRs, health and metrics ports, cgroup and pins. Conntrack's limit is left
+    /// alone (`--conntrack-max-per-core 0`): the table size is global to the kernel,
+    /// so a test node must not change it.
+    pub fn agent_args(&self) -> Vec<String> {
         let manifests = self.manifest_dir();
         let source = match &self.kubeconfig {
             Some(path) => ["--kubeconfig".to_string(), path.display().to_string()],
@@ -426,20 +432,37 @@ impl Cluster {
             "127.0.0.1:10256".into(),
             "--metrics-bind-address".into(),
             "127.0.0.1:10249".into(),
+            "--conntrack-max-per-core".into(),
+            "0".into(),
         ];
-        if self.mode == Mode::Ebpf {
-            args.extend([
-                "--cgroup".into(),
-                self.cgroup.path().display().to_string(),
-                "--bpf-pin-path".into(),
-                self.pin_dir().display().to_string(),
-            ]);
+        args.extend(self.ebpf_args());
+        args
+    }
+
+    /// `--cgroup` and `--bpf-pin-path` of this test node, in eBPF mode.
+    pub fn ebpf_args(&self) -> Vec<String> {
+        if self.mode != Mode::Ebpf {
+            return Vec::new();
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        vec![
+            "--cgroup".into(),
+            self.cgroup.path().display().to_string(),
+            "--bpf-pin-path".into(),
+            self.pin_dir().display().to_string(),
+        ]
+    }
+
+    /// Starts the agent with exactly these arguments (and the agent environment),
+    /// without waiting for it.
+    pub fn spawn_agent_raw(&mut self, args: &[String]) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log_path = self.dir.join(format!("agent-{}.log", self.agent_runs));
+        self.agent_runs += 1;
+        let log = std::fs::File::create(&log_path).expect("create agent log");
         let child = self
             .node
             .command(self.bin_dir.join("ferry"), None)
-            .args(&args)
+            .args(args)
             .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -447,6 +470,21 @@ impl Cluster {
             .spawn()
             .expect("spawn ferry");
         self.agent = Some(Agent { child });
+    }
+
+    /// Waits for the agent to exit on its own; its exit status.
+    pub fn wait_agent_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(agent) = &mut self.agent
+                && let Ok(Some(status)) = agent.child.try_wait()
+            {
+                self.agent = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Waits until the agent reports healthy (its first sync is done).
@@ -561,7 +599,8 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+    /// GET on 127.0.0.1:`port` in the node: the status code and the whole response.
+    pub fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
         http_get_in(&self.node, ([127, 0, 0, 1], port).into(), path)
     }
 

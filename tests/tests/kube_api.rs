@@ -229,7 +229,7 @@ fn unhealthy_until_the_first_complete_view() {
     );
 }
 
-/// The RBAC in deploy/ferry.yaml grants exactly what the agent asks the API for.
+/// The RBAC in deploy/base/rbac.yaml grants exactly what the agent asks the API for.
 #[test]
 fn rbac_in_deploy_matches_the_requests_made() {
     let (c, api) = api_node();
@@ -241,9 +241,11 @@ fn rbac_in_deploy_matches_the_requests_made() {
     let ours = format!("ferry/{}", env!("CARGO_PKG_VERSION"));
     assert!(agents.iter().all(|a| *a == ours), "{agents:?}");
     assert!(!agents.is_empty());
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ferry.yaml"))
-            .expect("deploy/ferry.yaml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/base/rbac.yaml"
+    ))
+    .expect("deploy/base/rbac.yaml");
     let mut granted = std::collections::BTreeSet::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");

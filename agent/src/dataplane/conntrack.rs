@@ -6,10 +6,11 @@
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::model::{PlanDiff, Protocol, ServicePortPlan};
+use crate::model::{IpFamily, PlanDiff, Protocol, ServicePortPlan};
 
 /// A set of conntrack entries to delete.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -94,16 +95,95 @@ fn removed_backends(
     }
 }
 
+/// What one [`clear`] did in one family: how long it took and how many entries it
+/// deleted (kube-proxy's conntrack reconciler metrics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cleared {
+    pub family: IpFamily,
+    pub took: Duration,
+    pub deleted: u64,
+}
+
 /// Deletes the given entries. Failures are logged, never fatal: a stale entry only
 /// delays a flow until it times out.
-pub fn clear(flows: &[StaleFlows]) {
+pub fn clear(flows: &[StaleFlows]) -> Vec<Cleared> {
     static MISSING_TOOL: AtomicBool = AtomicBool::new(false);
+    let mut cleared: Vec<Cleared> = Vec::new();
     if flows.is_empty() || MISSING_TOOL.load(Ordering::Relaxed) {
-        return;
+        return cleared;
     }
     for flow in flows {
-        let args: Vec<String> = match flow {
-            StaleFlows::ToBackend {
+        let family = flow.family();
+        let started = Instant::now();
+        let output = Command::new("conntrack")
+            .args(["-D", "-f", conntrack_family(family), "-p", "udp"])
+            .args(flow.conntrack_args())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        let deleted = match output {
+            // Exit status 1 means "no entry matched": fine.
+            Ok(out) => deleted_count(&String::from_utf8_lossy(&out.stderr)),
+            Err(e) => {
+                warn!(error = %e, "cannot run conntrack; stale UDP flows will linger until they time out");
+                MISSING_TOOL.store(true, Ordering::Relaxed);
+                return cleared;
+            }
+        };
+        debug!(?flow, deleted, "cleared stale UDP conntrack entries");
+        let entry = match cleared.iter_mut().find(|c| c.family == family) {
+            Some(entry) => entry,
+            None => {
+                cleared.push(Cleared {
+                    family,
+                    took: Duration::ZERO,
+                    deleted: 0,
+                });
+                cleared.last_mut().expect("just pushed")
+            }
+        };
+        entry.took += started.elapsed();
+        entry.deleted += deleted;
+    }
+    cleared
+}
+
+/// The count in conntrack's "N flow entries have been deleted." (0 when absent).
+fn deleted_count(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once(" flow entries have been deleted")?
+                .0
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// conntrack's `-f` value.
+fn conntrack_family(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ipv4",
+        IpFamily::V6 => "ipv6",
+    }
+}
+
+impl StaleFlows {
+    fn family(&self) -> IpFamily {
+        match self {
+            Self::ToBackend { backend: ip, .. }
+            | Self::NodePortToBackend { backend: ip, .. }
+            | Self::All { dst: ip, .. } => IpFamily::of(ip),
+        }
+    }
+
+    /// The `conntrack -D` filter selecting these flows.
+    fn conntrack_args(&self) -> Vec<String> {
+        match self {
+            Self::ToBackend {
                 dst,
                 dport,
                 backend,
@@ -112,40 +192,12 @@ pub fn clear(flows: &[StaleFlows]) {
                 format!("--dport={dport}"),
                 format!("--reply-src={backend}"),
             ],
-            StaleFlows::NodePortToBackend { node_port, backend } => {
-                vec![
-                    format!("--dport={node_port}"),
-                    format!("--reply-src={backend}"),
-                ]
-            }
-            StaleFlows::All { dst, dport } => {
+            Self::NodePortToBackend { node_port, backend } => vec![
+                format!("--dport={node_port}"),
+                format!("--reply-src={backend}"),
+            ],
+            Self::All { dst, dport } => {
                 vec![format!("--orig-dst={dst}"), format!("--dport={dport}")]
-            }
-        };
-        let family = match flow {
-            StaleFlows::ToBackend { backend: ip, .. }
-            | StaleFlows::NodePortToBackend { backend: ip, .. }
-            | StaleFlows::All { dst: ip, .. } => {
-                if ip.is_ipv4() {
-                    "ipv4"
-                } else {
-                    "ipv6"
-                }
-            }
-        };
-        let status = Command::new("conntrack")
-            .args(["-D", "-f", family, "-p", "udp"])
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        match status {
-            // Exit status 1 means "no entry matched": fine.
-            Ok(_) => debug!(?flow, "cleared stale UDP conntrack entries"),
-            Err(e) => {
-                warn!(error = %e, "cannot run conntrack; stale UDP flows will linger until they time out");
-                MISSING_TOOL.store(true, Ordering::Relaxed);
-                return;
             }
         }
     }
@@ -164,6 +216,19 @@ mod tests {
         let mut plan = test_plan(("ns", "dns", ""), protocol, "10.96.0.10", 53, &endpoints);
         plan.node_port = Some(30053);
         Arc::new(plan)
+    }
+
+    #[test]
+    fn deleted_entries_are_read_from_conntracks_message() {
+        let msg = "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n";
+        assert_eq!(deleted_count(msg), 3);
+        assert_eq!(
+            deleted_count(
+                "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"
+            ),
+            0
+        );
+        assert_eq!(deleted_count(""), 0);
     }
 
     #[test]

@@ -30,6 +30,12 @@ pub enum ProgrammedCount {
         table: &'static str,
         rules: usize,
     },
+    /// Rules written to one iptables table of one family by the last sync.
+    IptablesRulesWritten {
+        family: IpFamily,
+        table: &'static str,
+        rules: usize,
+    },
     /// Frontends and backends in the eBPF maps.
     EbpfEntries { frontends: usize, backends: usize },
 }
@@ -37,8 +43,14 @@ pub enum ProgrammedCount {
 /// A data plane failed to program the kernel. The caller retries with a full sync.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error(transparent)]
-    Iptables(#[from] iptables::exec::ExecError),
+    #[error("{family} rules ({})", if *.partial { "partial sync" } else { "full sync" })]
+    Iptables {
+        family: IpFamily,
+        /// A partial sync's restore failed (kube-proxy counts those apart).
+        partial: bool,
+        #[source]
+        source: iptables::exec::ExecError,
+    },
     #[error(transparent)]
     Ebpf(#[from] ebpf::state::MapError),
     #[error(transparent)]

@@ -280,6 +280,7 @@ mod tests {
             name: "node-a".into(),
             zone: Some("z1".into()),
             addresses: vec![],
+            leaving: false,
         }
     }
 

@@ -21,7 +21,7 @@ pub use health_check::{ServiceHealthCheck, service_health_check};
 pub use node::{HostAddresses, LocalAddress, NodeInfo, NodeNetwork, NodePortAddresses};
 pub use plan::{EndpointSet, NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
 pub use service::{ServiceInfo, ServiceType};
-pub use slice::{EndpointInfo, SliceInfo};
+pub use slice::{EndpointInfo, SliceInfo, last_change_trigger_time};
 pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};
 pub use types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
 pub use validate::ValidationError;

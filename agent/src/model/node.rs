@@ -10,6 +10,9 @@ use ipnetwork::IpNetwork;
 
 use super::types::IpFamily;
 
+/// Taint the cluster autoscaler puts on a node it is about to delete.
+pub const AUTOSCALER_DELETION_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
 /// Label carrying a node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -22,6 +25,10 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// Addresses from the Node object's status (InternalIP first, then ExternalIP).
     pub addresses: Vec<IpAddr>,
+    /// The node is going away: its object has a deletionTimestamp or the cluster
+    /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint. kube-proxy then reports
+    /// `nodeEligible: false` (503) on /healthz so load balancers drain it first.
+    pub leaving: bool,
 }
 
 impl NodeInfo {
@@ -119,6 +126,9 @@ pub struct NodeNetwork {
     pub node_ips: Vec<IpAddr>,
     /// Pod CIDRs (`--cluster-cidr`).
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// Masquerade every ClusterIP connection, whatever its source (kube-proxy's
+    /// `masqueradeAll`), instead of only those from outside the cluster CIDRs.
+    pub masquerade_all: bool,
 }
 
 impl NodeNetwork {
@@ -128,6 +138,7 @@ impl NodeNetwork {
         host: &HostAddresses,
         nodeport: &NodePortAddresses,
         cluster_cidrs: &[IpNetwork],
+        masquerade_all: bool,
     ) -> Self {
         let mut node_ips: Vec<IpAddr> = host
             .addresses
@@ -141,6 +152,7 @@ impl NodeNetwork {
             nodeport_ips: nodeport.resolve(node, host),
             node_ips,
             cluster_cidrs: cluster_cidrs.to_vec(),
+            masquerade_all,
         }
     }
 
@@ -161,6 +173,7 @@ impl NodeNetwork {
                 .copied()
                 .filter(|n| IpFamily::of(&n.ip()) == family)
                 .collect(),
+            masquerade_all: self.masquerade_all,
         }
     }
 }
@@ -253,8 +266,10 @@ mod tests {
             &h,
             &NodePortAddresses::Primary,
             &cidrs,
+            true,
         );
         let v6 = net.of_family(IpFamily::V6);
+        assert!(v6.masquerade_all);
         assert_eq!(v6.nodeport_ips, ips(&["fd00::2"]));
         assert_eq!(v6.cluster_cidrs, vec![cidrs[1]]);
     }

@@ -11,6 +11,27 @@ use super::validate::{self, At, ValidationError};
 /// Label that ties a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Annotation the EndpointSlice controller sets to when the change behind a slice
+/// happened (a pod turning ready, say): kube-proxy's network programming latency
+/// starts there.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// When the change behind this slice happened, and the slice's family: `None` for a
+/// slice without the annotation, with an unparseable one, or of FQDN addresses.
+pub fn last_change_trigger_time(slice: &EndpointSlice) -> Option<(IpFamily, jiff::Timestamp)> {
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        _ => return None,
+    };
+    let value = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
+    Some((family, value.parse().ok()?))
+}
+
 /// One entry of a slice's `ports`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
@@ -208,6 +229,27 @@ fn endpoint_info(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn trigger_time_comes_from_the_annotation() {
+        let with = |annotations: &str, address_type: &str| {
+            let yaml = format!(
+                "metadata: {{name: a, annotations: {{{annotations}}}}}\naddressType: {address_type}\nendpoints: []"
+            );
+            let slice: super::EndpointSlice = serde_yaml::from_str(&yaml).unwrap();
+            super::last_change_trigger_time(&slice)
+        };
+        let key = super::LAST_CHANGE_TRIGGER_TIME;
+        let (family, at) = with(&format!("{key}: '2026-12-01T10:00:00.5Z'"), "IPv6").unwrap();
+        assert_eq!(family, super::IpFamily::V6);
+        assert_eq!(at.to_string(), "2026-12-01T10:00:00.5Z");
+        assert_eq!(with(&format!("{key}: yesterday"), "IPv4"), None);
+        assert_eq!(with("", "IPv4"), None);
+        assert_eq!(
+            with(&format!("{key}: '2026-12-01T10:00:00Z'"), "FQDN"),
+            None
+        );
+    }
+
     use super::*;
 
     fn slice(yaml: &str) -> EndpointSlice {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::node::{NodeInfo, ZONE_LABEL};
+use super::node::{AUTOSCALER_DELETION_TAINT, NodeInfo, ZONE_LABEL};
 use super::service::{ServiceInfo, parse_ip};
 use super::slice::{SliceInfo, SliceRejection};
 use super::types::ServiceName;
@@ -248,10 +248,16 @@ impl ClusterState {
                 }
             }
         }
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_DELETION_TAINT));
         let info = NodeInfo {
             name: name.clone(),
             zone,
             addresses,
+            leaving: node.metadata.deletion_timestamp.is_some() || tainted,
         };
         if info == self.node {
             return Ok(Applied::Unchanged);
@@ -292,6 +298,11 @@ impl ClusterState {
     /// Services whose DNS records may have changed since the last call.
     pub fn take_dns_changes(&mut self) -> Vec<ServiceName> {
         self.dns_dirty.drain().collect()
+    }
+
+    /// Whether anything changed since the last [`Self::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        self.node_changed || !self.dirty.is_empty()
     }
 
     /// Hands out what changed since the last call: the services to recompute (all of

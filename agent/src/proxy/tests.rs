@@ -53,12 +53,14 @@ impl DataPlane for FakeDataPlane {
         let mut fail = self.fail.lock().unwrap();
         if *fail > 0 {
             *fail -= 1;
-            return Err(SyncError::Iptables(
-                crate::dataplane::iptables::exec::ExecError::Spawn {
+            return Err(SyncError::Iptables {
+                family: crate::model::IpFamily::V4,
+                partial: !full,
+                source: crate::dataplane::iptables::exec::ExecError::Spawn {
                     tool: "iptables-restore",
                     source: std::io::Error::other("fake failure"),
                 },
-            ));
+            });
         }
         Ok(SyncStats::default())
     }
@@ -68,6 +70,7 @@ struct Harness {
     proxy: ProxyLoop,
     fake: FakeDataPlane,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 fn harness() -> Harness {
@@ -78,6 +81,8 @@ fn harness() -> Harness {
         node_name: "node-a".into(),
         cluster_cidrs: vec![],
         nodeport_addresses: NodePortAddresses::Primary,
+        masquerade_all: false,
+        min_sync_period: Duration::ZERO,
         sync_period: Duration::from_secs(3600),
         full_sync_period: Duration::from_secs(3600),
     };
@@ -85,13 +90,18 @@ fn harness() -> Harness {
     let proxy = ProxyLoop::new(
         config,
         Box::new(fake.clone()),
-        Report::new(metrics.clone(), health),
+        Report::new(
+            metrics.clone(),
+            health.clone(),
+            vec![crate::model::IpFamily::V4],
+        ),
         host,
     );
     Harness {
         proxy,
         fake,
         metrics,
+        health,
     }
 }
 
@@ -193,11 +203,9 @@ fn a_failed_sync_is_retried_as_a_full_sync() {
     let calls = h.calls();
     assert_eq!(calls.len(), 2);
     assert!(calls[1].full, "the retry reprograms everything");
-    assert!(
-        h.metrics
-            .encode()
-            .contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1")
-    );
+    assert!(h.metrics.encode().contains(
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1"
+    ));
 }
 
 #[test]
@@ -219,4 +227,68 @@ fn a_host_address_change_reprograms_nodeport_addresses() {
     // The same addresses again change nothing.
     h.feed([SourceEvent::HostAddresses(host_with("172.18.0.3"))]);
     assert_eq!(h.calls().len(), 2);
+}
+
+#[test]
+fn changes_within_the_min_sync_period_wait_for_one_sync() {
+    let mut h = harness();
+    h.proxy.config.min_sync_period = Duration::from_secs(3600);
+    h.feed([service(WEB), SourceEvent::Synced]);
+    h.feed([slice(WEB_SLICE)]);
+    h.feed([service(API)]);
+    assert_eq!(h.calls().len(), 1, "batched until the period passes");
+    assert!(h.proxy.next_wakeup() > Duration::from_secs(3000));
+    h.proxy.last_sync = Some(Instant::now() - Duration::from_secs(3600));
+    h.feed([]);
+    let calls = h.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].upserted.len(), 2, "both changes in one sync");
+}
+
+#[test]
+fn network_programming_latency_starts_at_the_slices_trigger_time() {
+    let mut h = harness();
+    h.feed([service(WEB), SourceEvent::Synced]);
+    let triggered = jiff::Timestamp::now() + jiff::SignedDuration::from_millis(1);
+    let with_trigger = WEB_SLICE.replacen(
+        "labels:",
+        &format!("annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{triggered}'}}, labels:"),
+        1,
+    );
+    std::thread::sleep(Duration::from_millis(2));
+    h.feed([slice(&with_trigger)]);
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1"),
+        "{text}"
+    );
+    // A slice without the annotation is not measured there.
+    h.feed([slice(&WEB_SLICE.replace("10.244.0.10", "10.244.0.11"))]);
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_node_being_deleted_is_not_eligible_for_load_balancer_traffic() {
+    let mut h = harness();
+    let health = h.health.clone();
+    h.feed([service(WEB), SourceEvent::Synced]);
+    assert!(health.status().eligible);
+    let node = |extra: &str| {
+        let node: k8s_openapi::api::core::v1::Node =
+            serde_yaml::from_str(&format!("metadata: {{name: node-a}}\n{extra}")).unwrap();
+        SourceEvent::Apply {
+            object: Object::Node(Box::new(node)),
+            origin: "test".into(),
+        }
+    };
+    h.feed([node(
+        "spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}",
+    )]);
+    assert!(!health.status().eligible);
+    h.feed([node("spec: {}")]);
+    assert!(health.status().eligible);
 }

@@ -71,6 +71,12 @@ pub fn inspect(pin_dir: &Path) -> Result<Inspection, MapError> {
     })
 }
 
+/// The data path's event counters (summed over CPUs) from the maps pinned in
+/// `pin_dir`, for the metrics endpoint.
+pub fn counters(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, MapError> {
+    Ok(KernelMaps::open(pin_dir)?.counters())
+}
+
 /// One frontend for display, its backend ids resolved through `backends`.
 fn frontend_view(
     key: &FrontendKey,

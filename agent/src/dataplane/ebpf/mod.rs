@@ -57,6 +57,7 @@ impl EbpfDataPlane {
     ) -> Result<Self, SyncError> {
         loader::load_and_attach(&config.pin_dir, &config.cgroup, config.sizes)?;
         let maps = KernelMaps::open(&config.pin_dir)?;
+        metrics.export_datapath_counters(config.pin_dir.clone());
         Ok(Self {
             maps,
             programmed: None,

@@ -41,6 +41,16 @@ pub const NAT_CHAINS: [&str; 4] = [
     KUBE_MARK_MASQ,
 ];
 
+/// Chains of kube-proxy's IPVS mode that its iptables layout (and Ferry's) lacks:
+/// removed by `ferry cleanup --kube-proxy`.
+pub const KUBE_PROXY_IPVS_CHAINS: [&str; 5] = [
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
+];
+
 /// Prefixes of per-service chains: everything with these names is Ferry's to delete.
 const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
     "KUBE-SVC-",

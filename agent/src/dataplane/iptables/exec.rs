@@ -67,7 +67,45 @@ pub struct Tools {
     restore: &'static str,
 }
 
+/// One iptables backend, named explicitly (rather than the host's `iptables`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables-legacy` (the x_tables kernel interface).
+    Legacy,
+    /// `iptables-nft` (x_tables rules on nf_tables).
+    Nft,
+}
+
 impl Tools {
+    /// The tools of one family and backend.
+    pub fn of_backend(family: IpFamily, backend: Backend) -> Self {
+        let names = |iptables, save, restore| Self {
+            iptables,
+            save,
+            restore,
+        };
+        match (family, backend) {
+            (IpFamily::V4, Backend::Legacy) => names(
+                "iptables-legacy",
+                "iptables-legacy-save",
+                "iptables-legacy-restore",
+            ),
+            (IpFamily::V6, Backend::Legacy) => names(
+                "ip6tables-legacy",
+                "ip6tables-legacy-save",
+                "ip6tables-legacy-restore",
+            ),
+            (IpFamily::V4, Backend::Nft) => {
+                names("iptables-nft", "iptables-nft-save", "iptables-nft-restore")
+            }
+            (IpFamily::V6, Backend::Nft) => names(
+                "ip6tables-nft",
+                "ip6tables-nft-save",
+                "ip6tables-nft-restore",
+            ),
+        }
+    }
+
     /// The tools of one family.
     pub fn for_family(family: IpFamily) -> Self {
         match family {

@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, HashSet};
 use tracing::{debug, info, warn};
 
 use self::chains::KUBE_PROXY_CANARY;
-use self::exec::{ExecError, Runner, Tools};
-use self::payload::{FullSync, PartialSync, Table};
+use self::exec::{Backend, ExecError, Runner, Tools};
+use self::payload::{FullSync, Leftovers, PartialSync, Table};
 use self::render::{Chain, NodeContext, Scope, render_service};
 use self::rule::Rule;
 use self::shared::render_shared;
@@ -110,18 +110,41 @@ impl IptablesDataPlane {
 
     /// Removes every chain and jump Ferry (or kube-proxy) installed, in all families.
     pub fn cleanup(families: &[IpFamily]) -> Result<(), ExecError> {
-        cleanup_with(families.iter().map(|&f| (f, Tools::for_family(f))))
+        let tools = families.iter().map(|&f| (f, Tools::for_family(f)));
+        cleanup_with(tools, &["filter", "nat"], Leftovers::Ferry)
+    }
+
+    /// Removes what kube-proxy left in either iptables backend (legacy and nft, which
+    /// the kernel both runs), in every mode it has, and its mangle canary. A backend
+    /// whose tools are not installed is skipped.
+    pub fn cleanup_kube_proxy(families: &[IpFamily]) -> Result<(), ExecError> {
+        for backend in [Backend::Legacy, Backend::Nft] {
+            let tools = families.iter().map(|&f| (f, Tools::of_backend(f, backend)));
+            match cleanup_with(tools, &["filter", "nat", "mangle"], Leftovers::KubeProxy) {
+                Err(ExecError::Spawn { tool, source })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    debug!(tool, "not installed; skipping that iptables backend");
+                }
+                other => other?,
+            }
+        }
+        Ok(())
     }
 }
 
 /// [`IptablesDataPlane::cleanup`] with the given tools per family.
-fn cleanup_with<R: Runner>(families: impl Iterator<Item = (IpFamily, R)>) -> Result<(), ExecError> {
+fn cleanup_with<R: Runner>(
+    families: impl Iterator<Item = (IpFamily, R)>,
+    tables: &[&str],
+    leftovers: Leftovers,
+) -> Result<(), ExecError> {
     for (family, tools) in families {
         let mut payload = Vec::new();
-        for table in ["filter", "nat"] {
+        for table in tables {
             let save = tools.save_summary(table)?;
             // Writing into a Vec cannot fail.
-            let _ = payload::write_cleanup(&mut payload, table, &save);
+            let _ = payload::write_cleanup(&mut payload, table, &save, leftovers);
         }
         if !payload.is_empty() {
             tools.restore_with(&|out| out.write_all(&payload))?;
@@ -200,7 +223,11 @@ impl<R: Runner> IptablesDataPlane<R> {
                 diff.upserted.iter().any(|u| u.new.has_external_frontends())
             }
         };
-        if self.scope == Scope::ExternalOnly && !self.programmed && !anything_external() {
+        if self.scope == Scope::ExternalOnly
+            && !self.programmed
+            && !anything_external()
+            && !self.leftovers_present()
+        {
             // Nothing enters the node through services: stay out of iptables (no nat
             // table, no conntrack cost) until something does.
             return Ok(stats);
@@ -209,15 +236,29 @@ impl<R: Runner> IptablesDataPlane<R> {
         self.prepare(node);
         for family in &mut self.families {
             let ctx = node_context(family.family, node, self.scope);
+            let partial = !full && family.ctx.as_ref() == Some(&ctx);
             let result = family.sync(plans(), diff, ctx, full, &mut stats);
-            if let Err(err) = result {
+            if let Err(source) = result {
                 // The kernel no longer matches the cache: rebuild from scratch next time.
                 family.rendered.clear();
                 family.ctx = None;
-                return Err(err.into());
+                return Err(SyncError::Iptables {
+                    family: family.family,
+                    partial,
+                    source,
+                });
             }
         }
         Ok(stats)
+    }
+
+    /// Whether service chains are already there (kube-proxy's, or an earlier
+    /// Ferry's): then the first full sync takes them over, rewriting or deleting them,
+    /// even when nothing needs iptables now.
+    fn leftovers_present(&self) -> bool {
+        self.families
+            .iter()
+            .any(|f| f.tools.chain_exists("nat", chains::KUBE_SERVICES))
     }
 
     /// Host set-up the rules rely on, done once, before the first rules that need it:
@@ -245,6 +286,7 @@ fn node_context(family: IpFamily, node: &NodeNetwork, scope: Scope) -> NodeConte
     NodeContext {
         family,
         cluster_cidrs: net.cluster_cidrs,
+        masquerade_all: net.masquerade_all,
         nodeport_ips: net.nodeport_ips,
         node_ips: net.node_ips,
         scope,
@@ -261,16 +303,37 @@ impl<R: Runner> FamilyState<R> {
         stats: &mut SyncStats,
     ) -> Result<(), ExecError> {
         // Rules depend on the node context; if it changed, everything is re-rendered.
-        if full || self.ctx.as_ref() != Some(&ctx) {
+        let nat: usize;
+        let filter: usize;
+        let written = if full || self.ctx.as_ref() != Some(&ctx) {
             self.full_sync(plans, &ctx, stats)?;
             info!(family = %self.family, services = self.rendered.len(), "iptables full sync done");
-        } else if let Some(payload) = self.partial_payload(diff, &ctx, stats) {
-            stats.writes += payload.lines().count();
-            debug!(family = %self.family, lines = payload.lines().count(), "iptables-restore");
-            self.tools.restore(&payload)?;
+            nat = self.rendered.values().map(|r| r.nat_rule_count).sum();
+            filter = self.rendered.values().map(|r| r.filter_shared.len()).sum();
+            [("nat", nat), ("filter", filter)]
+        } else {
+            let payload = self.partial_payload(diff, &ctx, stats);
+            if let Some(payload) = &payload {
+                stats.writes += payload.lines().count();
+                debug!(family = %self.family, lines = payload.lines().count(), "iptables-restore");
+                self.tools.restore(payload)?;
+            }
+            nat = self.rendered.values().map(|r| r.nat_rule_count).sum();
+            filter = self.rendered.values().map(|r| r.filter_shared.len()).sum();
+            payload
+                .as_deref()
+                .map(payload::rules_per_table)
+                .unwrap_or([("nat", 0), ("filter", 0)])
+        };
+        for (table, rules) in written {
+            stats
+                .programmed
+                .push(ProgrammedCount::IptablesRulesWritten {
+                    family: self.family,
+                    table,
+                    rules,
+                });
         }
-        let nat: usize = self.rendered.values().map(|r| r.nat_rule_count).sum();
-        let filter: usize = self.rendered.values().map(|r| r.filter_shared.len()).sum();
         stats.programmed.push(ProgrammedCount::IptablesRules {
             family: self.family,
             table: "nat",

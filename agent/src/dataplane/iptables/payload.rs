@@ -79,6 +79,80 @@ fn write_missing_jumps(out: &mut dyn Write, table: &str, save: &SaveSummary) -> 
     missing.try_for_each(|jump| write_rule(out, Op::InsertFirst, &jump.rule()))
 }
 
+/// The chain an `-A` rule jumps to.
+fn jump_target(line: &str) -> Option<&str> {
+    let mut words = line.split_whitespace();
+    words.by_ref().find(|w| *w == "-j")?;
+    words.next()
+}
+
+/// Rules a restore payload appends or inserts, per table (kube-proxy's
+/// `sync_proxy_rules_iptables_last`).
+pub fn rules_per_table(payload: &str) -> [(&'static str, usize); 2] {
+    let mut counts = [("nat", 0), ("filter", 0)];
+    let mut table = None;
+    for line in payload.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = counts.iter().position(|(t, _)| *t == name);
+        } else if (line.starts_with("-A ") || line.starts_with("-I "))
+            && let Some(i) = table
+        {
+            counts[i].1 += 1;
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+#[test]
+fn kube_proxy_leftovers_include_its_ipvs_chains_but_not_the_kubelets() {
+    let save = SaveSummary {
+        chains: [
+            "KUBE-NODE-PORT",
+            "KUBE-FIREWALL",
+            "KUBE-SERVICES",
+            "KUBE-KUBELET-CANARY",
+        ]
+        .map(String::from)
+        .to_vec(),
+        builtin_rules: [
+            "-A INPUT -m comment --comment \"kubernetes health check rules\" -j KUBE-NODE-PORT",
+            "-A INPUT -j KUBE-FIREWALL",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let cleanup = |leftovers| {
+        let mut out = Vec::new();
+        write_cleanup(&mut out, "filter", &save, leftovers).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let all = cleanup(Leftovers::KubeProxy);
+    assert!(
+        all.contains(
+            "-D INPUT -m comment --comment \"kubernetes health check rules\" -j KUBE-NODE-PORT"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("-X KUBE-NODE-PORT") && all.contains("-X KUBE-SERVICES"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("KUBE-FIREWALL") && !all.contains("KUBE-KUBELET-CANARY"),
+        "{all}"
+    );
+    let ferry = cleanup(Leftovers::Ferry);
+    assert!(!ferry.contains("KUBE-NODE-PORT"), "{ferry}");
+}
+
+#[cfg(test)]
+#[test]
+fn rules_are_counted_per_table() {
+    let payload = "*filter\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j DROP\nCOMMIT\n*nat\n-I KUBE-SERVICES 1 -j KUBE-SVC-X\n-A KUBE-SVC-X -j KUBE-SEP-Y\n-X KUBE-SEP-Z\nCOMMIT\n";
+    assert_eq!(rules_per_table(payload), [("nat", 2), ("filter", 1)]);
+}
+
 /// A full sync: the shared chains rewritten, every service chain declared and
 /// written, stale service chains deleted, missing built-in jumps inserted. Written in
 /// two halves around the services' own chains, which the caller renders one plan at a
@@ -225,22 +299,42 @@ impl PartialSync {
     }
 }
 
+/// Whose chains a cleanup removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leftovers {
+    /// Ferry's layout (kube-proxy's iptables mode's): its chains and its jumps.
+    Ferry,
+    /// Also kube-proxy's IPVS-mode chains, and any built-in chain rule jumping to
+    /// one of them (kube-proxy's comments differ between versions and modes).
+    KubeProxy,
+}
+
 /// Writes what removes Ferry's (or kube-proxy's) chains and built-in jumps from one
 /// table, as `iptables-save` showed it; nothing when there are none.
-pub fn write_cleanup(out: &mut dyn Write, table: &str, save: &SaveSummary) -> io::Result<()> {
+pub fn write_cleanup(
+    out: &mut dyn Write,
+    table: &str,
+    save: &SaveSummary,
+    leftovers: Leftovers,
+) -> io::Result<()> {
+    let owned = |c: &str| {
+        chains::is_owned_chain(c)
+            || (leftovers == Leftovers::KubeProxy && chains::KUBE_PROXY_IPVS_CHAINS.contains(&c))
+    };
     let ours: Vec<&str> = save
         .chains
         .iter()
         .map(String::as_str)
-        .filter(|c| chains::is_owned_chain(c))
+        .filter(|c| owned(c))
         .collect();
     let jumps: Vec<&str> = save
         .builtin_rules
         .iter()
         .filter(|l| {
-            BUILTIN_JUMPS
+            let ferry_jump = BUILTIN_JUMPS
                 .iter()
-                .any(|j| j.table == table && j.matches_save_line(l))
+                .any(|j| j.table == table && j.matches_save_line(l));
+            ferry_jump || (leftovers == Leftovers::KubeProxy && jump_target(l).is_some_and(owned))
         })
         .filter_map(|l| l.strip_prefix("-A"))
         .collect();

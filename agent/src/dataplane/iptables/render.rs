@@ -33,6 +33,8 @@ pub struct NodeContext {
     /// Pod CIDRs of this family (`--cluster-cidr`); traffic from elsewhere to a
     /// ClusterIP is masqueraded. Empty: cannot tell, so no such rule (as kube-proxy).
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// Masquerade all ClusterIP traffic, not only from outside `cluster_cidrs`.
+    pub masquerade_all: bool,
     /// Addresses NodePorts listen on.
     pub nodeport_ips: Vec<IpAddr>,
     /// This node's own addresses (for loadBalancerSourceRanges that include the node).
@@ -433,7 +435,8 @@ impl<'a> Renderer<'a> {
         }
     }
 
-    /// Masquerade of ClusterIP traffic from outside each cluster CIDR.
+    /// Masquerade of ClusterIP traffic from outside each cluster CIDR (of all of it
+    /// with `masquerade_all`).
     fn internal_masquerade(&self, chain: &str) -> Vec<Rule> {
         let f = self.facts;
         if self.ctx.scope != Scope::All {
@@ -441,6 +444,9 @@ impl<'a> Renderer<'a> {
         }
         let comment = format!("{} cluster IP", f.label);
         let masq = || Target::Jump(KUBE_MARK_MASQ.into());
+        if self.ctx.masquerade_all {
+            return vec![self.frontend(chain, masq(), &comment, f.cluster_ip, f.port)];
+        }
         self.ctx
             .cluster_cidrs
             .iter()
@@ -525,6 +531,7 @@ mod tests {
         NodeContext {
             family: IpFamily::V4,
             cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            masquerade_all: false,
             nodeport_ips: vec!["192.168.0.2".parse().unwrap()],
             node_ips: vec!["192.168.0.2".parse().unwrap()],
             scope: Scope::All,
