@@ -352,3 +352,36 @@ pub fn parse_bind(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>>
         .map(Some)
         .map_err(|_| anyhow::anyhow!("{flag}: {value:?} is not ADDR:PORT"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invoked_as_kube_proxy_means_run() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let kube_proxy = args(&["/usr/local/bin/kube-proxy", "--config=/c", "--v=2"]);
+        assert_eq!(
+            kube_proxy_compatible_args(kube_proxy),
+            args(&["/usr/local/bin/kube-proxy", "run", "--config=/c", "--v=2"])
+        );
+        let ferry = args(&["ferry", "cleanup"]);
+        assert_eq!(kube_proxy_compatible_args(ferry.clone()), ferry);
+        let cli = parse_from(args(&[
+            "kube-proxy",
+            "run",
+            "--v=4",
+            "--proxy-mode",
+            "iptables",
+        ]))
+        .unwrap();
+        assert_eq!(cli.klog_level, Some(4));
+        match cli.command {
+            Command::Run(run) => {
+                assert_eq!(run.mode, Mode::Iptables);
+                assert!(run.explicit.contains("mode") && !run.explicit.contains("node_name"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -613,3 +613,82 @@ fn iptables_wrapper_detects_the_backend_in_use() {
         assert_eq!(rules(), before, "{case}: --detect changed the rules");
     }
 }
+
+/// kubeadm's `config.conf` as kubeadm writes it (zero values relying on defaulting).
+const KUBEADM_CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+bindAddress: 0.0.0.0
+clientConnection: {kubeconfig: /var/lib/kube-proxy/kubeconfig.conf, qps: 0, burst: 0, contentType: \"\", acceptContentTypes: \"\"}
+clusterCIDR: 10.244.0.0/16
+configSyncPeriod: 0s
+conntrack: {maxPerCore: null, min: null, tcpBeLiberal: false, tcpCloseWaitTimeout: null, tcpEstablishedTimeout: null, udpStreamTimeout: 0s, udpTimeout: 0s}
+detectLocal: {bridgeInterface: \"\", interfaceNamePrefix: \"\"}
+detectLocalMode: \"\"
+enableProfiling: false
+healthzBindAddress: \"\"
+hostnameOverride: \"\"
+iptables: {localhostNodePorts: null, masqueradeAll: false, masqueradeBit: null, minSyncPeriod: 0s, syncPeriod: 0s}
+ipvs: {excludeCIDRs: null, minSyncPeriod: 0s, scheduler: \"\", strictARP: false, syncPeriod: 0s, tcpFinTimeout: 0s, tcpTimeout: 0s, udpTimeout: 0s}
+metricsBindAddress: \"\"
+mode: \"\"
+nftables: {masqueradeAll: false, masqueradeBit: null, minSyncPeriod: 0s, syncPeriod: 0s}
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: \"\"
+showHiddenMetricsForVersion: \"\"
+";
+
+/// The kube-proxy-config overlay's command runs the real agent with kubeadm's file
+/// and the overlay's ConfigMap until it is healthy and balances a ClusterIP, warning
+/// about nothing in the file. Remapped for the test node: the file's path, the node
+/// name, a manifest directory instead of the API server, the cgroup and pins, and the
+/// conntrack limit (global to the kernel, so a test leaves it alone).
+#[test]
+fn kube_proxy_config_overlay_runs_with_kubeadms_file() {
+    use ferry_tests::manifests::{Service, docs, ep, port, slice};
+    let rendered = render("kube-proxy-config");
+    let pod = pod_spec(&rendered);
+    let command = container(&pod.containers, "ferry")
+        .command
+        .clone()
+        .expect("command");
+    let mut c = ferry_tests::Cluster::new(ferry_tests::Mode::Ebpf, &["a", "client"]);
+    let file = c.manifest_dir().with_extension("config.conf");
+    std::fs::write(&file, KUBEADM_CONFIG).expect("write config.conf");
+    let mut args: Vec<String> = vec!["-v".into()];
+    args.extend(command[1..].iter().map(|a| {
+        a.replace(
+            "/var/lib/kube-proxy/config.conf",
+            &file.display().to_string(),
+        )
+        .replace("$(NODE_NAME)", ferry_tests::cluster::NODE_NAME)
+    }));
+    args.extend(["--manifests".into(), c.manifest_dir().display().to_string()]);
+    args.extend(["--conntrack-max-per-core".into(), "0".into()]);
+    c.set_agent_env(configmap_env(one(&rendered, "ConfigMap"), &c));
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "web-v4",
+                "web",
+                "IPv4",
+                &[port("http", "TCP", 8080)],
+                &[ep(&c.pod("a").ip)],
+            ),
+        ]),
+    );
+    c.spawn_agent_raw(&args);
+    c.wait_healthy();
+    let r = c.tcp(ferry_tests::From::Pod("client"), "10.96.0.10:80", 10);
+    assert_eq!(r.pods(), ["a"], "{r:?}");
+    let log = c.agent_log();
+    assert!(
+        !log.contains("ferry::config"),
+        "kubeadm's file warns about nothing:\n{log}"
+    );
+}

@@ -268,3 +268,39 @@ fn rbac_in_deploy_matches_the_requests_made() {
     }
     assert_eq!(made, granted, "requests made vs. RBAC granted");
 }
+
+/// Through the API: a Node being deleted turns /healthz 503 (`nodeEligible: false`),
+/// and an EndpointSlice's trigger-time annotation is where network programming latency
+/// starts.
+#[test]
+fn node_deletion_and_trigger_times_from_the_api() {
+    let (c, api) = api_node();
+    let programmed = || {
+        c.metric("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}")
+            .unwrap_or(0.0)
+    };
+    assert_eq!(programmed(), 0.0);
+    let annotated = web_slice(&c, &["a", "b"]).replacen(
+        "  labels:\n",
+        &format!(
+            "  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\n  labels:\n",
+            jiff::Timestamp::now()
+        ),
+        1,
+    );
+    api.apply(&annotated);
+    c.wait_for("network programming measured", WAIT, || programmed() == 1.0);
+    assert!(reaches(&c, &["a", "b"]));
+    api.apply(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, deletionTimestamp: '2026-12-01T00:00:00Z', finalizers: [x]}\n",
+    );
+    c.wait_for("healthz 503 while the node is deleted", WAIT, || {
+        c.healthz() == Some(503)
+    });
+    let (_, response) = c.http_get(10256, "/healthz").expect("healthz");
+    assert!(response.contains("\"nodeEligible\":false"), "{response}");
+    assert!(
+        reaches(&c, &["a", "b"]),
+        "traffic still flows while draining"
+    );
+}

@@ -291,4 +291,15 @@ fn a_node_being_deleted_is_not_eligible_for_load_balancer_traffic() {
     assert!(!health.status().eligible);
     h.feed([node("spec: {}")]);
     assert!(health.status().eligible);
+    let deleted: k8s_openapi::api::core::v1::Node =
+        serde_yaml::from_str("metadata: {name: node-a, deletionTimestamp: '2026-12-01T00:00:00Z'}")
+            .unwrap();
+    h.feed([SourceEvent::Apply {
+        object: Object::Node(Box::new(deleted)),
+        origin: "test".into(),
+    }]);
+    assert!(
+        !health.status().eligible,
+        "a deletionTimestamp means leaving"
+    );
 }
