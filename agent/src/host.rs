@@ -103,6 +103,25 @@ pub fn watch_addresses(initial: HostAddresses, period: Duration, events: Sender<
     }
 }
 
+/// Protocols this kernel cannot carry (no SCTP module), found by opening a socket of
+/// each, which also loads a module the kernel has but had not loaded yet.
+pub fn unsupported_protocols() -> Vec<crate::model::Protocol> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+    let sctp = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Sctp,
+    );
+    match sctp {
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            debug!(error = %e, "no SCTP in this kernel");
+            vec![crate::model::Protocol::Sctp]
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

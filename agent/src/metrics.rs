@@ -84,6 +84,8 @@ pub struct Metrics {
     pub conntrack_cleanup_duration: HistogramFamily,
     pub conntrack_deleted: Family<Labels, Counter>,
     pub invalid_objects: Family<Labels, Counter>,
+    /// Service ports not programmed because the kernel lacks their protocol.
+    pub skipped_ports: Family<Labels, Counter>,
     pub sync_failures: Counter,
     /// eBPF map updates refused by the kernel (map full), by map.
     pub map_full: Family<Labels, Counter>,
@@ -131,6 +133,7 @@ impl Metrics {
             conntrack_cleanup_duration: histograms(sync_buckets),
             conntrack_deleted: Family::default(),
             invalid_objects: Family::default(),
+            skipped_ports: Family::default(),
             sync_failures: Counter::default(),
             map_full: Family::default(),
             ebpf_frontends: Gauge::default(),
@@ -258,6 +261,11 @@ impl Metrics {
             "ferry_invalid_objects",
             "Objects skipped because they are invalid, by kind",
             m.invalid_objects.clone(),
+        );
+        r.register(
+            "ferry_skipped_service_ports",
+            "Service port recomputations left unprogrammed because the kernel lacks the protocol, by protocol",
+            m.skipped_ports.clone(),
         );
         r.register(
             "ferry_sync_failures",

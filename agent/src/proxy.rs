@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 use crate::dataplane::{DataPlane, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::{
-    Applied, ClusterState, HostAddresses, Kind, NodeNetwork, NodePlan, NodePortAddresses,
+    Applied, ClusterState, HostAddresses, Kind, NodeNetwork, NodePlan, NodePortAddresses, Protocol,
     ServiceName, last_change_trigger_time, service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
@@ -35,6 +35,8 @@ pub struct ProxyConfig {
     pub sync_period: Duration,
     /// Least time between two syncs (changes meanwhile are batched).
     pub min_sync_period: Duration,
+    /// Protocols the kernel cannot carry: their service ports are skipped.
+    pub unsupported_protocols: Vec<Protocol>,
     /// Full resync at least this often even without tampering.
     pub full_sync_period: Duration,
 }
@@ -77,8 +79,10 @@ impl ProxyLoop {
         report: Report,
         host: HostAddresses,
     ) -> Self {
+        let mut state = ClusterState::new(config.node_name.clone());
+        state.set_unsupported_protocols(config.unsupported_protocols.clone());
         Self {
-            state: ClusterState::new(config.node_name.clone()),
+            state,
             config,
             plan: NodePlan::default(),
             data_plane,
@@ -268,6 +272,10 @@ impl ProxyLoop {
         }
         self.last_sync = Some(Instant::now());
         let diff = self.plan.update(&self.state, &changes.services);
+        for port in &diff.skipped {
+            warn!(service_port = %port, protocol = %port.protocol, "this kernel has no {} support; the port is not programmed", port.protocol);
+            self.report.skipped(port.protocol);
+        }
         let node = NodeNetwork::new(
             self.state.node(),
             &self.host,

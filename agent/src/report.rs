@@ -13,7 +13,7 @@ use crate::dataplane::conntrack::Cleared;
 use crate::dataplane::{ProgrammedCount, SyncError, SyncStats};
 use crate::health::Health;
 use crate::metrics::{Metrics, ip_family, unix_now};
-use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, ServicePortPlan};
+use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, Protocol, ServicePortPlan};
 
 /// Trigger times kept for the next sync at most (a bound on memory when a sync is
 /// slow and every endpoint churns); later ones are not measured.
@@ -90,6 +90,12 @@ impl Report {
     /// This node's object says whether it is going away (`/healthz` turns 503 then).
     pub fn node_leaving(&self, leaving: bool) {
         self.health.node_eligible(!leaving);
+    }
+
+    /// A service port was not programmed: the kernel lacks its protocol.
+    pub fn skipped(&self, protocol: Protocol) {
+        let labels = vec![("protocol".to_owned(), protocol.to_string())];
+        self.metrics.skipped_ports.get_or_create(&labels).inc();
     }
 
     /// An object was refused (`kind` as the source knew it).
@@ -368,6 +374,7 @@ mod tests {
         let removed = PlanDiff {
             upserted: vec![],
             removed: plan.iter().cloned().collect(),
+            skipped: vec![],
         };
         counts.update(&NodePlan::default(), &removed, false);
         assert_eq!(counts.get("internal", IpFamily::V4), 0);

@@ -90,6 +90,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             masquerade_all: config.masquerade_all,
             sync_period: config.sync_period,
             min_sync_period: config.min_sync_period,
+            unsupported_protocols: host::unsupported_protocols(),
             full_sync_period: config.full_sync_period,
         },
         data_plane,

@@ -632,6 +632,11 @@ impl Cluster {
         self.ext.command(program, None)
     }
 
+    /// Runs `f` on a thread inside the external client's network namespace.
+    pub fn in_ext<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.ext.run_in(f)
+    }
+
     /// Runs `f` on a thread inside a pod's network namespace.
     pub fn in_pod<T: Send + 'static>(
         &self,

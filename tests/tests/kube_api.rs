@@ -168,23 +168,29 @@ fn master_overrides_the_kubeconfig_server() {
     assert!(reaches(&c, &["a"]));
 }
 
+/// kube-proxy's informers select out services carrying either label; so does Ferry.
 #[test]
-fn service_proxy_name_label_is_honoured() {
+fn service_proxy_name_and_headless_labels_are_honoured() {
     let (c, api) = api_node();
-    api.apply(
-        &Service::new("web")
-            .cluster_ip("10.96.0.10")
-            .label("service.kubernetes.io/service-proxy-name", "other-proxy")
-            .port(port("http", "TCP", 80))
-            .yaml(),
-    );
-    c.wait_for("labelled service no longer proxied", WAIT, || {
-        c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0)
-            .successes()
-            == 0
-    });
-    api.apply(&web_service());
-    c.wait_for("label removed: proxied again", WAIT, || reaches(&c, &["a"]));
+    for (label, value) in [
+        ("service.kubernetes.io/service-proxy-name", "other-proxy"),
+        ("service.kubernetes.io/headless", ""),
+    ] {
+        api.apply(
+            &Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .label(label, value)
+                .port(port("http", "TCP", 80))
+                .yaml(),
+        );
+        c.wait_for(&format!("{label}: no longer proxied"), WAIT, || {
+            c.tcp_with(From::Pod("client"), "10.96.0.10:80", 1, 300, 0)
+                .successes()
+                == 0
+        });
+        api.apply(&web_service());
+        c.wait_for("label removed: proxied again", WAIT, || reaches(&c, &["a"]));
+    }
 }
 
 #[test]

@@ -372,7 +372,10 @@ fn invalid_manifests_next_to_valid_ones(mode: Mode) {
     assert!(log.contains("mixed.yaml#2"), "{log}");
 }
 
-fn service_proxy_name_label_is_not_proxied(mode: Mode) {
+/// kube-proxy's informers select out services labelled
+/// `service.kubernetes.io/service-proxy-name` (another proxy's) or
+/// `service.kubernetes.io/headless`; e2e "should implement service.kubernetes.io/headless".
+fn service_proxy_name_and_headless_labels_are_not_proxied(mode: Mode) {
     let mut c = Cluster::new(mode, &["a", "client"]);
     let p = [port("http", "TCP", 8080)];
     c.write_manifest(
@@ -384,6 +387,18 @@ fn service_proxy_name_label_is_not_proxied(mode: Mode) {
                 .port(port("http", "TCP", 80))
                 .yaml(),
             slice("other-1", "other", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+            Service::new("headless-label")
+                .cluster_ip("10.96.0.72")
+                .label("service.kubernetes.io/headless", "")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "headless-label-1",
+                "headless-label",
+                "IPv4",
+                &p,
+                &[ep(&c.pod("a").ip)],
+            ),
             Service::new("mine")
                 .cluster_ip("10.96.0.71")
                 .port(port("http", "TCP", 80))
@@ -396,11 +411,177 @@ fn service_proxy_name_label_is_not_proxied(mode: Mode) {
         c.tcp(From::Pod("client"), "10.96.0.71:80", 3).successes(),
         3
     );
-    let r = c.tcp_with(From::Pod("client"), "10.96.0.70:80", 2, 300, 0);
+    for labelled in ["10.96.0.70:80", "10.96.0.72:80"] {
+        let r = c.tcp_with(From::Pod("client"), labelled, 2, 300, 0);
+        assert_eq!(
+            r.successes(),
+            0,
+            "{labelled}: a labelled service must not be proxied: {r:?}"
+        );
+    }
+}
+
+/// NodePorts on 127.0.0.1 need `route_localnet`, which would let a neighbour reach
+/// anything listening on the node's loopback (CVE-2020-8558). With localhost NodePorts
+/// on, kube-proxy's guard must keep the neighbour's datagrams to a loopback-bound
+/// socket out; before the agent runs (route_localnet on, no guard) the same datagram
+/// arrives, which shows the path is open and the guard is what closes it.
+fn localhost_nodeports_do_not_expose_the_node_loopback(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a"]);
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.90")
+                .spec("type: NodePort")
+                .port(port("http", "TCP", 80).node_port(30090))
+                .yaml(),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &[port("http", "TCP", 8080)],
+                &[ep(&c.pod("a").ip)],
+            ),
+        ]),
+    );
+    // Something on the node that only its own processes should reach.
+    let listener = c.in_node(|| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:9999").expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        s
+    });
+    // The neighbour sends to 127.0.0.0/8 through the node, as an attacker on the link can.
+    let ext = |args: &[&str]| {
+        let status = c
+            .ext_command(args[0])
+            .args(&args[1..])
+            .status()
+            .expect("ext command");
+        assert!(status.success(), "{args:?}");
+    };
+    ext(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.route_localnet=1",
+        "net.ipv4.conf.eth0.route_localnet=1",
+    ]);
+    ext(&[
+        "ip",
+        "route",
+        "del",
+        "local",
+        "127.0.0.1",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]);
+    ext(&[
+        "ip",
+        "route",
+        "del",
+        "local",
+        "127.0.0.0/8",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]);
+    ext(&[
+        "ip",
+        "route",
+        "add",
+        "127.0.0.0/8",
+        "via",
+        ferry_tests::cluster::NODE_IP,
+    ]);
+    let arrives = |c: &Cluster, listener: &std::net::UdpSocket| {
+        let mut buf = [0u8; 64];
+        (0..10).any(|_| {
+            c.in_ext(|| {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+                let _ = s.send_to(b"knock", "127.0.0.1:9999");
+            });
+            listener
+                .recv_from(&mut buf)
+                .is_ok_and(|(n, _)| &buf[..n] == b"knock")
+        })
+    };
+    c.node_sysctl(&["net.ipv4.conf.all.route_localnet=1"]);
+    assert!(
+        arrives(&c, &listener),
+        "without the guard the neighbour gets in"
+    );
+    c.start_agent_with(&["--nodeport-addresses", "127.0.0.0/8,172.18.0.0/24"]);
+    let r = c.tcp(From::Node, "127.0.0.1:30090", 3);
     assert_eq!(
-        r.successes(),
-        0,
-        "labelled service must not be proxied: {r:?}"
+        r.pods(),
+        ["a"],
+        "the node reaches its localhost NodePort: {r:?}"
+    );
+    while listener.recv_from(&mut [0u8; 64]).is_ok() {}
+    assert!(
+        !arrives(&c, &listener),
+        "the node's loopback must stay private"
+    );
+}
+
+/// Whether this kernel can open SCTP sockets (the test machines' cannot).
+fn kernel_has_sctp() -> bool {
+    // SAFETY: socket(2) with constant arguments; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd >= 0 {
+        // SAFETY: fd was just opened by this function.
+        unsafe { libc::close(fd) };
+    }
+    fd >= 0
+}
+
+/// A service with an SCTP port next to a TCP one, on a kernel without SCTP: the SCTP
+/// port is skipped with a log line and a metric, the TCP port works, and nothing is
+/// half-programmed (no sync fails).
+fn sctp_port_without_kernel_support_is_skipped(mode: Mode) {
+    if kernel_has_sctp() {
+        eprintln!("this kernel has SCTP: the skip path is not reachable here");
+        return;
+    }
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("mixed")
+                .cluster_ip("10.96.0.80")
+                .port(port("sig", "SCTP", 3868))
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "mixed-1",
+                "mixed",
+                "IPv4",
+                &[port("sig", "SCTP", 3868), port("http", "TCP", 8080)],
+                &[ep(&c.pod("a").ip)],
+            ),
+        ]),
+    );
+    c.start_agent();
+    assert_eq!(
+        c.tcp(From::Pod("client"), "10.96.0.80:80", 3).successes(),
+        3
+    );
+    let skipped = c.metric("ferry_skipped_service_ports_total{protocol=\"SCTP\"}");
+    assert!(skipped.is_some_and(|n| n >= 1.0), "{}", c.metrics());
+    assert_eq!(
+        c.metric("ferry_sync_failures_total"),
+        Some(0.0),
+        "{}",
+        c.agent_log()
+    );
+    let log = c.agent_log();
+    assert!(
+        log.contains("default/mixed:sig") && log.contains("no SCTP support"),
+        "{log}"
     );
 }
 
@@ -737,7 +918,9 @@ scenarios!(
     endpoint_and_port_changes_take_effect,
     deleting_a_service_stops_it,
     invalid_manifests_next_to_valid_ones,
-    service_proxy_name_label_is_not_proxied,
+    service_proxy_name_and_headless_labels_are_not_proxied,
+    sctp_port_without_kernel_support_is_skipped,
+    localhost_nodeports_do_not_expose_the_node_loopback,
     hostile_names_cannot_inject,
     session_affinity_sticks,
     local_internal_policy_without_local_endpoints_drops,

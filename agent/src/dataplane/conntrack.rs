@@ -239,6 +239,7 @@ mod tests {
                 new: plan(Protocol::Udp, &["10.0.0.2"]),
             }],
             removed: vec![],
+            skipped: vec![],
         };
         assert_eq!(
             stale_udp_flows(&diff),
@@ -270,6 +271,7 @@ mod tests {
                 },
             ],
             removed: vec![],
+            skipped: vec![],
         };
         assert_eq!(
             stale_udp_flows(&diff),

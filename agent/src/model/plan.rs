@@ -172,6 +172,9 @@ pub struct Upsert {
 pub struct PlanDiff {
     pub upserted: Vec<Upsert>,
     pub removed: Vec<Arc<ServicePortPlan>>,
+    /// Ports left unprogrammed because this kernel lacks their protocol (SCTP), so
+    /// the caller can say so; never half-programmed.
+    pub skipped: Vec<ServicePortName>,
 }
 
 impl PlanDiff {
@@ -198,7 +201,7 @@ impl NodePlan {
     ) -> PlanDiff {
         let mut diff = PlanDiff::default();
         for name in services {
-            let fresh = plan_service(state, name);
+            let fresh = plan_service(state, name, &mut diff.skipped);
             let old_keys = self.by_service.remove(name).unwrap_or_default();
             let mut new_keys = Vec::with_capacity(fresh.len());
             for plan in fresh {
@@ -250,8 +253,13 @@ impl NodePlan {
     }
 }
 
-/// Builds the plans of one service from the current state.
-fn plan_service(state: &ClusterState, name: &ServiceName) -> Vec<ServicePortPlan> {
+/// Builds the plans of one service from the current state; ports of a protocol the
+/// node cannot program go to `skipped` instead.
+fn plan_service(
+    state: &ClusterState,
+    name: &ServiceName,
+    skipped: &mut Vec<ServicePortName>,
+) -> Vec<ServicePortPlan> {
     let Some(svc) = state.service(name) else {
         return Vec::new();
     };
@@ -263,9 +271,16 @@ fn plan_service(state: &ClusterState, name: &ServiceName) -> Vec<ServicePortPlan
     let uses_cluster = !svc.internal_policy_local || svc.is_externally_accessible();
     let uses_local = svc.internal_policy_local || svc.external_policy_local;
     let mut plans = Vec::with_capacity(svc.cluster_ips.len() * svc.ports.len());
+    for port in svc.ports.iter().filter(|p| !state.supports(p.protocol)) {
+        skipped.push(ServicePortName {
+            service: svc.name.clone(),
+            port: port.name.clone(),
+            protocol: port.protocol,
+        });
+    }
     for &cluster_ip in &svc.cluster_ips {
         let family = IpFamily::of(&cluster_ip);
-        for port in &svc.ports {
+        for port in svc.ports.iter().filter(|p| state.supports(p.protocol)) {
             let found = candidates(state, name, family, (&port.name, port.protocol));
             let categorized = categorize(&found, state.node(), uses_cluster, uses_local);
             plans.push(port_plan(svc, port, cluster_ip, categorized));
@@ -566,6 +581,19 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
         assert_eq!(p.external(), Traffic::Forward(&p.local_endpoints));
         assert_eq!(p.internal(), Traffic::Forward(&p.cluster_endpoints));
         assert_eq!(p.node_port, Some(30080));
+    }
+
+    #[test]
+    fn ports_of_an_unsupported_protocol_are_skipped_not_half_programmed() {
+        let mut st = state(&[
+            "kind: Service\nmetadata: {name: m}\nspec: {clusterIP: 10.0.0.1, ports: [{name: a, port: 1, protocol: SCTP}, {name: b, port: 2}]}",
+        ]);
+        st.set_unsupported_protocols(vec![Protocol::Sctp]);
+        let (plan, diff) = plan_all(&mut st);
+        assert_eq!(plan.len(), 1, "only the TCP port");
+        assert_eq!(diff.skipped.len(), 1);
+        assert_eq!(diff.skipped[0].to_string(), "default/m:a");
+        assert_eq!(diff.skipped[0].protocol, Protocol::Sctp);
     }
 
     #[test]

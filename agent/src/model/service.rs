@@ -10,6 +10,9 @@ use super::validate::{self, At, ValidationError};
 
 /// Label that hands a service to another proxy; kube-proxy skips services carrying it.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that keeps a service away from every proxy (kube-proxy's informers select it
+/// out; e2e "should implement service.kubernetes.io/headless"). DNS still serves it.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// Default ClientIP affinity timeout (three hours), as in the Kubernetes API.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
@@ -54,7 +57,8 @@ pub struct ServiceInfo {
     pub external_policy_local: bool,
     pub health_check_node_port: Option<u16>,
     pub publish_not_ready_addresses: bool,
-    /// Carries the service-proxy-name label: another proxy owns it.
+    /// Carries the service-proxy-name label (another proxy owns it) or the headless
+    /// label (no proxy handles it).
     pub foreign_proxy: bool,
 }
 
@@ -104,10 +108,9 @@ impl ServiceInfo {
                 "spec.healthCheckNodePort",
             )?,
             publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
-            foreign_proxy: meta
-                .labels
-                .as_ref()
-                .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL)),
+            foreign_proxy: meta.labels.as_ref().is_some_and(|labels| {
+                labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL)
+            }),
             service_type,
         })
     }
@@ -406,6 +409,11 @@ spec:
         ))
         .unwrap();
         assert!(!labelled.is_proxied());
+        let headless_label = ServiceInfo::from_k8s(&svc(
+            "metadata: {name: x, labels: {service.kubernetes.io/headless: \"\"}}\nspec: {clusterIP: 10.0.0.3}",
+        ))
+        .unwrap();
+        assert!(!headless_label.is_proxied());
 
         let unallocated =
             ServiceInfo::from_k8s(&svc("metadata: {name: x}\nspec: {ports: [{port: 1}]}")).unwrap();

@@ -11,7 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::node::{AUTOSCALER_DELETION_TAINT, NodeInfo, ZONE_LABEL};
 use super::service::{ServiceInfo, parse_ip};
 use super::slice::{SliceInfo, SliceRejection};
-use super::types::ServiceName;
+use super::types::{Protocol, ServiceName};
 use super::validate::{At, ValidationError};
 
 /// Kinds of objects the model consumes.
@@ -88,6 +88,8 @@ pub struct ClusterState {
     /// Services whose DNS records may have changed (tracked only when DNS is on).
     dns_dirty: HashSet<ServiceName>,
     track_dns: bool,
+    /// Protocols whose ports are not programmed (see [`Self::set_unsupported_protocols`]).
+    unsupported_protocols: Vec<Protocol>,
 }
 
 impl ClusterState {
@@ -298,6 +300,17 @@ impl ClusterState {
     /// Services whose DNS records may have changed since the last call.
     pub fn take_dns_changes(&mut self) -> Vec<ServiceName> {
         self.dns_dirty.drain().collect()
+    }
+
+    /// Protocols this node's kernel cannot program (SCTP without its module): their
+    /// service ports are skipped by the plans.
+    pub fn set_unsupported_protocols(&mut self, protocols: Vec<Protocol>) {
+        self.unsupported_protocols = protocols;
+    }
+
+    /// Whether service ports of this protocol can be programmed here.
+    pub fn supports(&self, protocol: Protocol) -> bool {
+        !self.unsupported_protocols.contains(&protocol)
     }
 
     /// Whether anything changed since the last [`Self::take_changes`].

@@ -83,6 +83,7 @@ fn harness() -> Harness {
         nodeport_addresses: NodePortAddresses::Primary,
         masquerade_all: false,
         min_sync_period: Duration::ZERO,
+        unsupported_protocols: vec![],
         sync_period: Duration::from_secs(3600),
         full_sync_period: Duration::from_secs(3600),
     };

@@ -73,6 +73,10 @@ pub enum Match {
     },
     /// `-m conntrack --ctstate S`.
     CtState(&'static str),
+    /// `-d NET`.
+    DstNet(IpNetwork),
+    /// `-m conntrack ! --ctstate S`.
+    NotCtState(&'static str),
 }
 
 /// What a matching packet gets.
@@ -168,6 +172,8 @@ fn write_match(out: &mut String, m: &Match) {
             write!(out, "-m mark {not}--mark {mark:#x}/{mark:#x} ")
         }
         Match::CtState(state) => write!(out, "-m conntrack --ctstate {state} "),
+        Match::DstNet(net) => write!(out, "-d {net} "),
+        Match::NotCtState(state) => write!(out, "-m conntrack ! --ctstate {state} "),
     };
 }
 

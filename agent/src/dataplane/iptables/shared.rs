@@ -7,6 +7,10 @@ use super::chains::{
 };
 use super::render::NodeContext;
 use super::rule::{MASQ_MARK, Match, Rule, Target};
+use std::net::Ipv4Addr;
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+
 use crate::model::IpFamily;
 
 /// Rules of the shared chains that do not depend on any service.
@@ -32,7 +36,7 @@ pub fn render_shared(ctx: &NodeContext) -> SharedRules {
             .comment("kubernetes service traffic requiring SNAT"),
         Rule::new(KUBE_MARK_MASQ, Target::OrMark(MASQ_MARK)),
     ];
-    let filter = vec![
+    let mut filter = vec![
         Rule::new(KUBE_FORWARD, Target::Drop).with(Match::CtState("INVALID")),
         Rule::new(KUBE_FORWARD, Target::Accept)
             .comment("kubernetes forwarding rules")
@@ -41,6 +45,9 @@ pub fn render_shared(ctx: &NodeContext) -> SharedRules {
             .comment("kubernetes forwarding conntrack rule")
             .with(Match::CtState("RELATED,ESTABLISHED")),
     ];
+    if ctx.family == IpFamily::V4 && ctx.nodeport_ips.iter().any(|ip| ip.is_loopback()) {
+        filter.push(localnet_guard());
+    }
     let nodeports_jump = ctx
         .nodeport_ips
         .iter()
@@ -59,6 +66,22 @@ pub fn render_shared(ctx: &NodeContext) -> SharedRules {
         filter,
         nodeports_jump,
     }
+}
+
+/// NodePorts on 127.0.0.1 need `route_localnet`, which also lets a neighbour reach
+/// whatever listens on the node's loopback (CVE-2020-8558): kube-proxy's (and the
+/// kubelet's) guard drops new connections to 127.0.0.0/8 from elsewhere unless a
+/// NodePort DNATed them. In KUBE-PROXY-FIREWALL, which INPUT, OUTPUT and FORWARD
+/// jump to for new connections.
+fn localnet_guard() -> Rule {
+    let loopback: IpNetwork = IpNetwork::V4(
+        Ipv4Network::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("a /8 is a valid prefix"),
+    );
+    Rule::new(KUBE_PROXY_FIREWALL, Target::Drop)
+        .comment("block incoming localnet connections")
+        .with(Match::DstNet(loopback))
+        .with(Match::NotSrc(loopback))
+        .with(Match::NotCtState("RELATED,ESTABLISHED,DNAT"))
 }
 
 /// A jump from a built-in chain into Ferry's chains, ensured on every full sync.
@@ -144,3 +167,40 @@ pub const BUILTIN_JUMPS: [BuiltinJump; 12] = [
     nat("PREROUTING", KUBE_SERVICES, PORTALS),
     nat("POSTROUTING", KUBE_POSTROUTING, POSTROUTING),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::iptables::render::Scope;
+
+    fn ctx(nodeport_ips: &[&str]) -> NodeContext {
+        NodeContext {
+            family: IpFamily::V4,
+            cluster_cidrs: vec![],
+            masquerade_all: false,
+            nodeport_ips: nodeport_ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            node_ips: vec![],
+            scope: Scope::All,
+        }
+    }
+
+    #[test]
+    fn localhost_nodeports_bring_kube_proxys_localnet_guard() {
+        let guard = |c: &NodeContext| {
+            render_shared(c)
+                .filter
+                .iter()
+                .find(|r| r.spec().contains("localnet"))
+                .map(|r| (r.chain.clone(), r.spec()))
+        };
+        assert_eq!(
+            guard(&ctx(&["127.0.0.1", "192.168.0.2"])),
+            Some((
+                "KUBE-PROXY-FIREWALL".to_owned(),
+                "-m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP".to_owned()
+            ))
+        );
+        let none = guard(&ctx(&["192.168.0.2"]));
+        assert_eq!(none, None, "no route_localnet, no guard");
+    }
+}
