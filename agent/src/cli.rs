@@ -87,6 +87,19 @@ pub enum Mode {
     Iptables,
 }
 
+/// kube-proxy's `--detect-local-mode` values, spelled as kube-proxy spells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
 /// Flags of `ferry run`. Names follow kube-proxy's where one exists.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -137,6 +150,23 @@ pub struct RunArgs {
         env = "FERRY_CLUSTER_CIDR"
     )]
     pub cluster_cidr: Vec<IpNetwork>,
+    /// How pod traffic is recognised (kube-proxy's `--detect-local-mode`): ClusterCIDR
+    /// (--cluster-cidr), NodeCIDR (the Node's spec.podCIDRs), BridgeInterface
+    /// (--pod-bridge-interface) or InterfaceNamePrefix (--pod-interface-name-prefix).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "ClusterCIDR",
+        env = "FERRY_DETECT_LOCAL_MODE"
+    )]
+    pub detect_local_mode: DetectLocalMode,
+    /// The bridge pods are attached to, for `--detect-local-mode BridgeInterface`.
+    #[arg(long, value_name = "NAME", env = "FERRY_POD_BRIDGE_INTERFACE")]
+    pub pod_bridge_interface: Option<String>,
+    /// The name prefix of pods' interfaces on the node, for
+    /// `--detect-local-mode InterfaceNamePrefix`.
+    #[arg(long, value_name = "PREFIX", env = "FERRY_POD_INTERFACE_NAME_PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
     /// Where NodePorts answer: `primary` (default: the node's primary addresses) or
     /// CIDRs, comma-separated (127.0.0.0/8 only when listed).
     #[arg(

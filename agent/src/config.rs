@@ -10,12 +10,14 @@ use anyhow::{anyhow, bail};
 use ipnetwork::IpNetwork;
 use tracing::warn;
 
-use crate::cli::{Mode, RunArgs, parse_bind, parse_nodeport_addresses, parse_upstreams};
+use crate::cli::{
+    DetectLocalMode, Mode, RunArgs, parse_bind, parse_nodeport_addresses, parse_upstreams,
+};
 use crate::dataplane::ebpf::EbpfConfig;
 use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
 use crate::kube_proxy_config::KubeProxyConfiguration;
-use crate::model::{ClusterDomain, NodePortAddresses};
+use crate::model::{ClusterDomain, LocalDetection, NodePortAddresses};
 use crate::node_settings::{ConntrackSettings, NodeSettings};
 use crate::source::kube::{ClusterAccess, Credentials};
 
@@ -52,6 +54,8 @@ pub struct RunConfig {
     pub data_plane: DataPlaneConfig,
     pub node_name: String,
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// How pod traffic is recognised.
+    pub local_detection: LocalDetection,
     pub nodeport_addresses: NodePortAddresses,
     pub healthz: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
@@ -102,6 +106,7 @@ impl RunConfig {
             bind_address_hard_fail: args.bind_address_hard_fail,
             node_settings: node_settings(&args),
             cluster_cidrs: args.cluster_cidr.clone(),
+            local_detection: local_detection(&args)?,
             data_plane: data_plane(args)?,
         })
     }
@@ -191,6 +196,30 @@ fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> anyhow::Res
         upstreams: crate::dns::upstreams(&configured, listen, &local),
         forward_allowed,
         cache_size: args.dns_cache_size.max(1),
+    })
+}
+
+/// `--detect-local-mode` with the flag its mode needs.
+fn local_detection(args: &RunArgs) -> anyhow::Result<LocalDetection> {
+    let named = |value: &Option<String>, flag: &str, mode: &str| {
+        value
+            .clone()
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| anyhow!("--detect-local-mode {mode} needs {flag}"))
+    };
+    Ok(match args.detect_local_mode {
+        DetectLocalMode::ClusterCidr => LocalDetection::ClusterCidr(args.cluster_cidr.clone()),
+        DetectLocalMode::NodeCidr => LocalDetection::NodeCidr,
+        DetectLocalMode::BridgeInterface => LocalDetection::BridgeInterface(named(
+            &args.pod_bridge_interface,
+            "--pod-bridge-interface",
+            "BridgeInterface",
+        )?),
+        DetectLocalMode::InterfaceNamePrefix => LocalDetection::InterfaceNamePrefix(named(
+            &args.pod_interface_name_prefix,
+            "--pod-interface-name-prefix",
+            "InterfaceNamePrefix",
+        )?),
     })
 }
 
@@ -374,6 +403,47 @@ mod tests {
             let err = parse(&["--mode", "iptables"]).unwrap_err();
             assert!(err.contains("no source"), "{err}");
         }
+    }
+
+    #[test]
+    fn detect_local_modes() {
+        let base = [
+            "--manifests",
+            "/m",
+            "--mode",
+            "iptables",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| c.local_detection)
+        };
+        assert_eq!(
+            with(&[]).unwrap(),
+            LocalDetection::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()])
+        );
+        assert_eq!(
+            with(&["--detect-local-mode", "NodeCIDR"]).unwrap(),
+            LocalDetection::NodeCidr
+        );
+        assert_eq!(
+            with(&[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "veth"
+            ])
+            .unwrap(),
+            LocalDetection::InterfaceNamePrefix("veth".into())
+        );
+        let err = with(&["--detect-local-mode", "BridgeInterface"]).unwrap_err();
+        assert!(err.contains("--pod-bridge-interface"), "{err}");
+        assert!(
+            with(&["--detect-local-mode", "clustercidr"]).is_err(),
+            "kube-proxy's spelling"
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub struct KubeProxyConfiguration {
     pub nftables: Option<RuleSyncing>,
     pub conntrack: Option<Conntrack>,
     pub detect_local_mode: Option<String>,
+    pub detect_local: Option<DetectLocal>,
     pub feature_gates: Option<BTreeMap<String, bool>>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,
@@ -65,6 +66,16 @@ pub struct KubeProxyConfiguration {
 #[serde(rename_all = "camelCase", default)]
 pub struct ClientConnection {
     pub kubeconfig: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `detectLocal`: the interface settings of the interface-based modes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DetectLocal {
+    pub bridge_interface: Option<String>,
+    pub interface_name_prefix: Option<String>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, serde_yaml::Value>,
 }
@@ -99,7 +110,7 @@ pub struct Conntrack {
 
 /// The fields kube-proxy has that change nothing in Ferry (other modes' settings,
 /// the informers' tuning, logging): accepted without a warning.
-const IGNORED: [&str; 9] = [
+const IGNORED: [&str; 8] = [
     "bindAddress",
     "configSyncPeriod",
     "enableProfiling",
@@ -108,7 +119,6 @@ const IGNORED: [&str; 9] = [
     "logging",
     "showHiddenMetricsForVersion",
     "portRange",
-    "detectLocal",
 ];
 
 /// kube-proxy's masquerade mark bit, which Ferry's rules use too.
@@ -275,14 +285,35 @@ impl Filler<'_> {
         {
             self.args.node_settings.oom_score_adj = adj;
         }
-        if let Some(mode) = c.detect_local_mode.as_deref()
-            && !mode.is_empty()
-            && mode != "ClusterCIDR"
+        self.detect_local(c)?;
+        Ok(())
+    }
+
+    fn detect_local(&mut self, c: &KubeProxyConfiguration) -> Result<(), ConfigFileError> {
+        if let Some(mode) = c.detect_local_mode.as_deref().filter(|m| !m.is_empty())
+            && self.free("detect_local_mode")
         {
-            self.warnings.push(format!(
-                "detectLocalMode {mode:?} is not supported; traffic from outside clusterCIDR is what gets masqueraded"
-            ));
+            self.args.detect_local_mode = clap::ValueEnum::from_str(mode, false).map_err(|_| {
+                value_error(format!(
+                    "detectLocalMode {mode:?} is not one of kube-proxy's"
+                ))
+            })?;
         }
+        let Some(d) = &c.detect_local else {
+            return Ok(());
+        };
+        let nonempty = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        if let Some(bridge) = nonempty(&d.bridge_interface)
+            && self.free("pod_bridge_interface")
+        {
+            self.args.pod_bridge_interface = Some(bridge);
+        }
+        if let Some(prefix) = nonempty(&d.interface_name_prefix)
+            && self.free("pod_interface_name_prefix")
+        {
+            self.args.pod_interface_name_prefix = Some(prefix);
+        }
+        unknown_fields(self.warnings, "detectLocal.", &d.unknown, &[]);
         Ok(())
     }
 

@@ -8,14 +8,13 @@ use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use ipnetwork::IpNetwork;
 use tracing::{debug, error, info, warn};
 
 use crate::dataplane::{DataPlane, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::{
-    Applied, ClusterState, HostAddresses, Kind, NodeNetwork, NodePlan, NodePortAddresses, Protocol,
-    ServiceName, last_change_trigger_time, service_health_check,
+    Applied, ClusterState, HostAddresses, Kind, LocalDetection, NodeNetwork, NodePlan,
+    NodePortAddresses, Protocol, ServiceName, last_change_trigger_time, service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
 use crate::service_health::ServiceHealthServers;
@@ -27,7 +26,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Settings of the loop.
 pub struct ProxyConfig {
     pub node_name: String,
-    pub cluster_cidrs: Vec<IpNetwork>,
+    /// How pod traffic is recognised (`--detect-local-mode`).
+    pub local_detection: LocalDetection,
     pub nodeport_addresses: NodePortAddresses,
     /// Masquerade every ClusterIP connection (kube-proxy's `masqueradeAll`).
     pub masquerade_all: bool,
@@ -280,7 +280,7 @@ impl ProxyLoop {
             self.state.node(),
             &self.host,
             &self.config.nodeport_addresses,
-            &self.config.cluster_cidrs,
+            &self.config.local_detection,
             self.config.masquerade_all,
         );
         self.update_service_health(&changes.services, full.then_some(&node));

@@ -85,7 +85,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut proxy = ProxyLoop::new(
         ProxyConfig {
             node_name: config.node_name,
-            cluster_cidrs: config.cluster_cidrs,
+            local_detection: config.local_detection,
             nodeport_addresses: config.nodeport_addresses,
             masquerade_all: config.masquerade_all,
             sync_period: config.sync_period,

@@ -133,6 +133,8 @@ nodePortAddresses: [192.168.0.0/16]
 healthzBindAddress: 127.0.0.1
 metricsBindAddress: ":10250"
 bindAddressHardFail: true
+detectLocalMode: InterfaceNamePrefix
+detectLocal: {interfaceNamePrefix: veth}
 oomScoreAdj: -500
 iptables: {masqueradeAll: true, syncPeriod: 1m0s, minSyncPeriod: 1.5s, masqueradeBit: 14}
 conntrack: {maxPerCore: 0, min: 1000, tcpEstablishedTimeout: 2h0m0s, tcpCloseWaitTimeout: 0s, tcpBeLiberal: true, udpTimeout: 30s, udpStreamTimeout: 2m0s}
@@ -146,6 +148,11 @@ conntrack: {maxPerCore: 0, min: 1000, tcpEstablishedTimeout: 2h0m0s, tcpCloseWai
     assert_eq!(args.healthz_bind_address, "127.0.0.1:10256");
     assert_eq!(args.metrics_bind_address, "0.0.0.0:10250");
     assert!(args.bind_address_hard_fail && args.masquerade_all);
+    assert_eq!(
+        args.detect_local_mode,
+        crate::cli::DetectLocalMode::InterfaceNamePrefix
+    );
+    assert_eq!(args.pod_interface_name_prefix.as_deref(), Some("veth"));
     assert_eq!(args.sync_period, Duration::from_secs(60));
     assert_eq!(args.min_sync_period, Duration::from_millis(1500));
     let s = &args.node_settings;
@@ -187,7 +194,6 @@ fn settings_without_effect_and_unknown_fields_are_warned_about() {
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: ipvs
-detectLocalMode: InterfaceNamePrefix
 featureGates: {SomeGate: true}
 iptables: {masqueradeBit: 15, localhostNodePorts: true}
 conntrack: {maxPerCore: 1, surprise: 1}
@@ -198,7 +204,6 @@ noSuchField: 1
     let all = warnings.join("\n");
     for expected in [
         "mode \"ipvs\"",
-        "detectLocalMode \"InterfaceNamePrefix\"",
         "featureGates.SomeGate",
         "masqueradeBit 15",
         "localhostNodePorts",
@@ -230,6 +235,7 @@ fn wrong_files_are_refused_with_the_reason() {
     );
     let head = "kind: KubeProxyConfiguration\napiVersion: kubeproxy.config.k8s.io/v1alpha1\n";
     assert!(refused(&format!("{head}mode: kernelspace")).contains("kernelspace"));
+    assert!(refused(&format!("{head}detectLocalMode: Guess")).contains("detectLocalMode"));
     assert!(refused(&format!("{head}clusterCIDR: nope")).contains("clusterCIDR"));
     assert!(refused(&format!("{head}iptables: {{syncPeriod: soon}}")).contains("syncPeriod"));
     assert!(refused(&format!("{head}conntrack: {{min: -1}}")).contains("conntrack.min"));

@@ -281,6 +281,7 @@ mod tests {
             zone: Some("z1".into()),
             addresses: vec![],
             leaving: false,
+            pod_cidrs: vec![],
         }
     }
 

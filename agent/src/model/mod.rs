@@ -18,7 +18,10 @@ pub mod validate;
 
 pub use domain::ClusterDomain;
 pub use health_check::{ServiceHealthCheck, service_health_check};
-pub use node::{HostAddresses, LocalAddress, NodeInfo, NodeNetwork, NodePortAddresses};
+pub use node::{
+    HostAddresses, LocalAddress, LocalDetection, LocalTraffic, NodeInfo, NodeNetwork,
+    NodePortAddresses,
+};
 pub use plan::{EndpointSet, NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo, last_change_trigger_time};

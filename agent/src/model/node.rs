@@ -29,6 +29,9 @@ pub struct NodeInfo {
     /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint. kube-proxy then reports
     /// `nodeEligible: false` (503) on /healthz so load balancers drain it first.
     pub leaving: bool,
+    /// `spec.podCIDRs` (or `spec.podCIDR`): this node's pods, for
+    /// `--detect-local-mode NodeCIDR`.
+    pub pod_cidrs: Vec<IpNetwork>,
 }
 
 impl NodeInfo {
@@ -117,6 +120,48 @@ fn is_usable(ip: &IpAddr) -> bool {
     }
 }
 
+/// How traffic from pods is told apart from other traffic (kube-proxy's
+/// `--detect-local-mode`): ClusterIP traffic from elsewhere is masqueraded, and pod
+/// traffic to a service's external addresses is short-circuited to its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalDetection {
+    /// From the cluster's pod CIDRs (`--cluster-cidr`).
+    ClusterCidr(Vec<IpNetwork>),
+    /// From this node's pod CIDRs (the Node's `spec.podCIDRs`).
+    NodeCidr,
+    /// In through this bridge (`--pod-bridge-interface`).
+    BridgeInterface(String),
+    /// In through interfaces named with this prefix (`--pod-interface-name-prefix`).
+    InterfaceNamePrefix(String),
+}
+
+/// Pod traffic as the data planes match it, [`LocalDetection`] resolved for the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// From these CIDRs; none: cannot tell (no rules depend on it, as kube-proxy).
+    FromCidrs(Vec<IpNetwork>),
+    /// In through interfaces matching this iptables pattern (`cni0`, `veth+`).
+    InInterface(String),
+}
+
+impl Default for LocalTraffic {
+    fn default() -> Self {
+        Self::FromCidrs(Vec::new())
+    }
+}
+
+impl LocalDetection {
+    /// Resolves against the node's object.
+    pub fn resolve(&self, node: &NodeInfo) -> LocalTraffic {
+        match self {
+            Self::ClusterCidr(cidrs) => LocalTraffic::FromCidrs(cidrs.clone()),
+            Self::NodeCidr => LocalTraffic::FromCidrs(node.pod_cidrs.clone()),
+            Self::BridgeInterface(bridge) => LocalTraffic::InInterface(bridge.clone()),
+            Self::InterfaceNamePrefix(prefix) => LocalTraffic::InInterface(format!("{prefix}+")),
+        }
+    }
+}
+
 /// Node facts a data plane needs beyond the plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeNetwork {
@@ -124,8 +169,8 @@ pub struct NodeNetwork {
     pub nodeport_ips: Vec<IpAddr>,
     /// All of this node's own usable addresses.
     pub node_ips: Vec<IpAddr>,
-    /// Pod CIDRs (`--cluster-cidr`).
-    pub cluster_cidrs: Vec<IpNetwork>,
+    /// How pod traffic is recognised (`--detect-local-mode`).
+    pub local_traffic: LocalTraffic,
     /// Masquerade every ClusterIP connection, whatever its source (kube-proxy's
     /// `masqueradeAll`), instead of only those from outside the cluster CIDRs.
     pub masquerade_all: bool,
@@ -137,7 +182,7 @@ impl NodeNetwork {
         node: &NodeInfo,
         host: &HostAddresses,
         nodeport: &NodePortAddresses,
-        cluster_cidrs: &[IpNetwork],
+        local: &LocalDetection,
         masquerade_all: bool,
     ) -> Self {
         let mut node_ips: Vec<IpAddr> = host
@@ -151,7 +196,7 @@ impl NodeNetwork {
         Self {
             nodeport_ips: nodeport.resolve(node, host),
             node_ips,
-            cluster_cidrs: cluster_cidrs.to_vec(),
+            local_traffic: local.resolve(node),
             masquerade_all,
         }
     }
@@ -167,12 +212,16 @@ impl NodeNetwork {
         NodeNetwork {
             nodeport_ips: keep_ip(&self.nodeport_ips),
             node_ips: keep_ip(&self.node_ips),
-            cluster_cidrs: self
-                .cluster_cidrs
-                .iter()
-                .copied()
-                .filter(|n| IpFamily::of(&n.ip()) == family)
-                .collect(),
+            local_traffic: match &self.local_traffic {
+                LocalTraffic::FromCidrs(cidrs) => LocalTraffic::FromCidrs(
+                    cidrs
+                        .iter()
+                        .copied()
+                        .filter(|n| IpFamily::of(&n.ip()) == family)
+                        .collect(),
+                ),
+                other => other.clone(),
+            },
             masquerade_all: self.masquerade_all,
         }
     }
@@ -265,12 +314,42 @@ mod tests {
             &NodeInfo::default(),
             &h,
             &NodePortAddresses::Primary,
-            &cidrs,
+            &LocalDetection::ClusterCidr(cidrs.clone()),
             true,
         );
         let v6 = net.of_family(IpFamily::V6);
         assert!(v6.masquerade_all);
         assert_eq!(v6.nodeport_ips, ips(&["fd00::2"]));
-        assert_eq!(v6.cluster_cidrs, vec![cidrs[1]]);
+        assert_eq!(v6.local_traffic, LocalTraffic::FromCidrs(vec![cidrs[1]]));
+    }
+
+    #[test]
+    fn local_detection_modes_resolve_like_kube_proxys() {
+        let node = NodeInfo {
+            pod_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
+            ..NodeInfo::named("n")
+        };
+        let cidr = |s: &str| vec![s.parse::<IpNetwork>().unwrap()];
+        assert_eq!(
+            LocalDetection::ClusterCidr(cidr("10.244.0.0/16")).resolve(&node),
+            LocalTraffic::FromCidrs(cidr("10.244.0.0/16"))
+        );
+        assert_eq!(
+            LocalDetection::NodeCidr.resolve(&node),
+            LocalTraffic::FromCidrs(cidr("10.244.3.0/24"))
+        );
+        assert_eq!(
+            LocalDetection::NodeCidr.resolve(&NodeInfo::named("n")),
+            LocalTraffic::FromCidrs(vec![]),
+            "unknown until the Node has podCIDRs"
+        );
+        assert_eq!(
+            LocalDetection::BridgeInterface("cni0".into()).resolve(&node),
+            LocalTraffic::InInterface("cni0".into())
+        );
+        assert_eq!(
+            LocalDetection::InterfaceNamePrefix("veth".into()).resolve(&node),
+            LocalTraffic::InInterface("veth+".into())
+        );
     }
 }

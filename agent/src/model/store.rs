@@ -260,6 +260,14 @@ impl ClusterState {
             zone,
             addresses,
             leaving: node.metadata.deletion_timestamp.is_some() || tainted,
+            pod_cidrs: pod_cidrs(node).map_err(|reason| InvalidObject {
+                object: ObjectRef {
+                    kind: Kind::Node,
+                    namespace: String::new(),
+                    name: name.clone(),
+                },
+                reason,
+            })?,
         };
         if info == self.node {
             return Ok(Applied::Unchanged);
@@ -366,6 +374,26 @@ pub struct Changes {
 }
 
 /// A state built from YAML manifests (Service, EndpointSlice, Node), for model tests.
+/// `spec.podCIDRs`, else `spec.podCIDR`.
+fn pod_cidrs(node: &Node) -> Result<Vec<ipnetwork::IpNetwork>, ValidationError> {
+    let spec = node.spec.as_ref();
+    let listed = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    let single = spec.and_then(|s| s.pod_cidr.clone());
+    let values = if listed.is_empty() {
+        single.into_iter().collect()
+    } else {
+        listed
+    };
+    values
+        .iter()
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ValidationError::invalid("spec.podCIDRs", format!("{v:?} is not a CIDR"))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) fn test_state(objects: &[&str]) -> ClusterState {
     use k8s_openapi::api::core::v1::{Node, Service};

@@ -79,7 +79,7 @@ fn harness() -> Harness {
     let health = Arc::new(Health::new(Duration::from_secs(60)));
     let config = ProxyConfig {
         node_name: "node-a".into(),
-        cluster_cidrs: vec![],
+        local_detection: crate::model::LocalDetection::ClusterCidr(vec![]),
         nodeport_addresses: NodePortAddresses::Primary,
         masquerade_all: false,
         min_sync_period: Duration::ZERO,

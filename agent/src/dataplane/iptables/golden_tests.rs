@@ -11,7 +11,9 @@ use super::render::Scope;
 use super::{IptablesDataPlane, cleanup_with};
 use crate::dataplane::{DataPlane as _, NodeNetwork, ProgrammedCount, SyncStats};
 use crate::model::plan::test_plan;
-use crate::model::{Endpoint, IpFamily, PlanDiff, PlanKey, Protocol, ServicePortPlan, Upsert};
+use crate::model::{
+    Endpoint, IpFamily, LocalTraffic, PlanDiff, PlanKey, Protocol, ServicePortPlan, Upsert,
+};
 
 /// What the fake tools of every family share: the transcript and the answers.
 #[derive(Default)]
@@ -288,7 +290,7 @@ fn node_v4() -> NodeNetwork {
     NodeNetwork {
         nodeport_ips: ips(&["192.168.0.2"]),
         node_ips: ips(&["192.168.0.2"]),
-        cluster_cidrs: ips(&["10.0.0.0/8"]),
+        local_traffic: LocalTraffic::FromCidrs(ips(&["10.0.0.0/8"])),
         masquerade_all: false,
     }
 }
@@ -297,7 +299,7 @@ fn node_dual() -> NodeNetwork {
     NodeNetwork {
         nodeport_ips: ips(&["192.168.0.2", "192.168.1.2", "fd00::2", "::1"]),
         node_ips: ips(&["192.168.0.2", "192.168.1.2", "fd00::2"]),
-        cluster_cidrs: ips(&["10.0.0.0/8", "fd00:10::/64"]),
+        local_traffic: LocalTraffic::FromCidrs(ips(&["10.0.0.0/8", "fd00:10::/64"])),
         masquerade_all: false,
     }
 }

@@ -285,7 +285,7 @@ fn node_context(family: IpFamily, node: &NodeNetwork, scope: Scope) -> NodeConte
     let net = node.of_family(family);
     NodeContext {
         family,
-        cluster_cidrs: net.cluster_cidrs,
+        local_traffic: net.local_traffic,
         masquerade_all: net.masquerade_all,
         nodeport_ips: net.nodeport_ips,
         node_ips: net.node_ips,

@@ -12,7 +12,8 @@ use super::chains::{
 };
 use super::rule::{Match, Rule, Target};
 use crate::model::{
-    Endpoint, EndpointSet, IpFamily, Protocol, ServicePortName, ServicePortPlan, Traffic,
+    Endpoint, EndpointSet, IpFamily, LocalTraffic, Protocol, ServicePortName, ServicePortPlan,
+    Traffic,
 };
 
 /// Which frontends the iptables rules cover.
@@ -30,9 +31,10 @@ pub enum Scope {
 pub struct NodeContext {
     /// The family every address here (and every plan rendered with it) belongs to.
     pub family: IpFamily,
-    /// Pod CIDRs of this family (`--cluster-cidr`); traffic from elsewhere to a
-    /// ClusterIP is masqueraded. Empty: cannot tell, so no such rule (as kube-proxy).
-    pub cluster_cidrs: Vec<IpNetwork>,
+    /// Pod traffic of this family (`--detect-local-mode`); traffic from elsewhere
+    /// to a ClusterIP is masqueraded. No CIDRs: cannot tell, so no such rule (as
+    /// kube-proxy).
+    pub local_traffic: LocalTraffic,
     /// Masquerade all ClusterIP traffic, not only from outside `cluster_cidrs`.
     pub masquerade_all: bool,
     /// Addresses NodePorts listen on.
@@ -41,6 +43,26 @@ pub struct NodeContext {
     pub node_ips: Vec<IpAddr>,
     /// Which frontends to render.
     pub scope: Scope,
+}
+
+impl NodeContext {
+    /// The matches selecting pod traffic (`negate`: everything else), one rule each.
+    fn local_matches(&self, negate: bool) -> Vec<Match> {
+        match &self.local_traffic {
+            LocalTraffic::FromCidrs(cidrs) => cidrs
+                .iter()
+                .map(|c| {
+                    if negate {
+                        Match::NotSrc(*c)
+                    } else {
+                        Match::Src(*c)
+                    }
+                })
+                .collect(),
+            LocalTraffic::InInterface(iface) if negate => vec![Match::NotInIface(iface.clone())],
+            LocalTraffic::InInterface(iface) => vec![Match::InIface(iface.clone())],
+        }
+    }
 }
 
 /// One of a plan's own nat chains with its rules.
@@ -365,9 +387,9 @@ impl<'a> Renderer<'a> {
             rules.push(to(KUBE_MARK_MASQ, comment));
         } else {
             let cluster = &self.chains.cluster;
-            for cidr in &self.ctx.cluster_cidrs {
+            for local in self.ctx.local_matches(false) {
                 let comment = format!("pod traffic for {label} external destinations");
-                rules.push(to(cluster, comment).with(Match::Src(*cidr)));
+                rules.push(to(cluster, comment).with(local));
             }
             let comment = format!("masquerade LOCAL traffic for {label} external destinations");
             rules.push(to(KUBE_MARK_MASQ, comment).with(Match::SrcTypeLocal));
@@ -448,11 +470,11 @@ impl<'a> Renderer<'a> {
             return vec![self.frontend(chain, masq(), &comment, f.cluster_ip, f.port)];
         }
         self.ctx
-            .cluster_cidrs
-            .iter()
-            .map(|cidr| {
+            .local_matches(true)
+            .into_iter()
+            .map(|not_local| {
                 self.frontend(chain, masq(), &comment, f.cluster_ip, f.port)
-                    .with(Match::NotSrc(*cidr))
+                    .with(not_local)
             })
             .collect()
     }
@@ -530,7 +552,7 @@ mod tests {
     fn ctx() -> NodeContext {
         NodeContext {
             family: IpFamily::V4,
-            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            local_traffic: LocalTraffic::FromCidrs(vec!["10.0.0.0/8".parse().unwrap()]),
             masquerade_all: false,
             nodeport_ips: vec!["192.168.0.2".parse().unwrap()],
             node_ips: vec!["192.168.0.2".parse().unwrap()],
@@ -588,6 +610,57 @@ mod tests {
             ]
         );
         assert!(out.filter_services.is_empty());
+    }
+
+    #[test]
+    fn local_traffic_by_interface_and_masquerade_all() {
+        let svc_rules = |ctx: &NodeContext| {
+            let mut p = plan();
+            p.external_ips = vec!["192.0.2.1".parse().unwrap()];
+            p.external_policy_local = true;
+            p.local_endpoints = vec![backend("10.180.0.1", 80)];
+            let out = render_service(&p, ctx);
+            let mut all = Vec::new();
+            for (_, rules) in chain(&out, "KUBE-SVC-")
+                .into_iter()
+                .chain(chain(&out, "KUBE-EXT-"))
+            {
+                all.extend(lines(rules));
+            }
+            all
+        };
+        let by_prefix = NodeContext {
+            local_traffic: LocalTraffic::InInterface("veth+".into()),
+            ..ctx()
+        };
+        let rules = svc_rules(&by_prefix);
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.ends_with("--dport 80 ! -i veth+ -j KUBE-MARK-MASQ")),
+            "{rules:#?}"
+        );
+        assert!(
+            rules.iter().any(|r| r.contains(
+                "pod traffic for ns1/svc1:p80 external destinations\" -i veth+ -j KUBE-SVC-"
+            )),
+            "{rules:#?}"
+        );
+        let all = NodeContext {
+            masquerade_all: true,
+            ..ctx()
+        };
+        let rules = svc_rules(&all);
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.ends_with("--dport 80 -j KUBE-MARK-MASQ")),
+            "{rules:#?}"
+        );
+        assert!(
+            !rules.iter().any(|r| r.contains("! -s 10.0.0.0/8")),
+            "{rules:#?}"
+        );
     }
 
     #[test]

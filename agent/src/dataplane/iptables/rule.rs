@@ -77,6 +77,10 @@ pub enum Match {
     DstNet(IpNetwork),
     /// `-m conntrack ! --ctstate S`.
     NotCtState(&'static str),
+    /// `-i IFACE` (a `+` suffix matches a prefix).
+    InIface(String),
+    /// `! -i IFACE`.
+    NotInIface(String),
 }
 
 /// What a matching packet gets.
@@ -174,6 +178,8 @@ fn write_match(out: &mut String, m: &Match) {
         Match::CtState(state) => write!(out, "-m conntrack --ctstate {state} "),
         Match::DstNet(net) => write!(out, "-d {net} "),
         Match::NotCtState(state) => write!(out, "-m conntrack ! --ctstate {state} "),
+        Match::InIface(iface) => write!(out, "-i {iface} "),
+        Match::NotInIface(iface) => write!(out, "! -i {iface} "),
     };
 }
 

@@ -176,7 +176,7 @@ mod tests {
     fn ctx(nodeport_ips: &[&str]) -> NodeContext {
         NodeContext {
             family: IpFamily::V4,
-            cluster_cidrs: vec![],
+            local_traffic: crate::model::LocalTraffic::default(),
             masquerade_all: false,
             nodeport_ips: nodeport_ips.iter().map(|ip| ip.parse().unwrap()).collect(),
             node_ips: vec![],
