@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 use crate::dataplane::{DataPlane, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::{
-    Applied, ClusterState, HostAddresses, Kind, LocalDetection, NodeNetwork, NodePlan,
+    Applied, ClusterState, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork, NodePlan,
     NodePortAddresses, Protocol, ServiceName, last_change_trigger_time, service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
@@ -37,6 +37,8 @@ pub struct ProxyConfig {
     pub min_sync_period: Duration,
     /// Protocols the kernel cannot carry: their service ports are skipped.
     pub unsupported_protocols: Vec<Protocol>,
+    /// The IP families the data plane programs (conntrack is reconciled in each).
+    pub families: Vec<IpFamily>,
     /// Full resync at least this often even without tampering.
     pub full_sync_period: Duration,
 }
@@ -64,6 +66,8 @@ pub struct ProxyLoop {
     source_synced: bool,
     needs_full_sync: bool,
     retry_at: Option<Instant>,
+    /// Stale UDP conntrack entries, deleted after syncs.
+    conntrack: conntrack::Reconciler,
     /// When the last sync (attempt) started, for `min_sync_period`.
     last_sync: Option<Instant>,
     last_check: Instant,
@@ -93,6 +97,7 @@ impl ProxyLoop {
             source_synced: false,
             needs_full_sync: true,
             retry_at: None,
+            conntrack: conntrack::Reconciler::default(),
             last_sync: None,
             last_check: Instant::now(),
             last_full: Instant::now(),
@@ -291,8 +296,8 @@ impl ProxyLoop {
         let started = Instant::now();
         match self.data_plane.sync(&self.plan, &diff, &node, full) {
             Ok(stats) => {
-                if self.data_plane.nats_through_conntrack() {
-                    let cleared = conntrack::clear(&conntrack::stale_udp_flows(&diff));
+                if self.data_plane.nats_through_conntrack() && conntrack::needed(&diff, full) {
+                    let cleared = self.conntrack.reconcile(&self.plan, &self.config.families);
                     self.report.conntrack_cleared(&cleared);
                 }
                 if full {

@@ -91,6 +91,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             sync_period: config.sync_period,
             min_sync_period: config.min_sync_period,
             unsupported_protocols: host::unsupported_protocols(),
+            families: families(),
             full_sync_period: config.full_sync_period,
         },
         data_plane,

@@ -132,6 +132,52 @@ fn long_lived_udp_flow_follows_endpoint_removal(mode: Mode) {
     );
 }
 
+/// kube-proxy reconciles conntrack after every sync, the first one after a restart
+/// included: a UDP flow whose backend went away while the agent was down moves on
+/// once the agent is back.
+fn udp_flow_moves_after_a_restart_that_missed_the_change(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let p = [port("dns", "UDP", 5353)];
+    let svc = Service::new("dns")
+        .cluster_ip("10.96.0.53")
+        .port(port("dns", "UDP", 53))
+        .yaml();
+    c.write_manifest("svc.yaml", &svc);
+    c.write_manifest(
+        "eps.yaml",
+        &slice("dns-1", "dns", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+    );
+    c.start_agent();
+    let flow = c.spawn_probe(
+        From::Pod("client"),
+        &[
+            "udp",
+            "10.96.0.53:53",
+            "--count",
+            "100",
+            "--same-socket",
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "500",
+        ]
+        .map(String::from),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill_agent();
+    c.write_manifest(
+        "eps.yaml",
+        &slice("dns-1", "dns", "IPv4", &p, &[ep(&c.pod("b").ip)]),
+    );
+    c.start_agent();
+    let r = flow.wait();
+    assert!(r.ok.contains_key("a 5353"), "{r:?}");
+    assert!(
+        r.ok.get("b 5353").copied().unwrap_or(0) >= 20,
+        "the flow must move to the new endpoint after the restart: {r:?}"
+    );
+}
+
 fn tcp_peer_is_the_cluster_ip(mode: Mode) {
     let c = web_cluster(mode);
     let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 5);
@@ -913,6 +959,7 @@ scenarios!(
     clusterip_udp_replies_come_from_the_service,
     tcp_peer_is_the_cluster_ip,
     long_lived_udp_flow_follows_endpoint_removal,
+    udp_flow_moves_after_a_restart_that_missed_the_change,
     nodeport_from_external_client,
     no_endpoints_refuses_immediately,
     endpoint_and_port_changes_take_effect,

@@ -1,101 +1,23 @@
-//! Stale UDP conntrack entries. A NATed UDP flow keeps going to the backend its
-//! conntrack entry names, even after that backend is gone; and a flow that started
-//! while the service had no endpoints never gets NATed at all. Like kube-proxy, Ferry
-//! deletes those entries after each sync (with the `conntrack` tool).
+//! Stale UDP conntrack entries, reconciled as kube-proxy's conntrack reconciler does
+//! (`pkg/proxy/conntrack/cleanup.go`). A NATed UDP flow keeps going to the backend
+//! its entry names even after that backend stops serving; a flow that started while
+//! the service had no endpoints is never NATed at all. After a sync that touched UDP
+//! services (and after every full sync, the first one after a restart included),
+//! Ferry reads the UDP entries over ctnetlink and deletes those two kinds. Flows to
+//! endpoints that still serve, terminating ones included, are kept.
 
+mod netlink;
+
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::model::{IpFamily, PlanDiff, Protocol, ServicePortPlan};
+use self::netlink::{Ctnetlink, UdpFlow};
+use crate::model::{Endpoint, IpFamily, NodePlan, PlanDiff, Protocol, ServicePortPlan};
 
-/// A set of conntrack entries to delete.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum StaleFlows {
-    /// UDP flows to `dst:dport` answered by `backend`.
-    ToBackend {
-        dst: IpAddr,
-        dport: u16,
-        backend: IpAddr,
-    },
-    /// UDP flows to a NodePort answered by `backend`.
-    NodePortToBackend { node_port: u16, backend: IpAddr },
-    /// Every UDP flow to `dst:dport` (the service had no endpoints).
-    All { dst: IpAddr, dport: u16 },
-}
-
-fn frontends(plan: &ServicePortPlan) -> impl Iterator<Item = IpAddr> + '_ {
-    std::iter::once(plan.cluster_ip)
-        .chain(plan.external_ips.iter().copied())
-        .chain(plan.load_balancer_ips.iter().copied())
-}
-
-/// The UDP flows a diff made stale.
-pub fn stale_udp_flows(diff: &PlanDiff) -> Vec<StaleFlows> {
-    let mut out = Vec::new();
-    for upsert in &diff.upserted {
-        if upsert.new.key.port.protocol != Protocol::Udp {
-            continue;
-        }
-        if let Some(old) = &upsert.old {
-            removed_backends(old, Some(&upsert.new), &mut out);
-        }
-        let had_none = upsert
-            .old
-            .as_ref()
-            .is_some_and(|o| o.reachable_endpoints().is_empty());
-        if had_none && !upsert.new.reachable_endpoints().is_empty() {
-            for dst in frontends(&upsert.new) {
-                out.push(StaleFlows::All {
-                    dst,
-                    dport: upsert.new.port,
-                });
-            }
-        }
-    }
-    for old in diff
-        .removed
-        .iter()
-        .filter(|p| p.key.port.protocol == Protocol::Udp)
-    {
-        removed_backends(old, None, &mut out);
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Flows of `old` whose backend is not in `new` any more.
-fn removed_backends(
-    old: &ServicePortPlan,
-    new: Option<&ServicePortPlan>,
-    out: &mut Vec<StaleFlows>,
-) {
-    let still = new.map(|n| n.reachable_endpoints()).unwrap_or_default();
-    for backend in old.reachable_endpoints() {
-        if still.iter().any(|b| b.ip == backend.ip) {
-            continue;
-        }
-        for dst in frontends(old) {
-            out.push(StaleFlows::ToBackend {
-                dst,
-                dport: old.port,
-                backend: backend.ip,
-            });
-        }
-        if let Some(node_port) = old.node_port {
-            out.push(StaleFlows::NodePortToBackend {
-                node_port,
-                backend: backend.ip,
-            });
-        }
-    }
-}
-
-/// What one [`clear`] did in one family: how long it took and how many entries it
+/// What one reconcile did in one family: how long it took and how many entries it
 /// deleted (kube-proxy's conntrack reconciler metrics).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cleared {
@@ -104,102 +26,121 @@ pub struct Cleared {
     pub deleted: u64,
 }
 
-/// Deletes the given entries. Failures are logged, never fatal: a stale entry only
-/// delays a flow until it times out.
-pub fn clear(flows: &[StaleFlows]) -> Vec<Cleared> {
-    static MISSING_TOOL: AtomicBool = AtomicBool::new(false);
-    let mut cleared: Vec<Cleared> = Vec::new();
-    if flows.is_empty() || MISSING_TOOL.load(Ordering::Relaxed) {
-        return cleared;
-    }
-    for flow in flows {
-        let family = flow.family();
-        let started = Instant::now();
-        let output = Command::new("conntrack")
-            .args(["-D", "-f", conntrack_family(family), "-p", "udp"])
-            .args(flow.conntrack_args())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output();
-        let deleted = match output {
-            // Exit status 1 means "no entry matched": fine.
-            Ok(out) => deleted_count(&String::from_utf8_lossy(&out.stderr)),
-            Err(e) => {
-                warn!(error = %e, "cannot run conntrack; stale UDP flows will linger until they time out");
-                MISSING_TOOL.store(true, Ordering::Relaxed);
-                return cleared;
+/// Whether a sync needs a reconcile: a full one, or one that changed a UDP plan.
+pub fn needed(diff: &PlanDiff, full: bool) -> bool {
+    let udp = |p: &ServicePortPlan| p.key.port.protocol == Protocol::Udp;
+    full || diff.upserted.iter().any(|u| udp(&u.new)) || diff.removed.iter().any(|p| udp(p))
+}
+
+/// The UDP frontends of the plan: service addresses and NodePorts.
+#[derive(Default)]
+struct Frontends<'a> {
+    addresses: HashMap<(IpAddr, u16), &'a ServicePortPlan>,
+    node_ports: HashMap<u16, &'a ServicePortPlan>,
+}
+
+impl<'a> Frontends<'a> {
+    fn of(plan: &'a NodePlan) -> Self {
+        let mut f = Self::default();
+        for p in plan.iter().filter(|p| p.key.port.protocol == Protocol::Udp) {
+            let ips = std::iter::once(&p.cluster_ip)
+                .chain(&p.external_ips)
+                .chain(&p.load_balancer_ips);
+            for ip in ips {
+                f.addresses.insert((*ip, p.port), p);
             }
-        };
-        debug!(?flow, deleted, "cleared stale UDP conntrack entries");
-        let entry = match cleared.iter_mut().find(|c| c.family == family) {
-            Some(entry) => entry,
-            None => {
-                cleared.push(Cleared {
-                    family,
-                    took: Duration::ZERO,
-                    deleted: 0,
-                });
-                cleared.last_mut().expect("just pushed")
-            }
-        };
-        entry.took += started.elapsed();
-        entry.deleted += deleted;
-    }
-    cleared
-}
-
-/// The count in conntrack's "N flow entries have been deleted." (0 when absent).
-fn deleted_count(stderr: &str) -> u64 {
-    stderr
-        .lines()
-        .find_map(|l| {
-            l.split_once(" flow entries have been deleted")?
-                .0
-                .rsplit(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// conntrack's `-f` value.
-fn conntrack_family(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::V4 => "ipv4",
-        IpFamily::V6 => "ipv6",
-    }
-}
-
-impl StaleFlows {
-    fn family(&self) -> IpFamily {
-        match self {
-            Self::ToBackend { backend: ip, .. }
-            | Self::NodePortToBackend { backend: ip, .. }
-            | Self::All { dst: ip, .. } => IpFamily::of(ip),
-        }
-    }
-
-    /// The `conntrack -D` filter selecting these flows.
-    fn conntrack_args(&self) -> Vec<String> {
-        match self {
-            Self::ToBackend {
-                dst,
-                dport,
-                backend,
-            } => vec![
-                format!("--orig-dst={dst}"),
-                format!("--dport={dport}"),
-                format!("--reply-src={backend}"),
-            ],
-            Self::NodePortToBackend { node_port, backend } => vec![
-                format!("--dport={node_port}"),
-                format!("--reply-src={backend}"),
-            ],
-            Self::All { dst, dport } => {
-                vec![format!("--orig-dst={dst}"), format!("--dport={dport}")]
+            if let Some(node_port) = p.node_port {
+                f.node_ports.insert(node_port, p);
             }
         }
+        f
+    }
+
+    /// Whether kube-proxy's rule deletes this flow.
+    fn is_stale(&self, flow: &UdpFlow) -> bool {
+        let serving = |p: &ServicePortPlan| {
+            let backend = Endpoint {
+                ip: flow.reply_src,
+                port: flow.reply_sport,
+            };
+            p.serving_endpoints.binary_search(&backend).is_ok()
+        };
+        if let Some(p) = self.addresses.get(&(flow.orig_dst, flow.orig_dport)) {
+            return if flow.dnat() {
+                !serving(p)
+            } else {
+                // Sent while the service had no endpoints: it would never be NATed.
+                !p.serving_endpoints.is_empty()
+            };
+        }
+        match self.node_ports.get(&flow.orig_dport) {
+            Some(p) => flow.dnat() && !serving(p),
+            None => false,
+        }
+    }
+}
+
+/// Keeps the ctnetlink socket between syncs.
+#[derive(Default)]
+pub struct Reconciler {
+    client: Option<Ctnetlink>,
+    /// When opening the socket last failed (warned about once a minute).
+    last_failure: Option<Instant>,
+}
+
+impl Reconciler {
+    /// Deletes the stale UDP entries of `families` for this plan. Failures are
+    /// logged, never fatal: a stale entry only delays a flow until it times out.
+    pub fn reconcile(&mut self, plan: &NodePlan, families: &[IpFamily]) -> Vec<Cleared> {
+        let Some(client) = self.client() else {
+            return Vec::new();
+        };
+        let frontends = Frontends::of(plan);
+        let mut cleared = Vec::new();
+        for &family in families {
+            let started = Instant::now();
+            let flows = match client.udp_flows(family) {
+                Ok(flows) => flows,
+                Err(e) => {
+                    warn!(%family, error = %e, "cannot read conntrack entries; stale UDP flows linger until they time out");
+                    self.client = None;
+                    return cleared;
+                }
+            };
+            let mut deleted = 0;
+            for flow in flows.iter().filter(|f| frontends.is_stale(f)) {
+                match client.delete(flow) {
+                    Ok(()) => deleted += 1,
+                    Err(e) => warn!(?flow, error = %e, "cannot delete a stale conntrack entry"),
+                }
+            }
+            debug!(%family, entries = flows.len(), deleted, "conntrack reconciled");
+            cleared.push(Cleared {
+                family,
+                took: started.elapsed(),
+                deleted,
+            });
+        }
+        cleared
+    }
+
+    fn client(&mut self) -> Option<&mut Ctnetlink> {
+        if self.client.is_none() {
+            match Ctnetlink::open() {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    if self
+                        .last_failure
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                    {
+                        warn!(error = %e, "cannot open ctnetlink; stale UDP flows linger until they time out");
+                        self.last_failure = Some(Instant::now());
+                    }
+                    return None;
+                }
+            }
+        }
+        self.client.as_mut()
     }
 }
 
@@ -211,74 +152,87 @@ mod tests {
     use crate::model::Upsert;
     use crate::model::plan::test_plan;
 
-    fn plan(protocol: Protocol, backends: &[&str]) -> Arc<ServicePortPlan> {
-        let endpoints: Vec<(&str, u16)> = backends.iter().map(|ip| (*ip, 5353)).collect();
+    fn plan(protocol: Protocol, serving: &[&str]) -> ServicePortPlan {
+        let endpoints: Vec<(&str, u16)> = serving.iter().map(|ip| (*ip, 5353)).collect();
         let mut plan = test_plan(("ns", "dns", ""), protocol, "10.96.0.10", 53, &endpoints);
         plan.node_port = Some(30053);
-        Arc::new(plan)
+        plan.serving_endpoints.sort();
+        plan
+    }
+
+    fn flow(dst: &str, dport: u16, reply_src: &str, reply_sport: u16) -> UdpFlow {
+        UdpFlow {
+            orig_src: "10.244.0.5".parse().unwrap(),
+            orig_sport: 40000,
+            orig_dst: dst.parse().unwrap(),
+            orig_dport: dport,
+            reply_src: reply_src.parse().unwrap(),
+            reply_sport,
+        }
+    }
+
+    fn node_plan(plans: Vec<ServicePortPlan>) -> NodePlan {
+        let mut node = NodePlan::default();
+        node.insert_for_test(plans);
+        node
     }
 
     #[test]
-    fn deleted_entries_are_read_from_conntracks_message() {
-        let msg = "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n";
-        assert_eq!(deleted_count(msg), 3);
-        assert_eq!(
-            deleted_count(
-                "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"
-            ),
-            0
+    fn flows_to_endpoints_that_stopped_serving_are_stale() {
+        let node = node_plan(vec![plan(Protocol::Udp, &["10.0.0.2", "10.0.0.3"])]);
+        let f = Frontends::of(&node);
+        assert!(
+            f.is_stale(&flow("10.96.0.10", 53, "10.0.0.1", 5353)),
+            "gone backend"
         );
-        assert_eq!(deleted_count(""), 0);
+        assert!(
+            !f.is_stale(&flow("10.96.0.10", 53, "10.0.0.2", 5353)),
+            "still serving"
+        );
+        assert!(
+            f.is_stale(&flow("10.96.0.10", 53, "10.0.0.2", 9999)),
+            "old target port"
+        );
+        assert!(
+            f.is_stale(&flow("172.18.0.2", 30053, "10.0.0.1", 5353)),
+            "NodePort, gone"
+        );
+        assert!(
+            !f.is_stale(&flow("172.18.0.2", 30053, "10.0.0.3", 5353)),
+            "NodePort, serving"
+        );
+        assert!(
+            !f.is_stale(&flow("8.8.8.8", 53, "8.8.8.8", 53)),
+            "not a service"
+        );
     }
 
     #[test]
-    fn removed_udp_backend_is_flushed() {
-        let diff = PlanDiff {
+    fn unnated_flows_are_stale_once_the_service_has_endpoints() {
+        let with = node_plan(vec![plan(Protocol::Udp, &["10.0.0.2"])]);
+        let blackholed = flow("10.96.0.10", 53, "10.96.0.10", 53);
+        assert!(Frontends::of(&with).is_stale(&blackholed));
+        let without = node_plan(vec![plan(Protocol::Udp, &[])]);
+        assert!(
+            !Frontends::of(&without).is_stale(&blackholed),
+            "nothing to move to yet"
+        );
+    }
+
+    #[test]
+    fn tcp_services_and_unrelated_syncs_need_no_reconcile() {
+        let tcp = node_plan(vec![plan(Protocol::Tcp, &["10.0.0.2"])]);
+        assert!(!Frontends::of(&tcp).is_stale(&flow("10.96.0.10", 53, "10.0.0.1", 5353)));
+        let diff = |p: Protocol| PlanDiff {
             upserted: vec![Upsert {
-                old: Some(plan(Protocol::Udp, &["10.0.0.1", "10.0.0.2"])),
-                new: plan(Protocol::Udp, &["10.0.0.2"]),
+                old: None,
+                new: Arc::new(plan(p, &["10.0.0.2"])),
             }],
             removed: vec![],
             skipped: vec![],
         };
-        assert_eq!(
-            stale_udp_flows(&diff),
-            [
-                StaleFlows::ToBackend {
-                    dst: "10.96.0.10".parse().unwrap(),
-                    dport: 53,
-                    backend: "10.0.0.1".parse().unwrap()
-                },
-                StaleFlows::NodePortToBackend {
-                    node_port: 30053,
-                    backend: "10.0.0.1".parse().unwrap()
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn first_endpoint_flushes_the_service_and_tcp_is_left_alone() {
-        let diff = PlanDiff {
-            upserted: vec![
-                Upsert {
-                    old: Some(plan(Protocol::Udp, &[])),
-                    new: plan(Protocol::Udp, &["10.0.0.1"]),
-                },
-                Upsert {
-                    old: Some(plan(Protocol::Tcp, &["10.0.0.1"])),
-                    new: plan(Protocol::Tcp, &[]),
-                },
-            ],
-            removed: vec![],
-            skipped: vec![],
-        };
-        assert_eq!(
-            stale_udp_flows(&diff),
-            [StaleFlows::All {
-                dst: "10.96.0.10".parse().unwrap(),
-                dport: 53
-            }]
-        );
+        assert!(needed(&diff(Protocol::Udp), false));
+        assert!(!needed(&diff(Protocol::Tcp), false));
+        assert!(needed(&PlanDiff::default(), true), "every full sync");
     }
 }

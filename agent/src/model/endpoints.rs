@@ -119,6 +119,9 @@ pub struct Categorized {
     /// Some endpoint anywhere can serve: telling "drop" (usable elsewhere) from
     /// "reject" (nothing at all).
     pub has_any: bool,
+    /// Every endpoint that still serves, ready or terminating, sorted: established
+    /// UDP flows to these are kept (kube-proxy's conntrack reconciler).
+    pub serving: Vec<Endpoint>,
 }
 
 /// Splits endpoints into cluster-wide and node-local sets, as kube-proxy does.
@@ -129,7 +132,13 @@ pub fn categorize(
     uses_cluster: bool,
     uses_local: bool,
 ) -> Categorized {
-    let mut out = Categorized::default();
+    let mut serving = pick(endpoints, |ep| ep.ready || ep.serving_terminating());
+    serving.sort();
+    serving.dedup();
+    let mut out = Categorized {
+        serving,
+        ..Categorized::default()
+    };
     if uses_cluster {
         let mode = topology_mode(endpoints, node);
         out.cluster = endpoints

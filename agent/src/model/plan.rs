@@ -42,6 +42,9 @@ pub struct ServicePortPlan {
     /// Whether any endpoint anywhere can serve (REJECT when not, DROP when only
     /// another node could).
     pub has_any_endpoints: bool,
+    /// Every endpoint that still serves (ready or terminating), sorted: the
+    /// conntrack reconciler keeps UDP flows to these and deletes flows to others.
+    pub serving_endpoints: Vec<Endpoint>,
 }
 
 /// What to do with traffic of one kind (internal = ClusterIP, external = NodePort,
@@ -232,6 +235,18 @@ impl NodePlan {
         diff
     }
 
+    /// Puts plans in directly (tests of consumers of a plan).
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, plans: Vec<ServicePortPlan>) {
+        for plan in plans {
+            self.by_service
+                .entry(plan.key.port.service.clone())
+                .or_default()
+                .push(plan.key.clone());
+            self.plans.insert(plan.key.clone(), Arc::new(plan));
+        }
+    }
+
     /// One plan.
     pub fn get(&self, key: &PlanKey) -> Option<&Arc<ServicePortPlan>> {
         self.plans.get(key)
@@ -330,6 +345,7 @@ fn port_plan(
         cluster_endpoints: endpoints.cluster,
         local_endpoints: endpoints.local,
         has_any_endpoints: endpoints.has_any,
+        serving_endpoints: endpoints.serving,
     }
 }
 
@@ -371,6 +387,7 @@ pub(crate) fn test_plan(
         external_policy_local: false,
         health_check_node_port: None,
         has_any_endpoints: !cluster_endpoints.is_empty(),
+        serving_endpoints: cluster_endpoints.clone(),
         cluster_endpoints,
         local_endpoints: vec![],
     }

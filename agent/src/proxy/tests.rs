@@ -84,6 +84,7 @@ fn harness() -> Harness {
         masquerade_all: false,
         min_sync_period: Duration::ZERO,
         unsupported_protocols: vec![],
+        families: vec![crate::model::IpFamily::V4],
         sync_period: Duration::from_secs(3600),
         full_sync_period: Duration::from_secs(3600),
     };
