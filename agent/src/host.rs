@@ -77,17 +77,25 @@ pub fn probe_addresses() -> HostAddresses {
     }
 }
 
-/// Probes the host every `period` on a thread of its own and sends
-/// [`SourceEvent::HostAddresses`] whenever the result differs from `initial`, so
-/// NodePorts follow address changes without the proxy loop probing during syncs.
+/// Watches the host on a thread of its own and sends [`SourceEvent::HostAddresses`]
+/// whenever a probe differs from `initial`, so NodePorts follow address changes
+/// without the proxy loop probing during syncs. It probes at once when the kernel
+/// announces an address, link or route change (rtnetlink multicast groups), and
+/// every `period` anyway in case an announcement was lost (a full socket buffer).
 /// The thread ends when the loop hangs up.
 pub fn watch_addresses(initial: HostAddresses, period: Duration, events: Sender<SourceEvent>) {
     let spawned = std::thread::Builder::new()
         .name("ferry-host".into())
         .spawn(move || {
+            let mut changes = RouteChanges::open(period)
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot watch rtnetlink; host addresses are probed every {period:?} instead"))
+                .ok();
             let mut last = initial;
             loop {
-                std::thread::sleep(period);
+                match &mut changes {
+                    Some(c) => c.wait(),
+                    None => std::thread::sleep(period),
+                }
                 let now = probe_addresses();
                 if now != last {
                     debug!(addresses = now.addresses.len(), "host addresses changed");
@@ -100,6 +108,50 @@ pub fn watch_addresses(initial: HostAddresses, period: Duration, events: Sender<
         });
     if let Err(err) = spawned {
         tracing::error!(error = %err, "cannot start the host address watcher; NodePort addresses stay as probed at start");
+    }
+}
+
+/// A NETLINK_ROUTE socket subscribed to link, address and route changes.
+struct RouteChanges {
+    socket: netlink_sys::Socket,
+    buffer: Vec<u8>,
+}
+
+impl RouteChanges {
+    fn open(period: Duration) -> std::io::Result<Self> {
+        use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+        let groups = libc::RTMGRP_LINK
+            | libc::RTMGRP_IPV4_IFADDR
+            | libc::RTMGRP_IPV4_ROUTE
+            | libc::RTMGRP_IPV6_IFADDR
+            | libc::RTMGRP_IPV6_ROUTE;
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind(&SocketAddr::new(0, groups as u32))?;
+        let timeout =
+            nix::sys::time::TimeVal::new(period.as_secs() as i64, period.subsec_micros() as i64);
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .map_err(std::io::Error::from)?;
+        Ok(Self {
+            socket,
+            buffer: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// Returns after an announcement (the rest of a burst is drained) or the period.
+    fn wait(&mut self) {
+        self.buffer.clear();
+        if self.socket.recv(&mut self.buffer, 0).is_ok() {
+            loop {
+                self.buffer.clear();
+                if self
+                    .socket
+                    .recv(&mut self.buffer, libc::MSG_DONTWAIT)
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
     }
 }
 

@@ -33,8 +33,9 @@ fn families() -> Vec<IpFamily> {
     families
 }
 
-/// How often the host's addresses are probed for changes (NodePort addresses).
-const HOST_PROBE_PERIOD: Duration = Duration::from_secs(1);
+/// How often the host's addresses are probed even without an rtnetlink announcement
+/// (a safety net; announcements trigger a probe at once).
+const HOST_PROBE_PERIOD: Duration = Duration::from_secs(10);
 
 /// Runs the agent until it is signalled.
 pub fn run(config: RunConfig) -> anyhow::Result<()> {

@@ -178,6 +178,43 @@ fn udp_flow_moves_after_a_restart_that_missed_the_change(mode: Mode) {
     );
 }
 
+/// NodePorts answer on an address the node gains while the agent runs (kube-proxy
+/// follows its node's addresses): the agent hears of it from rtnetlink.
+fn nodeport_follows_a_new_node_address(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a"]);
+    c.write_manifest(
+        "np.yaml",
+        &docs(&[
+            Service::new("np")
+                .cluster_ip("10.96.0.21")
+                .spec("type: NodePort")
+                .port(port("http", "TCP", 80).node_port(30081))
+                .yaml(),
+            slice(
+                "np-1",
+                "np",
+                "IPv4",
+                &[port("http", "TCP", 8080)],
+                &[ep(&c.pod("a").ip)],
+            ),
+        ]),
+    );
+    c.start_agent_with(&["--nodeport-addresses", "172.18.0.0/24"]);
+    let r = c.tcp_with(From::External, "172.18.0.77:30081", 1, 300, 0);
+    assert_eq!(r.successes(), 0, "no such address yet: {r:?}");
+    let status = c
+        .node_command("ip")
+        .args(["addr", "add", "172.18.0.77/24", "dev", "eth0"])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    c.wait_for("the NodePort on the new address", WAIT, || {
+        c.tcp_with(From::External, "172.18.0.77:30081", 1, 300, 0)
+            .successes()
+            == 1
+    });
+}
+
 fn tcp_peer_is_the_cluster_ip(mode: Mode) {
     let c = web_cluster(mode);
     let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 5);
@@ -961,6 +998,7 @@ scenarios!(
     long_lived_udp_flow_follows_endpoint_removal,
     udp_flow_moves_after_a_restart_that_missed_the_change,
     nodeport_from_external_client,
+    nodeport_follows_a_new_node_address,
     no_endpoints_refuses_immediately,
     endpoint_and_port_changes_take_effect,
     deleting_a_service_stops_it,
