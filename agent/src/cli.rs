@@ -167,8 +167,10 @@ pub struct RunArgs {
     /// `--detect-local-mode InterfaceNamePrefix`.
     #[arg(long, value_name = "PREFIX", env = "FERRY_POD_INTERFACE_NAME_PREFIX")]
     pub pod_interface_name_prefix: Option<String>,
-    /// Where NodePorts answer: `primary` (default: the node's primary addresses) or
-    /// CIDRs, comma-separated (127.0.0.0/8 only when listed).
+    /// Where NodePorts answer: `primary` (the node's primary addresses) or CIDRs,
+    /// comma-separated (127.0.0.0/8 only when listed). Default as kube-proxy's per
+    /// mode: every local address (127.0.0.1 too) in iptables mode, `primary` in eBPF
+    /// mode.
     #[arg(
         long,
         value_delimiter = ',',
@@ -355,10 +357,21 @@ pub fn parse_upstreams(values: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 /// Which addresses NodePorts answer on, from `--nodeport-addresses` (empty entries
-/// are skipped; nothing, or only `primary`, means `primary`).
-pub fn parse_nodeport_addresses(values: &[String]) -> anyhow::Result<NodePortAddresses> {
+/// are skipped; only `primary` means `primary`). Nothing means the mode's default, as
+/// kube-proxy documents it per mode: every local address in iptables mode, `primary`
+/// in eBPF mode (as kube-proxy's nftables mode).
+pub fn parse_nodeport_addresses(
+    values: &[String],
+    mode: Mode,
+) -> anyhow::Result<NodePortAddresses> {
     let values: Vec<&String> = values.iter().filter(|v| !v.trim().is_empty()).collect();
-    if values.is_empty() || values.iter().all(|v| *v == "primary") {
+    if values.is_empty() {
+        return Ok(match mode {
+            Mode::Iptables => NodePortAddresses::All,
+            Mode::Ebpf => NodePortAddresses::Primary,
+        });
+    }
+    if values.iter().all(|v| *v == "primary") {
         return Ok(NodePortAddresses::Primary);
     }
     let cidrs = values

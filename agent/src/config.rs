@@ -96,7 +96,7 @@ impl RunConfig {
                 None => None,
             },
             node_name: node_name(args.node_name.clone())?,
-            nodeport_addresses: parse_nodeport_addresses(&args.nodeport_addresses)?,
+            nodeport_addresses: parse_nodeport_addresses(&args.nodeport_addresses, args.mode)?,
             healthz: parse_bind("--healthz-bind-address", &args.healthz_bind_address)?,
             metrics: parse_bind("--metrics-bind-address", &args.metrics_bind_address)?,
             sync_period: args.sync_period,
@@ -403,6 +403,26 @@ mod tests {
             let err = parse(&["--mode", "iptables"]).unwrap_err();
             assert!(err.contains("no source"), "{err}");
         }
+    }
+
+    #[test]
+    fn nodeport_addresses_default_per_mode_as_kube_proxy() {
+        let of = |mode: &str| {
+            parse(&["--manifests", "/m", "--mode", mode, "--cgroup", "/x"])
+                .map(|c| c.nodeport_addresses)
+        };
+        assert_eq!(of("iptables").unwrap(), NodePortAddresses::All);
+        assert_eq!(of("ebpf").unwrap(), NodePortAddresses::Primary);
+        let primary = parse(&[
+            "--manifests",
+            "/m",
+            "--mode",
+            "iptables",
+            "--nodeport-addresses",
+            "primary",
+        ])
+        .unwrap();
+        assert_eq!(primary.nodeport_addresses, NodePortAddresses::Primary);
     }
 
     #[test]

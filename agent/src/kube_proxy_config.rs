@@ -352,9 +352,9 @@ impl Filler<'_> {
                 "masqueradeBit {bit}: Ferry always marks with bit {MASQUERADE_BIT} (0x4000), kube-proxy's default"
             ));
         }
-        if r.localhost_node_ports == Some(true) && self.free("nodeport_addresses") {
+        if r.localhost_node_ports == Some(false) && self.free("nodeport_addresses") {
             self.warnings.push(
-                "localhostNodePorts: NodePorts answer on 127.0.0.1 only when nodePortAddresses lists 127.0.0.0/8"
+                "localhostNodePorts: false: list nodePortAddresses without 127.0.0.0/8 (or \"primary\") to keep NodePorts off 127.0.0.1"
                     .to_owned(),
             );
         }

@@ -195,7 +195,7 @@ apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: ipvs
 featureGates: {SomeGate: true}
-iptables: {masqueradeBit: 15, localhostNodePorts: true}
+iptables: {masqueradeBit: 15, localhostNodePorts: false}
 conntrack: {maxPerCore: 1, surprise: 1}
 noSuchField: 1
 "#;

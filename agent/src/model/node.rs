@@ -70,6 +70,10 @@ pub enum NodePortAddresses {
     Primary,
     /// Local addresses inside these CIDRs (127.0.0.0/8 only when listed explicitly).
     Cidrs(Vec<IpNetwork>),
+    /// Every local address, 127.0.0.1 included but not IPv6 loopback or link-local:
+    /// kube-proxy's iptables mode when `--nodeport-addresses` is unset (its
+    /// `localhostNodePorts` defaults to true).
+    All,
 }
 
 impl NodePortAddresses {
@@ -79,6 +83,12 @@ impl NodePortAddresses {
         let mut out: Vec<IpAddr> = match self {
             Self::Cidrs(cidrs) => local_ips()
                 .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
+                .collect(),
+            Self::All => local_ips()
+                .filter(|ip| match ip {
+                    IpAddr::V4(_) => true,
+                    IpAddr::V6(_) => is_usable(ip),
+                })
                 .collect(),
             Self::Primary => {
                 let from_node: Vec<IpAddr> = node
@@ -321,6 +331,24 @@ mod tests {
         assert!(v6.masquerade_all);
         assert_eq!(v6.nodeport_ips, ips(&["fd00::2"]));
         assert_eq!(v6.local_traffic, LocalTraffic::FromCidrs(vec![cidrs[1]]));
+    }
+
+    #[test]
+    fn all_local_addresses_include_ipv4_loopback_not_ipv6_loopback_or_link_local() {
+        let h = host(
+            &[
+                ("lo", "127.0.0.1"),
+                ("lo", "::1"),
+                ("eth0", "172.18.0.2"),
+                ("eth0", "fe80::1"),
+                ("eth0", "fd00::2"),
+            ],
+            &["eth0"],
+        );
+        assert_eq!(
+            NodePortAddresses::All.resolve(&NodeInfo::default(), &h),
+            ips(&["127.0.0.1", "172.18.0.2", "fd00::2"])
+        );
     }
 
     #[test]
