@@ -418,6 +418,21 @@ pub struct RunningProbe {
 }
 
 impl RunningProbe {
+    /// Starts `command` (a `ferry-probe` in some namespace) with `args`.
+    pub(crate) fn spawn(mut command: Command, args: &[String]) -> Self {
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ferry-probe");
+        Self {
+            child,
+            args: args.to_vec(),
+        }
+    }
+
     /// Waits for the client and returns what it saw.
     pub fn wait(self) -> Report {
         let out = self.child.wait_with_output().expect("wait ferry-probe");
@@ -844,18 +859,7 @@ impl Cluster {
     /// Starts a probe client in the background (e.g. a long-lived flow that must
     /// survive a change the test makes meanwhile).
     pub fn spawn_probe(&self, from: From<'_>, args: &[String]) -> RunningProbe {
-        let child = self
-            .client(from)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run ferry-probe");
-        RunningProbe {
-            child,
-            args: args.to_vec(),
-        }
+        RunningProbe::spawn(self.client(from), args)
     }
 
     /// `count` TCP connections from `from` to `addr` (`ip:port` or `[ip6]:port`).

@@ -1,0 +1,193 @@
+//! Services across nodes: several nodes in network namespaces, each with its own
+//! agent, pods on a routed CNI, and an external client on the underlay (see
+//! `ferry_tests::multinode`). Each scenario is named after the kube-proxy behaviour
+//! it mirrors and runs against each data plane; it asserts what a client sees: which
+//! backend answered, and the source address that backend saw.
+
+use ferry_tests::Mode;
+use ferry_tests::manifests::{Service, docs, port, slice};
+use ferry_tests::multinode::{EXT_IP, From, MultiNode, addr, node_ip};
+
+/// Connect timeout for attempts that must not get through: long enough that a slow
+/// answer is not taken for a drop.
+const DROP_TIMEOUT_MS: u64 = 1500;
+
+/// A pod on node-0 reaches a backend on node-1 through the ClusterIP, over the
+/// underlay; pod-to-pod traffic is not masqueraded (the source is in the cluster
+/// CIDR), so the backend sees the client pod's own address, and replies come from
+/// the ClusterIP.
+fn clusterip_to_an_endpoint_on_another_node(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["client"], &["b"]]);
+    let ports = [port("http", "TCP", 8080), port("dns", "UDP", 5353)];
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .cluster_ip("fd00:96::10")
+                .spec("ipFamilyPolicy: PreferDualStack")
+                .port(port("http", "TCP", 80))
+                .port(port("dns", "UDP", 53))
+                .yaml(),
+            slice("web-v4", "web", "IPv4", &ports, &[c.ep("b")]),
+            slice("web-v6", "web", "IPv6", &ports, &[c.ep6("b")]),
+        ]),
+    );
+    c.start_agents();
+    let client = c.pod("client");
+
+    let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 20);
+    assert_eq!(r.successes(), 20, "{r:?}");
+    assert_eq!(r.single(), "b 8080", "{r:?}");
+    assert_eq!(r.sources(), [client.ip.clone()], "no SNAT: {r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["10.96.0.10:80"],
+        "{r:?}"
+    );
+
+    let r = c.udp(From::Pod("client"), "10.96.0.10:53", 10);
+    assert_eq!(r.successes(), 10, "{r:?}");
+    assert_eq!(r.single(), "b 5353", "{r:?}");
+    assert_eq!(r.sources(), [client.ip.clone()], "no SNAT: {r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["10.96.0.10:53"],
+        "{r:?}"
+    );
+
+    let r = c.tcp(From::Pod("client"), "[fd00:96::10]:80", 10);
+    assert_eq!(r.successes(), 10, "{r:?}");
+    assert_eq!(r.single(), "b 8080", "{r:?}");
+    assert_eq!(r.sources(), [client.ip6.clone()], "no SNAT: {r:?}");
+}
+
+/// A NodePort Service with externalTrafficPolicy Cluster answers on every node and
+/// balances over the endpoints of all nodes; the forwarding node masquerades, so
+/// every backend sees that node's address, and the replies find their way back.
+fn nodeport_cluster_policy_via_any_node(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "np.yaml",
+        &docs(&[
+            Service::new("np")
+                .cluster_ip("10.96.0.20")
+                .spec("type: NodePort")
+                .port(port("http", "TCP", 80).node_port(30080))
+                .yaml(),
+            slice("np-1", "np", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.start_agents();
+    for n in 0..2 {
+        let via = node_ip(n);
+        let r = c.tcp(From::External, &addr(&via, 30080), 40);
+        assert_eq!(r.successes(), 40, "via node-{n}: {r:?}");
+        assert_eq!(
+            r.pods(),
+            ["a", "b"],
+            "via node-{n}: endpoints on both nodes: {r:?}"
+        );
+        assert_eq!(
+            r.sources(),
+            [via.clone()],
+            "via node-{n}: SNAT to the forwarding node: {r:?}"
+        );
+        assert_eq!(
+            r.peers.keys().cloned().collect::<Vec<_>>(),
+            [addr(&via, 30080)],
+            "{r:?}"
+        );
+    }
+}
+
+/// externalTrafficPolicy Local: a node only sends external traffic to its own
+/// endpoints, without SNAT (the backend sees the client); a node without one drops
+/// it (a timeout, not a refusal, so the load balancer's retry goes elsewhere), and
+/// the healthCheckNodePort tells load balancers which nodes have local endpoints.
+fn nodeport_local_policy_keeps_the_client_ip(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"], &[]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.30")
+                .spec("type: LoadBalancer")
+                .spec("externalTrafficPolicy: Local")
+                .spec("healthCheckNodePort: 32030")
+                .port(port("http", "TCP", 80).node_port(30030))
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.start_agents();
+    for (n, local) in [(0, "a 8080"), (1, "b 8080")] {
+        let r = c.tcp(From::External, &addr(&node_ip(n), 30030), 20);
+        assert_eq!(r.successes(), 20, "via node-{n}: {r:?}");
+        assert_eq!(
+            r.single(),
+            local,
+            "via node-{n}: only the local endpoint: {r:?}"
+        );
+        assert_eq!(
+            r.sources(),
+            [EXT_IP],
+            "via node-{n}: the client's own IP: {r:?}"
+        );
+    }
+    let r = c.tcp_with(
+        From::External,
+        &addr(&node_ip(2), 30030),
+        2,
+        DROP_TIMEOUT_MS,
+    );
+    assert_eq!(r.successes(), 0, "via node-2 (no local endpoint): {r:?}");
+    assert_eq!(
+        r.error("timeout"),
+        2,
+        "via node-2: dropped (timed out), not refused: {r:?}"
+    );
+
+    for (n, want_code, want_local) in [(0, 200, 1), (1, 200, 1), (2, 503, 0)] {
+        let probe = addr(&node_ip(n), 32030).parse().expect("address");
+        let (code, response) = c
+            .http_get_external(probe, "/healthz")
+            .unwrap_or_else(|| panic!("node-{n}: the health check must answer"));
+        assert_eq!(code, want_code, "node-{n}: {response}");
+        assert!(
+            response.contains(&format!("\"localEndpoints\":{want_local}")),
+            "node-{n}: {response}"
+        );
+    }
+}
+
+/// Generates one `#[test]` per scenario and data plane: `iptables::name` and
+/// `ebpf::name`.
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ferry_tests::Mode::Iptables);
+                }
+            )*
+        }
+        mod ebpf {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ferry_tests::Mode::Ebpf);
+                }
+            )*
+        }
+    };
+}
+
+scenarios!(
+    clusterip_to_an_endpoint_on_another_node,
+    nodeport_cluster_policy_via_any_node,
+    nodeport_local_policy_keeps_the_client_ip,
+);
