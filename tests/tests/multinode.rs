@@ -163,6 +163,113 @@ fn nodeport_local_policy_keeps_the_client_ip(mode: Mode) {
     }
 }
 
+/// A Service's externalIPs and its load balancer's ingress IPs
+/// (`status.loadBalancer.ingress`) answer on the service port at whichever node the
+/// network routes them to (here ext routes each IP to one node, as a router or a
+/// cloud load balancer would); with externalTrafficPolicy Cluster they balance over
+/// the endpoints of all nodes, masqueraded to the node that took the packet.
+fn external_and_load_balancer_ips_from_outside(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.40")
+                .spec("type: LoadBalancer")
+                .spec("externalIPs: [203.0.113.10]")
+                .port(port("http", "TCP", 80).node_port(30040))
+                .status("loadBalancer: {ingress: [{ip: 203.0.113.20}]}")
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.ext_ip_batch(&[
+        format!("route add 203.0.113.10/32 via {}", node_ip(0)),
+        format!("route add 203.0.113.20/32 via {}", node_ip(1)),
+    ]);
+    c.start_agents();
+    for (ip, via) in [("203.0.113.10", node_ip(0)), ("203.0.113.20", node_ip(1))] {
+        let r = c.tcp(From::External, &addr(ip, 80), 40);
+        assert_eq!(r.successes(), 40, "{ip}: {r:?}");
+        assert_eq!(r.pods(), ["a", "b"], "{ip}: endpoints on both nodes: {r:?}");
+        assert_eq!(
+            r.sources(),
+            [via.clone()],
+            "{ip}: SNAT to the node it reached: {r:?}"
+        );
+        assert_eq!(
+            r.peers.keys().cloned().collect::<Vec<_>>(),
+            [addr(ip, 80)],
+            "{ip}: replies come from the IP the client dialled: {r:?}"
+        );
+    }
+}
+
+/// loadBalancerSourceRanges: traffic to the load balancer IP is accepted only from
+/// the listed client CIDRs and dropped from anywhere else.
+fn load_balancer_source_ranges_allow_and_deny(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    let lb = |name: &str, cluster_ip: &str, lb_ip: &str, node_port: u16, range: &str| {
+        docs(&[
+            Service::new(name)
+                .cluster_ip(cluster_ip)
+                .spec("type: LoadBalancer")
+                .spec(&format!("loadBalancerSourceRanges: [{range}]"))
+                .port(port("http", "TCP", 80).node_port(node_port))
+                .status(&format!("loadBalancer: {{ingress: [{{ip: {lb_ip}}}]}}"))
+                .yaml(),
+            slice(
+                &format!("{name}-1"),
+                name,
+                "IPv4",
+                &ports,
+                &[c.ep("a"), c.ep("b")],
+            ),
+        ])
+    };
+    c.write_manifest(
+        "allowed.yaml",
+        &lb(
+            "allowed",
+            "10.96.0.51",
+            "203.0.113.51",
+            30051,
+            &format!("{EXT_IP}/32"),
+        ),
+    );
+    c.write_manifest(
+        "denied.yaml",
+        &lb(
+            "denied",
+            "10.96.0.52",
+            "203.0.113.52",
+            30052,
+            "192.0.2.0/24",
+        ),
+    );
+    c.ext_ip_batch(&[
+        format!("route add 203.0.113.51/32 via {}", node_ip(0)),
+        format!("route add 203.0.113.52/32 via {}", node_ip(0)),
+    ]);
+    c.start_agents();
+    let r = c.tcp(From::External, "203.0.113.51:80", 20);
+    assert_eq!(
+        r.successes(),
+        20,
+        "the client is in the allowed range: {r:?}"
+    );
+    assert_eq!(r.pods(), ["a", "b"], "{r:?}");
+    let r = c.tcp_with(From::External, "203.0.113.52:80", 2, DROP_TIMEOUT_MS);
+    assert_eq!(
+        r.successes(),
+        0,
+        "the client is outside the allowed range: {r:?}"
+    );
+    assert_eq!(r.error("timeout"), 2, "dropped, not refused: {r:?}");
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -190,4 +297,6 @@ scenarios!(
     clusterip_to_an_endpoint_on_another_node,
     nodeport_cluster_policy_via_any_node,
     nodeport_local_policy_keeps_the_client_ip,
+    external_and_load_balancer_ips_from_outside,
+    load_balancer_source_ranges_allow_and_deny,
 );
