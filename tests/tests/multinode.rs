@@ -270,6 +270,84 @@ fn load_balancer_source_ranges_allow_and_deny(mode: Mode) {
     assert_eq!(r.error("timeout"), 2, "dropped, not refused: {r:?}");
 }
 
+/// internalTrafficPolicy Local: a pod only reaches the endpoints on its own node;
+/// on a node without one, the connection is dropped (not refused: endpoints exist,
+/// just not here).
+fn internal_traffic_policy_local_stays_on_the_node(mode: Mode) {
+    let mut c = MultiNode::new(
+        mode,
+        &[&["a", "client-0"], &["b", "client-1"], &["client-2"]],
+    );
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "loc.yaml",
+        &docs(&[
+            Service::new("loc")
+                .cluster_ip("10.96.0.60")
+                .spec("internalTrafficPolicy: Local")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("loc-1", "loc", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.start_agents();
+    for (client, local) in [("client-0", "a 8080"), ("client-1", "b 8080")] {
+        let r = c.tcp(From::Pod(client), "10.96.0.60:80", 20);
+        assert_eq!(r.successes(), 20, "{client}: {r:?}");
+        assert_eq!(
+            r.single(),
+            local,
+            "{client}: only its node's endpoint: {r:?}"
+        );
+        assert_eq!(r.sources(), [c.pod(client).ip.clone()], "{client}: {r:?}");
+    }
+    let r = c.tcp_with(From::Pod("client-2"), "10.96.0.60:80", 2, DROP_TIMEOUT_MS);
+    assert_eq!(r.successes(), 0, "client-2 (no local endpoint): {r:?}");
+    assert_eq!(r.error("refused"), 0, "dropped, not refused: {r:?}");
+}
+
+/// A pod dialling the load balancer IP of an externalTrafficPolicy Local Service is
+/// not external traffic: kube-proxy short-circuits it to all the Service's
+/// endpoints, so it works from a node with no local endpoint, where the same
+/// Service's NodePort drops external clients.
+fn load_balancer_ip_from_a_pod_uses_every_endpoint(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"], &["client"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.70")
+                .spec("type: LoadBalancer")
+                .spec("externalTrafficPolicy: Local")
+                .spec("healthCheckNodePort: 32070")
+                .port(port("http", "TCP", 80).node_port(30070))
+                .status("loadBalancer: {ingress: [{ip: 203.0.113.70}]}")
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.ext_ip_batch(&[format!("route add 203.0.113.70/32 via {}", node_ip(0))]);
+    c.start_agents();
+    let r = c.tcp(From::Pod("client"), "203.0.113.70:80", 30);
+    assert_eq!(r.successes(), 30, "{r:?}");
+    assert_eq!(
+        r.pods(),
+        ["a", "b"],
+        "every endpoint, though none is local: {r:?}"
+    );
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["203.0.113.70:80"],
+        "{r:?}"
+    );
+    // From outside, the node the load balancer IP is routed to answers with its
+    // local endpoint only, and keeps the client's address.
+    let r = c.tcp(From::External, "203.0.113.70:80", 10);
+    assert_eq!(r.single(), "a 8080", "{r:?}");
+    assert_eq!(r.sources(), [EXT_IP], "{r:?}");
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -299,4 +377,6 @@ scenarios!(
     nodeport_local_policy_keeps_the_client_ip,
     external_and_load_balancer_ips_from_outside,
     load_balancer_source_ranges_allow_and_deny,
+    internal_traffic_policy_local_stays_on_the_node,
+    load_balancer_ip_from_a_pod_uses_every_endpoint,
 );
