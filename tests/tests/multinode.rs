@@ -39,7 +39,7 @@ fn clusterip_to_an_endpoint_on_another_node(mode: Mode) {
     let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 20);
     assert_eq!(r.successes(), 20, "{r:?}");
     assert_eq!(r.single(), "b 8080", "{r:?}");
-    assert_eq!(r.sources(), [client.ip.clone()], "no SNAT: {r:?}");
+    assert_eq!(r.sources(), [client.ip.as_str()], "no SNAT: {r:?}");
     assert_eq!(
         r.peers.keys().collect::<Vec<_>>(),
         ["10.96.0.10:80"],
@@ -49,7 +49,7 @@ fn clusterip_to_an_endpoint_on_another_node(mode: Mode) {
     let r = c.udp(From::Pod("client"), "10.96.0.10:53", 10);
     assert_eq!(r.successes(), 10, "{r:?}");
     assert_eq!(r.single(), "b 5353", "{r:?}");
-    assert_eq!(r.sources(), [client.ip.clone()], "no SNAT: {r:?}");
+    assert_eq!(r.sources(), [client.ip.as_str()], "no SNAT: {r:?}");
     assert_eq!(
         r.peers.keys().collect::<Vec<_>>(),
         ["10.96.0.10:53"],
@@ -59,7 +59,7 @@ fn clusterip_to_an_endpoint_on_another_node(mode: Mode) {
     let r = c.tcp(From::Pod("client"), "[fd00:96::10]:80", 10);
     assert_eq!(r.successes(), 10, "{r:?}");
     assert_eq!(r.single(), "b 8080", "{r:?}");
-    assert_eq!(r.sources(), [client.ip6.clone()], "no SNAT: {r:?}");
+    assert_eq!(r.sources(), [client.ip6.as_str()], "no SNAT: {r:?}");
 }
 
 /// A NodePort Service with externalTrafficPolicy Cluster answers on every node and
@@ -91,7 +91,7 @@ fn nodeport_cluster_policy_via_any_node(mode: Mode) {
         );
         assert_eq!(
             r.sources(),
-            [via.clone()],
+            [via.as_str()],
             "via node-{n}: SNAT to the forwarding node: {r:?}"
         );
         assert_eq!(
@@ -195,7 +195,7 @@ fn external_and_load_balancer_ips_from_outside(mode: Mode) {
         assert_eq!(r.pods(), ["a", "b"], "{ip}: endpoints on both nodes: {r:?}");
         assert_eq!(
             r.sources(),
-            [via.clone()],
+            [via.as_str()],
             "{ip}: SNAT to the node it reached: {r:?}"
         );
         assert_eq!(
@@ -299,7 +299,7 @@ fn internal_traffic_policy_local_stays_on_the_node(mode: Mode) {
             local,
             "{client}: only its node's endpoint: {r:?}"
         );
-        assert_eq!(r.sources(), [c.pod(client).ip.clone()], "{client}: {r:?}");
+        assert_eq!(r.sources(), [c.pod(client).ip.as_str()], "{client}: {r:?}");
     }
     let r = c.tcp_with(From::Pod("client-2"), "10.96.0.60:80", 2, DROP_TIMEOUT_MS);
     assert_eq!(r.successes(), 0, "client-2 (no local endpoint): {r:?}");
