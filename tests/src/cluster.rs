@@ -61,13 +61,299 @@ pub enum From<'a> {
     External,
 }
 
-/// A pod of the test node.
+/// A pod: its own network namespace on a routed veth of its node, running the
+/// `ferry-probe` server. The server is stopped when the pod drops.
 pub struct Pod {
     pub name: String,
     pub ip: String,
     pub ip6: String,
-    netns: Netns,
+    /// The node it runs on (endpoints of it are local there).
+    pub node: String,
+    pub(crate) netns: Netns,
     server: Child,
+}
+
+impl Pod {
+    /// Configures the pod side of its veth (`eth0`, attached with [`pod_link`]) and
+    /// starts its server.
+    pub(crate) fn start(
+        bin_dir: &Path,
+        name: &str,
+        node: &str,
+        ip: &str,
+        ip6: &str,
+        netns: Netns,
+    ) -> Self {
+        netns.ip_batch(&[
+            "link set eth0 up".to_string(),
+            format!("addr add {ip}/32 dev eth0"),
+            format!("addr add {ip6}/128 dev eth0 nodad"),
+            "route add 169.254.1.1 dev eth0 scope link".into(),
+            "route add default via 169.254.1.1 dev eth0".into(),
+            "route add default via fe80::1 dev eth0".into(),
+        ]);
+        let server = start_server(bin_dir, &netns, name);
+        Self {
+            name: name.to_owned(),
+            ip: ip.to_owned(),
+            ip6: ip6.to_owned(),
+            node: node.to_owned(),
+            netns,
+            server,
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Sysctls that make IPv6 addresses usable at once (no duplicate address detection).
+pub(crate) const QUIET_DAD: [&str; 2] = [
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
+];
+
+/// Sysctls of a node namespace: a router without reverse-path filtering.
+pub(crate) const NODE_SYSCTLS: [&str; 6] = [
+    "net.ipv4.ip_forward=1",
+    "net.ipv6.conf.all.forwarding=1",
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+    QUIET_DAD[0],
+    QUIET_DAD[1],
+];
+
+/// The node side of a pod's routed veth (Calico-style): `ip` commands that create
+/// `veth` with its peer `eth0` in `pod`, route the pod's /32 and /128 to it, and the
+/// sysctls that make the node answer the pod's ARP for its gateway at once.
+pub(crate) fn pod_link(veth: &str, pod: &Netns, ip: &str, ip6: &str) -> (Vec<String>, Vec<String>) {
+    let commands = vec![
+        format!(
+            "link add {veth} type veth peer name eth0 netns {}",
+            pod.name()
+        ),
+        format!("link set {veth} up"),
+        format!("addr add fe80::1/64 dev {veth} nodad"),
+        format!("route add {ip}/32 dev {veth}"),
+        format!("route add {ip6}/128 dev {veth}"),
+    ];
+    let sysctls = vec![
+        format!("net.ipv4.conf.{veth}.proxy_arp=1"),
+        // Answer proxy ARP at once (the default delays it up to 0.8 s), as Calico does.
+        format!("net.ipv4.neigh.{veth}.proxy_delay=0"),
+    ];
+    (commands, sysctls)
+}
+
+/// A fresh namespace-name prefix, unique per test process and call; namespaces left
+/// by dead test processes are removed on first use.
+pub(crate) fn unique_id() -> String {
+    static STALE: std::sync::Once = std::sync::Once::new();
+    STALE.call_once(|| netns::remove_stale(PREFIX));
+    format!(
+        "{PREFIX}{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Panics unless `ferry` and `ferry-probe` are in `bin_dir`.
+pub(crate) fn check_binaries(bin_dir: &Path) {
+    for bin in ["ferry", "ferry-probe"] {
+        assert!(
+            bin_dir.join(bin).exists(),
+            "{} is missing: build first (`cargo xtask test` does) or set FERRY_BIN_DIR",
+            bin_dir.join(bin).display()
+        );
+    }
+}
+
+/// A per-test scratch directory (manifests, logs), emptied first.
+pub(crate) fn scratch_dir(id: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-test-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// Writes `dir/file` atomically, like an editor's save.
+pub(crate) fn write_atomic(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, dir.join(file)).expect("rename manifest");
+}
+
+/// The flags every test agent runs with: its source, mode, node name, cluster
+/// CIDRs, health and metrics ports, and in eBPF mode its cgroup and pins.
+/// Conntrack's limit is left alone (`--conntrack-max-per-core 0`): the table size is
+/// global to the kernel, so a test node must not change it.
+pub(crate) fn agent_flags(
+    source: [String; 2],
+    mode: Mode,
+    node_name: &str,
+    cluster_cidrs: &str,
+    cgroup: &Path,
+    pin_dir: &Path,
+) -> Vec<String> {
+    let [source_flag, source_value] = source;
+    let mut args: Vec<String> = vec![
+        "-v".into(),
+        "run".into(),
+        source_flag,
+        source_value,
+        "--mode".into(),
+        mode.flag().into(),
+        "--node-name".into(),
+        node_name.into(),
+        "--cluster-cidr".into(),
+        cluster_cidrs.into(),
+        "--healthz-bind-address".into(),
+        "127.0.0.1:10256".into(),
+        "--metrics-bind-address".into(),
+        "127.0.0.1:10249".into(),
+        "--conntrack-max-per-core".into(),
+        "0".into(),
+    ];
+    args.extend(ebpf_flags(mode, cgroup, pin_dir));
+    args
+}
+
+/// `--cgroup` and `--bpf-pin-path`, in eBPF mode.
+pub(crate) fn ebpf_flags(mode: Mode, cgroup: &Path, pin_dir: &Path) -> Vec<String> {
+    if mode != Mode::Ebpf {
+        return Vec::new();
+    }
+    vec![
+        "--cgroup".into(),
+        cgroup.display().to_string(),
+        "--bpf-pin-path".into(),
+        pin_dir.display().to_string(),
+    ]
+}
+
+/// Removes what an eBPF agent left pinned (it keeps its programs pinned on exit).
+pub(crate) fn ebpf_cleanup(node: &Netns, bin_dir: &Path, pin_dir: &Path) {
+    let _ = node
+        .command(bin_dir.join("ferry"), None)
+        .args(["cleanup", "--bpf-pin-path"])
+        .arg(pin_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// An agent of one node, across restarts: the running process, if any, and the logs
+/// of every run (`<log_dir>/<prefix>-<run>.log`).
+pub(crate) struct AgentProcess {
+    log_dir: PathBuf,
+    prefix: String,
+    runs: u32,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    pub(crate) fn new(log_dir: &Path, prefix: &str) -> Self {
+        Self {
+            log_dir: log_dir.to_path_buf(),
+            prefix: prefix.to_owned(),
+            runs: 0,
+            child: None,
+        }
+    }
+
+    /// Starts `ferry` with `args` and `env` inside `node`, its output to a new log.
+    pub(crate) fn spawn(
+        &mut self,
+        node: &Netns,
+        ferry: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) {
+        assert!(self.child.is_none(), "agent already running");
+        let log_path = self
+            .log_dir
+            .join(format!("{}-{}.log", self.prefix, self.runs));
+        self.runs += 1;
+        let log = std::fs::File::create(&log_path).expect("create agent log");
+        let child = node
+            .command(ferry, None)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry");
+        self.child = Some(child);
+    }
+
+    /// The exit status if the agent has exited (it is then no longer running).
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    pub(crate) fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up), and reaps it.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Polls `healthz` until it answers 200; panics (with the log) if the agent exits
+    /// or `timeout` passes first.
+    pub(crate) fn wait_healthy(&mut self, timeout: Duration, healthz: impl Fn() -> Option<u16>) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                panic!("agent exited early ({status}):\n{}", self.log());
+            }
+            if healthz() == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not become healthy:\n{}", self.log());
+    }
+
+    /// All logs so far.
+    pub(crate) fn log(&self) -> String {
+        let mut out = String::new();
+        for run in 0..self.runs {
+            let path = self.log_dir.join(format!("{}-{run}.log", self.prefix));
+            out.push_str(&format!("--- {} run {run} ---\n", self.prefix));
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+}
+
+/// Polls `check` every 25 ms until it returns true or `timeout` passes.
+pub(crate) fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
 }
 
 /// What a probe client saw (see `ferry-probe`).
@@ -79,6 +365,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u32>,
     /// Peer address the client socket reported, by address.
     pub peers: BTreeMap<String, u32>,
+    /// Source address the backend saw (the client's own, or the SNAT address), by
+    /// address.
+    #[serde(default)]
+    pub sources: BTreeMap<String, u32>,
     pub max_ms: u64,
     pub held: Option<String>,
 }
@@ -98,6 +388,11 @@ impl Report {
             .collect();
         pods.dedup();
         pods
+    }
+
+    /// Source addresses the backends saw, sorted.
+    pub fn sources(&self) -> Vec<String> {
+        self.sources.keys().cloned().collect()
     }
 
     /// The only identity that answered; panics otherwise.
@@ -123,6 +418,21 @@ pub struct RunningProbe {
 }
 
 impl RunningProbe {
+    /// Starts `command` (a `ferry-probe` in some namespace) with `args`.
+    pub(crate) fn spawn(mut command: Command, args: &[String]) -> Self {
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ferry-probe");
+        Self {
+            child,
+            args: args.to_vec(),
+        }
+    }
+
     /// Waits for the client and returns what it saw.
     pub fn wait(self) -> Report {
         let out = self.child.wait_with_output().expect("wait ferry-probe");
@@ -137,11 +447,6 @@ impl RunningProbe {
     }
 }
 
-/// The agent process.
-struct Agent {
-    child: Child,
-}
-
 /// The test node and everything around it.
 pub struct Cluster {
     id: String,
@@ -152,8 +457,7 @@ pub struct Cluster {
     node: Netns,
     ext: Netns,
     cgroup: Cgroup,
-    agent: Option<Agent>,
-    agent_runs: u32,
+    agent: AgentProcess,
     manifests: PathBuf,
     /// Watch an API server through this kubeconfig instead of the manifest directory.
     kubeconfig: Option<PathBuf>,
@@ -181,14 +485,7 @@ impl Cluster {
     /// Builds a node with pods of the given names; the agent is not started yet.
     /// Names are unique per test process, so tests can run in parallel.
     pub fn new(mode: Mode, pod_names: &[&str]) -> Self {
-        static STALE: std::sync::Once = std::sync::Once::new();
-        STALE.call_once(|| netns::remove_stale(PREFIX));
-        let id = format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::SeqCst)
-        );
-        Self::build(mode, id, pod_names)
+        Self::build(mode, unique_id(), pod_names)
     }
 
     /// Builds a node whose namespaces are called `<id>-node`, `<id>-<pod>`... so other
@@ -200,32 +497,14 @@ impl Cluster {
 
     fn build(mode: Mode, id: String, pod_names: &[&str]) -> Self {
         let bin_dir = bin_dir();
-        for bin in ["ferry", "ferry-probe"] {
-            assert!(
-                bin_dir.join(bin).exists(),
-                "{} is missing: build first (`cargo xtask test` does) or set FERRY_BIN_DIR",
-                bin_dir.join(bin).display()
-            );
-        }
-        let dir = std::env::temp_dir().join(format!("ferry-test-{id}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        check_binaries(&bin_dir);
+        let dir = scratch_dir(&id);
         std::fs::create_dir_all(dir.join("manifests")).expect("create test dir");
 
         let node = Netns::create(&format!("{id}-node"));
         let ext = Netns::create(&format!("{id}-ext"));
-        let quiet_dad = [
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ];
-        node.sysctl(&[
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-            quiet_dad[0],
-            quiet_dad[1],
-        ]);
-        ext.sysctl(&quiet_dad);
+        node.sysctl(&NODE_SYSCTLS);
+        ext.sysctl(&QUIET_DAD);
 
         let mut node_cmds = vec![
             format!(
@@ -241,24 +520,13 @@ impl Cluster {
         let mut proxy_arp = Vec::new();
         for (i, name) in pod_names.iter().enumerate() {
             let ns = Netns::create(&format!("{id}-{name}"));
-            ns.sysctl(&quiet_dad);
+            ns.sysctl(&QUIET_DAD);
             let host = 10 + i;
             let ip = format!("10.244.0.{host}");
             let ip6 = format!("fd00:244::{host}");
-            let veth = format!("v{i}");
-            node_cmds.extend([
-                format!(
-                    "link add {veth} type veth peer name eth0 netns {}",
-                    ns.name()
-                ),
-                format!("link set {veth} up"),
-                format!("addr add fe80::1/64 dev {veth} nodad"),
-                format!("route add {ip}/32 dev {veth}"),
-                format!("route add {ip6}/128 dev {veth}"),
-            ]);
-            proxy_arp.push(format!("net.ipv4.conf.{veth}.proxy_arp=1"));
-            // Answer proxy ARP at once (the default delays it up to 0.8 s), as Calico does.
-            proxy_arp.push(format!("net.ipv4.neigh.{veth}.proxy_delay=0"));
+            let (commands, sysctls) = pod_link(&format!("v{i}"), &ns, &ip, &ip6);
+            node_cmds.extend(commands);
+            proxy_arp.extend(sysctls);
             pod_netns.push((name.to_string(), ip, ip6, ns));
         }
         node.ip_batch(&node_cmds);
@@ -274,25 +542,10 @@ impl Cluster {
             node.sysctl(&proxy_arp);
         }
 
-        let mut pods = Vec::new();
-        for (name, ip, ip6, ns) in pod_netns {
-            ns.ip_batch(&[
-                "link set eth0 up".to_string(),
-                format!("addr add {ip}/32 dev eth0"),
-                format!("addr add {ip6}/128 dev eth0 nodad"),
-                "route add 169.254.1.1 dev eth0 scope link".into(),
-                "route add default via 169.254.1.1 dev eth0".into(),
-                "route add default via fe80::1 dev eth0".into(),
-            ]);
-            let server = start_server(&bin_dir, &ns, &name);
-            pods.push(Pod {
-                name,
-                ip,
-                ip6,
-                netns: ns,
-                server,
-            });
-        }
+        let pods = pod_netns
+            .into_iter()
+            .map(|(name, ip, ip6, ns)| Pod::start(&bin_dir, &name, NODE_NAME, &ip, &ip6, ns))
+            .collect();
 
         let cgroup = Cgroup::create(&id);
         Self {
@@ -303,8 +556,7 @@ impl Cluster {
             node,
             ext,
             cgroup,
-            agent: None,
-            agent_runs: 0,
+            agent: AgentProcess::new(&dir, "agent"),
             agent_env: Vec::new(),
             manifests: dir.join("manifests"),
             kubeconfig: None,
@@ -365,9 +617,7 @@ impl Cluster {
 
     /// Writes (atomically, like an editor's save) a manifest file.
     pub fn write_manifest(&self, file: &str, yaml: &str) {
-        let tmp = self.manifest_dir().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).expect("write manifest");
-        std::fs::rename(&tmp, self.manifest_dir().join(file)).expect("rename manifest");
+        write_atomic(&self.manifest_dir(), file, yaml);
     }
 
     pub fn remove_manifest(&self, file: &str) {
@@ -417,99 +667,53 @@ impl Cluster {
             Some(path) => ["--kubeconfig".to_string(), path.display().to_string()],
             None => ["--manifests".to_string(), manifests.display().to_string()],
         };
-        let mut args: Vec<String> = vec![
-            "-v".into(),
-            "run".into(),
-            source[0].clone(),
-            source[1].clone(),
-            "--mode".into(),
-            self.mode.flag().into(),
-            "--node-name".into(),
-            NODE_NAME.into(),
-            "--cluster-cidr".into(),
-            CLUSTER_CIDRS.into(),
-            "--healthz-bind-address".into(),
-            "127.0.0.1:10256".into(),
-            "--metrics-bind-address".into(),
-            "127.0.0.1:10249".into(),
-            "--conntrack-max-per-core".into(),
-            "0".into(),
-        ];
-        args.extend(self.ebpf_args());
-        args
+        agent_flags(
+            source,
+            self.mode,
+            NODE_NAME,
+            CLUSTER_CIDRS,
+            self.cgroup.path(),
+            &self.pin_dir(),
+        )
     }
 
     /// `--cgroup` and `--bpf-pin-path` of this test node, in eBPF mode.
     pub fn ebpf_args(&self) -> Vec<String> {
-        if self.mode != Mode::Ebpf {
-            return Vec::new();
-        }
-        vec![
-            "--cgroup".into(),
-            self.cgroup.path().display().to_string(),
-            "--bpf-pin-path".into(),
-            self.pin_dir().display().to_string(),
-        ]
+        ebpf_flags(self.mode, self.cgroup.path(), &self.pin_dir())
     }
 
     /// Starts the agent with exactly these arguments (and the agent environment),
     /// without waiting for it.
     pub fn spawn_agent_raw(&mut self, args: &[String]) {
-        assert!(self.agent.is_none(), "agent already running");
-        let log_path = self.dir.join(format!("agent-{}.log", self.agent_runs));
-        self.agent_runs += 1;
-        let log = std::fs::File::create(&log_path).expect("create agent log");
-        let child = self
-            .node
-            .command(self.bin_dir.join("ferry"), None)
-            .args(args)
-            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferry");
-        self.agent = Some(Agent { child });
+        self.agent.spawn(
+            &self.node,
+            &self.bin_dir.join("ferry"),
+            args,
+            &self.agent_env,
+        );
     }
 
     /// Waits for the agent to exit on its own; its exit status.
     pub fn wait_agent_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(agent) = &mut self.agent
-                && let Ok(Some(status)) = agent.child.try_wait()
-            {
-                self.agent = None;
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let mut status = None;
+        poll(timeout, || {
+            status = self.agent.exited();
+            status.is_some()
+        });
+        status
     }
 
     /// Waits until the agent reports healthy (its first sync is done).
     pub fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            if let Some(agent) = &mut self.agent
-                && let Ok(Some(status)) = agent.child.try_wait()
-            {
-                panic!("agent exited early ({status}):\n{}", self.agent_log());
-            }
-            if self.healthz() == Some(200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("agent did not become healthy:\n{}", self.agent_log());
+        let node = &self.node;
+        self.agent.wait_healthy(Duration::from_secs(180), || {
+            http_get_in(node, ([127, 0, 0, 1], 10256).into(), "/healthz").map(|(code, _)| code)
+        });
     }
 
     /// Kills the agent with SIGKILL (no chance to clean up), and reaps it.
     pub fn kill_agent(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            let _ = agent.child.kill();
-            let _ = agent.child.wait();
-        }
+        self.agent.kill();
     }
 
     /// Kills the agent and starts it again (same flags as the first start).
@@ -532,7 +736,7 @@ impl Cluster {
 
     /// The agent's process id, while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(|a| a.child.id())
+        self.agent.pid()
     }
 
     /// Runs the `ferry-probe load` generator from `from` and returns its JSON report.
@@ -554,20 +758,12 @@ impl Cluster {
 
     /// Whether the agent process is still running.
     pub fn agent_alive(&mut self) -> bool {
-        self.agent
-            .as_mut()
-            .is_some_and(|a| matches!(a.child.try_wait(), Ok(None)))
+        self.agent.alive()
     }
 
     /// All agent logs so far.
     pub fn agent_log(&self) -> String {
-        let mut out = String::new();
-        for run in 0..self.agent_runs {
-            let path = self.dir.join(format!("agent-{run}.log"));
-            out.push_str(&format!("--- agent run {run} ---\n"));
-            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
-        }
-        out
+        self.agent.log()
     }
 
     /// Values of `field=N` in the agent log lines containing `marker` (the agent logs
@@ -668,18 +864,7 @@ impl Cluster {
     /// Starts a probe client in the background (e.g. a long-lived flow that must
     /// survive a change the test makes meanwhile).
     pub fn spawn_probe(&self, from: From<'_>, args: &[String]) -> RunningProbe {
-        let child = self
-            .client(from)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run ferry-probe");
-        RunningProbe {
-            child,
-            args: args.to_vec(),
-        }
+        RunningProbe::spawn(self.client(from), args)
     }
 
     /// `count` TCP connections from `from` to `addr` (`ip:port` or `[ip6]:port`).
@@ -747,19 +932,14 @@ impl Cluster {
     }
 
     /// Polls `check` until it returns true; panics with the agent log after `timeout`.
-    pub fn wait_for(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
+    pub fn wait_for(&self, what: &str, timeout: Duration, check: impl FnMut() -> bool) {
+        if !poll(timeout, check) {
+            panic!("timed out waiting for {what}\n{}", self.agent_log());
         }
-        panic!("timed out waiting for {what}\n{}", self.agent_log());
     }
 }
 
-fn start_server(bin_dir: &Path, ns: &Netns, name: &str) -> Child {
+pub(crate) fn start_server(bin_dir: &Path, ns: &Netns, name: &str) -> Child {
     let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     let mut child = ns
         .command(bin_dir.join("ferry-probe"), None)
@@ -790,20 +970,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_agent();
         if self.mode == Mode::Ebpf {
-            // The agent leaves its programs pinned on exit; remove them.
-            let _ = self
-                .node
-                .command(self.bin_dir.join("ferry"), None)
-                .args(["cleanup", "--bpf-pin-path"])
-                .arg(self.pin_dir())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            ebpf_cleanup(&self.node, &self.bin_dir, &self.pin_dir());
         }
-        for pod in &mut self.pods {
-            let _ = pod.server.kill();
-            let _ = pod.server.wait();
-        }
+        // Pods stop their servers as they drop.
         if std::thread::panicking() {
             eprintln!("{}", self.agent_log());
         }
@@ -813,7 +982,11 @@ impl Drop for Cluster {
 
 /// One HTTP/1.0 GET from inside `netns`: the status code and the whole response text
 /// (head and body), or None if the connection or the response failed.
-fn http_get_in(netns: &Netns, addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) fn http_get_in(
+    netns: &Netns,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Option<(u16, String)> {
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     netns.run_in(move || {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;

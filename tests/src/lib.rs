@@ -9,6 +9,8 @@ pub mod cgroup;
 pub mod cluster;
 pub mod dig;
 pub mod manifests;
+pub mod multinode;
 pub mod netns;
 
 pub use cluster::{Cluster, From, Mode, Report};
+pub use multinode::MultiNode;

@@ -37,6 +37,7 @@ pub struct Service {
     cluster_ips: Vec<String>,
     ports: Vec<Port>,
     spec_extra: Vec<String>,
+    status_extra: Vec<String>,
     labels: Vec<(String, String)>,
 }
 
@@ -48,6 +49,7 @@ impl Service {
             cluster_ips: Vec::new(),
             ports: Vec::new(),
             spec_extra: Vec::new(),
+            status_extra: Vec::new(),
             labels: Vec::new(),
         }
     }
@@ -71,6 +73,12 @@ impl Service {
     /// A raw `spec` field, e.g. `type: NodePort`.
     pub fn spec(mut self, line: &str) -> Self {
         self.spec_extra.push(line.into());
+        self
+    }
+
+    /// A raw `status` field, e.g. `loadBalancer: {ingress: [{ip: 203.0.113.20}]}`.
+    pub fn status(mut self, line: &str) -> Self {
+        self.status_extra.push(line.into());
         self
     }
 
@@ -120,6 +128,12 @@ impl Service {
                 }
             }
         }
+        if !self.status_extra.is_empty() {
+            y.push_str("status:\n");
+            for line in &self.status_extra {
+                let _ = writeln!(y, "  {line}");
+            }
+        }
         y
     }
 }
@@ -133,6 +147,8 @@ pub struct Endpoint {
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
     pub hostname: Option<String>,
+    /// The zone of its node, as the EndpointSlice controller records it.
+    pub zone: Option<String>,
 }
 
 /// A ready endpoint on the test node.
@@ -144,12 +160,18 @@ pub fn ep(ip: &str) -> Endpoint {
         serving: None,
         terminating: None,
         hostname: None,
+        zone: None,
     }
 }
 
 impl Endpoint {
     pub fn on_node(mut self, node: &str) -> Self {
         self.node = node.into();
+        self
+    }
+
+    pub fn in_zone(mut self, zone: &str) -> Self {
+        self.zone = Some(zone.into());
         self
     }
 
@@ -213,7 +235,38 @@ pub fn slice_in(
         if let Some(h) = &e.hostname {
             let _ = writeln!(y, "  hostname: {h}");
         }
+        if let Some(z) = &e.zone {
+            let _ = writeln!(y, "  zone: {z}");
+        }
     }
+    y
+}
+
+/// A Node manifest: its name (also the `kubernetes.io/hostname` label), the
+/// `topology.kubernetes.io/zone` label, pod CIDRs, and InternalIP addresses.
+pub fn node(name: &str, zone: &str, pod_cidrs: &[&str], internal_ips: &[&str]) -> String {
+    let mut y = String::new();
+    let _ = writeln!(
+        y,
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/hostname: {name}\n    topology.kubernetes.io/zone: {zone}\nspec:"
+    );
+    if let Some(first) = pod_cidrs.first() {
+        let _ = writeln!(y, "  podCIDR: {first:?}");
+        let _ = writeln!(
+            y,
+            "  podCIDRs: [{}]",
+            pod_cidrs
+                .iter()
+                .map(|c| format!("{c:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    y.push_str("status:\n  addresses:\n");
+    for ip in internal_ips {
+        let _ = writeln!(y, "  - type: InternalIP\n    address: {ip:?}");
+    }
+    let _ = writeln!(y, "  - type: Hostname\n    address: {name}");
     y
 }
 

@@ -16,6 +16,8 @@ pub struct Report {
     errors: BTreeMap<String, u32>,
     /// Peer addresses the socket reported (getpeername / recvfrom source).
     peers: BTreeMap<String, u32>,
+    /// Source addresses the backends saw (the client's own, or a SNAT address).
+    sources: BTreeMap<String, u32>,
     /// Slowest attempt, in milliseconds.
     max_ms: u64,
     /// Result of the held connection check, if asked.
@@ -27,7 +29,24 @@ impl Report {
     fn error(&mut self, e: &std::io::Error) {
         *self.errors.entry(error_kind(e)).or_default() += 1;
     }
+
+    /// Counts a reply (`NAME PORT` or `NAME PORT from IP`) from `peer`.
+    fn reply(&mut self, reply: &str, peer: SocketAddr) {
+        let (identity, source) = match reply.split_once(" from ") {
+            Some((identity, source)) => (identity, Some(source)),
+            None => (reply, None),
+        };
+        *self.ok.entry(identity.to_string()).or_default() += 1;
+        *self.peers.entry(peer.to_string()).or_default() += 1;
+        if let Some(source) = source {
+            *self.sources.entry(source.to_string()).or_default() += 1;
+        }
+    }
 }
+
+/// What the client sends: the server answers it with its identity and the source
+/// address it saw.
+const REQUEST: &[u8] = b"whoami\n";
 
 pub fn error_kind(e: &std::io::Error) -> String {
     match e.raw_os_error() {
@@ -56,7 +75,7 @@ pub fn tcp_client(addr: SocketAddr, count: u32, timeout: Duration, hold_ms: u64)
             let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
             stream.set_read_timeout(Some(timeout))?;
             let peer = stream.peer_addr()?;
-            stream.write_all(b"hello\n")?;
+            stream.write_all(REQUEST)?;
             let mut reader = BufReader::new(stream.try_clone()?);
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -66,9 +85,8 @@ pub fn tcp_client(addr: SocketAddr, count: u32, timeout: Duration, hold_ms: u64)
         })();
         report.max_ms = report.max_ms.max(started.elapsed().as_millis() as u64);
         match result {
-            Ok((identity, peer, stream)) => {
-                *report.ok.entry(identity).or_default() += 1;
-                *report.peers.entry(peer.to_string()).or_default() += 1;
+            Ok((reply, peer, stream)) => {
+                report.reply(&reply, peer);
                 if hold_ms > 0 && i + 1 == count {
                     report.held = Some(hold(stream, hold_ms));
                 }
@@ -135,21 +153,18 @@ pub fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, opts: UdpOpti
             };
             let mut buf = [0u8; 2048];
             let (n, from) = if opts.connected {
-                socket.send(b"hello\n")?;
+                socket.send(REQUEST)?;
                 let n = socket.recv(&mut buf)?;
                 (n, socket.peer_addr()?)
             } else {
-                socket.send_to(b"hello\n", addr)?;
+                socket.send_to(REQUEST, addr)?;
                 socket.recv_from(&mut buf)?
             };
             Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
         })();
         report.max_ms = report.max_ms.max(started.elapsed().as_millis() as u64);
         match result {
-            Ok((identity, from)) => {
-                *report.ok.entry(identity).or_default() += 1;
-                *report.peers.entry(from.to_string()).or_default() += 1;
-            }
+            Ok((reply, from)) => report.reply(&reply, from),
             Err(e) => report.error(&e),
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! - `serve`: the pod's server (see `serve`).
 //! - `tcp` / `udp`: N attempts to an address, one JSON summary of who answered,
-//!   errors by kind, peer addresses (see `client`).
+//!   errors by kind, peer addresses, and the source addresses the backends saw
+//!   (see `client`).
 //! - `load`: rate and latency under load (see `load`).
 
 mod client;

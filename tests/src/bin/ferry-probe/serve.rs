@@ -1,9 +1,12 @@
 //! The pod server: answers every TCP request line and UDP datagram with the pod's
-//! identity (`NAME PORT`), and HTTP requests (keep-alive) with an HTTP response whose
-//! body is the pod name. Async (one thread), so it is cheap per connection and does
+//! identity (`NAME PORT`), a `whoami` request with the identity and the source
+//! address the server saw (`NAME PORT from IP`, so a test can tell SNAT from a
+//! preserved client address), and HTTP requests (keep-alive) with an HTTP response
+//! whose body is the pod name. Async (one thread), so it is cheap per connection and does
 //! not limit the benchmarks more than a real server would.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -22,11 +25,11 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> std::io::Result<()> {
             let body = format!("{name}\n");
             tasks.push(tokio::spawn(async move {
                 loop {
-                    let Ok((conn, _)) = listener.accept().await else {
+                    let Ok((conn, peer)) = listener.accept().await else {
                         continue;
                     };
                     let _ = conn.set_nodelay(true);
-                    tokio::spawn(handle(conn, identity.clone(), body.clone()));
+                    tokio::spawn(handle(conn, peer, identity.clone(), body.clone()));
                 }
             }));
         }
@@ -36,8 +39,13 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> std::io::Result<()> {
             tasks.push(tokio::spawn(async move {
                 let mut buf = [0u8; 2048];
                 loop {
-                    if let Ok((_, from)) = socket.recv_from(&mut buf).await {
-                        let _ = socket.send_to(identity.as_bytes(), from).await;
+                    if let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                        let reply = if is_whoami(&buf[..n]) {
+                            with_source(&identity, from)
+                        } else {
+                            identity.clone()
+                        };
+                        let _ = socket.send_to(reply.as_bytes(), from).await;
                     }
                 }
             }));
@@ -51,7 +59,24 @@ pub fn serve(name: &str, tcp: &[u16], udp: &[u16]) -> std::io::Result<()> {
     })
 }
 
-async fn handle(conn: TcpStream, identity: String, body: String) {
+/// The request asking for the source address too.
+const WHOAMI: &[u8] = b"whoami";
+
+fn is_whoami(request: &[u8]) -> bool {
+    request.trim_ascii() == WHOAMI
+}
+
+/// `NAME PORT from IP`: the identity and the source address as the server saw it
+/// (IPv4 clients of the dual-stack socket shown as plain IPv4).
+fn with_source(identity: &str, peer: SocketAddr) -> String {
+    format!(
+        "{} from {}\n",
+        identity.trim_end(),
+        peer.ip().to_canonical()
+    )
+}
+
+async fn handle(conn: TcpStream, peer: SocketAddr, identity: String, body: String) {
     let (read, mut write) = conn.into_split();
     let mut reader = BufReader::new(read);
     let mut line = String::new();
@@ -65,7 +90,11 @@ async fn handle(conn: TcpStream, identity: String, body: String) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let reply = if line.starts_with("GET ") || line.starts_with("HEAD ") {
+        let whoami;
+        let reply = if is_whoami(line.as_bytes()) {
+            whoami = with_source(&identity, peer);
+            whoami.as_bytes()
+        } else if line.starts_with("GET ") || line.starts_with("HEAD ") {
             // Skip the request headers.
             loop {
                 line.clear();

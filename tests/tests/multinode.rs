@@ -1,0 +1,382 @@
+//! Services across nodes: several nodes in network namespaces, each with its own
+//! agent, pods on a routed CNI, and an external client on the underlay (see
+//! `ferry_tests::multinode`). Each scenario is named after the kube-proxy behaviour
+//! it mirrors and runs against each data plane; it asserts what a client sees: which
+//! backend answered, and the source address that backend saw.
+
+use ferry_tests::Mode;
+use ferry_tests::manifests::{Service, docs, port, slice};
+use ferry_tests::multinode::{EXT_IP, From, MultiNode, addr, node_ip};
+
+/// Connect timeout for attempts that must not get through: long enough that a slow
+/// answer is not taken for a drop.
+const DROP_TIMEOUT_MS: u64 = 1500;
+
+/// A pod on node-0 reaches a backend on node-1 through the ClusterIP, over the
+/// underlay; pod-to-pod traffic is not masqueraded (the source is in the cluster
+/// CIDR), so the backend sees the client pod's own address, and replies come from
+/// the ClusterIP.
+fn clusterip_to_an_endpoint_on_another_node(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["client"], &["b"]]);
+    let ports = [port("http", "TCP", 8080), port("dns", "UDP", 5353)];
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .cluster_ip("fd00:96::10")
+                .spec("ipFamilyPolicy: PreferDualStack")
+                .port(port("http", "TCP", 80))
+                .port(port("dns", "UDP", 53))
+                .yaml(),
+            slice("web-v4", "web", "IPv4", &ports, &[c.ep("b")]),
+            slice("web-v6", "web", "IPv6", &ports, &[c.ep6("b")]),
+        ]),
+    );
+    c.start_agents();
+    let client = c.pod("client");
+
+    let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 20);
+    assert_eq!(r.successes(), 20, "{r:?}");
+    assert_eq!(r.single(), "b 8080", "{r:?}");
+    assert_eq!(r.sources(), [client.ip.as_str()], "no SNAT: {r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["10.96.0.10:80"],
+        "{r:?}"
+    );
+
+    let r = c.udp(From::Pod("client"), "10.96.0.10:53", 10);
+    assert_eq!(r.successes(), 10, "{r:?}");
+    assert_eq!(r.single(), "b 5353", "{r:?}");
+    assert_eq!(r.sources(), [client.ip.as_str()], "no SNAT: {r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["10.96.0.10:53"],
+        "{r:?}"
+    );
+
+    let r = c.tcp(From::Pod("client"), "[fd00:96::10]:80", 10);
+    assert_eq!(r.successes(), 10, "{r:?}");
+    assert_eq!(r.single(), "b 8080", "{r:?}");
+    assert_eq!(r.sources(), [client.ip6.as_str()], "no SNAT: {r:?}");
+}
+
+/// A NodePort Service with externalTrafficPolicy Cluster answers on every node and
+/// balances over the endpoints of all nodes; the forwarding node masquerades, so
+/// every backend sees that node's address, and the replies find their way back.
+fn nodeport_cluster_policy_via_any_node(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "np.yaml",
+        &docs(&[
+            Service::new("np")
+                .cluster_ip("10.96.0.20")
+                .spec("type: NodePort")
+                .port(port("http", "TCP", 80).node_port(30080))
+                .yaml(),
+            slice("np-1", "np", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.start_agents();
+    for n in 0..2 {
+        let via = node_ip(n);
+        let r = c.tcp(From::External, &addr(&via, 30080), 40);
+        assert_eq!(r.successes(), 40, "via node-{n}: {r:?}");
+        assert_eq!(
+            r.pods(),
+            ["a", "b"],
+            "via node-{n}: endpoints on both nodes: {r:?}"
+        );
+        assert_eq!(
+            r.sources(),
+            [via.as_str()],
+            "via node-{n}: SNAT to the forwarding node: {r:?}"
+        );
+        assert_eq!(
+            r.peers.keys().cloned().collect::<Vec<_>>(),
+            [addr(&via, 30080)],
+            "{r:?}"
+        );
+    }
+}
+
+/// externalTrafficPolicy Local: a node only sends external traffic to its own
+/// endpoints, without SNAT (the backend sees the client); a node without one drops
+/// it (a timeout, not a refusal, so the load balancer's retry goes elsewhere), and
+/// the healthCheckNodePort tells load balancers which nodes have local endpoints.
+fn nodeport_local_policy_keeps_the_client_ip(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"], &[]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.30")
+                .spec("type: LoadBalancer")
+                .spec("externalTrafficPolicy: Local")
+                .spec("healthCheckNodePort: 32030")
+                .port(port("http", "TCP", 80).node_port(30030))
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.start_agents();
+    for (n, local) in [(0, "a 8080"), (1, "b 8080")] {
+        let r = c.tcp(From::External, &addr(&node_ip(n), 30030), 20);
+        assert_eq!(r.successes(), 20, "via node-{n}: {r:?}");
+        assert_eq!(
+            r.single(),
+            local,
+            "via node-{n}: only the local endpoint: {r:?}"
+        );
+        assert_eq!(
+            r.sources(),
+            [EXT_IP],
+            "via node-{n}: the client's own IP: {r:?}"
+        );
+    }
+    let r = c.tcp_with(
+        From::External,
+        &addr(&node_ip(2), 30030),
+        2,
+        DROP_TIMEOUT_MS,
+    );
+    assert_eq!(r.successes(), 0, "via node-2 (no local endpoint): {r:?}");
+    assert_eq!(
+        r.error("timeout"),
+        2,
+        "via node-2: dropped (timed out), not refused: {r:?}"
+    );
+
+    for (n, want_code, want_local) in [(0, 200, 1), (1, 200, 1), (2, 503, 0)] {
+        let probe = addr(&node_ip(n), 32030).parse().expect("address");
+        let (code, response) = c
+            .http_get_external(probe, "/healthz")
+            .unwrap_or_else(|| panic!("node-{n}: the health check must answer"));
+        assert_eq!(code, want_code, "node-{n}: {response}");
+        assert!(
+            response.contains(&format!("\"localEndpoints\":{want_local}")),
+            "node-{n}: {response}"
+        );
+    }
+}
+
+/// A Service's externalIPs and its load balancer's ingress IPs
+/// (`status.loadBalancer.ingress`) answer on the service port at whichever node the
+/// network routes them to (here ext routes each IP to one node, as a router or a
+/// cloud load balancer would); with externalTrafficPolicy Cluster they balance over
+/// the endpoints of all nodes, masqueraded to the node that took the packet.
+fn external_and_load_balancer_ips_from_outside(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.40")
+                .spec("type: LoadBalancer")
+                .spec("externalIPs: [203.0.113.10]")
+                .port(port("http", "TCP", 80).node_port(30040))
+                .status("loadBalancer: {ingress: [{ip: 203.0.113.20}]}")
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.ext_ip_batch(&[
+        format!("route add 203.0.113.10/32 via {}", node_ip(0)),
+        format!("route add 203.0.113.20/32 via {}", node_ip(1)),
+    ]);
+    c.start_agents();
+    for (ip, via) in [("203.0.113.10", node_ip(0)), ("203.0.113.20", node_ip(1))] {
+        let r = c.tcp(From::External, &addr(ip, 80), 40);
+        assert_eq!(r.successes(), 40, "{ip}: {r:?}");
+        assert_eq!(r.pods(), ["a", "b"], "{ip}: endpoints on both nodes: {r:?}");
+        assert_eq!(
+            r.sources(),
+            [via.as_str()],
+            "{ip}: SNAT to the node it reached: {r:?}"
+        );
+        assert_eq!(
+            r.peers.keys().cloned().collect::<Vec<_>>(),
+            [addr(ip, 80)],
+            "{ip}: replies come from the IP the client dialled: {r:?}"
+        );
+    }
+}
+
+/// loadBalancerSourceRanges: traffic to the load balancer IP is accepted only from
+/// the listed client CIDRs and dropped from anywhere else.
+fn load_balancer_source_ranges_allow_and_deny(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    let lb = |name: &str, cluster_ip: &str, lb_ip: &str, node_port: u16, range: &str| {
+        docs(&[
+            Service::new(name)
+                .cluster_ip(cluster_ip)
+                .spec("type: LoadBalancer")
+                .spec(&format!("loadBalancerSourceRanges: [{range}]"))
+                .port(port("http", "TCP", 80).node_port(node_port))
+                .status(&format!("loadBalancer: {{ingress: [{{ip: {lb_ip}}}]}}"))
+                .yaml(),
+            slice(
+                &format!("{name}-1"),
+                name,
+                "IPv4",
+                &ports,
+                &[c.ep("a"), c.ep("b")],
+            ),
+        ])
+    };
+    c.write_manifest(
+        "allowed.yaml",
+        &lb(
+            "allowed",
+            "10.96.0.51",
+            "203.0.113.51",
+            30051,
+            &format!("{EXT_IP}/32"),
+        ),
+    );
+    c.write_manifest(
+        "denied.yaml",
+        &lb(
+            "denied",
+            "10.96.0.52",
+            "203.0.113.52",
+            30052,
+            "192.0.2.0/24",
+        ),
+    );
+    c.ext_ip_batch(&[
+        format!("route add 203.0.113.51/32 via {}", node_ip(0)),
+        format!("route add 203.0.113.52/32 via {}", node_ip(0)),
+    ]);
+    c.start_agents();
+    let r = c.tcp(From::External, "203.0.113.51:80", 20);
+    assert_eq!(
+        r.successes(),
+        20,
+        "the client is in the allowed range: {r:?}"
+    );
+    assert_eq!(r.pods(), ["a", "b"], "{r:?}");
+    let r = c.tcp_with(From::External, "203.0.113.52:80", 2, DROP_TIMEOUT_MS);
+    assert_eq!(
+        r.successes(),
+        0,
+        "the client is outside the allowed range: {r:?}"
+    );
+    assert_eq!(r.error("timeout"), 2, "dropped, not refused: {r:?}");
+}
+
+/// internalTrafficPolicy Local: a pod only reaches the endpoints on its own node;
+/// on a node without one, the connection is dropped (not refused: endpoints exist,
+/// just not here).
+fn internal_traffic_policy_local_stays_on_the_node(mode: Mode) {
+    let mut c = MultiNode::new(
+        mode,
+        &[&["a", "client-0"], &["b", "client-1"], &["client-2"]],
+    );
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "loc.yaml",
+        &docs(&[
+            Service::new("loc")
+                .cluster_ip("10.96.0.60")
+                .spec("internalTrafficPolicy: Local")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("loc-1", "loc", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.start_agents();
+    for (client, local) in [("client-0", "a 8080"), ("client-1", "b 8080")] {
+        let r = c.tcp(From::Pod(client), "10.96.0.60:80", 20);
+        assert_eq!(r.successes(), 20, "{client}: {r:?}");
+        assert_eq!(
+            r.single(),
+            local,
+            "{client}: only its node's endpoint: {r:?}"
+        );
+        assert_eq!(r.sources(), [c.pod(client).ip.as_str()], "{client}: {r:?}");
+    }
+    let r = c.tcp_with(From::Pod("client-2"), "10.96.0.60:80", 2, DROP_TIMEOUT_MS);
+    assert_eq!(r.successes(), 0, "client-2 (no local endpoint): {r:?}");
+    assert_eq!(r.error("refused"), 0, "dropped, not refused: {r:?}");
+}
+
+/// A pod dialling the load balancer IP of an externalTrafficPolicy Local Service is
+/// not external traffic: kube-proxy short-circuits it to all the Service's
+/// endpoints, so it works from a node with no local endpoint, where the same
+/// Service's NodePort drops external clients.
+fn load_balancer_ip_from_a_pod_uses_every_endpoint(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"], &["client"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.70")
+                .spec("type: LoadBalancer")
+                .spec("externalTrafficPolicy: Local")
+                .spec("healthCheckNodePort: 32070")
+                .port(port("http", "TCP", 80).node_port(30070))
+                .status("loadBalancer: {ingress: [{ip: 203.0.113.70}]}")
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.ext_ip_batch(&[format!("route add 203.0.113.70/32 via {}", node_ip(0))]);
+    c.start_agents();
+    let r = c.tcp(From::Pod("client"), "203.0.113.70:80", 30);
+    assert_eq!(r.successes(), 30, "{r:?}");
+    assert_eq!(
+        r.pods(),
+        ["a", "b"],
+        "every endpoint, though none is local: {r:?}"
+    );
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["203.0.113.70:80"],
+        "{r:?}"
+    );
+    // From outside, the node the load balancer IP is routed to answers with its
+    // local endpoint only, and keeps the client's address.
+    let r = c.tcp(From::External, "203.0.113.70:80", 10);
+    assert_eq!(r.single(), "a 8080", "{r:?}");
+    assert_eq!(r.sources(), [EXT_IP], "{r:?}");
+}
+
+/// Generates one `#[test]` per scenario and data plane: `iptables::name` and
+/// `ebpf::name`.
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ferry_tests::Mode::Iptables);
+                }
+            )*
+        }
+        mod ebpf {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ferry_tests::Mode::Ebpf);
+                }
+            )*
+        }
+    };
+}
+
+scenarios!(
+    clusterip_to_an_endpoint_on_another_node,
+    nodeport_cluster_policy_via_any_node,
+    nodeport_local_policy_keeps_the_client_ip,
+    external_and_load_balancer_ips_from_outside,
+    load_balancer_source_ranges_allow_and_deny,
+    internal_traffic_policy_local_stays_on_the_node,
+    load_balancer_ip_from_a_pod_uses_every_endpoint,
+);
