@@ -215,6 +215,59 @@ fn nodeport_follows_a_new_node_address(mode: Mode) {
     });
 }
 
+/// kube-proxy's `--detect-local-mode InterfaceNamePrefix`: pod traffic is recognised
+/// by the interface it enters through (the test node's pod veths are `v0`, `v1`...),
+/// so a ClusterIP connection from a pod keeps its source even though `--cluster-cidr`
+/// does not cover the pods; with `ClusterCIDR` detection the same connection is
+/// masqueraded in iptables mode (eBPF balances at the socket and never NATs it).
+fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "client"]);
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.30")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &[port("http", "TCP", 8080)],
+                &[ep(&c.pod("a").ip)],
+            ),
+        ]),
+    );
+    let client = c.pod("client").ip.clone();
+    let mut run = |detect: &[&str]| {
+        let mut args = c.agent_args();
+        let at = args
+            .iter()
+            .position(|a| a == "--cluster-cidr")
+            .expect("cluster cidr flag");
+        args[at + 1] = "10.99.0.0/16".into();
+        args.extend(detect.iter().map(|s| s.to_string()));
+        c.spawn_agent_raw(&args);
+        c.wait_healthy();
+        let r = c.tcp(From::Pod("client"), "10.96.0.30:80", 5);
+        c.kill_agent();
+        r
+    };
+    let by_interface = run(&[
+        "--detect-local-mode",
+        "InterfaceNamePrefix",
+        "--pod-interface-name-prefix",
+        "v",
+    ]);
+    assert_eq!(by_interface.sources(), [client.clone()], "{by_interface:?}");
+    let by_cidr = run(&[]);
+    let expected = match mode {
+        Mode::Iptables => ferry_tests::cluster::NODE_IP.to_owned(),
+        Mode::Ebpf => client,
+    };
+    assert_eq!(by_cidr.sources(), [expected], "{by_cidr:?}");
+}
+
 fn tcp_peer_is_the_cluster_ip(mode: Mode) {
     let c = web_cluster(mode);
     let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 5);
@@ -999,6 +1052,7 @@ scenarios!(
     udp_flow_moves_after_a_restart_that_missed_the_change,
     nodeport_from_external_client,
     nodeport_follows_a_new_node_address,
+    detect_local_by_interface_prefix_keeps_pod_sources,
     no_endpoints_refuses_immediately,
     endpoint_and_port_changes_take_effect,
     deleting_a_service_stops_it,
