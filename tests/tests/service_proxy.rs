@@ -259,7 +259,11 @@ fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
         "--pod-interface-name-prefix",
         "v",
     ]);
-    assert_eq!(by_interface.sources(), [client.clone()], "{by_interface:?}");
+    assert_eq!(
+        by_interface.sources(),
+        std::slice::from_ref(&client),
+        "{by_interface:?}"
+    );
     let by_cidr = run(&[]);
     let expected = match mode {
         Mode::Iptables => ferry_tests::cluster::NODE_IP.to_owned(),
