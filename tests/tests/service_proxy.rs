@@ -272,6 +272,41 @@ fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
     assert_eq!(by_cidr.sources(), [expected], "{by_cidr:?}");
 }
 
+/// loadBalancerSourceRanges apply to pods too (kube-proxy's firewall chain sees all
+/// traffic to the load balancer IP): a pod inside the ranges reaches the service, a
+/// pod outside them does not, in every mode.
+fn load_balancer_source_ranges_apply_to_pods(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "inside", "outside"]);
+    let inside = c.pod("inside").ip.clone();
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.60")
+                .spec("type: LoadBalancer")
+                .spec(&format!("loadBalancerSourceRanges: [{inside}/32]"))
+                .port(port("http", "TCP", 80).node_port(30060))
+                .status("loadBalancer: {ingress: [{ip: 203.0.113.60}]}")
+                .yaml(),
+            slice(
+                "lb-1",
+                "lb",
+                "IPv4",
+                &[port("http", "TCP", 8080)],
+                &[ep(&c.pod("a").ip)],
+            ),
+        ]),
+    );
+    c.start_agent();
+    let r = c.tcp(From::Pod("inside"), "203.0.113.60:80", 5);
+    assert_eq!(r.pods(), ["a"], "inside the ranges: {r:?}");
+    let r = c.tcp_with(From::Pod("outside"), "203.0.113.60:80", 2, 500, 0);
+    assert_eq!(r.successes(), 0, "outside the ranges: {r:?}");
+    // The ClusterIP is not subject to the ranges.
+    let r = c.tcp(From::Pod("outside"), "10.96.0.60:80", 2);
+    assert_eq!(r.pods(), ["a"], "{r:?}");
+}
+
 fn tcp_peer_is_the_cluster_ip(mode: Mode) {
     let c = web_cluster(mode);
     let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 5);
@@ -1057,6 +1092,7 @@ scenarios!(
     nodeport_from_external_client,
     nodeport_follows_a_new_node_address,
     detect_local_by_interface_prefix_keeps_pod_sources,
+    load_balancer_source_ranges_apply_to_pods,
     no_endpoints_refuses_immediately,
     endpoint_and_port_changes_take_effect,
     deleting_a_service_stops_it,

@@ -89,6 +89,13 @@ impl ServicePortPlan {
         self.traffic(false)
     }
 
+    /// Whether loadBalancerSourceRanges restrict who may use the load-balancer IPs:
+    /// then every packet's source must be checked, for traffic from pods too
+    /// (kube-proxy's firewall chain sees all traffic to those IPs).
+    pub fn load_balancer_ips_restricted(&self) -> bool {
+        !self.load_balancer_source_ranges.is_empty()
+    }
+
     /// The endpoint set ClusterIP traffic uses.
     pub fn internal_endpoint_set(&self) -> EndpointSet {
         Self::set_of(self.internal_policy_local)

@@ -100,7 +100,15 @@ pub fn frontends(plan: &ServicePortPlan) -> Vec<DesiredFrontend> {
         backends: internal_backends,
     });
     let (external, external_backends) = action(plan.external_from_inside());
-    for &ip in plan.external_ips.iter().chain(&plan.load_balancer_ips) {
+    // A socket hook cannot see the source address a connection will use, so
+    // load-balancer IPs with source ranges are left to the external rules, which
+    // check every packet's source (pods' packets reach them as they leave the pod).
+    let load_balancer_ips: &[IpAddr] = if plan.load_balancer_ips_restricted() {
+        &[]
+    } else {
+        &plan.load_balancer_ips
+    };
+    for &ip in plan.external_ips.iter().chain(load_balancer_ips) {
         out.push(DesiredFrontend {
             key: frontend_key(ip, plan.port, protocol),
             flags: external | affinity_flag,
@@ -130,6 +138,18 @@ mod tests {
         plan.affinity_timeout_seconds = Some(30);
         plan.internal_policy_local = true;
         plan
+    }
+
+    #[test]
+    fn load_balancer_ips_with_source_ranges_are_left_to_the_external_rules() {
+        let mut p = plan();
+        p.load_balancer_ips = vec!["203.0.113.1".parse().unwrap()];
+        let lb_key = frontend_key("203.0.113.1".parse().unwrap(), 80, 6);
+        assert!(frontends(&p).iter().any(|f| f.key == lb_key));
+        p.load_balancer_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        let restricted = frontends(&p);
+        assert!(!restricted.iter().any(|f| f.key == lb_key));
+        assert_eq!(restricted.len(), 2, "ClusterIP and externalIP stay");
     }
 
     #[test]
