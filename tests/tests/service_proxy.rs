@@ -219,7 +219,8 @@ fn nodeport_follows_a_new_node_address(mode: Mode) {
 /// by the interface it enters through (the test node's pod veths are `v0`, `v1`...),
 /// so a ClusterIP connection from a pod keeps its source even though `--cluster-cidr`
 /// does not cover the pods; with `ClusterCIDR` detection the same connection is
-/// masqueraded in iptables mode (eBPF balances at the socket and never NATs it).
+/// masqueraded in iptables mode, as with `--masquerade-all` (eBPF balances at the
+/// socket and never NATs it).
 fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
     let mut c = Cluster::new(mode, &["a", "client"]);
     c.write_manifest(
@@ -269,7 +270,16 @@ fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
         Mode::Iptables => ferry_tests::cluster::NODE_IP.to_owned(),
         Mode::Ebpf => client,
     };
-    assert_eq!(by_cidr.sources(), [expected], "{by_cidr:?}");
+    assert_eq!(by_cidr.sources(), [expected.clone()], "{by_cidr:?}");
+    // --masquerade-all masquerades pod traffic whatever the detection says.
+    let all = run(&[
+        "--detect-local-mode",
+        "InterfaceNamePrefix",
+        "--pod-interface-name-prefix",
+        "v",
+        "--masquerade-all",
+    ]);
+    assert_eq!(all.sources(), [expected], "{all:?}");
 }
 
 /// loadBalancerSourceRanges apply to pods too (kube-proxy's firewall chain sees all
