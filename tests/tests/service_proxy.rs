@@ -270,7 +270,11 @@ fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
         Mode::Iptables => ferry_tests::cluster::NODE_IP.to_owned(),
         Mode::Ebpf => client,
     };
-    assert_eq!(by_cidr.sources(), [expected.clone()], "{by_cidr:?}");
+    assert_eq!(
+        by_cidr.sources(),
+        std::slice::from_ref(&expected),
+        "{by_cidr:?}"
+    );
     // --masquerade-all masquerades pod traffic whatever the detection says.
     let all = run(&[
         "--detect-local-mode",
