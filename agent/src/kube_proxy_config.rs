@@ -18,23 +18,27 @@ pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 /// Why a configuration file cannot be used.
 #[derive(Debug, Error)]
 pub enum ConfigFileError {
+    /// The file could not be read.
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The file is not YAML of the expected shape.
     #[error("{path} is not a KubeProxyConfiguration")]
     Parse {
         path: PathBuf,
         #[source]
         source: serde_yaml::Error,
     },
+    /// A value (or the kind/apiVersion) is not one Ferry can use.
     #[error("{path}: {what}")]
     Value { path: PathBuf, what: String },
 }
 
-/// The file's fields Ferry reads; the rest land in `unknown` (and are warned about).
+/// The file's fields Ferry reads, named as kube-proxy's v1alpha1 types name them
+/// (`None` when absent or null); the rest land in `unknown` (and are warned about).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct KubeProxyConfiguration {
