@@ -201,6 +201,13 @@ fn service_ports(spec: &ServiceSpec) -> Result<Vec<ServicePortSpec>, ValidationE
             let reason = format!("duplicate port name {name:?} for {protocol}");
             return Err(ValidationError::invalid(field, reason));
         }
+        if ports
+            .iter()
+            .any(|p| p.port == number && p.protocol == protocol)
+        {
+            let reason = format!("duplicate port {number}/{protocol}");
+            return Err(ValidationError::invalid(field, reason));
+        }
         ports.push(ServicePortSpec {
             name,
             protocol,
@@ -231,7 +238,8 @@ fn load_balancer_ips(svc: &Service) -> Result<Vec<IpAddr>, ValidationError> {
             continue;
         }
         if let Some(ip) = &ing.ip {
-            ips.push(parse_ip(ip).at(format!("status.loadBalancer.ingress[{i}].ip"))?);
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            ips.push(parse_ip(ip).and_then(non_special).at(field)?);
         }
     }
     Ok(ips)
@@ -325,8 +333,36 @@ fn parse_ips<'a>(
 ) -> Result<Vec<IpAddr>, ValidationError> {
     values
         .into_iter()
-        .map(|v| parse_ip(v.as_ref()).at(field))
+        .map(|v| parse_ip(v.as_ref()).and_then(non_special).at(field))
         .collect()
+}
+
+/// Refuses the addresses the API server refuses for services (its
+/// `ValidateNonSpecialIP`): unspecified, loopback, link-local and multicast ones. As a
+/// frontend they would capture the node's own traffic (127.0.0.1, 169.254.169.254...).
+fn non_special(ip: IpAddr) -> Result<IpAddr, String> {
+    let special = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if special {
+        Err(format!(
+            "{ip} is an unspecified, loopback, link-local or multicast address"
+        ))
+    } else {
+        Ok(ip)
+    }
 }
 
 /// Parses an IP address as Kubernetes writes it (no zone, no surrounding spaces).
@@ -503,6 +539,30 @@ status:
             (
                 "metadata: {name: a}\nspec: {ports: [{port: 1}, {port: 2, name: a}]}",
                 "every port",
+            ),
+            (
+                "metadata: {name: a}\nspec: {ports: [{port: 53, name: a}, {port: 53, name: b}]}",
+                "duplicate port 53/TCP",
+            ),
+            (
+                "metadata: {name: a}\nspec: {clusterIP: 127.0.0.1}",
+                "loopback",
+            ),
+            (
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, externalIPs: [169.254.169.254]}",
+                "spec.externalIPs",
+            ),
+            (
+                "metadata: {name: a}\nspec: {clusterIP: 10.0.0.1, externalIPs: [224.0.0.1]}",
+                "multicast",
+            ),
+            (
+                "metadata: {name: a}\nspec: {type: LoadBalancer, clusterIP: 10.0.0.1}\nstatus: {loadBalancer: {ingress: [{ip: 0.0.0.0}]}}",
+                "status.loadBalancer.ingress[0].ip",
+            ),
+            (
+                "metadata: {name: a}\nspec: {clusterIPs: [10.0.0.1, \"fe80::1\"]}",
+                "link-local",
             ),
             ("metadata: {name: a}\nspec: {type: Weird}", "spec.type"),
             (
