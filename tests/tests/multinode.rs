@@ -4,13 +4,38 @@
 //! it mirrors and runs against each data plane; it asserts what a client sees: which
 //! backend answered, and the source address that backend saw.
 
-use ferry_tests::Mode;
+use std::time::Duration;
+
 use ferry_tests::manifests::{Service, docs, port, slice};
 use ferry_tests::multinode::{EXT_IP, From, MultiNode, addr, node_ip};
+use ferry_tests::{Mode, Report};
 
 /// Connect timeout for attempts that must not get through: long enough that a slow
 /// answer is not taken for a drop.
 const DROP_TIMEOUT_MS: u64 = 1500;
+
+/// How long an agent may take to apply a manifest change.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// `count` TCP connections from `from` to `to`, repeated until exactly the pods
+/// `want` answered every one (or [`SETTLE`] passes); the last report.
+fn tcp_until_pods(c: &MultiNode, from: From<'_>, to: &str, count: u32, want: &[&str]) -> Report {
+    c.settle(
+        SETTLE,
+        || c.tcp(from, to, count),
+        |r| r.successes() == count && r.pods() == want,
+    )
+}
+
+/// Attempts from `from` to `to` until none gets through and every one fails with
+/// `error` (`timeout` for a drop, `refused` for a reject); the last report.
+fn tcp_until_error(c: &MultiNode, from: From<'_>, to: &str, error: &str) -> Report {
+    c.settle(
+        SETTLE,
+        || c.tcp_with(from, to, 2, DROP_TIMEOUT_MS),
+        |r| r.successes() == 0 && r.error(error) == 2,
+    )
+}
 
 /// A pod on node-0 reaches a backend on node-1 through the ClusterIP, over the
 /// underlay; pod-to-pod traffic is not masqueraded (the source is in the cluster
@@ -348,6 +373,225 @@ fn load_balancer_ip_from_a_pod_uses_every_endpoint(mode: Mode) {
     assert_eq!(r.sources(), [EXT_IP], "{r:?}");
 }
 
+/// Topology Aware Routing: kube-proxy narrows a Service's cluster-wide endpoints to
+/// those whose `hints.forZones` name the node's zone, and with PreferSameNode
+/// (`hints.forNodes`) to those hinted for the node itself; hints are used only when
+/// every ready endpoint has them and at least one names this node (or zone),
+/// otherwise they are ignored entirely (upstream `pkg/proxy/topology.go`,
+/// `topologyModeFromHints`). Nodes 0 and 1 share zone-a, node 2 is in zone-b.
+fn topology_hints_for_zones_and_nodes(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a0", "c0"], &["a1", "c1"], &["b2", "c2"]]);
+    c.set_zones(&["zone-a", "zone-a", "zone-b"]);
+    let ports = [port("http", "TCP", 8080)];
+    let write = |c: &MultiNode, eps: &[ferry_tests::manifests::Endpoint]| {
+        c.write_manifest(
+            "topo.yaml",
+            &docs(&[
+                Service::new("topo")
+                    .cluster_ip("10.96.0.80")
+                    .spec("trafficDistribution: PreferClose")
+                    .port(port("http", "TCP", 80))
+                    .yaml(),
+                slice("topo-1", "topo", "IPv4", &ports, eps),
+            ]),
+        );
+    };
+    let vip = "10.96.0.80:80";
+    let check = |c: &MultiNode, phase: &str, want: [(&str, &[&str]); 3]| {
+        for (client, pods) in want {
+            let r = tcp_until_pods(c, From::Pod(client), vip, 30, pods);
+            assert_eq!(r.successes(), 30, "{phase}: {client}: {r:?}");
+            assert_eq!(r.pods(), pods, "{phase}: {client}: {r:?}");
+            assert_eq!(
+                r.sources(),
+                [c.pod(client).ip.as_str()],
+                "{phase}: {client}: {r:?}"
+            );
+        }
+    };
+
+    // Zone hints as the EndpointSlice controller allocates them: each zone gets
+    // the endpoints hinted for it, wherever they run.
+    write(
+        &c,
+        &[
+            c.ep("a0").for_zones(&["zone-a"]),
+            c.ep("a1").for_zones(&["zone-a"]),
+            c.ep("b2").for_zones(&["zone-b"]),
+        ],
+    );
+    c.start_agents();
+    check(
+        &c,
+        "zone hints",
+        [
+            ("c0", &["a0", "a1"]),
+            ("c1", &["a0", "a1"]),
+            ("c2", &["b2"]),
+        ],
+    );
+
+    // One ready endpoint without hints: every node ignores hints.
+    write(
+        &c,
+        &[
+            c.ep("a0").for_zones(&["zone-a"]),
+            c.ep("a1").for_zones(&["zone-a"]),
+            c.ep("b2"),
+        ],
+    );
+    let all: &[&str] = &["a0", "a1", "b2"];
+    check(
+        &c,
+        "one endpoint without hints",
+        [("c0", all), ("c1", all), ("c2", all)],
+    );
+
+    // Every endpoint hinted, none for zone-b: zone-b's node ignores hints, zone-a's
+    // nodes still use them.
+    write(
+        &c,
+        &[
+            c.ep("a0").for_zones(&["zone-a"]),
+            c.ep("a1").for_zones(&["zone-a"]),
+            c.ep("b2").for_zones(&["zone-c"]),
+        ],
+    );
+    check(
+        &c,
+        "no endpoint hinted for zone-b",
+        [("c0", &["a0", "a1"]), ("c1", &["a0", "a1"]), ("c2", all)],
+    );
+
+    // PreferSameNode: node hints (with zone hints beside them, as the controller
+    // writes both) win over zone hints.
+    write(
+        &c,
+        &[
+            c.ep("a0").for_zones(&["zone-a"]).for_nodes(&["node-0"]),
+            c.ep("a1").for_zones(&["zone-a"]).for_nodes(&["node-1"]),
+            c.ep("b2").for_zones(&["zone-b"]).for_nodes(&["node-2"]),
+        ],
+    );
+    check(
+        &c,
+        "node hints",
+        [("c0", &["a0"]), ("c1", &["a1"]), ("c2", &["b2"])],
+    );
+
+    // No endpoint hinted for node-1: that node falls back to the zone hints (not to
+    // every endpoint: b2 is hinted for zone-b only).
+    write(
+        &c,
+        &[
+            c.ep("a0").for_zones(&["zone-a"]).for_nodes(&["node-0"]),
+            c.ep("a1").for_zones(&["zone-a"]).for_nodes(&["node-0"]),
+            c.ep("b2").for_zones(&["zone-b"]).for_nodes(&["node-2"]),
+        ],
+    );
+    check(
+        &c,
+        "no endpoint hinted for node-1",
+        [
+            ("c0", &["a0", "a1"]),
+            ("c1", &["a0", "a1"]),
+            ("c2", &["b2"]),
+        ],
+    );
+}
+
+/// ProxyTerminatingEndpoints (KEP-1669): endpoints that are terminating but still
+/// serving (`ready: false, serving: true, terminating: true`) get no traffic while a
+/// ready endpoint exists, and get it when only they remain, for Cluster policy and,
+/// per node, for externalTrafficPolicy Local (upstream `CategorizeEndpoints` in
+/// `pkg/proxy/topology.go`). A terminating endpoint that no longer serves never gets
+/// traffic: a Service with nothing else rejects connections, and a Local NodePort on
+/// a node without a usable endpoint drops them while other nodes have one.
+///
+/// node-0 runs the ready endpoint `r` and the client, node-1 the serving-terminating
+/// `t`, node-2 the terminating, not serving `n`.
+fn terminating_endpoints_are_used_only_as_a_fallback(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["r", "client"], &["t"], &["n"]]);
+    let ports = [port("http", "TCP", 8080)];
+    let write = |c: &MultiNode, eps: &[ferry_tests::manifests::Endpoint]| {
+        c.write_manifest(
+            "term.yaml",
+            &docs(&[
+                Service::new("term")
+                    .cluster_ip("10.96.0.81")
+                    .spec("type: NodePort")
+                    .spec("externalTrafficPolicy: Local")
+                    .port(port("http", "TCP", 80).node_port(30081))
+                    .yaml(),
+                slice("term-1", "term", "IPv4", &ports, eps),
+            ]),
+        );
+    };
+    let vip = "10.96.0.81:80";
+    let via = |n: usize| addr(&node_ip(n), 30081);
+    let t = c.ep("t").conditions(false, true, true);
+    let n = c.ep("n").conditions(false, false, true);
+
+    write(&c, &[c.ep("r"), t.clone(), n.clone()]);
+    c.start_agents();
+    let r = tcp_until_pods(&c, From::Pod("client"), vip, 20, &["r"]);
+    assert_eq!(r.pods(), ["r"], "a ready endpoint exists: only it: {r:?}");
+    assert_eq!(r.successes(), 20, "{r:?}");
+    // Local policy falls back per node: node-1 has no ready local endpoint but a
+    // serving-terminating one, so it uses it although `r` is ready elsewhere.
+    let r = tcp_until_pods(&c, From::External, &via(1), 10, &["t"]);
+    assert_eq!(
+        r.pods(),
+        ["t"],
+        "via node-1: its serving-terminating endpoint: {r:?}"
+    );
+    assert_eq!(r.sources(), [EXT_IP], "via node-1: no SNAT (Local): {r:?}");
+    let r = tcp_until_pods(&c, From::External, &via(0), 10, &["r"]);
+    assert_eq!(r.pods(), ["r"], "via node-0: its ready endpoint: {r:?}");
+    let r = tcp_until_error(&c, From::External, &via(2), "timeout");
+    assert_eq!(r.successes(), 0, "via node-2: `n` does not serve: {r:?}");
+    assert_eq!(
+        r.error("timeout"),
+        2,
+        "via node-2: dropped, not refused: {r:?}"
+    );
+
+    // Only terminating endpoints left: the serving one takes the traffic.
+    write(&c, &[t.clone(), n.clone()]);
+    let r = tcp_until_pods(&c, From::Pod("client"), vip, 20, &["t"]);
+    assert_eq!(r.pods(), ["t"], "Cluster policy falls back to `t`: {r:?}");
+    assert_eq!(r.successes(), 20, "{r:?}");
+    assert_eq!(r.sources(), [c.pod("client").ip.as_str()], "{r:?}");
+    let r = tcp_until_pods(&c, From::External, &via(1), 10, &["t"]);
+    assert_eq!(r.pods(), ["t"], "via node-1: {r:?}");
+    assert_eq!(r.sources(), [EXT_IP], "via node-1: {r:?}");
+    for n in [0, 2] {
+        let r = tcp_until_error(&c, From::External, &via(n), "timeout");
+        assert_eq!(
+            r.successes(),
+            0,
+            "via node-{n}: no usable local endpoint: {r:?}"
+        );
+        assert_eq!(r.error("timeout"), 2, "via node-{n}: dropped: {r:?}");
+    }
+
+    // Only the endpoint that no longer serves: the Service has no usable endpoint
+    // anywhere, so it rejects, from a pod and at every node's NodePort.
+    write(&c, &[n]);
+    let r = tcp_until_error(&c, From::Pod("client"), vip, "refused");
+    assert_eq!(r.successes(), 0, "`n` does not serve: {r:?}");
+    assert_eq!(r.error("refused"), 2, "no endpoints: refused: {r:?}");
+    for n in 0..3 {
+        let r = tcp_until_error(&c, From::External, &via(n), "refused");
+        assert_eq!(r.successes(), 0, "via node-{n}: {r:?}");
+        assert_eq!(
+            r.error("refused"),
+            2,
+            "via node-{n}: no endpoints: refused: {r:?}"
+        );
+    }
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -379,4 +623,6 @@ scenarios!(
     load_balancer_source_ranges_allow_and_deny,
     internal_traffic_policy_local_stays_on_the_node,
     load_balancer_ip_from_a_pod_uses_every_endpoint,
+    topology_hints_for_zones_and_nodes,
+    terminating_endpoints_are_used_only_as_a_fallback,
 );
