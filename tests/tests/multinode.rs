@@ -592,6 +592,60 @@ fn terminating_endpoints_are_used_only_as_a_fallback(mode: Mode) {
     }
 }
 
+/// An endpoint moves from node-0 to node-1 (its pod on node-0 replaced by one on
+/// node-1): with externalTrafficPolicy Local, external traffic follows it. node-1
+/// starts answering with its new local endpoint (keeping the client's address), and
+/// node-0 drops while the old pod is still up and reachable, so no stale rule is
+/// left; the health check moves with it.
+fn endpoint_moving_between_nodes(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    let write = |c: &MultiNode, ep: ferry_tests::manifests::Endpoint| {
+        c.write_manifest(
+            "mv.yaml",
+            &docs(&[
+                Service::new("mv")
+                    .cluster_ip("10.96.0.82")
+                    .spec("type: LoadBalancer")
+                    .spec("externalTrafficPolicy: Local")
+                    .spec("healthCheckNodePort: 32082")
+                    .port(port("http", "TCP", 80).node_port(30082))
+                    .yaml(),
+                slice("mv-1", "mv", "IPv4", &ports, &[ep]),
+            ]),
+        );
+    };
+    let via = |n: usize| addr(&node_ip(n), 30082);
+    let health = |c: &MultiNode, n: usize| {
+        let probe = addr(&node_ip(n), 32082).parse().expect("address");
+        c.http_get_external(probe, "/healthz").map(|(code, _)| code)
+    };
+
+    write(&c, c.ep("a"));
+    c.start_agents();
+    let r = tcp_until_pods(&c, From::External, &via(0), 10, &["a"]);
+    assert_eq!(r.pods(), ["a"], "before the move, via node-0: {r:?}");
+    assert_eq!(r.sources(), [EXT_IP], "{r:?}");
+    let r = tcp_until_error(&c, From::External, &via(1), "timeout");
+    assert_eq!(r.error("timeout"), 2, "before the move, via node-1: {r:?}");
+
+    write(&c, c.ep("b"));
+    let r = tcp_until_pods(&c, From::External, &via(1), 10, &["b"]);
+    assert_eq!(r.successes(), 10, "after the move, via node-1: {r:?}");
+    assert_eq!(r.pods(), ["b"], "after the move, via node-1: {r:?}");
+    assert_eq!(r.sources(), [EXT_IP], "after the move, via node-1: {r:?}");
+    let r = tcp_until_error(&c, From::External, &via(0), "timeout");
+    assert_eq!(r.successes(), 0, "after the move, via node-0: {r:?}");
+    assert_eq!(
+        r.error("timeout"),
+        2,
+        "after the move, via node-0: dropped: {r:?}"
+    );
+    c.wait_for("the health check to follow", SETTLE, || {
+        health(&c, 0) == Some(503) && health(&c, 1) == Some(200)
+    });
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -625,4 +679,5 @@ scenarios!(
     load_balancer_ip_from_a_pod_uses_every_endpoint,
     topology_hints_for_zones_and_nodes,
     terminating_endpoints_are_used_only_as_a_fallback,
+    endpoint_moving_between_nodes,
 );
