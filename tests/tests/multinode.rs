@@ -646,6 +646,48 @@ fn endpoint_moving_between_nodes(mode: Mode) {
     });
 }
 
+/// One Service port number over two protocols with different target ports
+/// (53/TCP -> 5353, 53/UDP -> 5354, as a DNS server's Service often has): each
+/// protocol reaches its own target, from a pod on another node. The backend also
+/// serves UDP on 5353, so a UDP packet sent to the TCP port's target would be
+/// answered and seen.
+fn same_port_over_tcp_and_udp_with_different_targets(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["client"], &["b"]]);
+    c.serve_in_pod("b", &[5353], &[5354]);
+    c.write_manifest(
+        "dns.yaml",
+        &docs(&[
+            Service::new("dns")
+                .cluster_ip("10.96.0.83")
+                .port(port("dns-tcp", "TCP", 53))
+                .port(port("dns", "UDP", 53))
+                .yaml(),
+            slice(
+                "dns-1",
+                "dns",
+                "IPv4",
+                &[port("dns-tcp", "TCP", 5353), port("dns", "UDP", 5354)],
+                &[c.ep("b")],
+            ),
+        ]),
+    );
+    c.start_agents();
+    let client = c.pod("client").ip.clone();
+    let r = c.tcp(From::Pod("client"), "10.96.0.83:53", 10);
+    assert_eq!(r.successes(), 10, "TCP: {r:?}");
+    assert_eq!(r.single(), "b 5353", "TCP goes to 5353: {r:?}");
+    assert_eq!(r.sources(), [client.as_str()], "{r:?}");
+    let r = c.udp(From::Pod("client"), "10.96.0.83:53", 10);
+    assert_eq!(r.successes(), 10, "UDP: {r:?}");
+    assert_eq!(r.single(), "b 5354", "UDP goes to 5354: {r:?}");
+    assert_eq!(r.sources(), [client.as_str()], "{r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        ["10.96.0.83:53"],
+        "{r:?}"
+    );
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -680,4 +722,5 @@ scenarios!(
     topology_hints_for_zones_and_nodes,
     terminating_endpoints_are_used_only_as_a_fallback,
     endpoint_moving_between_nodes,
+    same_port_over_tcp_and_udp_with_different_targets,
 );
