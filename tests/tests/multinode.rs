@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ferry_tests::manifests::{Service, docs, port, slice};
-use ferry_tests::multinode::{EXT_IP, From, MultiNode, addr, node_ip};
+use ferry_tests::multinode::{EXT_IP, EXT_IP6, From, MultiNode, addr, node_ip, node_ip6};
 use ferry_tests::{Mode, Report};
 
 /// Connect timeout for attempts that must not get through: long enough that a slow
@@ -688,6 +688,54 @@ fn same_port_over_tcp_and_udp_with_different_targets(mode: Mode) {
     );
 }
 
+/// An IPv6 Service answers external clients as an IPv4 one does: on its NodePort
+/// at every node's IPv6 address, and on its externalIPs and load balancer ingress
+/// IPs where the network routes them; with externalTrafficPolicy Cluster it
+/// balances over the endpoints of all nodes, masqueraded to the IPv6 address of the
+/// node that took the packet.
+fn ipv6_nodeport_external_ips_and_load_balancer_ips(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb6.yaml",
+        &docs(&[
+            Service::new("lb6")
+                .cluster_ip("fd00:96::84")
+                .spec("type: LoadBalancer")
+                .spec("ipFamilies: [IPv6]")
+                .spec("ipFamilyPolicy: SingleStack")
+                .spec("externalIPs: [\"2001:db8::10\"]")
+                .port(port("http", "TCP", 80).node_port(30084))
+                .status("loadBalancer: {ingress: [{ip: \"2001:db8::20\"}]}")
+                .yaml(),
+            slice("lb6-1", "lb6", "IPv6", &ports, &[c.ep6("a"), c.ep6("b")]),
+        ]),
+    );
+    c.ext_ip_batch(&[
+        format!("route add 2001:db8::10/128 via {}", node_ip6(0)),
+        format!("route add 2001:db8::20/128 via {}", node_ip6(1)),
+    ]);
+    c.start_agents();
+    let targets = [
+        (addr(&node_ip6(0), 30084), node_ip6(0)),
+        (addr(&node_ip6(1), 30084), node_ip6(1)),
+        (addr("2001:db8::10", 80), node_ip6(0)),
+        (addr("2001:db8::20", 80), node_ip6(1)),
+    ];
+    for (to, node) in targets {
+        let r = tcp_until_pods(&c, From::External, &to, 40, &["a", "b"]);
+        assert_eq!(r.successes(), 40, "{to}: {r:?}");
+        assert_eq!(r.pods(), ["a", "b"], "{to}: endpoints on both nodes: {r:?}");
+        assert_eq!(r.sources(), [node.as_str()], "{to}: SNAT to {node}: {r:?}");
+        assert_eq!(
+            r.peers.keys().map(String::as_str).collect::<Vec<_>>(),
+            [to.as_str()],
+            "{to}: replies come from the address dialled: {r:?}"
+        );
+        assert_ne!(r.sources(), [EXT_IP6], "{to}: {r:?}");
+    }
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -723,4 +771,5 @@ scenarios!(
     terminating_endpoints_are_used_only_as_a_fallback,
     endpoint_moving_between_nodes,
     same_port_over_tcp_and_udp_with_different_targets,
+    ipv6_nodeport_external_ips_and_load_balancer_ips,
 );
