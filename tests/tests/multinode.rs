@@ -736,6 +736,51 @@ fn ipv6_nodeport_external_ips_and_load_balancer_ips(mode: Mode) {
     }
 }
 
+/// Hairpin: a pod that is its Service's only endpoint reaches itself through the
+/// ClusterIP and through the NodePort on its own node, and gets its answer.
+/// kube-proxy's iptables mode masquerades hairpin traffic (KUBE-SEP's
+/// `-s <endpoint> -j KUBE-MARK-MASQ`, and NodePort traffic with Cluster policy is
+/// masqueraded anyway), so the pod sees the connection come from its node and the
+/// reply returns through the node's conntrack. The eBPF data plane legitimately
+/// differs for the ClusterIP: its socket hook connects the pod straight to its own
+/// address, so the pod sees itself as the source.
+fn hairpin_through_cluster_ip_and_node_port(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["h"], &["other"]]);
+    let ports = [port("http", "TCP", 8080), port("dns", "UDP", 5353)];
+    c.write_manifest(
+        "hp.yaml",
+        &docs(&[
+            Service::new("hp")
+                .cluster_ip("10.96.0.85")
+                .spec("type: NodePort")
+                .port(port("http", "TCP", 80).node_port(30085))
+                .port(port("dns", "UDP", 53).node_port(30085))
+                .yaml(),
+            slice("hp-1", "hp", "IPv4", &ports, &[c.ep("h")]),
+        ]),
+    );
+    c.start_agents();
+    let own = c.pod("h").ip.clone();
+    let node = node_ip(0);
+    let r = c.tcp(From::Pod("h"), "10.96.0.85:80", 10);
+    assert_eq!(r.successes(), 10, "ClusterIP: {r:?}");
+    assert_eq!(r.single(), "h 8080", "{r:?}");
+    let want = match mode {
+        Mode::Iptables => &node,
+        Mode::Ebpf => &own,
+    };
+    assert_eq!(r.sources(), [want.as_str()], "ClusterIP: {r:?}");
+    let r = c.udp(From::Pod("h"), "10.96.0.85:53", 10);
+    assert_eq!(r.successes(), 10, "ClusterIP UDP: {r:?}");
+    assert_eq!(r.single(), "h 5353", "{r:?}");
+    assert_eq!(r.sources(), [want.as_str()], "ClusterIP UDP: {r:?}");
+
+    let r = c.tcp(From::Pod("h"), &addr(&node, 30085), 10);
+    assert_eq!(r.successes(), 10, "NodePort: {r:?}");
+    assert_eq!(r.single(), "h 8080", "{r:?}");
+    assert_ne!(r.sources(), [own.as_str()], "NodePort: masqueraded: {r:?}");
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -772,4 +817,5 @@ scenarios!(
     endpoint_moving_between_nodes,
     same_port_over_tcp_and_udp_with_different_targets,
     ipv6_nodeport_external_ips_and_load_balancer_ips,
+    hairpin_through_cluster_ip_and_node_port,
 );
