@@ -781,6 +781,50 @@ fn hairpin_through_cluster_ip_and_node_port(mode: Mode) {
     assert_ne!(r.sources(), [own.as_str()], "NodePort: masqueraded: {r:?}");
 }
 
+/// Load balancer ingress IPs with `ipMode: Proxy` (kube-proxy 1.30+,
+/// LoadBalancerIPMode): the load balancer proxies to the nodes itself, so kube-proxy
+/// does not program that IP and traffic to it goes to the load balancer, even from
+/// a pod; an ingress IP with the default `ipMode: VIP` is programmed as usual
+/// (upstream `pkg/proxy/serviceport.go`, `newBaseServiceInfo`). Here ext is the load
+/// balancer and owns the Proxy IP.
+fn load_balancer_ip_mode_proxy_is_left_to_the_load_balancer(mode: Mode) {
+    let mut c = MultiNode::new(mode, &[&["a"], &["b"], &["client"]]);
+    let ports = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "lb.yaml",
+        &docs(&[
+            Service::new("lb")
+                .cluster_ip("10.96.0.86")
+                .spec("type: LoadBalancer")
+                .port(port("http", "TCP", 80).node_port(30086))
+                .status(
+                    "loadBalancer: {ingress: [{ip: 203.0.113.86, ipMode: VIP}, \
+                     {ip: 203.0.113.87, ipMode: Proxy}]}",
+                )
+                .yaml(),
+            slice("lb-1", "lb", "IPv4", &ports, &[c.ep("a"), c.ep("b")]),
+        ]),
+    );
+    c.ext_ip_batch(&[
+        "addr add 203.0.113.87/32 dev br0".to_string(),
+        format!("route add 203.0.113.86/32 via {}", node_ip(0)),
+        format!("route add 10.244.2.0/24 via {}", node_ip(2)),
+    ]);
+    c.serve_external("load-balancer", &[80], &[]);
+    c.start_agents();
+    let r = c.tcp(From::Pod("client"), "203.0.113.86:80", 30);
+    assert_eq!(r.successes(), 30, "VIP: {r:?}");
+    assert_eq!(r.pods(), ["a", "b"], "VIP: programmed: {r:?}");
+    let r = c.tcp(From::Pod("client"), "203.0.113.87:80", 10);
+    assert_eq!(r.successes(), 10, "Proxy: {r:?}");
+    assert_eq!(
+        r.single(),
+        "load-balancer 80",
+        "Proxy: the connection goes to the load balancer: {r:?}"
+    );
+    assert_eq!(r.sources(), [c.pod("client").ip.as_str()], "{r:?}");
+}
+
 /// Generates one `#[test]` per scenario and data plane: `iptables::name` and
 /// `ebpf::name`.
 macro_rules! scenarios {
@@ -818,4 +862,5 @@ scenarios!(
     same_port_over_tcp_and_udp_with_different_targets,
     ipv6_nodeport_external_ips_and_load_balancer_ips,
     hairpin_through_cluster_ip_and_node_port,
+    load_balancer_ip_mode_proxy_is_left_to_the_load_balancer,
 );
