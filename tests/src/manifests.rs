@@ -149,6 +149,9 @@ pub struct Endpoint {
     pub hostname: Option<String>,
     /// The zone of its node, as the EndpointSlice controller records it.
     pub zone: Option<String>,
+    /// Topology hints: `hints.forZones` and `hints.forNodes` names.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 /// A ready endpoint on the test node.
@@ -161,6 +164,8 @@ pub fn ep(ip: &str) -> Endpoint {
         terminating: None,
         hostname: None,
         zone: None,
+        zone_hints: Vec::new(),
+        node_hints: Vec::new(),
     }
 }
 
@@ -172,6 +177,20 @@ impl Endpoint {
 
     pub fn in_zone(mut self, zone: &str) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// `hints.forZones`: the zones whose nodes should use this endpoint (Topology
+    /// Aware Routing, `trafficDistribution: PreferClose`).
+    pub fn for_zones(mut self, zones: &[&str]) -> Self {
+        self.zone_hints = zones.iter().map(|z| z.to_string()).collect();
+        self
+    }
+
+    /// `hints.forNodes`: the nodes that should use this endpoint
+    /// (`trafficDistribution: PreferSameNode`).
+    pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
+        self.node_hints = nodes.iter().map(|n| n.to_string()).collect();
         self
     }
 
@@ -237,6 +256,23 @@ pub fn slice_in(
         }
         if let Some(z) = &e.zone {
             let _ = writeln!(y, "  zone: {z}");
+        }
+        if !e.zone_hints.is_empty() || !e.node_hints.is_empty() {
+            let names = |names: &[String]| {
+                names
+                    .iter()
+                    .map(|n| format!("{{name: {n}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let mut hints = Vec::new();
+            if !e.zone_hints.is_empty() {
+                hints.push(format!("forZones: [{}]", names(&e.zone_hints)));
+            }
+            if !e.node_hints.is_empty() {
+                hints.push(format!("forNodes: [{}]", names(&e.node_hints)));
+            }
+            let _ = writeln!(y, "  hints: {{{}}}", hints.join(", "));
         }
     }
     y

@@ -16,9 +16,10 @@
 //! Every node's agent watches its own manifest directory; [`MultiNode::write_manifest`]
 //! writes to all of them, since Services, EndpointSlices and Nodes are cluster-wide.
 
+use std::io::Read as _;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::cgroup::Cgroup;
@@ -134,6 +135,9 @@ pub struct MultiNode {
     bin_dir: PathBuf,
     pub nodes: Vec<Node>,
     ext: Netns,
+    /// Extra servers started with [`MultiNode::serve_in_pod`] and
+    /// [`MultiNode::serve_external`], stopped on drop.
+    servers: Vec<Child>,
 }
 
 impl MultiNode {
@@ -234,8 +238,15 @@ impl MultiNode {
             bin_dir,
             nodes,
             ext,
+            servers: Vec::new(),
         };
-        let node_objects: Vec<String> = cluster
+        cluster.write_nodes();
+        cluster
+    }
+
+    /// Writes the Node objects (names, zone labels, pod CIDRs, InternalIPs).
+    fn write_nodes(&self) {
+        let node_objects: Vec<String> = self
             .nodes
             .iter()
             .map(|n| {
@@ -247,8 +258,41 @@ impl MultiNode {
                 )
             })
             .collect();
-        cluster.write_manifest("nodes.yaml", &manifests::docs(&node_objects));
-        cluster
+        self.write_manifest("nodes.yaml", &manifests::docs(&node_objects));
+    }
+
+    /// Relabels the nodes' zones (one per node, e.g. two nodes sharing `zone-a`),
+    /// before the agents start; [`MultiNode::ep`] then records the new zones.
+    pub fn set_zones(&mut self, zones: &[&str]) {
+        assert_eq!(zones.len(), self.nodes.len(), "one zone per node");
+        for (node, zone) in self.nodes.iter_mut().zip(zones) {
+            node.zone = zone.to_string();
+        }
+        self.write_nodes();
+    }
+
+    /// Starts another server in `pod` (named after the pod) on extra TCP and UDP
+    /// ports, e.g. a Service's target ports beyond the default ones.
+    pub fn serve_in_pod(&mut self, pod: &str, tcp: &[u16], udp: &[u16]) {
+        let command = self
+            .pod(pod)
+            .netns
+            .command(self.bin_dir.join("ferry-probe"), None);
+        let server = start_probe_server(command, pod, tcp, udp);
+        self.servers.push(server);
+    }
+
+    /// Starts a server called `name` on the external client (a load balancer or an
+    /// outside service), answering on every local address of ext.
+    pub fn serve_external(&mut self, name: &str, tcp: &[u16], udp: &[u16]) {
+        let command = self.ext.command(self.bin_dir.join("ferry-probe"), None);
+        let server = start_probe_server(command, name, tcp, udp);
+        self.servers.push(server);
+    }
+
+    /// Runs `ip` commands inside `pod` (e.g. removing an address).
+    pub fn pod_ip_batch(&self, pod: &str, commands: &[impl AsRef<str>]) {
+        self.pod(pod).netns.ip_batch(commands);
     }
 
     pub fn mode(&self) -> Mode {
@@ -419,6 +463,24 @@ impl MultiNode {
         self.spawn_probe(from, &args.map(String::from)).wait()
     }
 
+    /// Runs `probe` until `done` accepts its report or `timeout` passes, and returns
+    /// the last report (for the caller to assert on, so a failure shows what was seen).
+    pub fn settle(
+        &self,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Report,
+        done: impl Fn(&Report) -> bool,
+    ) -> Report {
+        let mut last = None;
+        poll(timeout, || {
+            let report = probe();
+            let ok = done(&report);
+            last = Some(report);
+            ok
+        });
+        last.unwrap_or_else(&mut probe)
+    }
+
     /// Polls `check` until it returns true; panics with every agent log after
     /// `timeout`.
     pub fn wait_for(&self, what: &str, timeout: Duration, check: impl FnMut() -> bool) {
@@ -430,6 +492,10 @@ impl MultiNode {
 
 impl Drop for MultiNode {
     fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
         for node in &mut self.nodes {
             node.agent.kill();
             if self.mode == Mode::Ebpf {
@@ -442,6 +508,31 @@ impl Drop for MultiNode {
         let _ = std::fs::remove_dir_all(&self.dir);
         // Pods stop their servers, then the namespaces and cgroups go as fields drop.
     }
+}
+
+/// Starts `ferry-probe serve` (`command` is the probe in some namespace) and waits
+/// until it listens.
+fn start_probe_server(mut command: Command, name: &str, tcp: &[u16], udp: &[u16]) -> Child {
+    let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    command.args(["serve", "--name", name]);
+    if !tcp.is_empty() {
+        command.args(["--tcp", &ports(tcp)]);
+    }
+    if !udp.is_empty() {
+        command.args(["--udp", &ports(udp)]);
+    }
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn server");
+    let mut buf = [0u8; 6];
+    if let Some(out) = child.stdout.as_mut() {
+        let _ = out.read_exact(&mut buf);
+    }
+    assert_eq!(&buf, b"ready\n", "server {name} did not start");
+    child
 }
 
 /// `ip:port`, or `[ip]:port` for IPv6.
