@@ -43,11 +43,17 @@ pub struct ProxyConfig {
     pub full_sync_period: Duration,
 }
 
-/// Cluster DNS as the loop feeds it: updated as soon as events are folded in.
+/// Cluster DNS as the loop feeds it. DNS and the data plane never disagree: a
+/// proxied service's (new) records are published once the sync that programs its
+/// frontends is done, and withdrawals (deleted, headless and unproxied services) go
+/// out at once, before the frontend is removed, so a pod never resolves a name it
+/// cannot connect to.
 struct DnsFeed {
     dns: ClusterDns,
-    /// The zone was told the model is complete.
+    /// The zone was told the model is complete (after the first sync).
     synced: bool,
+    /// Services whose records wait for their frontends to be programmed.
+    deferred: HashSet<ServiceName>,
 }
 
 /// The loop's state.
@@ -113,7 +119,11 @@ impl ProxyLoop {
     /// Serves the model to cluster DNS too.
     pub fn with_dns(mut self, dns: ClusterDns) -> Self {
         self.state.track_dns();
-        self.dns = Some(DnsFeed { dns, synced: false });
+        self.dns = Some(DnsFeed {
+            dns,
+            synced: false,
+            deferred: HashSet::new(),
+        });
         self
     }
 
@@ -137,8 +147,9 @@ impl ProxyLoop {
         }
     }
 
-    /// What follows a batch of events (or a wake-up): DNS first, then, once the
-    /// source is complete, the tamper check and a sync unless a retry is pending.
+    /// What follows a batch of events (or a wake-up): DNS withdrawals first, then,
+    /// once the source is complete, the tamper check, a sync unless a retry is
+    /// pending, and the DNS records that waited for it.
     fn after_batch(&mut self) {
         self.update_dns();
         if !self.source_synced {
@@ -160,6 +171,7 @@ impl ProxyLoop {
         if self.retry_at.is_none_or(|t| Instant::now() >= t) && self.min_sync_period_passed() {
             self.sync();
         }
+        self.publish_programmed_dns();
     }
 
     /// When the next sync may start at the earliest (`min_sync_period` after the last).
@@ -187,15 +199,39 @@ impl ProxyLoop {
         wait.max(Duration::from_millis(1))
     }
 
-    /// Brings DNS up to date with the events folded in so far.
+    /// Publishes the DNS changes that need no programming (withdrawals, headless and
+    /// unproxied services) and defers the others to [`Self::publish_programmed_dns`].
     fn update_dns(&mut self) {
         let Some(feed) = &mut self.dns else { return };
-        let changed = self.state.take_dns_changes();
-        if !changed.is_empty() {
-            feed.dns.update(&self.state, &changed);
-            self.report.dns_updated(changed.len());
+        let (deferred, now): (Vec<ServiceName>, Vec<ServiceName>) = self
+            .state
+            .take_dns_changes()
+            .into_iter()
+            .partition(|name| self.state.service(name).is_some_and(|svc| svc.is_proxied()));
+        feed.deferred.extend(deferred);
+        if !now.is_empty() {
+            feed.dns.update(&self.state, &now);
+            self.report.dns_updated(now.len());
         }
-        if self.source_synced && !feed.synced {
+    }
+
+    /// Once every change is programmed (or the data plane failed and retries: DNS is
+    /// not held hostage by a broken data plane), publishes the deferred records, and
+    /// after the first sync tells the zone it is complete.
+    fn publish_programmed_dns(&mut self) {
+        let programmed = self.source_synced
+            && !self.state.has_changes()
+            && (!self.needs_full_sync || self.retry_at.is_some());
+        let Some(feed) = &mut self.dns else { return };
+        if !programmed {
+            return;
+        }
+        if !feed.deferred.is_empty() {
+            let names: Vec<ServiceName> = feed.deferred.drain().collect();
+            feed.dns.update(&self.state, &names);
+            self.report.dns_updated(names.len());
+        }
+        if !feed.synced {
             feed.dns.set_synced();
             feed.synced = true;
         }

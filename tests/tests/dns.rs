@@ -3,12 +3,12 @@
 //! upstream server the test runs itself on the external client's address.
 
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::cluster::{EXT_IP, NODE_IP};
 use ferry_tests::dig::{self, DigAnswer};
 use ferry_tests::manifests::{Endpoint, Service, docs, ep, port, slice};
-use ferry_tests::{Cluster, Mode};
+use ferry_tests::{Cluster, From, Mode};
 
 const UPSTREAM: &str = "172.18.0.100:53";
 
@@ -289,13 +289,15 @@ fn external_name_is_a_cname() {
     assert_eq!(a.data("CNAME"), ["search.example.com."], "{}", a.raw);
 }
 
+/// DNS and the data plane never disagree: a new service's name answers only once its
+/// ClusterIP connects, and a deleted service's name is gone before its ClusterIP stops
+/// connecting, so a pod never resolves a name it cannot reach.
 #[test]
-fn changes_are_visible_at_once() {
+fn a_name_resolves_only_while_its_service_connects() {
     let n = node();
     let name = "fresh.default.svc.cluster.local";
     assert_eq!(n.dig(name, "A").status, "NXDOMAIN");
-    let programmed = || n.c.agent_log_values("sync done", "programming_us");
-    let syncs_before = programmed().len();
+    let a = n.c.pod("a").ip.clone();
     n.c.write_manifest(
         "fresh.yaml",
         &docs(&[
@@ -307,29 +309,31 @@ fn changes_are_visible_at_once() {
                 "fresh-1",
                 "fresh",
                 "IPv4",
-                &[port("http", "TCP", 80)],
-                &[ep("10.244.0.10")],
+                &[port("http", "TCP", 8080)],
+                &[ep(&a)],
             ),
         ]),
     );
-    n.c.wait_for("new service in DNS", Duration::from_secs(5), || {
+    let connects = || {
+        n.c.tcp_with(From::Pod("client"), "10.96.7.7:80", 1, 300, 0)
+            .successes()
+            == 1
+    };
+    n.c.wait_for("the new name", Duration::from_secs(10), || {
         n.dig(name, "A").data("A") == ["10.96.7.7"]
     });
-    // DNS follows the model at once, never waiting behind the data plane: the agent's
-    // event-to-answerable time for this change is below its event-to-programmed time.
-    // (The absolute freshness, tens of microseconds, is measured by `cargo xtask bench`;
-    // timing thresholds do not belong in tests.)
-    n.c.wait_for("the change programmed", Duration::from_secs(5), || {
-        programmed().len() > syncs_before
-    });
-    let dns_us =
-        *n.c.agent_log_values("dns updated", "latency_us")
-            .last()
-            .expect("dns update logged");
-    let programming_us = *programmed().last().expect("sync logged");
     assert!(
-        dns_us < programming_us,
-        "DNS took {dns_us} us, the data plane {programming_us} us: DNS must not wait for it"
+        connects(),
+        "the name answered before its ClusterIP was programmed"
+    );
+    n.c.remove_manifest("fresh.yaml");
+    n.c.wait_for("the ClusterIP gone", Duration::from_secs(10), || {
+        !connects()
+    });
+    assert_eq!(
+        n.dig(name, "A").status,
+        "NXDOMAIN",
+        "the ClusterIP stopped connecting while its name still answered"
     );
 }
 
@@ -396,13 +400,13 @@ fn concurrent_identical_questions_reach_upstream_once() {
         &cluster_manifests(&[("db-0", "10.244.0.10"), ("", "10.244.0.11")]),
         400,
     );
-    let started = Instant::now();
     let digs: Vec<_> = (0..8)
         .map(|_| {
             let mut cmd = n.c.pod_command("client", "dig");
             cmd.args([
                 &format!("@{NODE_IP}"),
-                "+time=3",
+                // A bound, not a timing assertion: generous for a loaded CI machine.
+                "+time=10",
                 "+tries=1",
                 "+short",
                 "outside.test",
@@ -417,7 +421,6 @@ fn concurrent_identical_questions_reach_upstream_once() {
         let out = d.wait_with_output().expect("dig");
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "192.0.2.80");
     }
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(
         n.upstream_queries("outside.test."),
         1,

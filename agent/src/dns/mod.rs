@@ -139,7 +139,7 @@ impl ClusterDns {
 
     /// Answers from the zone. A poisoned lock is read through: the writer rebuilds
     /// the zone at its next update, and until then a possibly stale answer beats none.
-    fn lookup(&self, qname: &str, qtype: QType) -> Outcome {
+    pub(crate) fn lookup(&self, qname: &str, qtype: QType) -> Outcome {
         let zone = self
             .zone
             .read()

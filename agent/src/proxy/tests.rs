@@ -19,6 +19,8 @@ struct Call {
     upserted: Vec<PlanKey>,
     removed: Vec<PlanKey>,
     nodeport_ips: Vec<std::net::IpAddr>,
+    /// Whether the watched name resolved while this sync ran.
+    name_resolved: Option<bool>,
 }
 
 /// Records every sync; fails the next `fail` of them.
@@ -26,6 +28,8 @@ struct Call {
 struct FakeDataPlane {
     calls: Arc<Mutex<Vec<Call>>>,
     fail: Arc<Mutex<usize>>,
+    /// A name to look up in cluster DNS at each sync.
+    watched_name: Arc<Mutex<Option<(crate::dns::ClusterDns, String)>>>,
 }
 
 impl DataPlane for FakeDataPlane {
@@ -49,6 +53,17 @@ impl DataPlane for FakeDataPlane {
             upserted: keys(&mut diff.upserted.iter().map(|u| u.new.as_ref())),
             removed: keys(&mut diff.removed.iter().map(|p| p.as_ref())),
             nodeport_ips: node.nodeport_ips.clone(),
+            name_resolved: self
+                .watched_name
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|(dns, name)| {
+                    matches!(
+                        dns.lookup(name, crate::dns::zone::QType::A),
+                        crate::dns::zone::Outcome::Answer { .. }
+                    )
+                }),
         });
         let mut fail = self.fail.lock().unwrap();
         if *fail > 0 {
@@ -74,6 +89,11 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with_dns(None)
+}
+
+/// A harness whose loop also feeds `dns`.
+fn harness_with_dns(dns: Option<crate::dns::ClusterDns>) -> Harness {
     let fake = FakeDataPlane::default();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Duration::from_secs(60)));
@@ -99,6 +119,10 @@ fn harness() -> Harness {
         ),
         host,
     );
+    let proxy = match dns {
+        Some(dns) => proxy.with_dns(dns),
+        None => proxy,
+    };
     Harness {
         proxy,
         fake,
@@ -303,5 +327,38 @@ fn a_node_being_deleted_is_not_eligible_for_load_balancer_traffic() {
     assert!(
         !health.status().eligible,
         "a deletionTimestamp means leaving"
+    );
+}
+
+#[test]
+fn dns_publishes_a_service_once_programmed_and_withdraws_it_before_removal() {
+    let domain = crate::model::ClusterDomain::new("cluster.local").unwrap();
+    let dns = crate::dns::ClusterDns::new(&domain);
+    let mut h = harness_with_dns(Some(dns.clone()));
+    let name = "web.ns.svc.cluster.local.";
+    *h.fake.watched_name.lock().unwrap() = Some((dns.clone(), name.to_owned()));
+    let resolves = || {
+        matches!(
+            dns.lookup(name, crate::dns::zone::QType::A),
+            crate::dns::zone::Outcome::Answer { .. }
+        )
+    };
+    h.feed([service(WEB), SourceEvent::Synced]);
+    assert!(
+        resolves(),
+        "published after the sync: {:?}",
+        dns.lookup(name, crate::dns::zone::QType::A)
+    );
+    h.feed([SourceEvent::Delete(crate::model::ObjectRef {
+        kind: Kind::Service,
+        namespace: "ns".into(),
+        name: "web".into(),
+    })]);
+    assert!(!resolves());
+    let seen: Vec<Option<bool>> = h.calls().iter().map(|c| c.name_resolved).collect();
+    assert_eq!(
+        seen,
+        [Some(false), Some(false)],
+        "not resolvable while its frontend is being programmed, nor while it is being removed"
     );
 }
