@@ -161,6 +161,9 @@ fn remember(cache: &WireCache, reuse: Option<(Vec<u8>, usize)>, encoded: &[u8], 
     }
 }
 
+/// Additional records a query may carry (an OPT, a cookie's, a TSIG...).
+const MAX_ADDITIONALS: u16 = 4;
+
 /// Decodes a request; answers malformed or unsupported ones (FORMERR, NOTIMP) itself
 /// and returns `None` for them (and drops what is not even a DNS header).
 fn parse(
@@ -188,6 +191,13 @@ fn parse(
             let _ = socket.send_to(out, src);
         }
     };
+    // A query has one question and few records; the header's counts are checked
+    // before parsing, since the parser reserves room for as many as they claim.
+    let c = &header.counts;
+    if c.queries != 1 || c.answers != 0 || c.authorities != 0 || c.additionals > MAX_ADDITIONALS {
+        refuse(ResponseCode::FormErr, out);
+        return None;
+    }
     let message = match Message::from_vec(packet) {
         Ok(m) => m,
         Err(e) => {
@@ -249,5 +259,32 @@ fn respond(
             warn!(error = %e, "cannot encode DNS answer");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_counts_are_checked_before_parsing() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let src = client.local_addr().unwrap();
+        let mut out = Vec::new();
+        // 12 bytes claiming 65535 questions.
+        let bomb = [0x12, 0x34, 0x01, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0];
+        assert!(parse(&bomb, src, &server, &mut out).is_none());
+        let mut reply = [0u8; 512];
+        let n = client.recv(&mut reply).unwrap();
+        assert_eq!(&reply[..2], &[0x12, 0x34]);
+        assert_eq!(reply[3] & 0x0f, 1, "FORMERR: {:?}", &reply[..n]);
+        // A plain query still parses.
+        let mut query = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        query.extend_from_slice(&[3, b'w', b'e', b'b', 0, 0, 1, 0, 1]);
+        assert!(parse(&query, src, &server, &mut out).is_some());
     }
 }

@@ -77,10 +77,14 @@ pub fn question(packet: &[u8]) -> Option<Question<'_>> {
     })
 }
 
-/// The cache key of a question: lower-cased question plus the answer size limit.
+/// The cache key of a question: its lower-cased name, its type and class as they
+/// are (lower-casing those bytes would make types 65..90 collide with 97..122, e.g.
+/// HTTPS with type 97), plus the answer size limit.
 pub fn key(q: &Question<'_>, max_size: u16, out: &mut Vec<u8>) {
     out.clear();
-    out.extend(q.raw.iter().map(u8::to_ascii_lowercase));
+    let (name, type_class) = q.raw.split_at(q.raw.len().saturating_sub(4));
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    out.extend_from_slice(type_class);
     out.extend_from_slice(&max_size.to_be_bytes());
     out.push(u8::from(q.edns_payload.is_some()));
 }
@@ -201,6 +205,15 @@ mod tests {
         upper[13] = b'w';
         key(&question(&upper).unwrap(), 1232, &mut k2);
         assert_eq!(k1, k2);
+        // Types 65 (HTTPS) and 97 differ only in the bit case folding flips.
+        let of_type = |qtype: u8| {
+            let mut p = query();
+            p[20] = qtype;
+            let mut k = Vec::new();
+            key(&question(&p).unwrap(), 1232, &mut k);
+            k
+        };
+        assert_ne!(of_type(65), of_type(97));
 
         // An encoded answer: header (aa, rd), the question, one answer (pointer to 12).
         let mut answer = vec![0x12, 0x34, 0x85, 0x00, 0, 1, 0, 1, 0, 0, 0, 0];
