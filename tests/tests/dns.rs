@@ -467,3 +467,20 @@ fn not_an_open_resolver_and_survives_garbage() {
     // The upstream is never anything but the test's own server.
     assert_eq!(UPSTREAM.split(':').next(), Some(EXT_IP));
 }
+
+/// RFC 6891: a query with an EDNS version other than 0 gets BADVERS (over UDP and
+/// TCP), and version 0 is answered as usual.
+#[test]
+fn edns_version_other_than_0_gets_badvers() {
+    let n = node();
+    for transport in [&[][..], &["+tcp"][..]] {
+        let mut args = vec!["+edns=1", "+noednsnegotiation"];
+        args.extend_from_slice(transport);
+        let a = n.dig_with("web.shop.svc.cluster.local", "A", &args);
+        assert_eq!(a.status, "BADVERS", "{transport:?}: {}", a.raw);
+        let mut args = vec!["+edns=0"];
+        args.extend_from_slice(transport);
+        let a = n.dig_with("web.shop.svc.cluster.local", "A", &args);
+        assert_eq!(a.status, "NOERROR", "{transport:?}: {}", a.raw);
+    }
+}

@@ -172,7 +172,8 @@ pub struct Records {
 }
 
 impl Records {
-    fn error(rcode: ResponseCode) -> Self {
+    /// An answer with no records, only a response code.
+    pub(crate) fn error(rcode: ResponseCode) -> Self {
         Self {
             rcode,
             authoritative: false,
@@ -377,6 +378,12 @@ fn qtype_of(t: RecordType) -> QType {
         RecordType::ANY => QType::Any,
         _ => QType::Other,
     }
+}
+
+/// Whether the request uses an EDNS version this server does not speak (only 0
+/// exists): RFC 6891 wants BADVERS, with an OPT of version 0, and nothing else.
+pub fn unsupported_edns_version(request: Option<&Edns>) -> bool {
+    request.is_some_and(|e| e.version() != 0)
 }
 
 /// The EDNS to answer with: the client's buffer size, capped at [`MAX_UDP_PAYLOAD`].

@@ -11,7 +11,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tracing::warn;
 
-use super::{Answerer, Reply, response_edns};
+use super::{Answerer, Reply, response_edns, unsupported_edns_version};
 
 /// hickory-server's view of the [`Answerer`].
 pub struct TcpHandler {
@@ -39,6 +39,10 @@ impl RequestHandler for TcpHandler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = true;
         let query = match request.request_info() {
+            Ok(_) if unsupported_edns_version(request.edns.as_ref()) => {
+                metadata.response_code = ResponseCode::BADVERS;
+                return send(&mut response, builder.build_no_records(metadata), request).await;
+            }
             Ok(info)
                 if request.metadata.message_type == MessageType::Query
                     && request.metadata.op_code == OpCode::Query =>

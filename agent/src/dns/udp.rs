@@ -13,7 +13,7 @@ use hickory_server::proto::serialize::binary::{BinDecodable as _, BinDecoder, Bi
 use tracing::{debug, warn};
 
 use super::wire_cache::{self, Stored, WireCache};
-use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply, response_edns};
+use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply, response_edns, unsupported_edns_version};
 
 /// Encoded answers kept for reuse.
 const WIRE_CACHE_ENTRIES: usize = 100_000;
@@ -215,6 +215,19 @@ fn parse(
         return None;
     }
     let edns = response_edns(message.edns.as_ref());
+    if unsupported_edns_version(message.edns.as_ref()) {
+        let badvers = Records::error(ResponseCode::BADVERS);
+        respond(
+            socket,
+            src,
+            &message.metadata,
+            &message.queries[0],
+            edns.as_ref(),
+            &badvers,
+            out,
+        );
+        return None;
+    }
     Some((message, edns))
 }
 
@@ -286,5 +299,24 @@ mod tests {
         let mut query = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         query.extend_from_slice(&[3, b'w', b'e', b'b', 0, 0, 1, 0, 1]);
         assert!(parse(&query, src, &server, &mut out).is_some());
+        // EDNS version 1: BADVERS (extended rcode 16: 1 in the OPT's high bits).
+        let mut v1 = query.clone();
+        v1[11] = 1;
+        v1.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 1, 0, 0, 0, 0]);
+        assert!(parse(&v1, src, &server, &mut out).is_none());
+        let n = client.recv(&mut reply).unwrap();
+        let r = &reply[..n];
+        assert_eq!(r[3] & 0x0f, 0, "low rcode bits of 16: {r:?}");
+        let opt = &r[r.len() - 11..];
+        assert_eq!(
+            u16::from_be_bytes([opt[1], opt[2]]),
+            41,
+            "an OPT record: {r:?}"
+        );
+        assert_eq!(
+            (opt[5], opt[6]),
+            (1, 0),
+            "BADVERS high bits, version 0: {r:?}"
+        );
     }
 }

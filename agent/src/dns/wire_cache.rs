@@ -63,7 +63,8 @@ pub fn question(packet: &[u8]) -> Option<Question<'_>> {
     let edns_payload = if word(10) == 1 {
         // The OPT record: root name, type 41, class = payload size.
         let opt = packet.get(end..end + 11)?;
-        if opt[0] != 0 || u16::from_be_bytes([opt[1], opt[2]]) != 41 {
+        // Version (opt[6]) other than 0 takes the general path, which answers BADVERS.
+        if opt[0] != 0 || u16::from_be_bytes([opt[1], opt[2]]) != 41 || opt[6] != 0 {
             return None;
         }
         Some(u16::from_be_bytes([opt[3], opt[4]]))
