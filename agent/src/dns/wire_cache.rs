@@ -63,8 +63,13 @@ pub fn question(packet: &[u8]) -> Option<Question<'_>> {
     let edns_payload = if word(10) == 1 {
         // The OPT record: root name, type 41, class = payload size.
         let opt = packet.get(end..end + 11)?;
-        // Version (opt[6]) other than 0 takes the general path, which answers BADVERS.
+        // Version (opt[6]) other than 0 takes the general path, which answers BADVERS;
+        // so do options that do not parse (FORMERR there).
         if opt[0] != 0 || u16::from_be_bytes([opt[1], opt[2]]) != 41 || opt[6] != 0 {
+            return None;
+        }
+        let rdlen = usize::from(u16::from_be_bytes([opt[9], opt[10]]));
+        if !options_well_formed(packet.get(end + 11..)?, rdlen) {
             return None;
         }
         Some(u16::from_be_bytes([opt[3], opt[4]]))
@@ -76,6 +81,22 @@ pub fn question(packet: &[u8]) -> Option<Question<'_>> {
         flags,
         edns_payload,
     })
+}
+
+/// Whether `rest` is exactly `rdlen` bytes of EDNS options, each a code, a length
+/// and that many bytes.
+fn options_well_formed(rest: &[u8], rdlen: usize) -> bool {
+    if rest.len() != rdlen {
+        return false;
+    }
+    let mut i = 0;
+    while i < rest.len() {
+        let Some(len) = rest.get(i + 2..i + 4) else {
+            return false;
+        };
+        i += 4 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+    }
+    i == rest.len()
 }
 
 /// The cache key of a question: its lower-cased name, its type and class as they
@@ -194,6 +215,17 @@ mod tests {
         two[5] = 2;
         assert!(question(&two).is_none());
         assert!(question(&p[..15]).is_none());
+        // A cookie option is fine; options that do not add up are not.
+        let mut cookie = p.clone();
+        cookie[32..34].copy_from_slice(&12u16.to_be_bytes());
+        cookie.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(question(&cookie).is_some());
+        let mut bad = cookie.clone();
+        bad[37] = 9; // the option claims more bytes than there are
+        assert!(question(&bad).is_none());
+        let mut v1 = p.clone();
+        v1[29] = 1; // EDNS version 1
+        assert!(question(&v1).is_none());
     }
 
     #[test]
