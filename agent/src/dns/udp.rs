@@ -41,11 +41,39 @@ pub fn spawn_workers(
         let answerer = answerer.clone();
         let runtime = runtime.clone();
         let cache = cache.clone();
+        let socket = Arc::new(socket);
         std::thread::Builder::new()
             .name(format!("dns-udp-{i}"))
-            .spawn(move || worker(Arc::new(socket), &answerer, &cache, &runtime))?;
+            .spawn(move || {
+                restarting(&format!("dns-udp-{i}"), || {
+                    worker(socket.clone(), &answerer, &cache, &runtime)
+                })
+            })?;
     }
     Ok(())
+}
+
+/// Runs `work` again whenever it panics, with a log line saying so: a bug in
+/// answering one query must not take a worker (and its share of the traffic) away.
+fn restarting(name: &str, work: impl Fn()) {
+    loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&work)) {
+            Ok(()) => return,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(
+                    worker = name,
+                    panic = what,
+                    "DNS worker panicked; restarting it"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 fn worker(
@@ -278,6 +306,17 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_worker_is_restarted() {
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        restarting("test", || {
+            if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                panic!("boom");
+            }
+        });
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn header_counts_are_checked_before_parsing() {
