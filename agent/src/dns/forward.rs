@@ -119,6 +119,38 @@ impl Cached {
 
 type Waiters = Vec<oneshot::Sender<Result<Arc<Cached>, ForwardError>>>;
 
+/// The in-flight entry of the query this task leads.
+struct Leader<'a> {
+    inflight: &'a Mutex<HashMap<Key, Waiters>>,
+    key: Option<Key>,
+}
+
+impl Leader<'_> {
+    /// Removes the entry; its waiters, to be answered.
+    fn finish(mut self) -> Waiters {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> Waiters {
+        let Some(key) = self.key.take() else {
+            return Vec::new();
+        };
+        self.inflight
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&key))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Leader<'_> {
+    /// A leader dropped mid-exchange drops its waiters' senders: they wake with an
+    /// error at once instead of hanging.
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// The forwarder.
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
@@ -168,10 +200,22 @@ impl Forwarder {
             }
         };
         if let Some(rx) = waiting {
-            return rx.await.unwrap_or_else(|_| {
-                Err(ForwardError::Unanswered("coalesced query dropped".into()))
-            });
+            // Bounded: the leader's exchange itself gives up after every upstream's
+            // timeout.
+            let bound = self.timeout * (self.upstreams.len() as u32 + 1);
+            return match tokio::time::timeout(bound, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(ForwardError::Unanswered("coalesced query dropped".into())),
+                Err(_) => Err(ForwardError::Unanswered("coalesced query timed out".into())),
+            };
         }
+        // However this future ends (answered, or dropped because its client went
+        // away), the entry goes: waiters are answered or woken, and the next identical
+        // question leads a new exchange.
+        let leader = Leader {
+            inflight: &self.inflight,
+            key: Some(key.clone()),
+        };
         let result = self
             .exchange(query)
             .await
@@ -179,15 +223,9 @@ impl Forwarder {
         if let Ok(answer) = &result
             && answer.ttl > 0
         {
-            self.cache_put(key.clone(), answer.clone());
+            self.cache_put(key, answer.clone());
         }
-        let waiters = self
-            .inflight
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&key))
-            .unwrap_or_default();
-        for waiter in waiters {
+        for waiter in leader.finish() {
             let _ = waiter.send(result.clone());
         }
         result
@@ -353,6 +391,39 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancelled_leader_does_not_leave_its_question_hanging() {
+        use hickory_server::proto::rr::{Name, RecordType};
+        // An upstream that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let f = Forwarder::new(vec![silent.local_addr().unwrap()], 10);
+        let q = Query::query(Name::from_ascii("x.test.").unwrap(), RecordType::A);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut leader = Box::pin(f.resolve(&q));
+            let pending = tokio::time::timeout(Duration::from_millis(50), &mut leader).await;
+            assert!(pending.is_err(), "still waiting for the silent upstream");
+            let waiter = tokio::spawn({
+                let rx = {
+                    let mut inflight = f.inflight.lock().unwrap();
+                    let (tx, rx) = oneshot::channel();
+                    inflight.get_mut(&Key::of(&q)).expect("in flight").push(tx);
+                    rx
+                };
+                async move { rx.await.is_err() }
+            });
+            drop(leader);
+            assert!(
+                f.inflight.lock().unwrap().is_empty(),
+                "the entry went with the leader"
+            );
+            assert!(waiter.await.unwrap(), "the waiter woke with an error");
+        });
+    }
 
     #[test]
     fn parses_resolv_conf() {
