@@ -14,3 +14,27 @@ pub mod netns;
 
 pub use cluster::{Cluster, From, Mode, Report};
 pub use multinode::MultiNode;
+
+/// Generates one `#[test]` per scenario and data plane, `iptables::name` and
+/// `ebpf::name`, each calling `name(mode)` of the test file.
+#[macro_export]
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Mode::Iptables);
+                }
+            )*
+        }
+        mod ebpf {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Mode::Ebpf);
+                }
+            )*
+        }
+    };
+}

@@ -404,28 +404,7 @@ fn cleanup_kube_proxy_removes_its_leftovers_in_every_backend() {
     assert_eq!(sets.trim(), "USER-SET", "{sets}");
 }
 
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        mod iptables {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(ferry_tests::Mode::Iptables);
-                }
-            )*
-        }
-        mod ebpf {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(ferry_tests::Mode::Ebpf);
-                }
-            )*
-        }
-    };
-}
-
-scenarios!(
+ferry_tests::scenarios!(
     kube_proxy_configuration_file_configures_the_agent,
     network_programming_latency_comes_from_the_trigger_time,
     node_being_deleted_fails_healthz_not_livez,

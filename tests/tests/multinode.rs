@@ -825,30 +825,7 @@ fn load_balancer_ip_mode_proxy_is_left_to_the_load_balancer(mode: Mode) {
     assert_eq!(r.sources(), [c.pod("client").ip.as_str()], "{r:?}");
 }
 
-/// Generates one `#[test]` per scenario and data plane: `iptables::name` and
-/// `ebpf::name`.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        mod iptables {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(ferry_tests::Mode::Iptables);
-                }
-            )*
-        }
-        mod ebpf {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(ferry_tests::Mode::Ebpf);
-                }
-            )*
-        }
-    };
-}
-
-scenarios!(
+ferry_tests::scenarios!(
     clusterip_to_an_endpoint_on_another_node,
     nodeport_cluster_policy_via_any_node,
     nodeport_local_policy_keeps_the_client_ip,

@@ -1134,30 +1134,7 @@ fn health_and_metrics_endpoints(mode: Mode) {
     }
 }
 
-/// Generates one `#[test]` per scenario and data plane: `iptables::name` and
-/// `ebpf::name`.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        mod iptables {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(ferry_tests::Mode::Iptables);
-                }
-            )*
-        }
-        mod ebpf {
-            $(
-                #[test]
-                fn $name() {
-                    super::$name(ferry_tests::Mode::Ebpf);
-                }
-            )*
-        }
-    };
-}
-
-scenarios!(
+ferry_tests::scenarios!(
     clusterip_tcp_from_pod_and_node,
     clusterip_ipv6,
     clusterip_udp_replies_come_from_the_service,
