@@ -332,8 +332,9 @@ impl ProxyLoop {
         let started = Instant::now();
         match self.data_plane.sync(&self.plan, &diff, &node, full) {
             Ok(stats) => {
-                if self.data_plane.nats_through_conntrack() && conntrack::needed(&diff, full) {
-                    let cleared = self.conntrack.reconcile(&self.plan, &self.config.families);
+                if self.data_plane.nats_through_conntrack() {
+                    let families = &self.config.families;
+                    let cleared = self.conntrack.reconcile(&self.plan, &diff, full, families);
                     self.report.conntrack_cleared(&cleared);
                 }
                 if full {

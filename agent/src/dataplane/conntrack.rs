@@ -3,8 +3,10 @@
 //! its entry names even after that backend stops serving; a flow that started while
 //! the service had no endpoints is never NATed at all. After a sync that touched UDP
 //! services (and after every full sync, the first one after a restart included),
-//! Ferry reads the UDP entries over ctnetlink and deletes those two kinds. Flows to
-//! endpoints that still serve, terminating ones included, are kept.
+//! Ferry reads the UDP entries over ctnetlink and deletes those two kinds, and the
+//! NATed entries of services that went away; a partial sync looks only at the
+//! frontends it changed. Flows to endpoints that still serve, terminating ones
+//! included, are kept.
 
 mod netlink;
 
@@ -26,55 +28,66 @@ pub struct Cleared {
     pub deleted: u64,
 }
 
-/// Whether a sync needs a reconcile: a full one, or one that changed a UDP plan.
-pub fn needed(diff: &PlanDiff, full: bool) -> bool {
-    let udp = |p: &ServicePortPlan| p.key.port.protocol == Protocol::Udp;
-    full || diff.upserted.iter().any(|u| udp(&u.new)) || diff.removed.iter().any(|p| udp(p))
-}
-
-/// The UDP frontends of the plan: service addresses and NodePorts.
+/// UDP frontends to reconcile: service addresses and NodePorts, each with its plan
+/// and whether that plan is gone (then no endpoint serves it any more).
 #[derive(Default)]
 struct Frontends<'a> {
-    addresses: HashMap<(IpAddr, u16), &'a ServicePortPlan>,
-    node_ports: HashMap<u16, &'a ServicePortPlan>,
+    addresses: HashMap<(IpAddr, u16), (&'a ServicePortPlan, bool)>,
+    node_ports: HashMap<u16, (&'a ServicePortPlan, bool)>,
 }
 
 impl<'a> Frontends<'a> {
-    fn of(plan: &'a NodePlan) -> Self {
+    /// Every frontend of the plan (a full sync), or only those the diff touched,
+    /// removed ones included, so a partial sync costs what it changed.
+    fn of(plan: &'a NodePlan, diff: &'a PlanDiff, full: bool) -> Self {
         let mut f = Self::default();
-        for p in plan.iter().filter(|p| p.key.port.protocol == Protocol::Udp) {
-            let ips = std::iter::once(&p.cluster_ip)
-                .chain(&p.external_ips)
-                .chain(&p.load_balancer_ips);
-            for ip in ips {
-                f.addresses.insert((*ip, p.port), p);
-            }
-            if let Some(node_port) = p.node_port {
-                f.node_ports.insert(node_port, p);
-            }
+        if full {
+            plan.iter().for_each(|p| f.add(p, false));
+        } else {
+            diff.upserted.iter().for_each(|u| f.add(&u.new, false));
+            diff.removed.iter().for_each(|p| f.add(p, true));
         }
         f
     }
 
+    fn add(&mut self, p: &'a ServicePortPlan, gone: bool) {
+        if p.key.port.protocol != Protocol::Udp {
+            return;
+        }
+        let ips = std::iter::once(&p.cluster_ip)
+            .chain(&p.external_ips)
+            .chain(&p.load_balancer_ips);
+        for ip in ips {
+            self.addresses.insert((*ip, p.port), (p, gone));
+        }
+        if let Some(node_port) = p.node_port {
+            self.node_ports.insert(node_port, (p, gone));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.node_ports.is_empty()
+    }
+
     /// Whether kube-proxy's rule deletes this flow.
     fn is_stale(&self, flow: &UdpFlow) -> bool {
-        let serving = |p: &ServicePortPlan| {
+        let serving = |(p, gone): &(&ServicePortPlan, bool)| {
             let backend = Endpoint {
                 ip: flow.reply_src,
                 port: flow.reply_sport,
             };
-            p.serving_endpoints.binary_search(&backend).is_ok()
+            !gone && p.serving_endpoints.binary_search(&backend).is_ok()
         };
-        if let Some(p) = self.addresses.get(&(flow.orig_dst, flow.orig_dport)) {
+        if let Some(entry) = self.addresses.get(&(flow.orig_dst, flow.orig_dport)) {
             return if flow.dnat() {
-                !serving(p)
+                !serving(entry)
             } else {
                 // Sent while the service had no endpoints: it would never be NATed.
-                !p.serving_endpoints.is_empty()
+                !entry.1 && !entry.0.serving_endpoints.is_empty()
             };
         }
         match self.node_ports.get(&flow.orig_dport) {
-            Some(p) => flow.dnat() && !serving(p),
+            Some(entry) => flow.dnat() && !serving(entry),
             None => false,
         }
     }
@@ -89,13 +102,23 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Deletes the stale UDP entries of `families` for this plan. Failures are
-    /// logged, never fatal: a stale entry only delays a flow until it times out.
-    pub fn reconcile(&mut self, plan: &NodePlan, families: &[IpFamily]) -> Vec<Cleared> {
+    /// Deletes the stale UDP entries of `families` after a sync of `diff` (all of
+    /// `plan` when `full`). Failures are logged, never fatal: a stale entry only
+    /// delays a flow until it times out.
+    pub fn reconcile(
+        &mut self,
+        plan: &NodePlan,
+        diff: &PlanDiff,
+        full: bool,
+        families: &[IpFamily],
+    ) -> Vec<Cleared> {
+        let frontends = Frontends::of(plan, diff, full);
+        if frontends.is_empty() {
+            return Vec::new();
+        }
         let Some(client) = self.client() else {
             return Vec::new();
         };
-        let frontends = Frontends::of(plan);
         let mut cleared = Vec::new();
         for &family in families {
             let started = Instant::now();
@@ -177,10 +200,16 @@ mod tests {
         node
     }
 
+    /// Every frontend of a plan, as a full sync reconciles them.
+    fn all(node: &NodePlan) -> Frontends<'_> {
+        static NO_DIFF: std::sync::LazyLock<PlanDiff> = std::sync::LazyLock::new(PlanDiff::default);
+        Frontends::of(node, &NO_DIFF, true)
+    }
+
     #[test]
     fn flows_to_endpoints_that_stopped_serving_are_stale() {
         let node = node_plan(vec![plan(Protocol::Udp, &["10.0.0.2", "10.0.0.3"])]);
-        let f = Frontends::of(&node);
+        let f = all(&node);
         assert!(
             f.is_stale(&flow("10.96.0.10", 53, "10.0.0.1", 5353)),
             "gone backend"
@@ -211,10 +240,10 @@ mod tests {
     fn unnated_flows_are_stale_once_the_service_has_endpoints() {
         let with = node_plan(vec![plan(Protocol::Udp, &["10.0.0.2"])]);
         let blackholed = flow("10.96.0.10", 53, "10.96.0.10", 53);
-        assert!(Frontends::of(&with).is_stale(&blackholed));
+        assert!(all(&with).is_stale(&blackholed));
         let without = node_plan(vec![plan(Protocol::Udp, &[])]);
         assert!(
-            !Frontends::of(&without).is_stale(&blackholed),
+            !all(&without).is_stale(&blackholed),
             "nothing to move to yet"
         );
     }
@@ -222,7 +251,7 @@ mod tests {
     #[test]
     fn tcp_services_and_unrelated_syncs_need_no_reconcile() {
         let tcp = node_plan(vec![plan(Protocol::Tcp, &["10.0.0.2"])]);
-        assert!(!Frontends::of(&tcp).is_stale(&flow("10.96.0.10", 53, "10.0.0.1", 5353)));
+        assert!(all(&tcp).is_empty());
         let diff = |p: Protocol| PlanDiff {
             upserted: vec![Upsert {
                 old: None,
@@ -231,8 +260,26 @@ mod tests {
             removed: vec![],
             skipped: vec![],
         };
-        assert!(needed(&diff(Protocol::Udp), false));
-        assert!(!needed(&diff(Protocol::Tcp), false));
-        assert!(needed(&PlanDiff::default(), true), "every full sync");
+        let empty = NodePlan::default();
+        let udp = diff(Protocol::Udp);
+        assert!(!Frontends::of(&empty, &udp, false).is_empty());
+        let tcp_diff = diff(Protocol::Tcp);
+        assert!(Frontends::of(&empty, &tcp_diff, false).is_empty());
+    }
+
+    #[test]
+    fn flows_of_a_removed_service_are_stale() {
+        let gone = PlanDiff {
+            upserted: vec![],
+            removed: vec![Arc::new(plan(Protocol::Udp, &["10.0.0.2"]))],
+            skipped: vec![],
+        };
+        let empty = NodePlan::default();
+        let f = Frontends::of(&empty, &gone, false);
+        assert!(f.is_stale(&flow("10.96.0.10", 53, "10.0.0.2", 5353)));
+        assert!(
+            !f.is_stale(&flow("10.96.0.10", 53, "10.96.0.10", 53)),
+            "never NATed"
+        );
     }
 }
