@@ -939,30 +939,39 @@ impl Cluster {
     }
 }
 
+/// A pod's server on the harness's standard ports.
 pub(crate) fn start_server(bin_dir: &Path, ns: &Netns, name: &str) -> Child {
+    let command = ns.command(bin_dir.join("ferry-probe"), None);
+    start_probe_server(command, name, &TCP_PORTS, &UDP_PORTS)
+}
+
+/// Starts `ferry-probe serve` (`command` is the probe in some namespace) and waits
+/// until it listens, so tests never race the listener.
+pub(crate) fn start_probe_server(
+    mut command: Command,
+    name: &str,
+    tcp: &[u16],
+    udp: &[u16],
+) -> Child {
     let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-    let mut child = ns
-        .command(bin_dir.join("ferry-probe"), None)
-        .args([
-            "serve",
-            "--name",
-            name,
-            "--tcp",
-            &ports(&TCP_PORTS),
-            "--udp",
-            &ports(&UDP_PORTS),
-        ])
+    command.args(["serve", "--name", name]);
+    if !tcp.is_empty() {
+        command.args(["--tcp", &ports(tcp)]);
+    }
+    if !udp.is_empty() {
+        command.args(["--udp", &ports(udp)]);
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn server");
-    // Wait for "ready" so tests never race the listener.
     let mut buf = [0u8; 6];
     if let Some(out) = child.stdout.as_mut() {
         let _ = out.read_exact(&mut buf);
     }
-    assert_eq!(&buf, b"ready\n", "server in {name} did not start");
+    assert_eq!(&buf, b"ready\n", "server {name} did not start");
     child
 }
 

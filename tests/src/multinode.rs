@@ -16,17 +16,16 @@
 //! Every node's agent watches its own manifest directory; [`MultiNode::write_manifest`]
 //! writes to all of them, since Services, EndpointSlices and Nodes are cluster-wide.
 
-use std::io::Read as _;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::cgroup::Cgroup;
 use crate::cluster::{
     AgentProcess, Mode, NODE_SYSCTLS, Pod, QUIET_DAD, Report, RunningProbe, agent_flags, bin_dir,
-    check_binaries, ebpf_cleanup, http_get_in, pod_link, poll, scratch_dir, unique_id,
-    write_atomic,
+    check_binaries, ebpf_cleanup, http_get_in, pod_link, poll, scratch_dir, start_probe_server,
+    unique_id, write_atomic,
 };
 use crate::manifests::{self, Endpoint};
 use crate::netns::Netns;
@@ -508,31 +507,6 @@ impl Drop for MultiNode {
         let _ = std::fs::remove_dir_all(&self.dir);
         // Pods stop their servers, then the namespaces and cgroups go as fields drop.
     }
-}
-
-/// Starts `ferry-probe serve` (`command` is the probe in some namespace) and waits
-/// until it listens.
-fn start_probe_server(mut command: Command, name: &str, tcp: &[u16], udp: &[u16]) -> Child {
-    let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-    command.args(["serve", "--name", name]);
-    if !tcp.is_empty() {
-        command.args(["--tcp", &ports(tcp)]);
-    }
-    if !udp.is_empty() {
-        command.args(["--udp", &ports(udp)]);
-    }
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn server");
-    let mut buf = [0u8; 6];
-    if let Some(out) = child.stdout.as_mut() {
-        let _ = out.read_exact(&mut buf);
-    }
-    assert_eq!(&buf, b"ready\n", "server {name} did not start");
-    child
 }
 
 /// `ip:port`, or `[ip]:port` for IPv6.
