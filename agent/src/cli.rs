@@ -181,9 +181,34 @@ pub struct RunArgs {
     /// cgroup v2 the eBPF socket hooks attach to. Default: the cgroup2 mount root.
     #[arg(long, value_name = "PATH", env = "FERRY_CGROUP")]
     pub cgroup: Option<PathBuf>,
-    /// Address to serve cluster DNS on, e.g. 169.254.20.10:53. Default: off.
-    #[arg(long, value_name = "ADDR:PORT", env = "FERRY_DNS_LISTEN")]
-    pub dns_listen: Option<SocketAddr>,
+    /// Addresses to serve cluster DNS on, e.g. 169.254.20.10:53 (repeat, or separate
+    /// with commas). An address the host lacks is added to the `ferry-dns` interface
+    /// (`lo` where the kernel has no dummy driver). Default: off.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ADDR:PORT",
+        env = "FERRY_DNS_LISTEN"
+    )]
+    pub dns_listen: Vec<SocketAddr>,
+    /// The cluster DNS Service whose ClusterIP:53 pods on this node get answered by
+    /// this node's DNS server while it serves (its endpoints otherwise). Empty: off.
+    #[arg(
+        long,
+        default_value = "kube-system/kube-dns",
+        value_name = "NAMESPACE/NAME",
+        env = "FERRY_DNS_SERVICE"
+    )]
+    pub dns_service: String,
+    /// Unix socket where a starting agent takes the DNS sockets over from the one it
+    /// replaces (no query lost in a rolling update). Empty: off.
+    #[arg(
+        long,
+        default_value = "/run/ferry/dns-handover.sock",
+        value_name = "PATH",
+        env = "FERRY_DNS_HANDOVER_SOCKET"
+    )]
+    pub dns_handover_socket: String,
     /// Cluster DNS domain.
     #[arg(long, default_value = "cluster.local", env = "FERRY_CLUSTER_DOMAIN")]
     pub cluster_domain: String,

@@ -17,7 +17,7 @@ use crate::dataplane::ebpf::EbpfConfig;
 use crate::dataplane::ebpf::loader::{MapSizes, cgroup2_root};
 use crate::dns::DnsConfig;
 use crate::kube_proxy_config::KubeProxyConfiguration;
-use crate::model::{ClusterDomain, LocalDetection, NodePortAddresses};
+use crate::model::{ClusterDomain, LocalDetection, NodePortAddresses, ServiceName};
 use crate::node_settings::{ConntrackSettings, NodeSettings};
 use crate::source::kube::{ClusterAccess, Credentials};
 
@@ -91,9 +91,9 @@ impl RunConfig {
             .map_err(|e| anyhow!("--cluster-domain: {e}"))?;
         Ok(RunConfig {
             source: source(&args)?,
-            dns: match args.dns_listen {
-                Some(listen) => Some(dns(&args, listen, domain)?),
-                None => None,
+            dns: match args.dns_listen.is_empty() {
+                false => Some(dns(&args, domain)?),
+                true => None,
             },
             node_name: node_name(args.node_name.clone())?,
             nodeport_addresses: parse_nodeport_addresses(&args.nodeport_addresses, args.mode)?,
@@ -175,7 +175,8 @@ fn data_plane(args: RunArgs) -> anyhow::Result<DataPlaneConfig> {
 
 /// DNS settings: the forwarder serves the pods, `--dns-forward-allow`, loopback and
 /// the node's own addresses; upstreams default to resolv.conf, never this server.
-fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
+fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
+    let listen = args.dns_listen.clone();
     let local: Vec<IpAddr> = crate::host::local_addresses()
         .into_iter()
         .map(|a| a.ip)
@@ -190,13 +191,30 @@ fn dns(args: &RunArgs, listen: SocketAddr, domain: ClusterDomain) -> anyhow::Res
     forward_allowed.extend(local.iter().map(|ip| IpNetwork::from(*ip)));
     let configured = parse_upstreams(&args.dns_upstream)?;
     Ok(DnsConfig {
+        upstreams: crate::dns::upstreams(&configured, &listen, &local),
         listen,
+        service: dns_service(&args.dns_service)?,
+        handover: (!args.dns_handover_socket.is_empty())
+            .then(|| std::path::PathBuf::from(&args.dns_handover_socket)),
         domain,
         ttl: args.dns_ttl,
-        upstreams: crate::dns::upstreams(&configured, listen, &local),
         forward_allowed,
         cache_size: args.dns_cache_size.max(1),
     })
+}
+
+/// `--dns-service`: `NAMESPACE/NAME`, or empty for none.
+fn dns_service(value: &str) -> anyhow::Result<Option<ServiceName>> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    match value.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(Some(ServiceName::new(ns, name)))
+        }
+        _ => Err(anyhow!("--dns-service: {value:?} is not NAMESPACE/NAME")),
+    }
 }
 
 /// `--detect-local-mode` with the flag its mode needs.

@@ -69,6 +69,39 @@ fn default_v6_interfaces(table: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Sends one rtnetlink request (with `NLM_F_REQUEST | NLM_F_ACK` and `extra_flags`,
+/// e.g. `NLM_F_CREATE`) and waits for the kernel's acknowledgement: the agent's only
+/// way of changing links and addresses.
+pub fn rtnetlink_request(
+    request: netlink_packet_route::RouteNetlinkMessage,
+    extra_flags: u16,
+) -> std::io::Result<()> {
+    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut message = NetlinkMessage::from(request);
+    message.header.flags = NLM_F_REQUEST | NLM_F_ACK | extra_flags;
+    message.header.sequence_number = 1;
+    message.finalize();
+    let mut bytes = vec![0; message.buffer_len()];
+    message.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    let mut answer = Vec::with_capacity(8192);
+    socket.recv(&mut answer, 0)?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())),
+        },
+        _ => Ok(()),
+    }
+}
+
 /// The host's addresses and default-route interfaces, now.
 pub fn probe_addresses() -> HostAddresses {
     HostAddresses {

@@ -196,33 +196,11 @@ fn destroy_ipsets() -> Vec<String> {
 
 /// Deletes a network device (RTM_DELLINK) and waits for the kernel's answer.
 fn delete_link(index: u32) -> std::io::Result<()> {
-    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
     use netlink_packet_route::RouteNetlinkMessage;
     use netlink_packet_route::link::LinkMessage;
-    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
     let mut link = LinkMessage::default();
     link.header.index = index;
-    let mut message = NetlinkMessage::from(RouteNetlinkMessage::DelLink(link));
-    message.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    message.header.sequence_number = 1;
-    message.finalize();
-    let mut bytes = vec![0; message.buffer_len()];
-    message.serialize(&mut bytes);
-    socket.send(&bytes, 0)?;
-    let mut answer = Vec::with_capacity(8192);
-    socket.recv(&mut answer, 0)?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    match reply.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(code) => Err(std::io::Error::from_raw_os_error(-code.get())),
-        },
-        _ => Ok(()),
-    }
+    crate::host::rtnetlink_request(RouteNetlinkMessage::DelLink(link), 0)
 }
 
 fn run(tool: &str, args: &[&str]) -> Result<(), String> {

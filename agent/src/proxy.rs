@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
+use self::node_local_dns::NodeLocalDnsSteering;
 use crate::dataplane::{DataPlane, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::{
@@ -64,6 +65,8 @@ pub struct ProxyLoop {
     data_plane: Box<dyn DataPlane>,
     report: Report,
     dns: Option<DnsFeed>,
+    /// The kube-dns ClusterIP answered by this node's DNS server.
+    node_local_dns: Option<NodeLocalDnsSteering>,
     /// Load balancers' health servers for `Local` external-policy services.
     service_health: Option<ServiceHealthServers>,
     /// The host's addresses as last reported (NodePort address selection).
@@ -98,6 +101,7 @@ impl ProxyLoop {
             data_plane,
             report,
             dns: None,
+            node_local_dns: None,
             service_health: None,
             host,
             source_synced: false,
@@ -124,6 +128,17 @@ impl ProxyLoop {
             synced: false,
             deferred: HashSet::new(),
         });
+        self
+    }
+
+    /// Answers the cluster DNS Service (`service`) on this node with `steering`.
+    pub fn with_node_local_dns(
+        mut self,
+        service: ServiceName,
+        steering: NodeLocalDnsSteering,
+    ) -> Self {
+        self.state.set_node_local_dns(Some(service));
+        self.node_local_dns = Some(steering);
         self
     }
 
@@ -170,6 +185,9 @@ impl ProxyLoop {
         }
         if self.retry_at.is_none_or(|t| Instant::now() >= t) && self.min_sync_period_passed() {
             self.sync();
+        }
+        if let Some(steering) = &mut self.node_local_dns {
+            steering.apply(self.data_plane.as_mut());
         }
         self.publish_programmed_dns();
     }
@@ -313,6 +331,9 @@ impl ProxyLoop {
         }
         self.last_sync = Some(Instant::now());
         let diff = self.plan.update(&self.state, &changes.services);
+        if let Some(steering) = &mut self.node_local_dns {
+            steering.track(&diff);
+        }
         for port in &diff.skipped {
             warn!(service_port = %port, protocol = %port.protocol, "this kernel has no {} support; the port is not programmed", port.protocol);
             self.report.skipped(port.protocol);
@@ -339,6 +360,9 @@ impl ProxyLoop {
                 }
                 if full {
                     self.last_full = Instant::now();
+                }
+                if full && let Some(steering) = &mut self.node_local_dns {
+                    steering.invalidate();
                 }
                 self.needs_full_sync = false;
                 self.retry_at = None;
@@ -387,5 +411,6 @@ impl ProxyLoop {
     }
 }
 
+pub mod node_local_dns;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,8 @@
 //! `ferry run` and `ferry cleanup`: wiring sources, the proxy loop, the data plane and the
 //! HTTP endpoints together.
 
-use std::sync::Arc;
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,17 +10,21 @@ use tracing::info;
 
 use crate::config::{DataPlaneConfig, RunConfig, SourceConfig};
 use crate::dataplane::DataPlane;
+use crate::dataplane::ebpf::node_local_dns::DnsLease;
 use crate::dataplane::ebpf::{EbpfDataPlane, inspect, loader};
 use crate::dataplane::iptables::IptablesDataPlane;
 use crate::dataplane::iptables::render::Scope;
+use crate::dns::listeners::DnsServer;
 use crate::dns::{self, ClusterDns, DnsConfig};
 use crate::health::{Health, serve_health, serve_metrics};
 use crate::host;
 use crate::kube_proxy;
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
+use crate::proxy::node_local_dns::NodeLocalDnsSteering;
 use crate::proxy::{ProxyConfig, ProxyLoop};
 use crate::report::Report;
+use crate::report::error_chain;
 use crate::service_health::ServiceHealthServers;
 use crate::source::{self, SourceEvent, manifests};
 
@@ -71,14 +75,17 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         let mode = config.data_plane.mode_name();
         runtime.spawn(serve_metrics(addr, metrics.clone(), mode, hard_fail));
     }
-    runtime.spawn(async {
-        exit_on_signal().await;
-    });
     let data_plane = start_data_plane(&config.data_plane, &metrics)?;
     let dns = match config.dns.clone() {
-        Some(dns_config) => Some(start_dns(&runtime, dns_config)?),
+        Some(dns_config) => Some(start_dns(&runtime, dns_config, &config.data_plane)?),
         None => None,
     };
+    let shutdown = Shutdown {
+        dns: dns.as_ref().map(|d| (d.server.clone(), d.lease.clone())),
+    };
+    runtime.spawn(async move {
+        exit_on_signal(shutdown).await;
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     let host = host::probe_addresses();
     host::watch_addresses(host.clone(), HOST_PROBE_PERIOD, tx.clone());
@@ -101,7 +108,11 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     )
     .with_service_health(ServiceHealthServers::new(runtime.handle().clone(), health));
     if let Some(dns) = dns {
-        proxy = proxy.with_dns(dns);
+        proxy = proxy.with_dns(dns.cluster);
+        if let Some(service) = dns.config.service.clone() {
+            let steering = NodeLocalDnsSteering::new(dns.server.clone(), dns.config.listen.clone());
+            proxy = proxy.with_node_local_dns(service, steering);
+        }
     }
     proxy.run(rx);
     Ok(())
@@ -120,20 +131,145 @@ fn start_data_plane(
     })
 }
 
-/// Binds the DNS sockets (failing start-up if they cannot be had) and serves them.
-fn start_dns(runtime: &tokio::runtime::Runtime, config: DnsConfig) -> anyhow::Result<ClusterDns> {
-    let sockets = runtime
-        .block_on(dns::bind(config.listen))
-        .with_context(|| format!("cannot listen for DNS on {}", config.listen))?;
+/// The running DNS server and what the rest of the agent needs of it.
+struct RunningDns {
+    config: DnsConfig,
+    cluster: ClusterDns,
+    server: Arc<DnsServer>,
+    /// eBPF mode: the lease the socket hooks check before answering the kube-dns
+    /// ClusterIP locally.
+    lease: Option<SharedLease>,
+}
+
+/// The eBPF lease, renewed by the liveness probe and revoked at shutdown.
+type SharedLease = Arc<Mutex<DnsLease>>;
+
+/// Starts DNS: takes the sockets over from a running predecessor once this agent's
+/// zone is complete, or binds them now (failing start-up if they cannot be had).
+fn start_dns(
+    runtime: &tokio::runtime::Runtime,
+    config: DnsConfig,
+    data_plane: &DataPlaneConfig,
+) -> anyhow::Result<RunningDns> {
     let cluster = ClusterDns::new(&config.domain);
-    let served = cluster.clone();
-    runtime.spawn(async move {
-        let listen = config.listen;
-        if let Err(e) = dns::serve(config, sockets, served).await {
-            tracing::error!(%listen, error = %e, "cluster DNS stopped");
+    let server = dns::server(&config, cluster.clone(), runtime.handle().clone());
+    let predecessor = config
+        .handover
+        .as_deref()
+        .filter(|path| dns::handover::predecessor(path));
+    match predecessor {
+        Some(path) => take_over_when_synced(path.to_path_buf(), &config, &cluster, &server),
+        None => {
+            for &addr in &config.listen {
+                listen(&server, addr)?;
+            }
+            if let Some(path) = &config.handover {
+                accept_successors(path.clone(), &server);
+            }
         }
+    }
+    let lease = match data_plane {
+        DataPlaneConfig::Ebpf(ebpf) if config.service.is_some() => {
+            Some(start_lease(runtime, &config, &ebpf.pin_dir)?)
+        }
+        _ => None,
+    };
+    Ok(RunningDns {
+        config,
+        cluster,
+        server,
+        lease,
+    })
+}
+
+/// Serves `addr`, adding the address to the host first if it lacks it.
+fn listen(server: &DnsServer, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    dns::addresses::ensure(addr.ip())
+        .with_context(|| format!("cannot add DNS listen address {}", addr.ip()))?;
+    server
+        .listen(addr)
+        .with_context(|| format!("cannot listen for DNS on {addr}"))
+}
+
+/// Lets a successor take the sockets at `path`.
+fn accept_successors(path: std::path::PathBuf, server: &Arc<DnsServer>) {
+    if let Err(e) = dns::handover::serve(path.clone(), server.clone()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot accept DNS socket handovers; a restart will drop queries");
+    }
+}
+
+/// Waits (on a thread) for the zone to be complete, then takes the predecessor's
+/// sockets; if that fails, binds fresh ones.
+fn take_over_when_synced(
+    path: std::path::PathBuf,
+    config: &DnsConfig,
+    cluster: &ClusterDns,
+    server: &Arc<DnsServer>,
+) {
+    info!(path = %path.display(), "a running agent serves DNS; taking its sockets once the zone is complete");
+    let (cluster, server, addrs) = (cluster.clone(), server.clone(), config.listen.clone());
+    server.set_taking_over(true);
+    std::thread::spawn(move || {
+        while !cluster.is_synced() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match dns::handover::take(&path) {
+            Ok(sockets) => {
+                for (addr, s) in sockets {
+                    if let Err(e) = server.adopt(addr, s) {
+                        tracing::error!(%addr, error = %e, "cannot serve a handed-over DNS socket");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "DNS socket handover failed; binding fresh sockets")
+            }
+        }
+        for addr in addrs {
+            if let Err(e) = listen(&server, addr) {
+                tracing::error!(%addr, error = %error_chain(e.as_ref()), "cannot serve DNS");
+            }
+        }
+        server.set_taking_over(false);
+        accept_successors(path, &server);
     });
-    Ok(cluster)
+}
+
+/// Opens the eBPF lease and renews it while the local server answers.
+fn start_lease(
+    runtime: &tokio::runtime::Runtime,
+    config: &DnsConfig,
+    pin_dir: &std::path::Path,
+) -> anyhow::Result<SharedLease> {
+    let lease = Arc::new(Mutex::new(
+        DnsLease::open(pin_dir).context("opening the DNS lease map")?,
+    ));
+    let Some(target) = config.listen.first().map(|a| probe_address(*a)) else {
+        return Ok(lease);
+    };
+    let apex = hickory_server::proto::rr::Name::from_ascii(config.domain.apex())
+        .unwrap_or_else(|_| hickory_server::proto::rr::Name::root());
+    let renewed = lease.clone();
+    dns::liveness::spawn(runtime.handle(), target, apex, move || {
+        renewed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .renew(dns::liveness::VALID_FOR);
+    });
+    Ok(lease)
+}
+
+/// Where to probe a listen address (loopback for the unspecified address).
+fn probe_address(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+            std::net::SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
 }
 
 /// Starts the configured source feeding `tx`; returns the directory watcher's thread
@@ -154,9 +290,35 @@ fn start_source(
     }
 }
 
+/// What a signalled agent finishes before it exits.
+struct Shutdown {
+    dns: Option<(Arc<DnsServer>, Option<SharedLease>)>,
+}
+
+impl Shutdown {
+    /// A server that handed its sockets over answers what it still has in flight; one
+    /// that did not gives the kube-dns ClusterIP back to its endpoints at once.
+    async fn finish(self) {
+        let Some((server, lease)) = self.dns else {
+            return;
+        };
+        if server.is_retired() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while server.in_flight() > 0 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } else if let Some(lease) = lease {
+            lease
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .revoke();
+        }
+    }
+}
+
 /// Exits on SIGTERM or SIGINT. Programmed state is left in place on purpose (as
 /// kube-proxy does), so traffic keeps flowing while the agent restarts.
-async fn exit_on_signal() {
+async fn exit_on_signal(shutdown: Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -168,6 +330,7 @@ async fn exit_on_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    shutdown.finish().await;
     info!("signalled; exiting and leaving the data plane programmed");
     std::process::exit(0);
 }

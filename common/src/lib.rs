@@ -24,6 +24,8 @@ pub const FAMILY_V6: u8 = 10;
 pub enum MapKind {
     /// `BPF_MAP_TYPE_HASH`.
     Hash = 1,
+    /// `BPF_MAP_TYPE_ARRAY`.
+    Array = 2,
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
     PerCpuArray = 6,
     /// `BPF_MAP_TYPE_LRU_HASH`.
@@ -109,6 +111,10 @@ pub mod maps {
         MapKind, MapSpec, ReverseKey, ReverseValue, VipKey, list_max_entries, stats,
     };
 
+    /// The DNS port, in network byte order as the hooks see it: only frontends on it
+    /// are looked up in [`NODE_LOCAL_DNS`].
+    pub const DNS_PORT_BE: u16 = 53u16.to_be();
+
     /// `BPF_F_NO_PREALLOC`: elements are allocated per update and freed after an RCU
     /// grace period, so a program reading a value never sees it half-rewritten (with
     /// preallocation the kernel may recycle an element while a reader still uses it).
@@ -149,6 +155,16 @@ pub mod maps {
     /// Per-CPU `u64` counters indexed by [`stats`].
     pub const STATS: MapSpec =
         MapSpec::new::<u32, u64>("ferry_stats_v1", MapKind::PerCpuArray, stats::COUNT, 0);
+    /// [`FrontendKey`] -> [`BackendAddr`]: frontends (the kube-dns ClusterIP's port 53)
+    /// answered by the node's own DNS listener while [`DNS_ALIVE`] says it serves.
+    pub const NODE_LOCAL_DNS: MapSpec =
+        MapSpec::new::<FrontendKey, BackendAddr>("ferry_ldns_v1", MapKind::Hash, 64, NO_PREALLOC);
+    /// `u32` 0 -> `u64`: `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) until which the node's
+    /// DNS listener is known to answer. The agent pushes it forward while its health
+    /// probe succeeds; when the agent dies it simply expires, and [`NODE_LOCAL_DNS`]
+    /// frontends fall back to their endpoints with no one having to act.
+    pub const DNS_ALIVE: MapSpec =
+        MapSpec::new::<u32, u64>("ferry_dnsalive_v1", MapKind::Array, 1, 0);
 
     const fn list<const N: usize>(name: &'static str, class: usize) -> MapSpec {
         MapSpec::new::<u32, BackendList<N>>(

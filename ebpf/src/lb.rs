@@ -12,7 +12,8 @@ use ferry_common::{
 };
 
 use crate::maps::{
-    AFFINITY, BACKENDS, FRONTENDS, LIST4K, LIST16, LIST64K, LIST256, REVERSE, VIPS, count,
+    AFFINITY, BACKENDS, DNS_ALIVE, FRONTENDS, LIST4K, LIST16, LIST64K, LIST256, NODE_LOCAL_DNS,
+    REVERSE, VIPS, count,
 };
 
 /// Why a connection is refused; the errno the application gets.
@@ -66,6 +67,12 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         proto,
         family: dest.family,
     };
+    if dest.port == ferry_common::maps::DNS_PORT_BE
+        && let Some(local) = node_local_dns(&key)
+    {
+        count(stats::TRANSLATED);
+        return Ok(Some(local));
+    }
     // SAFETY: `get` hands out a reference into the map value, which the kernel keeps
     // alive until the program returns (RCU read side; NO_PREALLOC elements are freed
     // only after a grace period). It is copied out at once, so no reference escapes.
@@ -108,6 +115,24 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         port: backend.port,
         family: backend.family,
     }))
+}
+
+/// The node's own DNS listener for a frontend it takes over, while the listener is
+/// known to serve (its deadline in `DNS_ALIVE` has not passed); `None` sends the
+/// socket to the frontend's endpoints as usual.
+#[inline(always)]
+fn node_local_dns(key: &FrontendKey) -> Option<Dest> {
+    // SAFETY: map value references live until the program returns (RCU read side);
+    // both are copied out at once and not kept.
+    let target = (unsafe { NODE_LOCAL_DNS.get(key) }).copied()?;
+    let alive_until = DNS_ALIVE.get(0).copied()?;
+    // SAFETY: no arguments, no memory access.
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now < alive_until).then_some(Dest {
+        addr: target.addr,
+        port: target.port,
+        family: target.family,
+    })
 }
 
 /// The reverse-map key of this socket talking to `backend`.

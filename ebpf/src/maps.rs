@@ -3,7 +3,7 @@
 //! override the sizes at load time (`--bpf-max-*` flags).
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use ferry_common::{
     AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
     ReverseKey, ReverseValue, VipKey, maps,
@@ -42,6 +42,8 @@ pinned_map!("ferry_vip_v1" => VIPS: HashMap<VipKey, u32> = maps::VIPS);
 pinned_map!("ferry_aff_v1" => AFFINITY: LruHashMap<AffinityKey, AffinityValue> = maps::AFFINITY);
 pinned_map!("ferry_rev_v1" => REVERSE: LruHashMap<ReverseKey, ReverseValue> = maps::REVERSE);
 pinned_map!("ferry_stats_v1" => STATS: PerCpuArray<u64> = maps::STATS);
+pinned_map!("ferry_ldns_v1" => NODE_LOCAL_DNS: HashMap<FrontendKey, BackendAddr> = maps::NODE_LOCAL_DNS);
+pinned_map!("ferry_dnsalive_v1" => DNS_ALIVE: Array<u64> = maps::DNS_ALIVE);
 
 /// Adds one to a counter (per CPU, so no atomics needed).
 #[inline(always)]

@@ -219,7 +219,21 @@ pub(crate) fn agent_flags(
         "0".into(),
     ];
     args.extend(ebpf_flags(mode, cgroup, pin_dir));
+    args.extend([
+        "--dns-handover-socket".into(),
+        dns_handover_socket(pin_dir).display().to_string(),
+    ]);
     args
+}
+
+/// The DNS handover socket of the test node pinning to `pin_dir` (its own, so
+/// parallel tests never take each other's DNS sockets).
+pub fn dns_handover_socket(pin_dir: &Path) -> PathBuf {
+    let node = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::env::temp_dir().join(format!("{node}-dns-handover.sock"))
 }
 
 /// `--cgroup` and `--bpf-pin-path`, in eBPF mode.
@@ -345,7 +359,7 @@ impl AgentProcess {
 }
 
 /// Polls `check` every 25 ms until it returns true or `timeout` passes.
-pub(crate) fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+pub fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if check() {
@@ -981,6 +995,7 @@ impl Drop for Cluster {
         if self.mode == Mode::Ebpf {
             ebpf_cleanup(&self.node, &self.bin_dir, &self.pin_dir());
         }
+        let _ = std::fs::remove_file(dns_handover_socket(&self.pin_dir()));
         // Pods stop their servers as they drop.
         if std::thread::panicking() {
             eprintln!("{}", self.agent_log());

@@ -500,6 +500,7 @@ impl Drop for MultiNode {
             if self.mode == Mode::Ebpf {
                 ebpf_cleanup(&node.netns, &self.bin_dir, &node.pin_dir);
             }
+            let _ = std::fs::remove_file(crate::cluster::dns_handover_socket(&node.pin_dir));
         }
         if std::thread::panicking() {
             eprintln!("{}", self.agent_logs());

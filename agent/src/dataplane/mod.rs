@@ -1,8 +1,10 @@
 //! Data planes: each turns the model's [`PlanDiff`] into kernel state. They never look
 //! at Kubernetes objects; every service semantic was decided by the model.
 
+use std::net::SocketAddr;
+
 pub use crate::model::NodeNetwork;
-use crate::model::{IpFamily, NodePlan, PlanDiff};
+use crate::model::{IpFamily, NodePlan, PlanDiff, Protocol};
 
 pub mod conntrack;
 pub mod ebpf;
@@ -57,6 +59,17 @@ pub enum SyncError {
     Load(#[from] ebpf::loader::LoadError),
 }
 
+/// A frontend (the kube-dns ClusterIP's port 53) answered by the node's own DNS
+/// server while it serves, and by the Service's endpoints otherwise.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeLocalDns {
+    /// The ClusterIP and port.
+    pub frontend: SocketAddr,
+    pub protocol: Protocol,
+    /// Where the node's DNS server listens for it.
+    pub listener: SocketAddr,
+}
+
 /// A data plane.
 pub trait DataPlane: Send {
     /// Short name for logs.
@@ -72,6 +85,21 @@ pub trait DataPlane: Send {
         node: &NodeNetwork,
         full: bool,
     ) -> Result<SyncStats, SyncError>;
+
+    /// Whether the node's DNS server must listen on the ClusterIP itself for
+    /// [`Self::steer_node_local_dns`] (NodeLocal DNSCache's way), rather than on its
+    /// own address (a socket hook redirects there).
+    fn dns_listens_on_service_ip(&self) -> bool {
+        false
+    }
+
+    /// Hands exactly these frontends to the node's DNS server (the whole, small, set
+    /// each time it changes): from then on the kernel alone decides, per connection,
+    /// between the local server (while it serves) and the Service's endpoints.
+    fn steer_node_local_dns(&mut self, frontends: &[NodeLocalDns]) -> Result<(), SyncError> {
+        let _ = frontends;
+        Ok(())
+    }
 
     /// Cheap check for outside tampering; `true` means a full sync is due.
     fn needs_full_sync(&mut self) -> bool {

@@ -5,7 +5,11 @@
 //! Transport, parsing, EDNS and truncation come from hickory-server; answers come from
 //! [`zone::Zone`] and [`forward::Forwarder`].
 
+pub mod addresses;
 pub mod forward;
+pub mod handover;
+pub mod listeners;
+pub mod liveness;
 pub mod records;
 mod tcp;
 mod udp;
@@ -34,7 +38,12 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 /// Settings of the DNS server.
 #[derive(Clone, Debug)]
 pub struct DnsConfig {
-    pub listen: SocketAddr,
+    /// Addresses served from the start (`--dns-listen`).
+    pub listen: Vec<SocketAddr>,
+    /// The kube-dns Service this node answers for (`--dns-service`).
+    pub service: Option<ServiceName>,
+    /// Unix socket for handing the sockets to a successor (`--dns-handover-socket`).
+    pub handover: Option<std::path::PathBuf>,
     pub domain: ClusterDomain,
     pub ttl: u32,
     pub upstreams: Vec<SocketAddr>,
@@ -116,6 +125,14 @@ impl ClusterDns {
                 (zone, true)
             }
         }
+    }
+
+    /// Whether the zone is complete (answered authoritatively).
+    pub fn is_synced(&self) -> bool {
+        self.zone
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_synced()
     }
 
     /// The model is complete: start answering authoritatively.
@@ -395,56 +412,22 @@ pub fn response_edns(request: Option<&Edns>) -> Option<Edns> {
     })
 }
 
-/// Sockets the DNS server answers on, bound before anything else starts so a busy
-/// or missing address fails the agent at once.
-pub struct DnsSockets {
-    udp: Vec<std::net::UdpSocket>,
-    tcp: tokio::net::TcpListener,
-}
-
-/// Binds TCP, and one UDP socket per worker thread (SO_REUSEPORT, so the kernel
-/// spreads queries over them).
-pub async fn bind(listen: SocketAddr) -> std::io::Result<DnsSockets> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let udp = (0..workers)
-        .map(|_| udp::reuseport_socket(listen))
-        .collect::<std::io::Result<_>>()?;
-    Ok(DnsSockets {
-        udp,
-        tcp: tokio::net::TcpListener::bind(listen).await?,
-    })
-}
-
-/// Serves DNS until the process ends: UDP on worker threads (a query answered from
-/// memory never touches the async runtime), TCP through hickory-server.
-pub async fn serve(
-    config: DnsConfig,
-    sockets: DnsSockets,
+/// Starts a DNS server with no listeners (see [`listeners::DnsServer::listen`] and
+/// [`handover`]) answering from `cluster`.
+pub fn server(
+    config: &DnsConfig,
     cluster: ClusterDns,
-) -> std::io::Result<()> {
-    info!(listen = %config.listen, domain = %config.domain, upstreams = ?config.upstreams, "serving DNS");
-    let answerer = Arc::new(Answerer::new(cluster, &config));
-    udp::spawn_workers(
-        sockets.udp,
-        answerer.clone(),
-        tokio::runtime::Handle::current(),
-    )?;
-    let mut server = hickory_server::Server::new(tcp::TcpHandler::new(answerer));
-    server.register_listener(sockets.tcp, Duration::from_secs(10), 64);
-    server
-        .block_until_done()
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    runtime: tokio::runtime::Handle,
+) -> Arc<listeners::DnsServer> {
+    info!(listen = ?config.listen, domain = %config.domain, upstreams = ?config.upstreams, "starting DNS");
+    listeners::DnsServer::new(Arc::new(Answerer::new(cluster, config)), runtime)
 }
 
 /// Upstreams: the configured ones, else the system resolv.conf's, minus this server
 /// itself (never forward to ourselves).
 pub fn upstreams(
     configured: &[SocketAddr],
-    listen: SocketAddr,
+    listen: &[SocketAddr],
     local: &[IpAddr],
 ) -> Vec<SocketAddr> {
     let candidates = if configured.is_empty() {
@@ -457,10 +440,12 @@ pub fn upstreams(
     candidates
         .into_iter()
         .filter(|u| {
-            let ours = u.port() == listen.port()
-                && (u.ip() == listen.ip()
-                    || (listen.ip().is_unspecified()
-                        && (local.contains(&u.ip()) || u.ip().is_loopback())));
+            let ours = listen.iter().any(|listen| {
+                u.port() == listen.port()
+                    && (u.ip() == listen.ip()
+                        || (listen.ip().is_unspecified()
+                            && (local.contains(&u.ip()) || u.ip().is_loopback())))
+            });
             if ours {
                 warn!(upstream = %u, "not forwarding to this DNS server itself");
             }
@@ -528,7 +513,7 @@ mod tests {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-        let kept = upstreams(&configured, listen, &local);
+        let kept = upstreams(&configured, &[listen], &local);
         assert_eq!(
             kept,
             [

@@ -4,6 +4,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use hickory_server::proto::op::{
     Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
@@ -30,27 +31,44 @@ pub fn reuseport_socket(listen: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// Starts one answering thread per socket.
+/// How often a worker blocked on an idle socket looks at its stop flag.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What the answering threads of one listener share.
+#[derive(Clone)]
+pub struct Workers {
+    pub answerer: Arc<Answerer>,
+    pub cache: Arc<WireCache>,
+    pub runtime: tokio::runtime::Handle,
+    /// Set to make the threads stop reading (socket handover, closing a listener).
+    pub stop: Arc<AtomicBool>,
+    /// Questions read and handed to the runtime but not answered yet.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// The shared cache of encoded answers, for [`Workers::cache`].
+pub fn wire_cache() -> Arc<WireCache> {
+    Arc::new(WireCache::new(WIRE_CACHE_ENTRIES))
+}
+
+/// Starts one answering thread per socket; they run until [`Workers::stop`] is set.
 pub fn spawn_workers(
-    sockets: Vec<UdpSocket>,
-    answerer: Arc<Answerer>,
-    runtime: tokio::runtime::Handle,
-) -> std::io::Result<()> {
-    let cache = Arc::new(WireCache::new(WIRE_CACHE_ENTRIES));
-    for (i, socket) in sockets.into_iter().enumerate() {
-        let answerer = answerer.clone();
-        let runtime = runtime.clone();
-        let cache = cache.clone();
-        let socket = Arc::new(socket);
-        std::thread::Builder::new()
-            .name(format!("dns-udp-{i}"))
-            .spawn(move || {
-                restarting(&format!("dns-udp-{i}"), || {
-                    worker(socket.clone(), &answerer, &cache, &runtime)
-                })
-            })?;
+    sockets: &[Arc<UdpSocket>],
+    workers: &Workers,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.iter().enumerate() {
+        socket.set_read_timeout(Some(STOP_POLL))?;
+        let socket = socket.clone();
+        let w = workers.clone();
+        let name = format!("dns-udp-{i}");
+        threads.push(
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || restarting(&name, || worker(socket.clone(), &w)))?,
+        );
     }
-    Ok(())
+    Ok(threads)
 }
 
 /// Runs `work` again whenever it panics, with a log line saying so: a bug in
@@ -76,18 +94,24 @@ fn restarting(name: &str, work: impl Fn()) {
     }
 }
 
-fn worker(
-    socket: Arc<UdpSocket>,
-    answerer: &Arc<Answerer>,
-    cache: &Arc<WireCache>,
-    runtime: &tokio::runtime::Handle,
-) {
+fn worker(socket: Arc<UdpSocket>, w: &Workers) {
+    let (answerer, cache, runtime) = (&w.answerer, &w.cache, &w.runtime);
     let mut buf = [0u8; 4096];
     let mut out = Vec::with_capacity(1500);
     let mut key = Vec::with_capacity(300);
-    loop {
+    // The flag is checked before each read, never between a read and its answer: a
+    // question read is always answered by this process.
+    while !w.stop.load(Ordering::Acquire) {
         let (n, src) = match socket.recv_from(&mut buf) {
             Ok(received) => received,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "DNS UDP receive failed");
                 continue;
@@ -132,7 +156,9 @@ fn worker(
                 let answerer = answerer.clone();
                 let socket = socket.clone();
                 let cache = cache.clone();
+                let in_flight = InFlight::start(&w.in_flight);
                 runtime.spawn(async move {
+                    let _in_flight = in_flight;
                     let records = answerer.forward(&query).await;
                     let sent = Sent {
                         socket: &socket,
@@ -145,6 +171,23 @@ fn worker(
                 });
             }
         }
+    }
+}
+
+/// One question handed to the runtime, counted in [`Workers::in_flight`] until its
+/// answer is sent (or the task is dropped).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::endpoints::{Categorized, candidates, categorize};
 use super::service::{ServiceInfo, ServicePortSpec};
 use super::store::ClusterState;
-use super::types::{Endpoint, IpFamily, ServiceName, ServicePortName};
+use super::types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
 
 /// Identity of a frontend set: a service port in one IP family.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -45,6 +45,9 @@ pub struct ServicePortPlan {
     /// Every endpoint that still serves (ready or terminating), sorted: the
     /// conntrack reconciler keeps UDP flows to these and deletes flows to others.
     pub serving_endpoints: Vec<Endpoint>,
+    /// The ClusterIP of this port is answered by the node's own DNS server while it
+    /// serves, and by the endpoints otherwise (the kube-dns Service's port 53).
+    pub node_local_dns: bool,
 }
 
 /// What to do with traffic of one kind (internal = ClusterIP, external = NodePort,
@@ -305,11 +308,22 @@ fn plan_service(
         for port in svc.ports.iter().filter(|p| state.supports(p.protocol)) {
             let found = candidates(state, name, family, (&port.name, port.protocol));
             let categorized = categorize(&found, state.node(), uses_cluster, uses_local);
-            plans.push(port_plan(svc, port, cluster_ip, categorized));
+            let mut plan = port_plan(svc, port, cluster_ip, categorized);
+            plan.node_local_dns = state.is_node_local_dns(name) && is_dns_port(port);
+            plans.push(plan);
         }
     }
     plans
 }
+
+/// The ports of the cluster DNS Service that the node's DNS server answers: DNS
+/// itself (53, UDP and TCP), not e.g. CoreDNS's metrics port.
+fn is_dns_port(port: &ServicePortSpec) -> bool {
+    port.port == DNS_PORT && matches!(port.protocol, Protocol::Udp | Protocol::Tcp)
+}
+
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
 
 /// The plan of one port of `svc` in the family of `cluster_ip`.
 fn port_plan(
@@ -353,6 +367,7 @@ fn port_plan(
         local_endpoints: endpoints.local,
         has_any_endpoints: endpoints.has_any,
         serving_endpoints: endpoints.serving,
+        node_local_dns: false,
     }
 }
 
@@ -397,13 +412,13 @@ pub(crate) fn test_plan(
         serving_endpoints: cluster_endpoints.clone(),
         cluster_endpoints,
         local_endpoints: vec![],
+        node_local_dns: false,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
     use k8s_openapi::api::core::v1::{Node, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -727,5 +742,76 @@ endpoints: [{addresses: [10.0.0.1]}]
             .get(&key("ns", "web", "http", Protocol::Tcp, IpFamily::V4))
             .unwrap();
         assert_eq!(http.cluster_endpoints.len(), 1);
+    }
+
+    #[test]
+    fn only_the_dns_ports_of_the_cluster_dns_service_are_answered_locally() {
+        let kube_dns = r#"
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+  - {name: metrics, port: 9153, protocol: TCP}
+"#;
+        let other_dns = "kind: Service\nmetadata: {name: dns, namespace: other}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 53, protocol: UDP}]}";
+        let mut st = state(&[kube_dns, other_dns]);
+        let local = |plan: &NodePlan, ns: &str, name: &str, port: &str, protocol| {
+            plan.get(&key(ns, name, port, protocol, IpFamily::V4))
+                .unwrap()
+                .node_local_dns
+        };
+        let (mut plan, _) = plan_all(&mut st);
+        assert!(!local(
+            &plan,
+            "kube-system",
+            "kube-dns",
+            "dns",
+            Protocol::Udp
+        ));
+
+        st.set_node_local_dns(Some(ServiceName::new("kube-system", "kube-dns")));
+        let changes = st.take_changes();
+        let diff = plan.update(&st, &changes.services);
+        assert_eq!(
+            diff.upserted.len(),
+            2,
+            "both DNS ports change, nothing else"
+        );
+        assert!(local(
+            &plan,
+            "kube-system",
+            "kube-dns",
+            "dns",
+            Protocol::Udp
+        ));
+        assert!(local(
+            &plan,
+            "kube-system",
+            "kube-dns",
+            "dns-tcp",
+            Protocol::Tcp
+        ));
+        assert!(!local(
+            &plan,
+            "kube-system",
+            "kube-dns",
+            "metrics",
+            Protocol::Tcp
+        ));
+        assert!(!local(&plan, "other", "dns", "", Protocol::Udp));
+
+        st.set_node_local_dns(None);
+        let changes = st.take_changes();
+        plan.update(&st, &changes.services);
+        assert!(!local(
+            &plan,
+            "kube-system",
+            "kube-dns",
+            "dns",
+            Protocol::Udp
+        ));
     }
 }

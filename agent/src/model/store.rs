@@ -90,6 +90,9 @@ pub struct ClusterState {
     track_dns: bool,
     /// Protocols whose ports are not programmed (see [`Self::set_unsupported_protocols`]).
     unsupported_protocols: Vec<Protocol>,
+    /// The cluster DNS Service whose port 53 this node answers itself
+    /// (see [`Self::set_node_local_dns`]).
+    node_local_dns: Option<ServiceName>,
 }
 
 impl ClusterState {
@@ -314,6 +317,21 @@ impl ClusterState {
     /// service ports are skipped by the plans.
     pub fn set_unsupported_protocols(&mut self, protocols: Vec<Protocol>) {
         self.unsupported_protocols = protocols;
+    }
+
+    /// The cluster DNS Service (`--dns-service`, kube-dns) whose DNS ports this node's
+    /// own DNS server answers, the way NodeLocal DNSCache takes over the kube-dns
+    /// ClusterIP; `None` when the agent serves no DNS.
+    pub fn set_node_local_dns(&mut self, service: Option<ServiceName>) {
+        if let Some(name) = service.as_ref().or(self.node_local_dns.as_ref()) {
+            self.dirty.insert(name.clone());
+        }
+        self.node_local_dns = service;
+    }
+
+    /// Whether `name` is the Service answered by this node's DNS server.
+    pub fn is_node_local_dns(&self, name: &ServiceName) -> bool {
+        self.node_local_dns.as_ref() == Some(name)
     }
 
     /// Whether service ports of this protocol can be programmed here.

@@ -118,7 +118,7 @@ impl Default for MapSizes {
 
 impl MapSizes {
     /// Every map of the object, with the max entries it gets under these sizes.
-    fn max_entries(&self) -> [(MapSpec, u32); 10] {
+    fn max_entries(&self) -> [(MapSpec, u32); 12] {
         let list = |class: usize| (maps::LISTS[class], list_max_entries(class, self.frontends));
         [
             (maps::FRONTENDS, self.frontends),
@@ -132,6 +132,8 @@ impl MapSizes {
             (maps::AFFINITY, self.affinity),
             (maps::REVERSE, self.sockets),
             (maps::STATS, maps::STATS.max_entries),
+            (maps::NODE_LOCAL_DNS, maps::NODE_LOCAL_DNS.max_entries),
+            (maps::DNS_ALIVE, maps::DNS_ALIVE.max_entries),
         ]
     }
 }
@@ -332,6 +334,7 @@ mod tests {
     fn map_type(kind: MapKind) -> u32 {
         let ty = match kind {
             MapKind::Hash => bpf_map_type::BPF_MAP_TYPE_HASH,
+            MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
             MapKind::LruHash => bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
             MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
         };

@@ -9,6 +9,7 @@ pub mod inspect;
 mod kernel;
 mod layout;
 pub mod loader;
+pub mod node_local_dns;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -20,10 +21,11 @@ use tracing::{error, info};
 use self::kernel::KernelMaps;
 use self::layout::{DesiredFrontend, frontends};
 use self::loader::MapSizes;
+use self::node_local_dns::NodeLocalDnsMap;
 use self::state::{MapError, MapOps, Programmed};
 use super::iptables::IptablesDataPlane;
 use super::iptables::render::Scope;
-use super::{DataPlane, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
+use super::{DataPlane, NodeLocalDns, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
 use crate::metrics::Metrics;
 use crate::model::{IpFamily, NodePlan, PlanDiff, ServicePortPlan};
 
@@ -41,6 +43,7 @@ pub struct EbpfConfig {
 /// Socket-LB maps plus iptables for traffic entering the node.
 pub struct EbpfDataPlane {
     maps: KernelMaps,
+    node_local_dns: NodeLocalDnsMap,
     /// Mirror of the maps; `None` until adopted (first full sync).
     programmed: Option<Programmed>,
     external: IptablesDataPlane,
@@ -60,6 +63,7 @@ impl EbpfDataPlane {
         metrics.export_datapath_counters(config.pin_dir.clone());
         Ok(Self {
             maps,
+            node_local_dns: NodeLocalDnsMap::open(&config.pin_dir)?,
             programmed: None,
             external: IptablesDataPlane::new(families, Scope::ExternalOnly),
             metrics,
@@ -176,6 +180,10 @@ impl DataPlane for EbpfDataPlane {
 
     fn needs_full_sync(&mut self) -> bool {
         self.external.needs_full_sync()
+    }
+
+    fn steer_node_local_dns(&mut self, frontends: &[NodeLocalDns]) -> Result<(), SyncError> {
+        Ok(self.node_local_dns.set(frontends)?)
     }
 
     /// Only traffic entering the node goes through (iptables) NAT, once it is programmed.

@@ -12,6 +12,7 @@
 
 pub mod chains;
 pub mod exec;
+pub mod node_local_dns;
 pub mod payload;
 pub mod render;
 pub mod rule;
@@ -30,7 +31,7 @@ use self::payload::{FullSync, Leftovers, PartialSync, Table};
 use self::render::{Chain, NodeContext, Scope, render_service};
 use self::rule::Rule;
 use self::shared::render_shared;
-use super::{DataPlane, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
+use super::{DataPlane, NodeLocalDns, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
 
 /// What a partial sync must remember of one plan: its rules in the shared chains
@@ -111,7 +112,15 @@ impl IptablesDataPlane {
     /// Removes every chain and jump Ferry (or kube-proxy) installed, in all families.
     pub fn cleanup(families: &[IpFamily]) -> Result<(), ExecError> {
         let tools = families.iter().map(|&f| (f, Tools::for_family(f)));
-        cleanup_with(tools, &["filter", "nat"], Leftovers::Ferry)
+        cleanup_with(tools, &["filter", "nat"], Leftovers::Ferry)?;
+        for &family in families {
+            let tools = Tools::for_family(family);
+            let text = node_local_dns::cleanup_payload(&tools.save_summary("raw")?);
+            if !text.is_empty() {
+                tools.restore_with(&|out| out.write_all(text.as_bytes()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes what kube-proxy left in either iptables backend (legacy and nft, which
@@ -160,6 +169,31 @@ impl<R: Runner + Send> DataPlane for IptablesDataPlane<R> {
             Scope::All => "iptables",
             Scope::ExternalOnly => "iptables-external",
         }
+    }
+
+    fn dns_listens_on_service_ip(&self) -> bool {
+        self.scope == Scope::All
+    }
+
+    fn steer_node_local_dns(&mut self, frontends: &[NodeLocalDns]) -> Result<(), SyncError> {
+        if self.scope != Scope::All {
+            return Ok(());
+        }
+        for state in &self.families {
+            let of_family: Vec<NodeLocalDns> = frontends
+                .iter()
+                .filter(|f| IpFamily::of(&f.frontend.ip()) == state.family)
+                .cloned()
+                .collect();
+            node_local_dns::apply(&state.tools, &of_family).map_err(|source| {
+                SyncError::Iptables {
+                    family: state.family,
+                    partial: true,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
     }
 
     fn sync(

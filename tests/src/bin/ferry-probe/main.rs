@@ -8,6 +8,7 @@
 //! - `load`: rate and latency under load (see `load`).
 
 mod client;
+mod dns_client;
 mod load;
 mod serve;
 mod upstream;
@@ -79,6 +80,24 @@ enum Cmd {
         /// Append every question received to this file.
         #[arg(long)]
         log: Option<String>,
+    },
+    /// Ask one name until a stop file appears; report what the answers were.
+    DnsQueries {
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// The address a right answer holds.
+        #[arg(long)]
+        expect: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 5)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        stop_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        max: u32,
     },
     /// Generate load and report rate and latency percentiles.
     Load {
@@ -160,6 +179,23 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Cmd::DnsQueries {
+            server,
+            name,
+            expect,
+            interval_ms,
+            timeout_ms,
+            stop_file,
+            max,
+        } => print(&dns_client::run(
+            server,
+            &name,
+            expect,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+            &stop_file,
+            max,
+        )),
         Cmd::Load {
             scenario,
             addr,
