@@ -122,11 +122,13 @@ fn daemonset_runs_like_kube_proxy() {
         let docs = render(overlay);
         let ds: DaemonSet = one(&docs, "DaemonSet");
         let spec = ds.spec.expect("spec");
+        let rolling = spec
+            .update_strategy
+            .and_then(|s| s.rolling_update)
+            .expect("a rolling update");
         assert!(
-            spec.update_strategy
-                .and_then(|s| s.rolling_update)
-                .is_some_and(|r| r.max_unavailable.is_some()),
-            "{overlay}: a rolling update, a share of the nodes at a time"
+            rolling.max_surge.is_some(),
+            "{overlay}: the new pod starts next to the old one (DNS socket handover)"
         );
         let annotations = spec
             .template
@@ -196,6 +198,15 @@ fn daemonset_runs_like_kube_proxy() {
             "{overlay}: {requests:?}"
         );
         assert_eq!(mount(c, "/host/cgroup").read_only, Some(true));
+        // The handover socket's directory (`--dns-handover-socket`'s default) is the
+        // host's, shared by the old and the new pod; no host ports keep the new pod
+        // off the node while the old one runs.
+        assert!(run_help().contains("/run/ferry/dns-handover.sock"));
+        mount(c, "/run/ferry");
+        assert!(
+            c.ports.as_deref().unwrap_or_default().is_empty(),
+            "{overlay}: ports of a host-network pod are host ports"
+        );
         let agent_security = c.security_context.clone().unwrap_or_default();
         let caps = agent_security
             .capabilities
@@ -397,35 +408,6 @@ fn shipped_configmap_starts_the_agent_in_every_mode() {
         );
         assert_eq!(answer.data("A"), ["10.96.0.10"], "{mode:?}: {answer:?}");
     }
-}
-
-/// The init container's script gives the node the DNS listen address on a kernel with
-/// the `dummy` driver or without it (then on `lo`), and is safe to run again.
-#[test]
-fn init_container_creates_the_dns_address_with_or_without_dummy() {
-    let pod = pod_spec(&render("ebpf"));
-    let init = container(
-        pod.init_containers.as_deref().unwrap_or_default(),
-        "dns-address",
-    );
-    let command = init.command.clone().expect("command");
-    let netns = Netns::create(&format!("ferry-deploy-{}", std::process::id()));
-    netns.ip_batch(&["link set lo up"]);
-    for run in 0..2 {
-        let status = netns
-            .command(&command[0], None)
-            .args(&command[1..])
-            .status()
-            .expect("run the init script");
-        assert!(status.success(), "run {run}: {status}");
-    }
-    let out = netns
-        .command("ip", None)
-        .args(["-o", "addr", "show"])
-        .output()
-        .expect("ip addr");
-    let addrs = String::from_utf8_lossy(&out.stdout);
-    assert!(addrs.contains("inet 169.254.20.10/32"), "{addrs}");
 }
 
 /// The bpffs init container's script mounts bpffs at /sys/fs/bpf where there is none,

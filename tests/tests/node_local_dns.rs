@@ -107,6 +107,35 @@ impl DnsNode {
         .data("A")
     }
 
+    /// `getent ahostsv4 NAME` in the client pod with a pod's resolv.conf (the
+    /// kube-dns ClusterIP and the search path of namespace `shop`): glibc's
+    /// resolver, which sends over connected UDP sockets.
+    fn getent(&self, name: &str) -> Vec<String> {
+        let resolv = std::env::temp_dir().join(format!("ferry-resolv-{}.conf", self.c.id()));
+        std::fs::write(
+            &resolv,
+            format!("nameserver {KUBE_DNS}\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 attempts:1 timeout:2\n"),
+        )
+        .expect("write resolv.conf");
+        let script = format!(
+            "mount --bind {} /etc/resolv.conf && getent ahostsv4 {name}",
+            resolv.display()
+        );
+        let out = self
+            .c
+            .pod_command("client", "unshare")
+            .args(["-m", "sh", "-c", &script])
+            .output()
+            .expect("run getent");
+        let _ = std::fs::remove_file(&resolv);
+        let mut ips: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
+        ips.dedup();
+        ips
+    }
+
     /// Waits until the answer is `ip`; whether it came.
     fn answers(&self, ip: &str) -> bool {
         poll(Duration::from_secs(20), || self.ask(&[]) == [ip])
@@ -206,6 +235,11 @@ fn replacing_the_agent_loses_no_query(mode: Mode) {
     assert_eq!(tally["lost"], 0, "no query lost: {tally}");
     assert_eq!(tally["errors"], 0, "no SERVFAIL: {tally}");
     assert_eq!(tally["other"], 0, "every answer is Ferry's: {tally}");
+    assert_eq!(
+        n.ask(&["+tcp"]),
+        [WEB_IP],
+        "the successor answers over TCP too"
+    );
     successor.stop();
 }
 

@@ -50,6 +50,20 @@ impl Sockets {
     }
 }
 
+/// Pause before the TCP accept loop is started again after it ended by itself.
+const TCP_RESTART_DELAY: Duration = Duration::from_millis(100);
+
+/// A hickory-server accepting on (a duplicate of) `listener`.
+fn tcp_server(
+    listener: &TcpListener,
+    answerer: &Arc<Answerer>,
+) -> Option<hickory_server::Server<tcp::TcpHandler>> {
+    let listener = tokio::net::TcpListener::from_std(listener.try_clone().ok()?).ok()?;
+    let mut server = hickory_server::Server::new(tcp::TcpHandler::new(answerer.clone()));
+    server.register_listener(listener, TCP_TIMEOUT, 64);
+    Some(server)
+}
+
 /// A running listener.
 struct Listener {
     udp: Vec<Arc<UdpSocket>>,
@@ -156,27 +170,34 @@ impl DnsServer {
     }
 
     /// TCP through hickory-server until the returned sender fires (or is dropped):
-    /// then it stops accepting and finishes the connections it has.
+    /// then it stops accepting and finishes the connections it has. hickory-server
+    /// 0.26 ends its accept loop on ECONNABORTED (a client that reset before the
+    /// accept; hickory-dns#3725), which would leave TCP dead while UDP answers: the
+    /// loop is started again on the same listening socket whenever it ends.
     fn serve_tcp(
         &self,
         addr: SocketAddr,
         listener: TcpListener,
     ) -> std::io::Result<oneshot::Sender<()>> {
         listener.set_nonblocking(true)?;
+        let answerer = self.answerer.clone();
+        let (stop, mut stopped) = oneshot::channel::<()>();
         let _entered = self.runtime.enter();
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let mut server = hickory_server::Server::new(tcp::TcpHandler::new(self.answerer.clone()));
-        server.register_listener(listener, TCP_TIMEOUT, 64);
-        let (stop, stopped) = oneshot::channel::<()>();
         self.runtime.spawn(async move {
-            tokio::select! {
-                done = server.block_until_done() => {
-                    if let Err(e) = done {
-                        warn!(listen = %addr, error = %e, "DNS over TCP stopped");
+            loop {
+                let Some(mut server) = tcp_server(&listener, &answerer) else {
+                    warn!(listen = %addr, "cannot serve DNS over TCP");
+                    return;
+                };
+                tokio::select! {
+                    done = server.block_until_done() => {
+                        warn!(listen = %addr, result = ?done.err(), "DNS over TCP stopped accepting; restarting it");
+                        tokio::time::sleep(TCP_RESTART_DELAY).await;
                     }
-                }
-                _ = stopped => {
-                    let _ = server.shutdown_gracefully().await;
+                    _ = &mut stopped => {
+                        let _ = server.shutdown_gracefully().await;
+                        return;
+                    }
                 }
             }
         });
