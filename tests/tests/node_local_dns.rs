@@ -151,6 +151,7 @@ fn kube_dns_cluster_ip_is_answered_on_the_node(mode: Mode) {
         n.c.agent_log()
     );
     assert_eq!(n.ask(&["+tcp"]), [WEB_IP], "over TCP");
+    assert_eq!(n.getent("web"), [WEB_IP], "glibc with the pod's search path");
 }
 
 fn kube_dns_falls_back_to_its_endpoints_while_the_agent_is_down(mode: Mode) {
