@@ -36,7 +36,13 @@ struct HealthInner {
     oldest_pending: Option<Instant>,
     /// The Node object says the node is going away.
     leaving: bool,
+    /// When the node's DNS server last answered its liveness probe.
+    dns_answered: Option<Instant>,
 }
+
+/// How long the DNS server, once it answered, may stay silent before the agent
+/// reports itself not live (its container is then restarted).
+pub const DNS_SILENCE_LIMIT: Duration = Duration::from_secs(30);
 
 /// What `/healthz` and `/livez` answer from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +89,13 @@ impl Health {
         }
     }
 
+    /// The node's DNS server answered its liveness probe (see `dns::liveness`).
+    pub fn dns_answered(&self) {
+        if let Ok(mut h) = self.inner.lock() {
+            h.dns_answered = Some(Instant::now());
+        }
+    }
+
     /// The current status.
     pub fn status(&self) -> HealthStatus {
         let Ok(h) = self.inner.lock() else {
@@ -95,9 +108,15 @@ impl Health {
         };
         let stale = h.oldest_pending.is_some_and(|t| t.elapsed() > self.timeout);
         let synced = h.last_updated.is_some();
+        // DNS that worked and stopped (a dead worker, a stuck runtime) makes the agent
+        // not live; DNS does not decide readiness, which is the node's for load
+        // balancers.
+        let dns_dead = h
+            .dns_answered
+            .is_some_and(|t| t.elapsed() > DNS_SILENCE_LIMIT);
         HealthStatus {
             healthy: synced && !stale,
-            live: !synced || !stale,
+            live: (!synced || !stale) && !dns_dead,
             eligible: !h.leaving,
             last_updated: h.last_updated,
         }
@@ -299,6 +318,21 @@ async fn bind(addr: SocketAddr, what: &str, hard_fail: bool) -> Option<tokio::ne
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_that_stopped_answering_makes_the_agent_not_live_but_keeps_it_ready() {
+        let health = Health::new(Duration::from_secs(60));
+        health.updated();
+        assert!(health.status().live, "no DNS probe yet: nothing to judge");
+        health.dns_answered();
+        assert!(health.status().live);
+        if let Ok(mut h) = health.inner.lock() {
+            h.dns_answered = Instant::now().checked_sub(DNS_SILENCE_LIMIT * 2);
+        }
+        let status = health.status();
+        assert!(!status.live, "silent for longer than the limit");
+        assert!(status.healthy, "readiness is the data plane's");
+    }
 
     #[test]
     fn timestamps_are_rfc3339() {

@@ -51,6 +51,8 @@ pub struct ProxyConfig {
 /// cannot connect to.
 struct DnsFeed {
     dns: ClusterDns,
+    /// `--dns-listen` addresses, put back when they disappear from the host.
+    addresses: Vec<std::net::IpAddr>,
     /// The zone was told the model is complete (after the first sync).
     synced: bool,
     /// Services whose records wait for their frontends to be programmed.
@@ -120,11 +122,12 @@ impl ProxyLoop {
         self
     }
 
-    /// Serves the model to cluster DNS too.
-    pub fn with_dns(mut self, dns: ClusterDns) -> Self {
+    /// Serves the model to cluster DNS too; `addresses` are the ones it listens on.
+    pub fn with_dns(mut self, dns: ClusterDns, addresses: Vec<std::net::IpAddr>) -> Self {
         self.state.track_dns();
         self.dns = Some(DnsFeed {
             dns,
+            addresses,
             synced: false,
             deferred: HashSet::new(),
         });
@@ -286,8 +289,24 @@ impl ProxyLoop {
                     info!("host addresses changed; reprogramming NodePort addresses");
                     self.host = host;
                     self.needs_full_sync = true;
+                    self.ensure_dns_addresses();
                 }
             }
+        }
+    }
+
+    /// Puts back DNS listen addresses someone removed from the host (the sockets
+    /// stay bound and answer again as soon as the address is back).
+    fn ensure_dns_addresses(&mut self) {
+        if let Some(feed) = &self.dns {
+            for &ip in &feed.addresses {
+                if let Err(e) = crate::dns::addresses::ensure(ip) {
+                    warn!(%ip, error = %e, "cannot restore a DNS listen address");
+                }
+            }
+        }
+        if let Some(steering) = &mut self.node_local_dns {
+            steering.invalidate();
         }
     }
 

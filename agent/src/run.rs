@@ -77,7 +77,12 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     let data_plane = start_data_plane(&config.data_plane, &metrics)?;
     let dns = match config.dns.clone() {
-        Some(dns_config) => Some(start_dns(&runtime, dns_config, &config.data_plane)?),
+        Some(dns_config) => Some(start_dns(
+            &runtime,
+            dns_config,
+            &config.data_plane,
+            health.clone(),
+        )?),
         None => None,
     };
     let shutdown = Shutdown {
@@ -108,7 +113,8 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     )
     .with_service_health(ServiceHealthServers::new(runtime.handle().clone(), health));
     if let Some(dns) = dns {
-        proxy = proxy.with_dns(dns.cluster);
+        let addresses = dns.config.listen.iter().map(|a| a.ip()).collect();
+        proxy = proxy.with_dns(dns.cluster, addresses);
         if let Some(service) = dns.config.service.clone() {
             let steering = NodeLocalDnsSteering::new(dns.server.clone(), dns.config.listen.clone());
             proxy = proxy.with_node_local_dns(service, steering);
@@ -150,6 +156,7 @@ fn start_dns(
     runtime: &tokio::runtime::Runtime,
     config: DnsConfig,
     data_plane: &DataPlaneConfig,
+    health: Arc<Health>,
 ) -> anyhow::Result<RunningDns> {
     let cluster = ClusterDns::new(&config.domain);
     let server = dns::server(&config, cluster.clone(), runtime.handle().clone());
@@ -169,11 +176,12 @@ fn start_dns(
         }
     }
     let lease = match data_plane {
-        DataPlaneConfig::Ebpf(ebpf) if config.service.is_some() => {
-            Some(start_lease(runtime, &config, &ebpf.pin_dir)?)
-        }
+        DataPlaneConfig::Ebpf(ebpf) if config.service.is_some() => Some(Arc::new(Mutex::new(
+            DnsLease::open(&ebpf.pin_dir).context("opening the DNS lease map")?,
+        ))),
         _ => None,
     };
+    watch_liveness(runtime, &config, lease.clone(), health);
     Ok(RunningDns {
         config,
         cluster,
@@ -235,28 +243,28 @@ fn take_over_when_synced(
     });
 }
 
-/// Opens the eBPF lease and renews it while the local server answers.
-fn start_lease(
+/// Probes the local server: each good answer renews the eBPF lease (if any) and
+/// counts for liveness.
+fn watch_liveness(
     runtime: &tokio::runtime::Runtime,
     config: &DnsConfig,
-    pin_dir: &std::path::Path,
-) -> anyhow::Result<SharedLease> {
-    let lease = Arc::new(Mutex::new(
-        DnsLease::open(pin_dir).context("opening the DNS lease map")?,
-    ));
+    lease: Option<SharedLease>,
+    health: Arc<Health>,
+) {
     let Some(target) = config.listen.first().map(|a| probe_address(*a)) else {
-        return Ok(lease);
+        return;
     };
     let apex = hickory_server::proto::rr::Name::from_ascii(config.domain.apex())
         .unwrap_or_else(|_| hickory_server::proto::rr::Name::root());
-    let renewed = lease.clone();
     dns::liveness::spawn(runtime.handle(), target, apex, move || {
-        renewed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .renew(dns::liveness::VALID_FOR);
+        if let Some(lease) = &lease {
+            lease
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .renew(dns::liveness::VALID_FOR);
+        }
+        health.dns_answered();
     });
-    Ok(lease)
 }
 
 /// Where to probe a listen address (loopback for the unspecified address).

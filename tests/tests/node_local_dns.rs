@@ -151,7 +151,42 @@ fn kube_dns_cluster_ip_is_answered_on_the_node(mode: Mode) {
         n.c.agent_log()
     );
     assert_eq!(n.ask(&["+tcp"]), [WEB_IP], "over TCP");
-    assert_eq!(n.getent("web"), [WEB_IP], "glibc with the pod's search path");
+    assert_eq!(
+        n.getent("web"),
+        [WEB_IP],
+        "glibc with the pod's search path"
+    );
+}
+
+fn a_removed_listen_address_is_put_back(mode: Mode) {
+    let n = DnsNode::start(mode);
+    assert!(n.answers(WEB_IP), "Ferry answers first: {:?}", n.ask(&[]));
+    let status =
+        n.c.node_command("ip")
+            .args(["addr", "del", "169.254.20.10/32", "dev", "lo"])
+            .status()
+            .expect("ip addr del");
+    assert!(status.success(), "the agent had put the address on lo");
+    let back = poll(Duration::from_secs(20), || {
+        let out =
+            n.c.node_command("ip")
+                .args(["-o", "addr", "show", "dev", "lo"])
+                .output();
+        out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("169.254.20.10/32"))
+    });
+    assert!(
+        back,
+        "the agent re-adds its listen address\n{}",
+        n.c.agent_log()
+    );
+    let answer = dig::run(
+        n.c.pod_command("client", "dig"),
+        "169.254.20.10",
+        WEB,
+        "A",
+        &[],
+    );
+    assert_eq!(answer.data("A"), [WEB_IP], "and answers on it again");
 }
 
 fn kube_dns_falls_back_to_its_endpoints_while_the_agent_is_down(mode: Mode) {
@@ -262,6 +297,7 @@ impl Drop for Successor {
 
 ferry_tests::scenarios!(
     kube_dns_cluster_ip_is_answered_on_the_node,
+    a_removed_listen_address_is_put_back,
     kube_dns_falls_back_to_its_endpoints_while_the_agent_is_down,
     replacing_the_agent_loses_no_query,
 );

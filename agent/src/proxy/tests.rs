@@ -120,7 +120,7 @@ fn harness_with_dns(dns: Option<crate::dns::ClusterDns>) -> Harness {
         host,
     );
     let proxy = match dns {
-        Some(dns) => proxy.with_dns(dns),
+        Some(dns) => proxy.with_dns(dns, Vec::new()),
         None => proxy,
     };
     Harness {
