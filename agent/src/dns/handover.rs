@@ -119,7 +119,7 @@ fn split(
 }
 
 /// Accepts successors at `path` (replacing a stale socket file) on a thread of its
-/// own; the first that asks gets every socket of `server`, which stops serving.
+/// own; the first that asks gets every socket of `server`, which then stops serving.
 pub fn serve(path: PathBuf, server: Arc<DnsServer>) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -152,7 +152,7 @@ fn answer(mut stream: UnixStream, server: &DnsServer) -> std::io::Result<bool> {
     if stream.read_exact(&mut request).is_err() || request != TAKE {
         return Ok(false);
     }
-    let handed = server.hand_over();
+    let handed = server.sockets_for_successor()?;
     let entries: Vec<Entry> = handed
         .iter()
         .map(|(addr, s)| Entry {
@@ -178,7 +178,9 @@ fn answer(mut stream: UnixStream, server: &DnsServer) -> std::io::Result<bool> {
         MsgFlags::empty(),
         None,
     )?;
-    // The descriptors are the successor's now; this process's copies close here.
+    // The successor reads the sockets now; this process's duplicates close here, and
+    // its own readers stop after answering what they have read.
     drop(handed);
+    server.retire();
     Ok(true)
 }

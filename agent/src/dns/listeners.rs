@@ -213,14 +213,38 @@ impl DnsServer {
         }
     }
 
-    /// Stops reading every listener and returns their sockets for the next agent.
-    pub fn hand_over(&self) -> Vec<(SocketAddr, Sockets)> {
+    /// Duplicates of every listener's sockets, for the next agent, while this server
+    /// keeps reading them: both processes read the same sockets for a moment (each
+    /// datagram reaches one of them, and each answers what it read), so there is no
+    /// gap in which the receive queues could overflow. See [`Self::retire`].
+    pub fn sockets_for_successor(&self) -> std::io::Result<Vec<(SocketAddr, Sockets)>> {
+        self.lock()
+            .iter()
+            .map(|(addr, l)| {
+                let udp = l
+                    .udp
+                    .iter()
+                    .map(|s| s.try_clone())
+                    .collect::<std::io::Result<_>>()?;
+                Ok((
+                    *addr,
+                    Sockets {
+                        udp,
+                        tcp: l.tcp.try_clone()?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The successor has the sockets: stop reading them (answering what was read)
+    /// and never bind again.
+    pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         let active = std::mem::take(&mut *self.lock());
-        active
-            .into_iter()
-            .map(|(addr, listener)| (addr, listener.stop()))
-            .collect()
+        for (_, listener) in active {
+            drop(listener.stop());
+        }
     }
 
     /// Whether the sockets went to a successor.

@@ -11,6 +11,7 @@ pub mod handover;
 pub mod listeners;
 pub mod liveness;
 pub mod records;
+pub mod stub_domains;
 mod tcp;
 mod udp;
 pub mod wire_cache;

@@ -13,28 +13,72 @@ use serde::Serialize;
 
 use super::workload;
 
-/// One server x query-set measurement.
+/// One server x query-set measurement: the median of [`ROUNDS`] interleaved runs,
+/// with their spread.
 #[derive(Clone, Debug, Serialize)]
 pub struct DnsRow {
     pub server: &'static str,
     /// `cluster` (names of services) or `outside` (names forwarded, then cached).
     pub names: &'static str,
-    pub qps: f64,
+    pub qps: Spread,
+    /// Answers per CPU-second of the server process (all its threads, pinned to one
+    /// core; the load generator runs on another): what a server costs the node.
+    pub per_cpu_second: Spread,
     pub avg_latency_us: f64,
     pub lost: u64,
     /// Peak RSS of the server process after the runs.
     pub rss_mb: f64,
-    /// QPS relative to Knot DNS on cluster names / Unbound on outside names.
+    /// Median QPS relative to Knot DNS on cluster names / Unbound on outside names.
     pub vs_reference: f64,
+    /// The same for answers per CPU-second.
+    pub vs_reference_per_cpu: f64,
 }
 
-/// How quickly a change is answered by Ferry's DNS.
+/// Median and range of one figure over the rounds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Self {
+        values.sort_by(f64::total_cmp);
+        let at = |i: usize| values.get(i).copied().unwrap_or(0.0);
+        Self {
+            median: at(values.len() / 2),
+            min: at(0),
+            max: at(values.len().saturating_sub(1)),
+        }
+    }
+}
+
+/// How quickly a change is answered by Ferry's DNS, per data plane: from the event
+/// reaching the agent to the name being answered, which waits for the sync that
+/// makes it connectable.
 #[derive(Clone, Debug, Serialize)]
 pub struct DnsFreshness {
+    pub mode: &'static str,
     pub changes: usize,
     pub p50_us: f64,
     pub p99_us: f64,
 }
+
+/// A replacement of the agent under load (the DaemonSet's rolling update): a new
+/// agent takes the sockets over, the old one gets SIGTERM.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DnsRestart {
+    pub queries: u64,
+    pub lost: u64,
+    pub servfail: u64,
+}
+
+/// Interleaved rounds per measurement.
+pub const ROUNDS: usize = 3;
+/// The core the servers are pinned to; the load generator gets the other.
+const SERVER_CPU: &str = "0";
+const CLIENT_CPU: &str = "1";
 
 const PORT_FERRY: u16 = 5301;
 const PORT_KNOT: u16 = 5302;
@@ -97,15 +141,21 @@ fn wait_answering(c: &Cluster, port: u16, name: &str) -> anyhow::Result<()> {
     bail!("DNS server on port {port} does not answer {name}")
 }
 
-/// Runs dnsperf; returns (qps, average latency in us, lost queries).
-fn dnsperf(
-    c: &Cluster,
-    port: u16,
-    queries: &Path,
-    seconds: u64,
-) -> anyhow::Result<(f64, f64, u64)> {
+/// What one dnsperf run reported.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    qps: f64,
+    latency_us: f64,
+    completed: u64,
+    lost: u64,
+    servfail: u64,
+}
+
+/// Runs dnsperf (pinned to the client core) for `seconds`.
+fn dnsperf(c: &Cluster, port: u16, queries: &Path, seconds: u64) -> anyhow::Result<Run> {
     let out = c
-        .node_command("dnsperf")
+        .node_command("taskset")
+        .args(["-c", CLIENT_CPU, "dnsperf"])
         .args([
             "-s",
             "127.0.0.1",
@@ -134,23 +184,92 @@ fn dnsperf(
             .parse()
             .ok()
     };
-    let qps = field("Queries per second").context("no QPS in dnsperf output")?;
-    let latency = field("Average Latency (s)").unwrap_or(0.0) * 1e6;
-    let lost = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("Queries lost"))
-        .and_then(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    Ok((qps, latency, lost))
+    let rcode = |code: &str| -> u64 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("Response codes"))
+            .and_then(|l| {
+                let rest = l.split(':').nth(1)?;
+                let mut words = rest.split_whitespace();
+                while let Some(w) = words.next() {
+                    if w == code {
+                        return words.next()?.parse().ok();
+                    }
+                }
+                None
+            })
+            .unwrap_or(0)
+    };
+    Ok(Run {
+        qps: field("Queries per second").context("no QPS in dnsperf output")?,
+        latency_us: field("Average Latency (s)").unwrap_or(0.0) * 1e6,
+        completed: field("Queries completed").unwrap_or(0.0) as u64,
+        lost: field("Queries lost").unwrap_or(0.0) as u64,
+        servfail: rcode("SERVFAIL"),
+    })
+}
+
+/// CPU time (user + system, all threads) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at `) `.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / per_second
+}
+
+/// Pins every thread of `pid` to the server core.
+fn pin_server(c: &Cluster, pid: u32) -> anyhow::Result<()> {
+    let status = c
+        .node_command("taskset")
+        .args(["-a", "-p", "-c", SERVER_CPU, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    if !status.success() {
+        bail!("taskset could not pin process {pid}");
+    }
+    Ok(())
 }
 
 /// Runs the DNS benchmark with `services` services of `per_service` endpoints.
-pub fn run(
+pub fn run(services: usize, per_service: usize, seconds: u64) -> anyhow::Result<DnsResults> {
+    let mut results = run_in(Mode::Ebpf, services, per_service, seconds, true)?;
+    let iptables = run_in(Mode::Iptables, services, per_service, seconds, false)?;
+    results.freshness.extend(iptables.freshness);
+    Ok(results)
+}
+
+/// What the DNS benchmark found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DnsResults {
+    pub rows: Vec<DnsRow>,
+    pub freshness: Vec<DnsFreshness>,
+    pub restart: Option<DnsRestart>,
+}
+
+/// One node in `mode` with the workload: with `servers`, every server's query rates
+/// and a restart under load; always the agent's freshness.
+fn run_in(
+    mode: Mode,
     services: usize,
     per_service: usize,
     seconds: u64,
-) -> anyhow::Result<(Vec<DnsRow>, DnsFreshness)> {
-    let mut c = Cluster::new(Mode::Ebpf, &["be0"]);
+    servers: bool,
+) -> anyhow::Result<DnsResults> {
+    let mut c = Cluster::new(mode, &["be0"]);
     let dir: PathBuf = std::env::temp_dir().join(format!("ferry-bench-dns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -163,7 +282,7 @@ pub fn run(
         c.write_manifest(&file, &yaml);
     }
     c.write_manifest("churn.yaml", &workload::churn(per_service, 0));
-    let mut children = vec![start_upstream(&c)?];
+    let mut children = Children(vec![start_upstream(&c)?]);
     c.start_agent_with(&[
         "--dns-listen",
         &format!("127.0.0.1:{PORT_FERRY}"),
@@ -174,26 +293,46 @@ pub fn run(
     let records: Vec<(String, std::net::Ipv4Addr)> = (0..services)
         .map(|i| (service_name(i, services), workload::cluster_ip(i)))
         .collect();
-    let knot = start_knot(&c, &dir, &records)?;
-    let unbound = start_unbound(&c, &dir, &records)?;
-    let dnsmasq = start_dnsmasq(&c, &dir, &records)?;
-    let servers: [(&'static str, u16, Option<u32>); 4] = [
-        ("ferry", PORT_FERRY, c.agent_pid()),
-        ("knot", PORT_KNOT, Some(knot.id())),
-        ("unbound", PORT_UNBOUND, Some(unbound.id())),
-        ("dnsmasq", PORT_DNSMASQ, Some(dnsmasq.id())),
-    ];
-    children.extend([knot, unbound, dnsmasq]);
-    let result = measure_all(&mut c, &servers, services, per_service, &dir, seconds);
-    for child in &mut children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    let result = if servers {
+        let knot = start_knot(&c, &dir, &records)?;
+        children.0.push(knot);
+        let unbound = start_unbound(&c, &dir, &records)?;
+        children.0.push(unbound);
+        let dnsmasq = start_dnsmasq(&c, &dir, &records)?;
+        children.0.push(dnsmasq);
+        let pid = |i: usize| children.0.get(i).map(Child::id);
+        let servers: [(&'static str, u16, Option<u32>); 4] = [
+            ("ferry", PORT_FERRY, c.agent_pid()),
+            ("knot", PORT_KNOT, pid(1)),
+            ("unbound", PORT_UNBOUND, pid(2)),
+            ("dnsmasq", PORT_DNSMASQ, pid(3)),
+        ];
+        measure_all(&mut c, &servers, services, per_service, &dir, seconds)
+    } else {
+        Ok(DnsResults {
+            freshness: vec![freshness(&mut c, per_service)],
+            ..DnsResults::default()
+        })
+    };
+    drop(children);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-/// Once every server answers: query rates, then the agent's DNS freshness.
+/// Server processes, stopped when the benchmark is done (or fails).
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Once every server answers: query rates, the agent's DNS freshness, then a
+/// restart under load (last: it replaces the agent).
 fn measure_all(
     c: &mut Cluster,
     servers: &[(&'static str, u16, Option<u32>)],
@@ -201,14 +340,91 @@ fn measure_all(
     per_service: usize,
     dir: &Path,
     seconds: u64,
-) -> anyhow::Result<(Vec<DnsRow>, DnsFreshness)> {
+) -> anyhow::Result<DnsResults> {
     let last = service_name(services - 1, services);
-    for (name, port, _) in servers {
+    for (name, port, pid) in servers {
         wait_answering(c, *port, &last).with_context(|| format!("{name} is not answering"))?;
+        if let Some(pid) = pid {
+            pin_server(c, *pid)?;
+        }
     }
     let queries = write_queries(dir, services)?;
     let rows = measure(c, servers, &queries, seconds)?;
-    Ok((rows, freshness(c, per_service)))
+    let freshness = vec![freshness(c, per_service)];
+    let restart = restart_under_load(c, &queries[0].1)?;
+    Ok(DnsResults {
+        rows,
+        freshness,
+        restart: Some(restart),
+    })
+}
+
+/// dnsperf against the agent while a successor takes its sockets over and the old
+/// agent is stopped with SIGTERM.
+fn restart_under_load(c: &mut Cluster, queries: &Path) -> anyhow::Result<DnsRestart> {
+    let seconds = 6;
+    let load = {
+        let c: &Cluster = c;
+        std::thread::scope(|scope| -> anyhow::Result<Run> {
+            let perf = scope.spawn(|| dnsperf(c, PORT_FERRY, queries, seconds));
+            std::thread::sleep(Duration::from_secs(1));
+            let mut args = c.agent_args();
+            args.extend(
+                [
+                    "--dns-listen",
+                    &format!("127.0.0.1:{PORT_FERRY}"),
+                    "--dns-upstream",
+                    &format!("127.0.0.1:{PORT_UPSTREAM}"),
+                ]
+                .map(String::from),
+            );
+            let mut successor = spawn(
+                c.node_command(c.bin("ferry")).args(&args),
+                "the successor agent",
+            )?;
+            let handed = wait_for(Duration::from_secs(60), || {
+                c.agent_log().contains("handed the DNS sockets")
+            });
+            if let Some(pid) = c.agent_pid() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let run = perf
+                .join()
+                .map_err(|_| anyhow::anyhow!("dnsperf thread panicked"))?;
+            let _ = successor.kill();
+            let _ = successor.wait();
+            if !handed {
+                bail!("the agent did not hand its DNS sockets over");
+            }
+            run
+        })?
+    };
+    let _ = c.wait_agent_exit(Duration::from_secs(10));
+    eprintln!(
+        "   restart under load: {} queries, {} lost, {} SERVFAIL",
+        load.completed + load.lost,
+        load.lost,
+        load.servfail
+    );
+    Ok(DnsRestart {
+        queries: load.completed + load.lost,
+        lost: load.lost,
+        servfail: load.servfail,
+    })
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 /// The upstream for outside names (answers every site-N.outside.test).
@@ -338,8 +554,9 @@ fn write_queries(dir: &Path, services: usize) -> anyhow::Result<[(&'static str, 
     Ok([("cluster", cluster_q), ("outside", outside_q)])
 }
 
-/// Query rate of every server for each name set, with ratios against the reference
-/// (Knot for cluster names, Unbound for outside names).
+/// Query rate and answers per CPU-second of every server for each name set: the
+/// servers take turns, round after round, so drift hits them alike; ratios against
+/// the reference (Knot for cluster names, Unbound for outside names).
 fn measure(
     c: &Cluster,
     servers: &[(&'static str, u16, Option<u32>)],
@@ -348,36 +565,78 @@ fn measure(
 ) -> anyhow::Result<Vec<DnsRow>> {
     let mut rows = Vec::new();
     for (names, queries) in queries {
-        for (server, port, pid) in servers {
-            if *names == "outside" && *server == "knot" {
-                continue; // authoritative only: no forwarding
+        // Knot is authoritative only: no forwarding.
+        let measured: Vec<_> = servers
+            .iter()
+            .filter(|(server, _, _)| !(*names == "outside" && *server == "knot"))
+            .collect();
+        let mut samples: Vec<Vec<(Run, f64)>> = vec![Vec::new(); measured.len()];
+        for (server, port, _) in &measured {
+            // Warm caches (outside names) and code paths.
+            dnsperf(c, *port, queries, 1).with_context(|| format!("warming {server}"))?;
+        }
+        for _round in 0..ROUNDS {
+            for (i, (_, port, pid)) in measured.iter().enumerate() {
+                let before = pid.map(cpu_seconds).unwrap_or(0.0);
+                let run = dnsperf(c, *port, queries, seconds)?;
+                let cpu = pid.map(cpu_seconds).unwrap_or(0.0) - before;
+                samples[i].push((run, cpu));
             }
-            // Warm caches (outside names) and code paths, then measure.
-            dnsperf(c, *port, queries, 1)?;
-            let (qps, latency, lost) = dnsperf(c, *port, queries, seconds)?;
-            eprintln!("   {server:<8} {names:<8} {qps:>9.0} qps avg {latency:>6.0}us lost {lost}");
-            rows.push(DnsRow {
-                server,
-                names,
-                qps,
-                avg_latency_us: latency,
-                lost,
-                rss_mb: pid.map(peak_rss_mb).unwrap_or(0.0),
-                vs_reference: 0.0,
-            });
+        }
+        for ((server, _, pid), runs) in measured.iter().zip(samples) {
+            let row = row(server, names, &runs, pid.map(peak_rss_mb).unwrap_or(0.0));
+            eprintln!(
+                "   {server:<8} {names:<8} {:>9.0} qps ({:.0}-{:.0}) {:>9.0}/cpu-s avg {:>6.0}us lost {}",
+                row.qps.median,
+                row.qps.min,
+                row.qps.max,
+                row.per_cpu_second.median,
+                row.avg_latency_us,
+                row.lost
+            );
+            rows.push(row);
         }
     }
     for (names, reference) in [("cluster", "knot"), ("outside", "unbound")] {
         let base = rows
             .iter()
             .find(|r| r.names == names && r.server == reference)
-            .map(|r| r.qps)
-            .unwrap_or(0.0);
+            .map(|r| (r.qps.median, r.per_cpu_second.median))
+            .unwrap_or_default();
+        let ratio = |v: f64, b: f64| if b > 0.0 { v / b } else { 0.0 };
         for r in rows.iter_mut().filter(|r| r.names == names) {
-            r.vs_reference = if base > 0.0 { r.qps / base } else { 0.0 };
+            r.vs_reference = ratio(r.qps.median, base.0);
+            r.vs_reference_per_cpu = ratio(r.per_cpu_second.median, base.1);
         }
     }
     Ok(rows)
+}
+
+/// One row from the rounds of one server.
+fn row(server: &'static str, names: &'static str, runs: &[(Run, f64)], rss_mb: f64) -> DnsRow {
+    let per_cpu = runs
+        .iter()
+        .map(|(r, cpu)| {
+            if *cpu > 0.0 {
+                r.completed as f64 / cpu
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut latencies: Vec<f64> = runs.iter().map(|(r, _)| r.latency_us).collect();
+    latencies.sort_by(f64::total_cmp);
+    DnsRow {
+        server,
+        names,
+        qps: Spread::of(runs.iter().map(|(r, _)| r.qps).collect()),
+        per_cpu_second: Spread::of(per_cpu),
+        avg_latency_us: latencies.get(latencies.len() / 2).copied().unwrap_or(0.0),
+        lost: runs.iter().map(|(r, _)| r.lost).sum(),
+        rss_mb,
+        vs_reference: 0.0,
+        vs_reference_per_cpu: 0.0,
+    }
 }
 
 /// Freshness: the agent logs how long each change took to reach the zone.
@@ -402,6 +661,7 @@ fn freshness(c: &mut Cluster, per_service: usize) -> DnsFreshness {
             .unwrap_or(0.0)
     };
     DnsFreshness {
+        mode: c.mode().flag(),
         changes: latencies.len(),
         p50_us: pct(0.5),
         p99_us: pct(0.99),

@@ -70,7 +70,9 @@ pub struct Results {
     pub traffic: Vec<TrafficRow>,
     pub scale: Vec<ScaleRow>,
     pub dns: Vec<dns::DnsRow>,
-    pub dns_freshness: Option<dns::DnsFreshness>,
+    pub dns_freshness: Vec<dns::DnsFreshness>,
+    /// Queries through a replacement of the agent under load.
+    pub dns_restart: Option<dns::DnsRestart>,
     /// Services (and endpoints) loaded into every DNS server.
     pub dns_services: usize,
 }
@@ -89,10 +91,10 @@ pub fn run(
     // SAFETY: xtask has not started any thread yet; nothing reads the environment
     // concurrently.
     unsafe { std::env::set_var("FERRY_BIN_DIR", root.join("target/release")) };
-    let traffic = if only == Some("scale") {
-        Vec::new()
-    } else {
+    let traffic = if matches!(only, None | Some("traffic")) {
         traffic_part(quick)?
+    } else {
+        Vec::new()
     };
     let (default_services, per_service, changes) = if quick {
         (1000, 10, 20)
@@ -107,12 +109,11 @@ pub fn run(
             scale.push(measure_scale(mode, scale_services, per_service, changes)?);
         }
     }
-    let (dns_rows, dns_freshness) = if matches!(only, None | Some("dns")) {
+    let dns = if matches!(only, None | Some("dns")) {
         eprintln!("== dns with {scale_services} services");
-        let (rows, fresh) = dns::run(scale_services, per_service, if quick { 2 } else { 5 })?;
-        (rows, Some(fresh))
+        dns::run(scale_services, per_service, if quick { 2 } else { 5 })?
     } else {
-        (Vec::new(), None)
+        dns::DnsResults::default()
     };
     let results = Results {
         name: name.to_owned(),
@@ -127,8 +128,9 @@ pub fn run(
         quick,
         traffic,
         scale,
-        dns: dns_rows,
-        dns_freshness,
+        dns: dns.rows,
+        dns_freshness: dns.freshness,
+        dns_restart: dns.restart,
         dns_services: scale_services,
     };
     write_results(root, name, &results)
@@ -602,26 +604,50 @@ fn dns_table(r: &Results, out: &mut String) {
         );
         let _ = writeln!(
             out,
-            "| names | server | QPS | vs reference | avg latency (µs) | lost | peak RSS (MB) |"
+            "Each server's threads are pinned to CPU 0 and dnsperf to CPU 1; figures are the median of {} interleaved rounds (min–max in brackets). \"Per CPU-second\" is answers per second of the server's own CPU time (from /proc), the cost to the node; on a 2-CPU machine dnsperf saturates its core, so raw QPS understates the servers.\n",
+            dns::ROUNDS
         );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "| names | server | QPS | vs reference | per CPU-second | vs reference | avg latency (µs) | lost | peak RSS (MB) |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for d in &r.dns {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.2}x | {:.0} | {} | {:.0} |",
-                d.names, d.server, d.qps, d.vs_reference, d.avg_latency_us, d.lost, d.rss_mb
+                "| {} | {} | {:.0} ({:.0}–{:.0}) | {:.2}x | {:.0} ({:.0}–{:.0}) | {:.2}x | {:.0} | {} | {:.0} |",
+                d.names,
+                d.server,
+                d.qps.median,
+                d.qps.min,
+                d.qps.max,
+                d.vs_reference,
+                d.per_cpu_second.median,
+                d.per_cpu_second.min,
+                d.per_cpu_second.max,
+                d.vs_reference_per_cpu,
+                d.avg_latency_us,
+                d.lost,
+                d.rss_mb
             );
         }
         let _ = writeln!(
             out,
-            "\nReference: Knot DNS for cluster names (authoritative), Unbound for outside names (forwarded once, then cached; Knot does not forward). Ferry's RSS is the whole agent, data plane included."
+            "\nReference: Knot DNS for cluster names (authoritative), Unbound for outside names (forwarded once, then cached; Knot does not forward). Ferry's RSS and CPU are the whole agent's, data plane included."
         );
     }
-    if let Some(f) = &r.dns_freshness {
+    for f in &r.dns_freshness {
         let _ = writeln!(
             out,
-            "\nDNS freshness: a change reaches Ferry's answers {:.0} µs (p50) / {:.0} µs (p99) after the event reaches the agent ({} changes).",
-            f.p50_us, f.p99_us, f.changes
+            "\nDNS freshness ({}): a changed service is answered {:.0} µs (p50) / {:.0} µs (p99) after the event reaches the agent, its frontend programmed first ({} changes).",
+            f.mode, f.p50_us, f.p99_us, f.changes
+        );
+    }
+    if let Some(x) = &r.dns_restart {
+        let _ = writeln!(
+            out,
+            "\nAgent replaced under load (a successor takes the DNS sockets over, the old agent gets SIGTERM): {} queries, {} lost, {} SERVFAIL.",
+            x.queries, x.lost, x.servfail
         );
     }
 }
