@@ -238,6 +238,62 @@ pub struct RunArgs {
         env = "FERRY_DNS_FORWARD_ALLOW"
     )]
     pub dns_forward_allow: Vec<IpNetwork>,
+    /// A zone forwarded to its own servers, `ZONE=IP[:PORT],...` (repeat for more),
+    /// like the kube-dns ConfigMap's `stubDomains`.
+    #[arg(
+        long,
+        value_name = "ZONE=IP[:PORT],...",
+        env = "FERRY_DNS_STUB_DOMAIN",
+        value_delimiter = ';'
+    )]
+    pub dns_stub_domain: Vec<String>,
+    /// The kube-dns ConfigMap mounted as a directory: its `stubDomains` and
+    /// `upstreamNameservers` are followed as NodeLocal DNSCache does. Missing: none.
+    #[arg(
+        long,
+        default_value = "/etc/kube-dns",
+        value_name = "DIR",
+        env = "FERRY_DNS_KUBE_DNS_CONFIG"
+    )]
+    pub dns_kube_dns_config: String,
+    /// Longest time a forwarded answer is cached and served with (CoreDNS: 3600).
+    #[arg(
+        long,
+        default_value_t = 3600,
+        value_name = "SECONDS",
+        env = "FERRY_DNS_CACHE_MAX_TTL"
+    )]
+    pub dns_cache_max_ttl: u32,
+    /// Shortest time a forwarded answer is cached and served with.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "SECONDS",
+        env = "FERRY_DNS_CACHE_MIN_TTL"
+    )]
+    pub dns_cache_min_ttl: u32,
+    /// How long an upstream failure (SERVFAIL, REFUSED, no answer) is cached
+    /// (CoreDNS's cache: 5).
+    #[arg(
+        long,
+        default_value_t = 5,
+        value_name = "SECONDS",
+        env = "FERRY_DNS_FAILURE_TTL"
+    )]
+    pub dns_failure_ttl: u32,
+    /// How long past expiry an answer is served (with TTL 30) while every upstream
+    /// fails; 0: never.
+    #[arg(
+        long,
+        default_value_t = 3600,
+        value_name = "SECONDS",
+        env = "FERRY_DNS_SERVE_STALE"
+    )]
+    pub dns_serve_stale: u64,
+    /// Questions forwarded upstream at once, at most; more are REFUSED (CoreDNS's
+    /// `max_concurrent`), so no client can exhaust the agent's sockets.
+    #[arg(long, default_value_t = 1000, env = "FERRY_DNS_MAX_CONCURRENT")]
+    pub dns_max_concurrent: usize,
     /// Health endpoint (/healthz, /livez). Empty to disable.
     #[arg(
         long,

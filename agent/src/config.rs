@@ -190,8 +190,29 @@ fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
     );
     forward_allowed.extend(local.iter().map(|ip| IpNetwork::from(*ip)));
     let configured = parse_upstreams(&args.dns_upstream)?;
-    Ok(DnsConfig {
+    let stub_domains = args
+        .dns_stub_domain
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            crate::dns::stub_domains::parse_flag(v).map_err(|e| anyhow!("--dns-stub-domain: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let forward = crate::dns::forward::ForwardConfig {
         upstreams: crate::dns::upstreams(&configured, &listen, &local),
+        stub_domains,
+        cache_size: args.dns_cache_size.max(1),
+        min_ttl: args.dns_cache_min_ttl,
+        max_ttl: args.dns_cache_max_ttl,
+        failure_ttl: args.dns_failure_ttl,
+        serve_stale: Duration::from_secs(args.dns_serve_stale),
+        max_concurrent: args.dns_max_concurrent.max(1),
+        ..crate::dns::forward::ForwardConfig::default()
+    };
+    Ok(DnsConfig {
+        forward,
+        kube_dns_config: (!args.dns_kube_dns_config.is_empty())
+            .then(|| PathBuf::from(&args.dns_kube_dns_config)),
         listen,
         service: dns_service(&args.dns_service)?,
         handover: (!args.dns_handover_socket.is_empty())
@@ -199,7 +220,6 @@ fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
         domain,
         ttl: args.dns_ttl,
         forward_allowed,
-        cache_size: args.dns_cache_size.max(1),
     })
 }
 
@@ -367,7 +387,7 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(dns.upstreams.len(), 2);
+        assert_eq!(dns.forward.upstreams.len(), 2);
         assert!(
             dns.forward_allowed
                 .iter()

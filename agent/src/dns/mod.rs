@@ -47,10 +47,13 @@ pub struct DnsConfig {
     pub handover: Option<std::path::PathBuf>,
     pub domain: ClusterDomain,
     pub ttl: u32,
-    pub upstreams: Vec<SocketAddr>,
+    /// Where outside names go, and how their answers are cached.
+    pub forward: forward::ForwardConfig,
+    /// The kube-dns ConfigMap mounted as a directory (`stubDomains`,
+    /// `upstreamNameservers`), re-read while the agent runs.
+    pub kube_dns_config: Option<std::path::PathBuf>,
     /// Sources that may use the forwarder (the cluster zone answers everyone).
     pub forward_allowed: Vec<IpNetwork>,
-    pub cache_size: usize,
 }
 
 /// The cluster zone, shared by the proxy loop (writer) and the DNS server (readers).
@@ -215,7 +218,7 @@ pub enum Reply {
 /// The answering logic, shared by the UDP workers and the TCP server.
 pub struct Answerer {
     cluster: ClusterDns,
-    forwarder: Forwarder,
+    forwarder: Arc<Forwarder>,
     forward_allowed: Vec<IpNetwork>,
     ttl: u32,
     soa: Record,
@@ -246,7 +249,7 @@ impl Answerer {
         );
         Self {
             cluster,
-            forwarder: Forwarder::new(config.upstreams.clone(), config.cache_size),
+            forwarder: Forwarder::new(config.forward.clone()),
             forward_allowed: config.forward_allowed.clone(),
             ttl: config.ttl,
             soa,
@@ -261,11 +264,8 @@ impl Answerer {
         // a stale answer look current.
         let generation = self.cluster.generation();
         let outcome = if query.query_class() == DNSClass::IN {
-            let mut qname = query.name().to_lowercase().to_string();
-            if !qname.ends_with('.') {
-                qname.push('.');
-            }
-            self.cluster.lookup(&qname, qtype_of(query.query_type()))
+            self.cluster
+                .lookup(&lower_name(query), qtype_of(query.query_type()))
         } else {
             Outcome::Elsewhere
         };
@@ -300,6 +300,10 @@ impl Answerer {
             Outcome::NoData => Reply::Now(records(ResponseCode::NoError, &[], &[], true)),
             Outcome::NxDomain => Reply::Now(records(ResponseCode::NXDomain, &[], &[], true)),
             Outcome::NotSynced => Reply::Now(Records::error(ResponseCode::ServFail)),
+            // A loop probe coming back proves a loop whoever relays it.
+            Outcome::Elsewhere if self.forwarder.loop_probe_seen(&lower_name(query)) => {
+                Reply::Now(Records::error(ResponseCode::Refused))
+            }
             Outcome::Elsewhere if !self.may_forward(src) => {
                 Reply::Now(Records::error(ResponseCode::Refused))
             }
@@ -320,10 +324,16 @@ impl Answerer {
         self.forward_allowed.iter().any(|n| n.contains(src))
     }
 
+    /// The forwarder (its routes follow the kube-dns ConfigMap; loop probes).
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
+    }
+
     /// Asks upstream (coalescing identical questions) and answers with the result.
     pub async fn forward(&self, query: &Query) -> Records {
         match self.forwarder.resolve(query).await {
             Ok(cached) => Self::forwarded(&cached),
+            Err(forward::ForwardError::Overloaded) => Records::error(ResponseCode::Refused),
             Err(e) => {
                 warn!(name = %query.name(), error = %e, "forwarding failed");
                 Records::error(ResponseCode::ServFail)
@@ -383,6 +393,15 @@ impl Answerer {
     }
 }
 
+/// The question's name, lower case, with its trailing dot.
+fn lower_name(query: &Query) -> String {
+    let mut name = query.name().to_lowercase().to_string();
+    if !name.ends_with('.') {
+        name.push('.');
+    }
+    name
+}
+
 fn qtype_of(t: RecordType) -> QType {
     match t {
         RecordType::A => QType::A,
@@ -414,14 +433,52 @@ pub fn response_edns(request: Option<&Edns>) -> Option<Edns> {
 }
 
 /// Starts a DNS server with no listeners (see [`listeners::DnsServer::listen`] and
-/// [`handover`]) answering from `cluster`.
+/// [`handover`]) answering from `cluster`; follows the kube-dns ConfigMap and
+/// probes the upstreams for forwarding loops.
 pub fn server(
     config: &DnsConfig,
     cluster: ClusterDns,
     runtime: tokio::runtime::Handle,
 ) -> Arc<listeners::DnsServer> {
-    info!(listen = ?config.listen, domain = %config.domain, upstreams = ?config.upstreams, "starting DNS");
-    listeners::DnsServer::new(Arc::new(Answerer::new(cluster, config)), runtime)
+    let _entered = runtime.enter();
+    let answerer = Arc::new(Answerer::new(cluster, config));
+    let forwarder = answerer.forwarder().clone();
+    let dir = config.kube_dns_config.clone();
+    runtime.spawn(async move {
+        follow_routes(&forwarder, dir.as_deref()).await;
+    });
+    info!(listen = ?config.listen, domain = %config.domain, upstreams = ?config.forward.upstreams, stub_domains = ?config.forward.stub_domains, "starting DNS");
+    listeners::DnsServer::new(answerer, runtime)
+}
+
+/// How often the kube-dns ConfigMap directory is read again (kubelet updates a
+/// mounted ConfigMap within about a minute anyway).
+const ROUTES_PERIOD: Duration = Duration::from_secs(5);
+
+/// Loads the kube-dns ConfigMap's routes, probes for loops once the server has had
+/// a moment to start listening, then follows the ConfigMap (probing again after a
+/// change).
+async fn follow_routes(forwarder: &Forwarder, dir: Option<&std::path::Path>) {
+    let read = || {
+        dir.map(stub_domains::read_kube_dns_config)
+            .unwrap_or_default()
+    };
+    let mut last = read();
+    forwarder.set_kube_dns_config(last.0.clone(), last.1.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    forwarder.probe_for_loops().await;
+    if dir.is_none() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(ROUTES_PERIOD).await;
+        let now = read();
+        if now != last {
+            forwarder.set_kube_dns_config(now.0.clone(), now.1.clone());
+            last = now;
+            forwarder.probe_for_loops().await;
+        }
+    }
 }
 
 /// Upstreams: the configured ones, else the system resolv.conf's, minus this server

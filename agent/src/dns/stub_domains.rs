@@ -46,6 +46,11 @@ impl Routes {
             .map(|s| s.servers.as_slice())
     }
 
+    /// Every stub domain's servers.
+    pub fn stub_servers(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.stubs.iter().flat_map(|s| s.servers.iter().copied())
+    }
+
     /// Whether there is nothing but the defaults.
     pub fn is_empty(&self) -> bool {
         self.stubs.is_empty() && self.upstreams.is_none()
