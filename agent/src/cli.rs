@@ -238,6 +238,15 @@ pub struct RunArgs {
         env = "FERRY_DNS_FORWARD_ALLOW"
     )]
     pub dns_forward_allow: Vec<IpNetwork>,
+    /// Pod records `a-b-c-d.NAMESPACE.pod.ZONE`: `insecure` answers the address in
+    /// the name (CoreDNS's `pods insecure`, kubeadm's default), `disabled` none.
+    #[arg(
+        long,
+        default_value = "insecure",
+        value_name = "insecure|disabled",
+        env = "FERRY_DNS_PODS"
+    )]
+    pub dns_pods: String,
     /// A zone forwarded to its own servers, `ZONE=IP[:PORT],...` (repeat for more),
     /// like the kube-dns ConfigMap's `stubDomains`.
     #[arg(

@@ -209,8 +209,14 @@ fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
         max_concurrent: args.dns_max_concurrent.max(1),
         ..crate::dns::forward::ForwardConfig::default()
     };
+    let pod_records = match args.dns_pods.as_str() {
+        "insecure" => true,
+        "disabled" => false,
+        other => bail!("--dns-pods: {other:?} is neither insecure nor disabled"),
+    };
     Ok(DnsConfig {
         forward,
+        pod_records,
         kube_dns_config: (!args.dns_kube_dns_config.is_empty())
             .then(|| PathBuf::from(&args.dns_kube_dns_config)),
         listen,

@@ -158,7 +158,7 @@ fn start_dns(
     data_plane: &DataPlaneConfig,
     health: Arc<Health>,
 ) -> anyhow::Result<RunningDns> {
-    let cluster = ClusterDns::new(&config.domain);
+    let cluster = ClusterDns::new(&config.domain).with_pod_records(config.pod_records);
     let server = dns::server(&config, cluster.clone(), runtime.handle().clone());
     let predecessor = config
         .handover

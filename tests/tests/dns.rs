@@ -137,6 +137,17 @@ fn cluster_manifests(c_pods: &[(&str, &str)]) -> Vec<(&'static str, String)> {
             "apiVersion: v1\nkind: Service\nmetadata: {name: search, namespace: default}\nspec: {type: ExternalName, externalName: search.example.com}\n".into(),
         ),
         (
+            "aliases.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: alias-out, namespace: default}\nspec: {type: ExternalName, externalName: outside.test}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: alias-in, namespace: default}\nspec: {type: ExternalName, externalName: web.shop.svc.cluster.local}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: loop-a, namespace: default}\nspec: {type: ExternalName, externalName: loop-b.default.svc.cluster.local}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: loop-b, namespace: default}\nspec: {type: ExternalName, externalName: loop-a.default.svc.cluster.local}\n".into(),
+        ),
+        (
+            "api.yaml",
+            docs(&[
+                Service::new("api").cluster_ip("10.96.0.30").port(port("http", "TCP", 80)).yaml(),
+                slice("api-1", "api", "IPv4", &[port("http", "TCP", 8080)], &[ep("10.244.0.12")]),
+            ]),
+        ),
+        (
             "unnamed.yaml",
             docs(&[
                 Service::new("plain").cluster_ip("10.96.0.20").port(port("", "TCP", 9000)).yaml(),
@@ -287,6 +298,77 @@ fn external_name_is_a_cname() {
     let n = node();
     let a = n.dig("search.default.svc.cluster.local", "A");
     assert_eq!(a.data("CNAME"), ["search.example.com."], "{}", a.raw);
+}
+
+/// CoreDNS resolves an ExternalName's target into the same answer (DNS spec 2.5):
+/// through the zone for a cluster name, upstream for an outside one; a CNAME loop
+/// between two ExternalNames ends.
+#[test]
+fn external_name_targets_are_resolved_in_the_same_answer() {
+    let n = node();
+    let out = n.dig("alias-out.default.svc.cluster.local", "A");
+    assert_eq!(out.data("CNAME"), ["outside.test."], "{}", out.raw);
+    assert_eq!(out.data("A"), ["192.0.2.80"], "{}", out.raw);
+    let inside = n.dig("alias-in.default.svc.cluster.local", "A");
+    assert_eq!(
+        inside.data("CNAME"),
+        ["web.shop.svc.cluster.local."],
+        "{}",
+        inside.raw
+    );
+    assert_eq!(inside.data("A"), ["10.96.0.10"], "{}", inside.raw);
+    let looping = n.dig("loop-a.default.svc.cluster.local", "A");
+    assert_eq!(looping.status, "NOERROR", "{}", looping.raw);
+    assert!(looping.data("A").is_empty() && !looping.data("CNAME").is_empty());
+}
+
+/// `pods insecure` (kubeadm's Corefile): the address in the name.
+#[test]
+fn pod_names_answer_their_address() {
+    let n = node();
+    assert_eq!(
+        n.dig("10-244-0-99.shop.pod.cluster.local", "A").data("A"),
+        ["10.244.0.99"]
+    );
+    assert_eq!(
+        n.dig("fd00-244--99.shop.pod.cluster.local", "AAAA")
+            .data("AAAA"),
+        ["fd00:244::99"]
+    );
+}
+
+/// A pod's address has a PTR record when it backs any service, as CoreDNS answers.
+#[test]
+fn endpoints_of_cluster_ip_services_have_ptr_records() {
+    let n = node();
+    let ptr = n.dig("12.0.244.10.in-addr.arpa", "PTR");
+    assert_eq!(
+        ptr.data("PTR"),
+        ["10-244-0-12.api.default.svc.cluster.local."],
+        "{}",
+        ptr.raw
+    );
+}
+
+/// Multi-address answers come in turns (CoreDNS's `loadbalance`), also when they
+/// are served from the encoded-answer cache.
+#[test]
+fn addresses_are_rotated_across_queries() {
+    let n = node();
+    let firsts: std::collections::BTreeSet<String> = (0..8)
+        .filter_map(|_| {
+            let a = n.dig("db.default.svc.cluster.local", "A");
+            a.answer
+                .iter()
+                .find(|r| r.rtype == "A")
+                .map(|r| r.data.clone())
+        })
+        .collect();
+    assert_eq!(
+        firsts.len(),
+        2,
+        "both endpoints come first in turn: {firsts:?}"
+    );
 }
 
 /// DNS and the data plane never disagree: a new service's name answers only once its

@@ -6,6 +6,7 @@
 //! [`zone::Zone`] and [`forward::Forwarder`].
 
 pub mod addresses;
+pub mod external_name;
 pub mod forward;
 pub mod handover;
 pub mod listeners;
@@ -49,6 +50,8 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// Where outside names go, and how their answers are cached.
     pub forward: forward::ForwardConfig,
+    /// Answer `a-b-c-d.NAMESPACE.pod.ZONE` names (`--dns-pods insecure`).
+    pub pod_records: bool,
     /// The kube-dns ConfigMap mounted as a directory (`stubDomains`,
     /// `upstreamNameservers`), re-read while the agent runs.
     pub kube_dns_config: Option<std::path::PathBuf>,
@@ -61,6 +64,10 @@ pub struct DnsConfig {
 pub struct ClusterDns {
     zone: Arc<RwLock<Zone>>,
     domain: ClusterDomain,
+    /// `cluster.local.`: names outside it (and not reverse names) never touch the
+    /// zone's lock.
+    apex: String,
+    pod_records: bool,
     /// Bumped on every change, so answers encoded earlier know they are stale.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -71,26 +78,42 @@ impl ClusterDns {
         Self {
             zone: Arc::new(RwLock::new(Zone::new(domain))),
             domain: domain.clone(),
+            apex: domain.apex(),
+            pod_records: false,
             generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
-    /// Re-reads the given services from the model.
+    /// Also answers pod names (`--dns-pods insecure`).
+    pub fn with_pod_records(mut self, on: bool) -> Self {
+        self.pod_records = on;
+        self.zone = Arc::new(RwLock::new(Zone::new(&self.domain).with_pod_records(on)));
+        self
+    }
+
+    /// Re-reads the given services from the model. The records are built before
+    /// the zone is locked, so readers wait only for the index updates.
     pub fn update<'a>(
         &self,
         state: &ClusterState,
         services: impl IntoIterator<Item = &'a ServiceName>,
     ) {
+        let fresh: Vec<(&ServiceName, Option<records::ServiceRecords>)> = services
+            .into_iter()
+            .map(|name| {
+                let records = state
+                    .service(name)
+                    .map(|svc| self.records_of(state, name, svc));
+                (name, records)
+            })
+            .collect();
         let (mut zone, rebuild) = self.write_zone();
         if rebuild {
             for svc in state.services() {
                 zone.update(&svc.name, Some(self.records_of(state, &svc.name, svc)));
             }
         }
-        for name in services {
-            let records = state
-                .service(name)
-                .map(|svc| self.records_of(state, name, svc));
+        for (name, records) in fresh {
             zone.update(name, records);
         }
         drop(zone);
@@ -122,7 +145,7 @@ impl ClusterDns {
                 self.zone.clear_poison();
                 let mut zone = poisoned.into_inner();
                 let synced = zone.is_synced();
-                *zone = Zone::new(&self.domain);
+                *zone = Zone::new(&self.domain).with_pod_records(self.pod_records);
                 if synced {
                     zone.set_synced();
                 }
@@ -161,6 +184,9 @@ impl ClusterDns {
     /// Answers from the zone. A poisoned lock is read through: the writer rebuilds
     /// the zone at its next update, and until then a possibly stale answer beats none.
     pub(crate) fn lookup(&self, qname: &str, qtype: QType) -> Outcome {
+        if !Zone::covers(&self.apex, qname) {
+            return Outcome::Elsewhere;
+        }
         let zone = self
             .zone
             .read()
@@ -193,6 +219,18 @@ pub struct Records {
 }
 
 impl Records {
+    /// A copy (the answer section is what [`rotate_addresses`] turns).
+    pub(crate) fn clone_answers(&self) -> Self {
+        Self {
+            rcode: self.rcode,
+            authoritative: self.authoritative,
+            cache: self.cache,
+            answers: self.answers.clone(),
+            authorities: self.authorities.clone(),
+            additionals: self.additionals.clone(),
+        }
+    }
+
     /// An answer with no records, only a response code.
     pub(crate) fn error(rcode: ResponseCode) -> Self {
         Self {
@@ -222,6 +260,8 @@ pub struct Answerer {
     forward_allowed: Vec<IpNetwork>,
     ttl: u32,
     soa: Record,
+    /// Turns of the address order in multi-address answers (CoreDNS `loadbalance`).
+    rotation: std::sync::atomic::AtomicUsize,
 }
 
 impl Answerer {
@@ -253,6 +293,7 @@ impl Answerer {
             forward_allowed: config.forward_allowed.clone(),
             ttl: config.ttl,
             soa,
+            rotation: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -263,9 +304,9 @@ impl Answerer {
         // Read before the lookup: a change racing with it makes the answer stale, never
         // a stale answer look current.
         let generation = self.cluster.generation();
+        let qtype = qtype_of(query.query_type());
         let outcome = if query.query_class() == DNSClass::IN {
-            self.cluster
-                .lookup(&lower_name(query), qtype_of(query.query_type()))
+            self.cluster.lookup(&lower_name(query), qtype)
         } else {
             Outcome::Elsewhere
         };
@@ -273,30 +314,34 @@ impl Answerer {
             rcode,
             authoritative: true,
             cache: CacheScope::Zone(generation),
-            answers: answers
-                .iter()
-                .filter_map(|r| self.record(r, query.name()))
-                .collect(),
+            answers: self.records(answers, query.name()),
             authorities: if soa {
                 vec![self.soa.clone()]
             } else {
                 Vec::new()
             },
-            additionals: additionals
-                .iter()
-                .filter_map(|r| self.record(r, query.name()))
-                .collect(),
+            additionals: self.records(additionals, query.name()),
         };
         match outcome {
             Outcome::Answer {
-                answers,
+                mut answers,
                 additionals,
-            } => Reply::Now(records(
-                ResponseCode::NoError,
-                &answers,
-                &additionals,
-                false,
-            )),
+            } => {
+                let lookup = |name: &str, t| self.cluster.lookup(name, t);
+                let outside = external_name::chase(&mut answers, qtype, lookup);
+                if matches!(outside, external_name::Chased::Outside(_)) && self.may_forward(src) {
+                    return Reply::Forward;
+                }
+                if qtype == QType::Any {
+                    minimal_any(&mut answers);
+                }
+                let mut out = records(ResponseCode::NoError, &answers, &additionals, false);
+                let turn = self
+                    .rotation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                rotate_addresses(&mut out.answers, turn);
+                Reply::Now(out)
+            }
             Outcome::NoData => Reply::Now(records(ResponseCode::NoError, &[], &[], true)),
             Outcome::NxDomain => Reply::Now(records(ResponseCode::NXDomain, &[], &[], true)),
             Outcome::NotSynced => Reply::Now(Records::error(ResponseCode::ServFail)),
@@ -314,6 +359,41 @@ impl Answerer {
         }
     }
 
+    fn records(&self, recs: &[Rec], qname: &Name) -> Vec<Record> {
+        recs.iter().filter_map(|r| self.record(r, qname)).collect()
+    }
+
+    /// An ExternalName answer whose CNAME chain leaves the zone: the chain, then
+    /// what upstream says about its last target. `None` when `query` is not one.
+    async fn external_name(&self, query: &Query) -> Option<Records> {
+        let qtype = qtype_of(query.query_type());
+        let Outcome::Answer { mut answers, .. } = self.cluster.lookup(&lower_name(query), qtype)
+        else {
+            return None;
+        };
+        let lookup = |name: &str, t| self.cluster.lookup(name, t);
+        let external_name::Chased::Outside(target) =
+            external_name::chase(&mut answers, qtype, lookup)
+        else {
+            return None;
+        };
+        let mut chain = self.records(&answers, query.name());
+        let target = Query::query(Name::from_ascii(&target).ok()?, query.query_type());
+        let (rcode, upstream) = match self.forwarder.resolve(&target).await {
+            Ok(cached) => (cached.rcode, cached.sections().0),
+            Err(_) => (ResponseCode::ServFail, Vec::new()),
+        };
+        chain.extend(upstream);
+        Some(Records {
+            rcode,
+            authoritative: false,
+            cache: CacheScope::No,
+            answers: chain,
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        })
+    }
+
     /// The cluster zone's generation (see [`CacheScope::Zone`]).
     pub fn generation(&self) -> u64 {
         self.cluster.generation()
@@ -329,8 +409,12 @@ impl Answerer {
         &self.forwarder
     }
 
-    /// Asks upstream (coalescing identical questions) and answers with the result.
+    /// Asks upstream (coalescing identical questions) and answers with the result;
+    /// for an ExternalName pointing outside, asks for its target.
     pub async fn forward(&self, query: &Query) -> Records {
+        if let Some(records) = self.external_name(query).await {
+            return records;
+        }
         match self.forwarder.resolve(query).await {
             Ok(cached) => Self::forwarded(&cached),
             Err(forward::ForwardError::Overloaded) => Records::error(ResponseCode::Refused),
@@ -390,6 +474,52 @@ impl Answerer {
             Rec::Soa { owner: o } => (owner(o)?, self.soa.data.clone()),
         };
         Some(Record::from_rdata(owner, self.ttl, data))
+    }
+}
+
+/// An ANY question gets one RRset (RFC 8482: answering ANY in full only helps
+/// amplification): the first record's type, addresses of one family.
+fn minimal_any(answers: &mut Vec<Rec>) {
+    let kind = |r: &Rec| match r {
+        Rec::Addr { ip, .. } => {
+            if ip.is_ipv4() {
+                0
+            } else {
+                1
+            }
+        }
+        Rec::Srv { .. } => 2,
+        Rec::Cname { .. } => 3,
+        Rec::Ptr { .. } => 4,
+        Rec::Txt { .. } => 5,
+        Rec::Soa { .. } => 6,
+        Rec::Ns { .. } => 7,
+    };
+    if let Some(first) = answers.first().map(kind) {
+        answers.retain(|r| kind(r) == first);
+    }
+}
+
+/// Rotates the A/AAAA records of `answers` among their own positions by `turn`
+/// (round robin across queries, as CoreDNS's `loadbalance`; other records keep
+/// their place, a CNAME chain stays in front).
+pub fn rotate_addresses(answers: &mut [Record], turn: usize) {
+    let positions: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r.data, RData::A(_) | RData::AAAA(_)))
+        .map(|(i, _)| i)
+        .collect();
+    if positions.len() < 2 {
+        return;
+    }
+    let data: Vec<RData> = positions.iter().map(|&i| answers[i].data.clone()).collect();
+    let names: Vec<Name> = positions.iter().map(|&i| answers[i].name.clone()).collect();
+    let n = positions.len();
+    for (k, &i) in positions.iter().enumerate() {
+        let from = (k + turn) % n;
+        answers[i].data = data[from].clone();
+        answers[i].name = names[from].clone();
     }
 }
 

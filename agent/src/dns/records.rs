@@ -72,7 +72,11 @@ pub fn service_records(
             out
         }
         _ if svc.headless => headless_records(svc, slices, base),
-        _ => cluster_ip_records(svc, base),
+        _ => {
+            let mut out = cluster_ip_records(svc, base.clone());
+            out.ptrs.extend(endpoint_ptrs(svc, slices, &base));
+            out
+        }
     }
 }
 
@@ -106,6 +110,21 @@ fn cluster_ip_records(svc: &ServiceInfo, base: String) -> ServiceRecords {
             ..NameData::default()
         },
     );
+    out
+}
+
+/// Reverse records of a ClusterIP service's endpoints: `<hostname or dashed
+/// address>.<service>.<ns>.svc.<zone>`, as CoreDNS answers a pod address's PTR.
+fn endpoint_ptrs(svc: &ServiceInfo, slices: &[&SliceInfo], base: &str) -> Vec<(IpAddr, String)> {
+    let mut out = Vec::new();
+    for ep in endpoints::dns_published(svc, slices) {
+        for ip in ep.addresses() {
+            let label = ep.hostname.clone().unwrap_or_else(|| dashed(&ip));
+            if !out.iter().any(|(seen, _)| *seen == ip) {
+                out.push((ip, format!("{label}.{base}")));
+            }
+        }
+    }
     out
 }
 

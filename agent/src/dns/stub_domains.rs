@@ -58,8 +58,10 @@ impl Routes {
 }
 
 /// Whether `name` is `zone` or below it, compared label by label (so
-/// `xacme.local` is not in `acme.local`).
-fn in_zone(name: &str, zone: &str) -> bool {
+/// `xacme.local` is not in `acme.local`, nor `a\.acme.local`, one label `a.acme`
+/// under `local`). Both in presentation form, lower case, with or without the
+/// trailing dot (the same for both).
+pub fn in_zone(name: &str, zone: &str) -> bool {
     name == zone
         || name
             .strip_suffix(zone)

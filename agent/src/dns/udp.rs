@@ -10,6 +10,7 @@ use hickory_server::proto::op::{
     Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
     emit_message_parts,
 };
+use hickory_server::proto::rr::RData;
 use hickory_server::proto::serialize::binary::{BinDecodable as _, BinDecoder, BinEncoder};
 use tracing::{debug, warn};
 
@@ -233,19 +234,45 @@ impl Sent<'_> {
             records,
             out,
         ) {
-            remember(cache, reuse, out, records);
+            self.remember(cache, reuse, out, records);
         }
     }
-}
 
-/// Keeps an encoded answer for the next identical question, if it may be reused.
-fn remember(cache: &WireCache, reuse: Option<(Vec<u8>, usize)>, encoded: &[u8], records: &Records) {
-    if let Some((key, question_len)) = reuse
-        && let Some(stored) = Stored::from_answer(encoded, question_len, records.cache)
-    {
+    /// Keeps an encoded answer for the next identical question, if it may be
+    /// reused; with a few other turns of its addresses, so reuse keeps rotating them.
+    fn remember(
+        &self,
+        cache: &WireCache,
+        reuse: Option<(Vec<u8>, usize)>,
+        encoded: &[u8],
+        records: &Records,
+    ) {
+        let Some((key, question_len)) = reuse else {
+            return;
+        };
+        let Some(mut stored) = Stored::from_answer(encoded, question_len, records.cache) else {
+            return;
+        };
+        let addresses = records
+            .answers
+            .iter()
+            .filter(|r| matches!(r.data, RData::A(_) | RData::AAAA(_)))
+            .count();
+        let mut turned = Vec::with_capacity(encoded.len());
+        for turn in 1..addresses.min(CACHED_TURNS) {
+            let mut other = records.clone_answers();
+            super::rotate_addresses(&mut other.answers, turn);
+            if encode(self.request, self.query, self.edns, &other, &mut turned) {
+                stored.add_turn(&turned, question_len);
+            }
+        }
         cache.put(key, stored);
     }
 }
+
+/// Orders of a multi-address answer kept encoded (more addresses still rotate,
+/// through these few starting points).
+const CACHED_TURNS: usize = 4;
 
 /// Additional records a query may carry (an OPT, a cookie's, a TSIG...).
 const MAX_ADDITIONALS: u16 = 4;
@@ -328,6 +355,22 @@ fn respond(
     records: &Records,
     out: &mut Vec<u8>,
 ) -> bool {
+    let encoded = encode(request, query, edns, records, out);
+    if encoded {
+        let _ = socket.send_to(out, dst);
+    }
+    encoded
+}
+
+/// Encodes an answer into `out`, truncated (TC) to the client's buffer size;
+/// `false` if it could not be encoded.
+fn encode(
+    request: &Metadata,
+    query: &Query,
+    edns: Option<&Edns>,
+    records: &Records,
+    out: &mut Vec<u8>,
+) -> bool {
     let mut metadata = Metadata::response_from_request(request);
     metadata.recursion_available = true;
     metadata.authoritative = records.authoritative;
@@ -350,10 +393,7 @@ fn respond(
         &mut encoder,
     );
     match encoded {
-        Ok(_) => {
-            let _ = socket.send_to(out, dst);
-            true
-        }
+        Ok(_) => true,
         Err(e) => {
             warn!(error = %e, "cannot encode DNS answer");
             false

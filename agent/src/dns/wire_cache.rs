@@ -119,7 +119,10 @@ pub struct Stored {
     flags: u16,
     /// Answer, authority and additional counts.
     counts: [u8; 6],
-    tail: Vec<u8>,
+    /// Everything after the question; several when the addresses of the answer are
+    /// served in turns (see [`Stored::add_turn`]).
+    tails: Vec<Vec<u8>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Stored {
@@ -135,8 +138,17 @@ impl Stored {
             scope,
             flags,
             counts,
-            tail: answer[12 + question_len..].to_vec(),
+            tails: vec![answer[12 + question_len..].to_vec()],
+            next: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Adds the same answer with its addresses in another order; served in turns.
+    /// An encoding with other counts is not the same answer and is left out.
+    pub fn add_turn(&mut self, answer: &[u8], question_len: usize) {
+        if answer.len() >= 12 + question_len && answer[6..12] == self.counts {
+            self.tails.push(answer[12 + question_len..].to_vec());
+        }
     }
 
     /// Whether it may answer now, in zone `generation`, for a client that may or may
@@ -157,31 +169,47 @@ impl Stored {
         out.extend_from_slice(&1u16.to_be_bytes());
         out.extend_from_slice(&self.counts);
         out.extend_from_slice(q.raw);
-        out.extend_from_slice(&self.tail);
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        out.extend_from_slice(&self.tails[turn % self.tails.len()]);
     }
 }
 
-/// The shared store, bounded: when full it starts over (answers are cheap to redo).
+/// Shards of the store: a miss write-locks one shard, not the whole cache.
+const SHARDS: usize = 16;
+
+/// The shared store, bounded: a full shard starts over (answers are cheap to redo),
+/// so no single miss ever clears more than 1/16 of it.
 pub struct WireCache {
-    entries: RwLock<HashMap<Vec<u8>, std::sync::Arc<Stored>>>,
-    max_entries: usize,
+    shards: Vec<RwLock<HashMap<Vec<u8>, std::sync::Arc<Stored>>>>,
+    max_per_shard: usize,
 }
 
 impl WireCache {
+    /// A store of about `max_entries` answers.
     pub fn new(max_entries: usize) -> Self {
         Self {
-            entries: RwLock::new(HashMap::new()),
-            max_entries,
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            max_per_shard: (max_entries / SHARDS).max(1),
         }
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<std::sync::Arc<Stored>> {
-        self.entries.read().ok()?.get(key).cloned()
+    fn shard(&self, key: &[u8]) -> &RwLock<HashMap<Vec<u8>, std::sync::Arc<Stored>>> {
+        // FNV-1a over the key: cheap, and the name bytes spread well.
+        let hash = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+        &self.shards[(hash as usize) % SHARDS]
     }
 
+    /// The stored answer for `key`.
+    pub fn get(&self, key: &[u8]) -> Option<std::sync::Arc<Stored>> {
+        self.shard(key).read().ok()?.get(key).cloned()
+    }
+
+    /// Keeps `stored` for `key`.
     pub fn put(&self, key: Vec<u8>, stored: Stored) {
-        if let Ok(mut entries) = self.entries.write() {
-            if entries.len() >= self.max_entries {
+        if let Ok(mut entries) = self.shard(&key).write() {
+            if entries.len() >= self.max_per_shard {
                 entries.clear();
             }
             entries.insert(key, std::sync::Arc::new(stored));
@@ -266,5 +294,18 @@ mod tests {
         assert_eq!(&out[12..23], q2.raw, "the client's own spelling");
         assert_eq!(&out[23..], &tail);
         assert!(Stored::from_answer(&answer, q.raw.len(), CacheScope::No).is_none());
+
+        // The same answer with another address: served in turns.
+        let mut stored = Stored::from_answer(&answer, q.raw.len(), CacheScope::Zone(7)).unwrap();
+        let mut other = answer.clone();
+        let last = other.len() - 1;
+        other[last] = 11;
+        stored.add_turn(&other, q.raw.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            stored.write(&second, &q2, &mut out);
+            seen.insert(out[out.len() - 1]);
+        }
+        assert_eq!(seen, [10, 11].into(), "both orders are served");
     }
 }

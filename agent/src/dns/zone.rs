@@ -88,6 +88,8 @@ pub struct Zone {
     ptrs: HashMap<IpAddr, Vec<(ServiceName, String)>>,
     /// What each service put in, so an update replaces exactly that.
     contributed: HashMap<ServiceName, ServiceRecords>,
+    /// Answer `a-b-c-d.NAMESPACE.pod.ZONE` (CoreDNS's `pods insecure`).
+    pod_records: bool,
 }
 
 impl Zone {
@@ -100,7 +102,20 @@ impl Zone {
             ents: HashMap::new(),
             ptrs: HashMap::new(),
             contributed: HashMap::new(),
+            pod_records: false,
         }
+    }
+
+    /// Answers pod names from the address in them (`--dns-pods insecure`).
+    pub fn with_pod_records(mut self, on: bool) -> Self {
+        self.pod_records = on;
+        self
+    }
+
+    /// Whether `qname` (lower case, trailing dot) is this zone's to answer: in the
+    /// cluster domain (label by label) or a reverse name.
+    pub fn covers(apex: &str, qname: &str) -> bool {
+        super::stub_domains::in_zone(qname, apex) || reverse_name(qname).is_some()
     }
 
     /// The source delivered its first complete view: answer authoritatively.
@@ -176,13 +191,16 @@ impl Zone {
         if let Some(ip) = reverse_name(qname) {
             return self.reverse_lookup(ip, qtype);
         }
-        if !(qname == self.apex || qname.ends_with(&format!(".{}", self.apex))) {
+        if !super::stub_domains::in_zone(qname, &self.apex) {
             return Outcome::Elsewhere;
         }
         if !self.synced {
             return Outcome::NotSynced;
         }
         if let Some(outcome) = self.fixed_name(qname, qtype) {
+            return outcome;
+        }
+        if let Some(outcome) = self.pod_name(qname, qtype) {
             return outcome;
         }
         match self.names.get(qname) {
@@ -240,6 +258,29 @@ impl Zone {
         None
     }
 
+    /// `a-b-c-d.NAMESPACE.pod.ZONE` (IPv6: `fd00-244--5`): the address in the name,
+    /// unchecked, as CoreDNS's `pods insecure` answers it.
+    fn pod_name(&self, qname: &str, qtype: QType) -> Option<Outcome> {
+        if !self.pod_records {
+            return None;
+        }
+        let rest = qname.strip_suffix(&format!(".pod.{}", self.apex))?;
+        let (label, namespace) = rest.split_once('.')?;
+        if namespace.is_empty() || namespace.contains('.') {
+            return None;
+        }
+        let ip = pod_address(label)?;
+        let wanted = match ip {
+            IpAddr::V4(_) => matches!(qtype, QType::A | QType::Any),
+            IpAddr::V6(_) => matches!(qtype, QType::Aaaa | QType::Any),
+        };
+        Some(if wanted {
+            single(Rec::Addr { owner: None, ip })
+        } else {
+            Outcome::NoData
+        })
+    }
+
     /// The records of one name of a service for `qtype`, with the SRV targets'
     /// addresses as additionals.
     fn answer(&self, data: &NameData, qtype: QType) -> Outcome {
@@ -291,6 +332,21 @@ fn single(rec: Rec) -> Outcome {
         answers: vec![rec],
         additionals: Vec::new(),
     }
+}
+
+/// The address in a pod name's first label: `10-244-0-5`, or IPv6 with dashes for
+/// colons (`fd00-244--5`).
+fn pod_address(label: &str) -> Option<IpAddr> {
+    if label.matches('-').count() == 3
+        && let Ok(v4) = label.replace('-', ".").parse::<Ipv4Addr>()
+    {
+        return Some(IpAddr::V4(v4));
+    }
+    label
+        .replace('-', ":")
+        .parse::<Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
 }
 
 /// The address a reverse name (`4.3.2.1.in-addr.arpa.`, full-nibble `ip6.arpa.`)
@@ -407,6 +463,65 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn pod_names_answer_the_address_in_them_when_on() {
+        let domain = ClusterDomain::default();
+        let mut zone = Zone::new(&domain).with_pod_records(true);
+        zone.set_synced();
+        let addr = |o: Outcome| match o {
+            Outcome::Answer { answers, .. } => answers,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            addr(zone.lookup("10-244-1-5.shop.pod.cluster.local.", QType::A)),
+            [Rec::Addr {
+                owner: None,
+                ip: "10.244.1.5".parse().unwrap()
+            }]
+        );
+        assert_eq!(
+            addr(zone.lookup("fd00-244--5.shop.pod.cluster.local.", QType::Aaaa)),
+            [Rec::Addr {
+                owner: None,
+                ip: "fd00:244::5".parse().unwrap()
+            }]
+        );
+        assert_eq!(
+            zone.lookup("10-244-1-5.shop.pod.cluster.local.", QType::Aaaa),
+            Outcome::NoData
+        );
+        assert_eq!(
+            zone.lookup("10-244-1.shop.pod.cluster.local.", QType::A),
+            Outcome::NxDomain
+        );
+        assert_eq!(
+            zone.lookup("10-244-1-5.a.b.pod.cluster.local.", QType::A),
+            Outcome::NxDomain
+        );
+        let mut off = Zone::new(&domain);
+        off.set_synced();
+        assert_eq!(
+            off.lookup("10-244-1-5.shop.pod.cluster.local.", QType::A),
+            Outcome::NxDomain
+        );
+    }
+
+    #[test]
+    fn zone_membership_is_decided_on_labels() {
+        let mut zone = Zone::new(&ClusterDomain::default());
+        zone.set_synced();
+        assert_eq!(zone.lookup("xcluster.local.", QType::A), Outcome::Elsewhere);
+        assert_eq!(
+            zone.lookup("a\\.cluster.local.", QType::A),
+            Outcome::Elsewhere,
+            "one label a.cluster"
+        );
+        assert_eq!(zone.lookup("a.cluster.local.", QType::A), Outcome::NxDomain);
+        assert!(Zone::covers("cluster.local.", "web.ns.svc.cluster.local."));
+        assert!(Zone::covers("cluster.local.", "1.0.0.10.in-addr.arpa."));
+        assert!(!Zone::covers("cluster.local.", "example.com."));
     }
 
     #[test]
