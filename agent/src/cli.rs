@@ -238,6 +238,19 @@ pub struct RunArgs {
         env = "FERRY_DNS_FORWARD_ALLOW"
     )]
     pub dns_forward_allow: Vec<IpNetwork>,
+    /// One log line per DNS query, as CoreDNS's `log` plugin (client, id, type,
+    /// name, protocol, rcode, size, duration).
+    #[arg(long, env = "FERRY_DNS_LOG")]
+    pub dns_log: bool,
+    /// `/ready` for DNS readiness probes, as CoreDNS's `ready` plugin on :8181 (200
+    /// once the zone is complete and served). Empty: off.
+    #[arg(
+        long,
+        default_value = "",
+        value_name = "ADDR:PORT",
+        env = "FERRY_DNS_READY_BIND_ADDRESS"
+    )]
+    pub dns_ready_bind_address: String,
     /// Pod records `a-b-c-d.NAMESPACE.pod.ZONE`: `insecure` answers the address in
     /// the name (CoreDNS's `pods insecure`, kubeadm's default), `disabled` none.
     #[arg(

@@ -214,9 +214,18 @@ fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
         "disabled" => false,
         other => bail!("--dns-pods: {other:?} is neither insecure nor disabled"),
     };
+    let ready = match args.dns_ready_bind_address.trim() {
+        "" => None,
+        addr => Some(
+            addr.parse()
+                .map_err(|_| anyhow!("--dns-ready-bind-address: {addr:?} is not ADDR:PORT"))?,
+        ),
+    };
     Ok(DnsConfig {
         forward,
         pod_records,
+        query_log: args.dns_log,
+        ready,
         kube_dns_config: (!args.dns_kube_dns_config.is_empty())
             .then(|| PathBuf::from(&args.dns_kube_dns_config)),
         listen,

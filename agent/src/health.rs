@@ -263,6 +263,29 @@ async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
+/// Serves `/ready` as CoreDNS's `ready` plugin does (200 "OK" once `ready()` holds,
+/// 503 before), for DNS readiness probes.
+pub async fn serve_dns_ready(
+    addr: SocketAddr,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    hard_fail: bool,
+) {
+    let app = Router::new().route(
+        "/ready",
+        get(move || {
+            let ready = ready.clone();
+            async move {
+                if ready() {
+                    (axum::http::StatusCode::OK, "OK")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }
+        }),
+    );
+    serve(addr, app, "DNS readiness", hard_fail).await;
+}
+
 /// First and largest wait between bind attempts.
 const BIND_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 

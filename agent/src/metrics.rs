@@ -97,6 +97,8 @@ pub struct Metrics {
     pub programming: Histogram,
     /// From a change reaching the agent to DNS answering with it.
     pub dns_programming: Histogram,
+    /// CoreDNS's metrics, for the DNS server and forwarder.
+    pub dns: Arc<crate::dns::metrics::DnsMetrics>,
     /// Where the eBPF maps are pinned, once the eBPF data plane runs: the data-path
     /// counters are read from there at each scrape.
     datapath_pins: Arc<OnceLock<std::path::PathBuf>>,
@@ -142,11 +144,13 @@ impl Metrics {
             programming: Histogram::new(network_programming_buckets()),
             dns_programming: Histogram::new(dns_buckets()),
             datapath_pins: Arc::default(),
+            dns: Arc::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
         m.register_kube_proxy(&mut registry);
         m.register_ferry(&mut registry);
+        m.dns.register(&mut registry);
         registry.register_collector(Box::new(collectors::Process));
         registry.register_collector(Box::new(collectors::BuildInfo));
         registry.register_collector(Box::new(collectors::Datapath(m.datapath_pins.clone())));

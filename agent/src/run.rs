@@ -82,6 +82,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             dns_config,
             &config.data_plane,
             health.clone(),
+            &metrics,
         )?),
         None => None,
     };
@@ -157,9 +158,21 @@ fn start_dns(
     config: DnsConfig,
     data_plane: &DataPlaneConfig,
     health: Arc<Health>,
+    metrics: &Metrics,
 ) -> anyhow::Result<RunningDns> {
     let cluster = ClusterDns::new(&config.domain).with_pod_records(config.pod_records);
-    let server = dns::server(&config, cluster.clone(), runtime.handle().clone());
+    let server = dns::server(
+        &config,
+        cluster.clone(),
+        runtime.handle().clone(),
+        metrics.dns.clone(),
+    );
+    if let Some(addr) = config.ready {
+        let (cluster, server) = (cluster.clone(), server.clone());
+        let ready: Arc<dyn Fn() -> bool + Send + Sync> =
+            Arc::new(move || cluster.is_synced() && !server.addresses().is_empty());
+        runtime.spawn(crate::health::serve_dns_ready(addr, ready, false));
+    }
     let predecessor = config
         .handover
         .as_deref()

@@ -225,3 +225,49 @@ fn a_forwarding_loop_is_detected() {
         "no upstream left, and no loop: {answer:?}"
     );
 }
+
+/// CoreDNS's metric names and labels (so its dashboards work), its readiness
+/// endpoint and its query log.
+#[test]
+fn coredns_metrics_readiness_and_query_log() {
+    let mut n = Node::new();
+    n.upstream(53, "www.outside.test=192.0.2.80");
+    n.start_agent(&[
+        "--dns-upstream",
+        &format!("{EXT_IP}:53"),
+        "--dns-ready-bind-address",
+        "127.0.0.1:18181",
+        "--dns-log",
+    ]);
+    let ready = poll(Duration::from_secs(20), || {
+        n.c.http_get(18181, "/ready")
+            .is_some_and(|(code, body)| code == 200 && body.ends_with("OK"))
+    });
+    assert!(ready, "/ready answers 200 OK once the zone is served");
+    for _ in 0..2 {
+        assert_eq!(n.dig("www.outside.test").data("A"), ["192.0.2.80"]);
+    }
+    assert_eq!(
+        n.dig("nothing.default.svc.cluster.local").status,
+        "NXDOMAIN"
+    );
+    let text = n.c.metrics();
+    for wanted in [
+        "coredns_dns_requests_total{server=\"dns://172.18.0.2:53\",zone=\".\",view=\"\",proto=\"udp\",family=\"1\",type=\"A\"} 3",
+        "coredns_dns_responses_total{server=\"dns://172.18.0.2:53\",zone=\".\",view=\"\",rcode=\"NXDOMAIN\",plugin=\"kubernetes\"} 1",
+        "coredns_dns_responses_total{server=\"dns://172.18.0.2:53\",zone=\".\",view=\"\",rcode=\"NOERROR\",plugin=\"forward\"} 1",
+        "coredns_dns_responses_total{server=\"dns://172.18.0.2:53\",zone=\".\",view=\"\",rcode=\"NOERROR\",plugin=\"cache\"} 1",
+        "coredns_dns_request_duration_seconds_count{server=\"dns://172.18.0.2:53\",zone=\".\",view=\"\",type=\"A\"} 3",
+        "coredns_cache_hits_total{server=\"dns://\",type=\"success\"} 1",
+        "coredns_forward_requests_total{to=\"172.18.0.100:53\"}",
+        "coredns_forward_responses_total{to=\"172.18.0.100:53\",rcode=\"NOERROR\"}",
+        "coredns_cache_entries{server=\"dns://\",type=\"success\"} 1",
+    ] {
+        assert!(text.contains(wanted), "missing {wanted}\n{text}");
+    }
+    let log = n.c.agent_log();
+    assert!(
+        log.contains("\"A IN www.outside.test. udp\" NOERROR"),
+        "one line per query\n{log}"
+    );
+}

@@ -11,7 +11,7 @@ mod upstreams;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use hickory_server::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info};
 
 use self::upstreams::{UpstreamHealth, exchange_one};
+use super::metrics::DnsMetrics;
 use super::stub_domains::{Routes, StubDomain};
 
 /// Upstream failure.
@@ -335,11 +336,14 @@ pub struct Forwarder {
     loop_probes: Mutex<HashMap<String, SocketAddr>>,
     /// Where prefetches run.
     runtime: Option<tokio::runtime::Handle>,
+    metrics: Arc<DnsMetrics>,
+    /// Positive and negative answers in the cache (for `coredns_cache_entries`).
+    cache_counts: Mutex<(usize, usize)>,
 }
 
 impl Forwarder {
     /// A forwarder; prefetches run on the current runtime, if any.
-    pub fn new(config: ForwardConfig) -> Arc<Self> {
+    pub fn new(config: ForwardConfig, metrics: Arc<DnsMetrics>) -> Arc<Self> {
         let routes = Routes::new(config.stub_domains.clone(), None);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -352,6 +356,8 @@ impl Forwarder {
             upstream_questions: AtomicUsize::new(0),
             loop_probes: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            metrics,
+            cache_counts: Mutex::new((0, 0)),
         })
     }
 
@@ -385,7 +391,11 @@ impl Forwarder {
     /// The cached answer to `query`, if it is still fresh (a popular one about to
     /// expire is refreshed in the background).
     pub fn cached(&self, query: &Query) -> Option<Arc<Cached>> {
-        let hit = self.cache_get(&Key::of(query))?;
+        let Some(hit) = self.cache_get(&Key::of(query)) else {
+            self.metrics.cache_lookup(None);
+            return None;
+        };
+        self.metrics.cache_lookup(Some(!hit.answers.is_empty()));
         if hit.hit_wants_prefetch() {
             self.prefetch(query.clone());
         }
@@ -505,7 +515,8 @@ impl Forwarder {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
-        if cache.len() >= self.config.cache_size {
+        let evicted = cache.len() >= self.config.cache_size;
+        if evicted {
             let stale = self.config.serve_stale;
             cache.retain(|_, c| c.remaining() > 0 || c.within_stale(stale));
             if cache.len() >= self.config.cache_size {
@@ -521,7 +532,33 @@ impl Forwarder {
                 }
             }
         }
-        cache.insert(key, answer);
+        let positive = |c: &Cached| !c.answers.is_empty();
+        let added = positive(&answer);
+        let replaced = cache.insert(key, answer);
+        let (mut pos, mut neg) = *self
+            .cache_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if evicted {
+            pos = cache.values().filter(|c| positive(c)).count();
+            neg = cache.len() - pos;
+        } else {
+            match replaced.as_deref().map(positive) {
+                Some(true) => pos = pos.saturating_sub(1),
+                Some(false) => neg = neg.saturating_sub(1),
+                None => {}
+            }
+            if added {
+                pos += 1;
+            } else {
+                neg += 1;
+            }
+        }
+        *self
+            .cache_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (pos, neg);
+        self.metrics.cache_size(pos, neg);
     }
 
     /// Asks the upstreams for `query` in [`UpstreamHealth::order`], each once.
@@ -535,11 +572,14 @@ impl Forwarder {
         for upstream in servers {
             match exchange_one(upstream, &bytes, id, query, self.timeout).await {
                 Ok(answer) => {
+                    self.metrics
+                        .forwarded(upstream, Some(u16::from(answer.metadata.response_code)));
                     self.health.succeeded(upstream);
                     return Ok(answer);
                 }
                 Err(e) => {
                     debug!(%upstream, error = e, "upstream failed");
+                    self.metrics.forwarded(upstream, None);
                     self.health.failed(upstream);
                     errors.push(format!("{upstream}: {e}"));
                 }
@@ -640,10 +680,13 @@ mod tests {
         use hickory_server::proto::rr::{Name, RecordType};
         // An upstream that never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let f = Forwarder::new(ForwardConfig {
-            upstreams: vec![silent.local_addr().unwrap()],
-            ..ForwardConfig::default()
-        });
+        let f = Forwarder::new(
+            ForwardConfig {
+                upstreams: vec![silent.local_addr().unwrap()],
+                ..ForwardConfig::default()
+            },
+            Arc::default(),
+        );
         let q = Query::query(Name::from_ascii("x.test.").unwrap(), RecordType::A);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -748,10 +791,13 @@ mod tests {
         let up = FakeUpstream::start(86_400);
         let rt = runtime();
         let f = rt.block_on(async {
-            Forwarder::new(ForwardConfig {
-                max_ttl: 60,
-                ..config(&up)
-            })
+            Forwarder::new(
+                ForwardConfig {
+                    max_ttl: 60,
+                    ..config(&up)
+                },
+                Arc::default(),
+            )
         });
         let answer = rt.block_on(f.resolve(&question("a.test."))).unwrap();
         assert_eq!(answer.ttl, 60);
@@ -769,7 +815,7 @@ mod tests {
     fn expired_answers_are_served_stale_while_upstreams_fail() {
         let up = FakeUpstream::start(1);
         let rt = runtime();
-        let f = rt.block_on(async { Forwarder::new(config(&up)) });
+        let f = rt.block_on(async { Forwarder::new(config(&up), Arc::default()) });
         let q = question("a.test.");
         rt.block_on(f.resolve(&q)).unwrap();
         up.answering.store(false, Ordering::SeqCst);
@@ -786,7 +832,7 @@ mod tests {
     fn popular_answers_are_refreshed_before_they_expire() {
         let up = FakeUpstream::start(100);
         let rt = runtime();
-        let f = rt.block_on(async { Forwarder::new(config(&up)) });
+        let f = rt.block_on(async { Forwarder::new(config(&up), Arc::default()) });
         let q = question("popular.test.");
         rt.block_on(f.resolve(&q)).unwrap();
         assert_eq!(up.questions(), 1);
@@ -826,11 +872,14 @@ mod tests {
         up.answering.store(false, Ordering::SeqCst);
         let rt = runtime();
         let f = rt.block_on(async {
-            Forwarder::new(ForwardConfig {
-                max_concurrent: 1,
-                upstream_timeout: Duration::from_secs(2),
-                ..config(&up)
-            })
+            Forwarder::new(
+                ForwardConfig {
+                    max_concurrent: 1,
+                    upstream_timeout: Duration::from_secs(2),
+                    ..config(&up)
+                },
+                Arc::default(),
+            )
         });
         rt.block_on(async {
             let first = tokio::spawn({

@@ -57,9 +57,12 @@ const TCP_RESTART_DELAY: Duration = Duration::from_millis(100);
 fn tcp_server(
     listener: &TcpListener,
     answerer: &Arc<Answerer>,
+    metrics: &Arc<super::metrics::DnsMetrics>,
+    addr: SocketAddr,
 ) -> Option<hickory_server::Server<tcp::TcpHandler>> {
     let listener = tokio::net::TcpListener::from_std(listener.try_clone().ok()?).ok()?;
-    let mut server = hickory_server::Server::new(tcp::TcpHandler::new(answerer.clone()));
+    let handler = tcp::TcpHandler::new(answerer.clone(), metrics.clone(), addr);
+    let mut server = hickory_server::Server::new(handler);
     server.register_listener(listener, TCP_TIMEOUT, 64);
     Some(server)
 }
@@ -99,6 +102,7 @@ impl Listener {
 /// The DNS server: its listeners and what they answer with.
 pub struct DnsServer {
     answerer: Arc<Answerer>,
+    metrics: Arc<super::metrics::DnsMetrics>,
     cache: Arc<super::wire_cache::WireCache>,
     runtime: tokio::runtime::Handle,
     in_flight: Arc<AtomicUsize>,
@@ -111,9 +115,14 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// A server with no listeners yet.
-    pub fn new(answerer: Arc<Answerer>, runtime: tokio::runtime::Handle) -> Arc<Self> {
+    pub fn new(
+        answerer: Arc<Answerer>,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<super::metrics::DnsMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             answerer,
+            metrics,
             cache: udp::wire_cache(),
             runtime,
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -152,6 +161,8 @@ impl DnsServer {
             runtime: self.runtime.clone(),
             stop: stop.clone(),
             in_flight: self.in_flight.clone(),
+            metrics: self.metrics.clone(),
+            listen: addr,
         };
         let threads = udp::spawn_workers(&udp, &workers)?;
         let tcp_stop = self.serve_tcp(addr, sockets.tcp.try_clone()?)?;
@@ -181,11 +192,12 @@ impl DnsServer {
     ) -> std::io::Result<oneshot::Sender<()>> {
         listener.set_nonblocking(true)?;
         let answerer = self.answerer.clone();
+        let metrics = self.metrics.clone();
         let (stop, mut stopped) = oneshot::channel::<()>();
         let _entered = self.runtime.enter();
         self.runtime.spawn(async move {
             loop {
-                let Some(mut server) = tcp_server(&listener, &answerer) else {
+                let Some(mut server) = tcp_server(&listener, &answerer, &metrics, addr) else {
                     warn!(listen = %addr, "cannot serve DNS over TCP");
                     return;
                 };

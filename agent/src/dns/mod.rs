@@ -11,6 +11,7 @@ pub mod forward;
 pub mod handover;
 pub mod listeners;
 pub mod liveness;
+pub mod metrics;
 pub mod records;
 pub mod stub_domains;
 mod tcp;
@@ -50,6 +51,10 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// Where outside names go, and how their answers are cached.
     pub forward: forward::ForwardConfig,
+    /// One log line per query (`--dns-log`).
+    pub query_log: bool,
+    /// CoreDNS-style readiness endpoint (`--dns-ready-bind-address`).
+    pub ready: Option<SocketAddr>,
     /// Answer `a-b-c-d.NAMESPACE.pod.ZONE` names (`--dns-pods insecure`).
     pub pod_records: bool,
     /// The kube-dns ConfigMap mounted as a directory (`stubDomains`,
@@ -265,7 +270,7 @@ pub struct Answerer {
 }
 
 impl Answerer {
-    pub fn new(cluster: ClusterDns, config: &DnsConfig) -> Self {
+    pub fn new(cluster: ClusterDns, config: &DnsConfig, metrics: Arc<metrics::DnsMetrics>) -> Self {
         let apex = Name::from_ascii(config.domain.apex()).unwrap_or_else(|_| Name::root());
         let label = |prefix: &str| {
             Name::from_ascii(format!("{prefix}.{apex}")).unwrap_or_else(|_| Name::root())
@@ -289,7 +294,7 @@ impl Answerer {
         );
         Self {
             cluster,
-            forwarder: Forwarder::new(config.forward.clone()),
+            forwarder: Forwarder::new(config.forward.clone(), metrics),
             forward_allowed: config.forward_allowed.clone(),
             ttl: config.ttl,
             soa,
@@ -477,6 +482,15 @@ impl Answerer {
     }
 }
 
+/// Which part answered `records` (the metrics' `plugin`).
+fn plugin_of(records: &Records) -> metrics::Plugin {
+    match records.cache {
+        _ if records.authoritative => metrics::Plugin::Kubernetes,
+        CacheScope::Forwarded(_) => metrics::Plugin::Cache,
+        _ => metrics::Plugin::None,
+    }
+}
+
 /// An ANY question gets one RRset (RFC 8482: answering ANY in full only helps
 /// amplification): the first record's type, addresses of one family.
 fn minimal_any(answers: &mut Vec<Rec>) {
@@ -569,16 +583,18 @@ pub fn server(
     config: &DnsConfig,
     cluster: ClusterDns,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<metrics::DnsMetrics>,
 ) -> Arc<listeners::DnsServer> {
     let _entered = runtime.enter();
-    let answerer = Arc::new(Answerer::new(cluster, config));
+    metrics.set_query_log(config.query_log);
+    let answerer = Arc::new(Answerer::new(cluster, config, metrics.clone()));
     let forwarder = answerer.forwarder().clone();
     let dir = config.kube_dns_config.clone();
     runtime.spawn(async move {
         follow_routes(&forwarder, dir.as_deref()).await;
     });
     info!(listen = ?config.listen, domain = %config.domain, upstreams = ?config.forward.upstreams, stub_domains = ?config.forward.stub_domains, "starting DNS");
-    listeners::DnsServer::new(answerer, runtime)
+    listeners::DnsServer::new(answerer, runtime, metrics)
 }
 
 /// How often the kube-dns ConfigMap directory is read again (kubelet updates a

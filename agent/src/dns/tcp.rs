@@ -11,16 +11,28 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tracing::warn;
 
+use super::metrics::{Answered, DnsMetrics, Plugin};
 use super::{Answerer, Reply, response_edns, unsupported_edns_version};
 
 /// hickory-server's view of the [`Answerer`].
 pub struct TcpHandler {
     answerer: Arc<Answerer>,
+    metrics: Arc<DnsMetrics>,
+    listen: std::net::SocketAddr,
 }
 
 impl TcpHandler {
-    pub fn new(answerer: Arc<Answerer>) -> Self {
-        Self { answerer }
+    /// Answers for the listener on `listen`, counted in `metrics`.
+    pub fn new(
+        answerer: Arc<Answerer>,
+        metrics: Arc<DnsMetrics>,
+        listen: std::net::SocketAddr,
+    ) -> Self {
+        Self {
+            answerer,
+            metrics,
+            listen,
+        }
     }
 }
 
@@ -58,10 +70,24 @@ impl RequestHandler for TcpHandler {
                 return send(&mut response, builder.build_no_records(metadata), request).await;
             }
         };
-        let records = match self.answerer.answer(&query, request.src().ip()) {
-            Reply::Now(records) => records,
-            Reply::Forward => self.answerer.forward(&query).await,
+        let started = std::time::Instant::now();
+        let (records, plugin) = match self.answerer.answer(&query, request.src().ip()) {
+            Reply::Now(records) => {
+                let plugin = super::plugin_of(&records);
+                (records, plugin)
+            }
+            Reply::Forward => (self.answerer.forward(&query).await, Plugin::Forward),
         };
+        self.metrics.recorder(self.listen, "tcp").record(&Answered {
+            client: request.src(),
+            id: request.metadata.id,
+            name: query.name(),
+            qtype: u16::from(query.query_type()),
+            rcode: u16::from(records.rcode),
+            plugin,
+            size: 0,
+            started,
+        });
         metadata.response_code = records.rcode;
         metadata.authoritative = records.authoritative;
         let r = builder.build(

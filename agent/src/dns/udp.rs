@@ -5,6 +5,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use hickory_server::proto::op::{
     Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
@@ -14,6 +15,7 @@ use hickory_server::proto::rr::RData;
 use hickory_server::proto::serialize::binary::{BinDecodable as _, BinDecoder, BinEncoder};
 use tracing::{debug, warn};
 
+use super::metrics::{Answered, DnsMetrics, Plugin};
 use super::wire_cache::{self, Stored, WireCache};
 use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply, response_edns, unsupported_edns_version};
 
@@ -60,6 +62,9 @@ pub struct Workers {
     pub stop: Arc<AtomicBool>,
     /// Questions read and handed to the runtime but not answered yet.
     pub in_flight: Arc<AtomicUsize>,
+    pub metrics: Arc<DnsMetrics>,
+    /// The address served (the `server` label).
+    pub listen: SocketAddr,
 }
 
 /// The shared cache of encoded answers, for [`Workers::cache`].
@@ -112,6 +117,7 @@ fn restarting(name: &str, work: impl Fn()) {
 
 fn worker(socket: Arc<UdpSocket>, w: &Workers) {
     let (answerer, cache, runtime) = (&w.answerer, &w.cache, &w.runtime);
+    let mut recorder = w.metrics.recorder(w.listen, "udp");
     let mut buf = [0u8; 4096];
     let mut out = Vec::with_capacity(1500);
     let mut key = Vec::with_capacity(300);
@@ -133,6 +139,7 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                 continue;
             }
         };
+        let started = Instant::now();
         let packet = &buf[..n];
         // Fast path: the same question was answered before.
         let fast = wire_cache::question(packet);
@@ -146,6 +153,17 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
             {
                 stored.write(packet, q, &mut out);
                 let _ = socket.send_to(&out, src);
+                let plugin = if stored.from_zone() {
+                    Plugin::Kubernetes
+                } else {
+                    let answers = out
+                        .get(6..8)
+                        .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
+                    recorder.cache_hit(answers > 0);
+                    Plugin::Cache
+                };
+                let name = wire_cache::WireName(q.raw);
+                recorder.record(&answered_wire(src, packet, &name, &out, plugin, started));
                 continue;
             }
         }
@@ -167,12 +185,21 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                     edns: edns.as_ref(),
                 };
                 sent.reply(&records, cache, reuse, &mut out);
+                recorder.record(&answered(
+                    src,
+                    &request.metadata,
+                    &query,
+                    &records,
+                    out.len(),
+                    started,
+                ));
             }
             Reply::Forward => {
                 let answerer = answerer.clone();
                 let socket = socket.clone();
                 let cache = cache.clone();
                 let in_flight = InFlight::start(&w.in_flight);
+                let mut recorder = w.metrics.recorder(w.listen, "udp");
                 runtime.spawn(async move {
                     let _in_flight = in_flight;
                     let records = answerer.forward(&query).await;
@@ -183,10 +210,62 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                         query: &query,
                         edns: edns.as_ref(),
                     };
-                    sent.reply(&records, &cache, reuse, &mut Vec::with_capacity(1500));
+                    let mut out = Vec::with_capacity(1500);
+                    sent.reply(&records, &cache, reuse, &mut out);
+                    let mut a =
+                        answered(src, &request.metadata, &query, &records, out.len(), started);
+                    a.plugin = Plugin::Forward;
+                    recorder.record(&a);
                 });
             }
         }
+    }
+}
+
+/// What the metrics see of an answer built from records.
+fn answered<'a>(
+    client: SocketAddr,
+    request: &Metadata,
+    query: &'a Query,
+    records: &Records,
+    size: usize,
+    started: Instant,
+) -> Answered<'a> {
+    Answered {
+        client,
+        id: request.id,
+        name: query.name(),
+        qtype: u16::from(query.query_type()),
+        rcode: u16::from(records.rcode),
+        plugin: super::plugin_of(records),
+        size,
+        started,
+    }
+}
+
+/// What the metrics see of an answer sent from the wire cache.
+fn answered_wire<'a>(
+    client: SocketAddr,
+    packet: &[u8],
+    name: &'a wire_cache::WireName<'a>,
+    out: &[u8],
+    plugin: Plugin,
+    started: Instant,
+) -> Answered<'a> {
+    let question = name.0;
+    let qtype = question
+        .len()
+        .checked_sub(4)
+        .map_or(0, |i| u16::from_be_bytes([question[i], question[i + 1]]));
+    Answered {
+        client,
+        id: u16::from_be_bytes([packet[0], packet[1]]),
+        name,
+        qtype,
+        rcode: u16::from(out.get(3).copied().unwrap_or(0) & 0x0f),
+        plugin,
+        size: out.len(),
+        started,
     }
 }
 

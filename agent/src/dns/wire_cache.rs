@@ -99,6 +99,35 @@ fn options_well_formed(rest: &[u8], rdlen: usize) -> bool {
     i == rest.len()
 }
 
+/// A question's name in wire form, shown in presentation form (for the query log:
+/// only formatted when a line is written).
+pub struct WireName<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for WireName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        while let Some((&len, tail)) = rest.split_first() {
+            let len = usize::from(len);
+            if len == 0 || len > tail.len() {
+                break;
+            }
+            for &b in &tail[..len] {
+                match b {
+                    b'.' | b'\\' => write!(f, "\\{}", b as char)?,
+                    0x21..=0x7e => write!(f, "{}", b as char)?,
+                    _ => write!(f, "\\{b:03}")?,
+                }
+            }
+            f.write_str(".")?;
+            rest = &tail[len..];
+        }
+        if self.0.first() == Some(&0) {
+            f.write_str(".")?;
+        }
+        Ok(())
+    }
+}
+
 /// The cache key of a question: its lower-cased name, its type and class as they
 /// are (lower-casing those bytes would make types 65..90 collide with 97..122, e.g.
 /// HTTPS with type 97), plus the answer size limit.
@@ -159,6 +188,11 @@ impl Stored {
             CacheScope::Forwarded(until) => Instant::now() < until && may_forward(),
             CacheScope::No => false,
         }
+    }
+
+    /// Whether it is an answer from the cluster zone (else from the forwarder).
+    pub fn from_zone(&self) -> bool {
+        matches!(self.scope, CacheScope::Zone(_))
     }
 
     /// Writes the answer to a request with id `id` and question `q` into `out`.
