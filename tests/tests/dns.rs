@@ -300,6 +300,29 @@ fn external_name_is_a_cname() {
     assert_eq!(a.data("CNAME"), ["search.example.com."], "{}", a.raw);
 }
 
+/// Over TCP too, a header claiming 65535 questions is refused before the message is
+/// parsed (FORMERR at once), and the server keeps answering.
+#[test]
+fn tcp_questions_are_checked_before_parsing() {
+    use std::io::{Read as _, Write as _};
+    let n = node();
+    let reply = n.c.in_pod("client", || {
+        let addr: std::net::SocketAddr = format!("{NODE_IP}:53").parse().expect("address");
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let bomb = [0, 12, 0x12, 0x34, 0x01, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0];
+        s.write_all(&bomb).ok()?;
+        let mut reply = [0u8; 14];
+        s.read_exact(&mut reply).ok()?;
+        Some(reply)
+    });
+    let reply = reply.expect("an answer over TCP");
+    assert_eq!(&reply[2..4], &[0x12, 0x34], "the request's id");
+    assert_eq!(reply[5] & 0x0f, 1, "FORMERR: {reply:?}");
+    let a = n.dig_with("web.shop.svc.cluster.local", "A", &["+tcp"]);
+    assert_eq!(a.data("A"), ["10.96.0.10"], "{}", a.raw);
+}
+
 /// CoreDNS resolves an ExternalName's target into the same answer (DNS spec 2.5):
 /// through the zone for a cluster name, upstream for an outside one; a CNAME loop
 /// between two ExternalNames ends.

@@ -7,16 +7,12 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::udp::{self, Workers};
 use super::{Answerer, tcp};
-
-/// How long a TCP connection may sit idle (hickory-server's per-connection timeout).
-const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One listen address's sockets: a SO_REUSEPORT UDP socket per worker thread and
 /// one TCP listener.
@@ -48,23 +44,6 @@ impl Sockets {
             tcp: tcp.into(),
         })
     }
-}
-
-/// Pause before the TCP accept loop is started again after it ended by itself.
-const TCP_RESTART_DELAY: Duration = Duration::from_millis(100);
-
-/// A hickory-server accepting on (a duplicate of) `listener`.
-fn tcp_server(
-    listener: &TcpListener,
-    answerer: &Arc<Answerer>,
-    metrics: &Arc<super::metrics::DnsMetrics>,
-    addr: SocketAddr,
-) -> Option<hickory_server::Server<tcp::TcpHandler>> {
-    let listener = tokio::net::TcpListener::from_std(listener.try_clone().ok()?).ok()?;
-    let handler = tcp::TcpHandler::new(answerer.clone(), metrics.clone(), addr);
-    let mut server = hickory_server::Server::new(handler);
-    server.register_listener(listener, TCP_TIMEOUT, 64);
-    Some(server)
 }
 
 /// A running listener.
@@ -180,39 +159,22 @@ impl DnsServer {
         Ok(())
     }
 
-    /// TCP through hickory-server until the returned sender fires (or is dropped):
-    /// then it stops accepting and finishes the connections it has. hickory-server
-    /// 0.26 ends its accept loop on ECONNABORTED (a client that reset before the
-    /// accept; hickory-dns#3725), which would leave TCP dead while UDP answers: the
-    /// loop is started again on the same listening socket whenever it ends.
+    /// TCP (see [`tcp::TcpServer`]) until the returned sender fires (or is dropped).
     fn serve_tcp(
         &self,
         addr: SocketAddr,
         listener: TcpListener,
     ) -> std::io::Result<oneshot::Sender<()>> {
         listener.set_nonblocking(true)?;
-        let answerer = self.answerer.clone();
-        let metrics = self.metrics.clone();
-        let (stop, mut stopped) = oneshot::channel::<()>();
         let _entered = self.runtime.enter();
-        self.runtime.spawn(async move {
-            loop {
-                let Some(mut server) = tcp_server(&listener, &answerer, &metrics, addr) else {
-                    warn!(listen = %addr, "cannot serve DNS over TCP");
-                    return;
-                };
-                tokio::select! {
-                    done = server.block_until_done() => {
-                        warn!(listen = %addr, result = ?done.err(), "DNS over TCP stopped accepting; restarting it");
-                        tokio::time::sleep(TCP_RESTART_DELAY).await;
-                    }
-                    _ = &mut stopped => {
-                        let _ = server.shutdown_gracefully().await;
-                        return;
-                    }
-                }
-            }
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let server = Arc::new(tcp::TcpServer {
+            answerer: self.answerer.clone(),
+            metrics: self.metrics.clone(),
+            listen: addr,
         });
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.runtime.spawn(server.serve(listener, stopped));
         Ok(stop)
     }
 

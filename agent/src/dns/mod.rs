@@ -13,6 +13,7 @@ pub mod listeners;
 pub mod liveness;
 pub mod metrics;
 pub mod records;
+mod request;
 pub mod stub_domains;
 mod tcp;
 mod udp;

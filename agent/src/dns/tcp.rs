@@ -1,128 +1,154 @@
-//! DNS over TCP, through hickory-server: framing, timeouts and truncation-free
-//! answers; the answers themselves come from the shared [`Answerer`].
+//! DNS over TCP (RFC 7766), served here rather than by hickory-server so that the
+//! header is checked before a message is parsed (as over UDP), an accept error never
+//! stops the listener (hickory-server 0.26 ends its accept loop on ECONNABORTED,
+//! hickory-dns#3725), and connections are bounded in number and in time: a slow or
+//! idle client cannot hold the server.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{
-    Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
-};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
-use tracing::warn;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tracing::debug;
 
-use super::metrics::{Answered, DnsMetrics, Plugin};
-use super::{Answerer, Reply, response_edns, unsupported_edns_version};
+use super::metrics::{Answered, DnsMetrics, Plugin, Recorder};
+use super::request::{self, Parsed};
+use super::{Answerer, Reply};
 
-/// hickory-server's view of the [`Answerer`].
-pub struct TcpHandler {
-    answerer: Arc<Answerer>,
-    metrics: Arc<DnsMetrics>,
-    listen: std::net::SocketAddr,
+/// Connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a connection may wait for its next question.
+const IDLE: Duration = Duration::from_secs(10);
+/// How long reading one question, or writing one answer, may take.
+const IO: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. out of file descriptors), so it is not a spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// What every connection of one listener shares.
+pub struct TcpServer {
+    pub answerer: Arc<Answerer>,
+    pub metrics: Arc<DnsMetrics>,
+    /// The address served (the `server` label).
+    pub listen: SocketAddr,
 }
 
-impl TcpHandler {
-    /// Answers for the listener on `listen`, counted in `metrics`.
-    pub fn new(
-        answerer: Arc<Answerer>,
-        metrics: Arc<DnsMetrics>,
-        listen: std::net::SocketAddr,
-    ) -> Self {
-        Self {
-            answerer,
-            metrics,
-            listen,
+impl TcpServer {
+    /// Accepts on `listener` until `stop` fires (or is dropped); connections already
+    /// open finish on their own (the client closes or goes idle).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: oneshot::Receiver<()>) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let server = self.clone();
+                            tokio::spawn(async move { server.connection(stream, peer, slot).await });
+                        }
+                        Err(_) => debug!(%peer, "too many DNS TCP connections; closing this one"),
+                    },
+                    Err(e) => {
+                        debug!(error = %e, "DNS TCP accept failed");
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                    }
+                },
+                _ = &mut stop => return,
+            }
         }
     }
-}
 
-#[async_trait::async_trait]
-impl RequestHandler for TcpHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
+    /// Questions and answers on one connection, in order, until it closes, idles
+    /// or misbehaves.
+    async fn connection(
         &self,
-        request: &Request,
-        mut response: R,
-    ) -> ResponseInfo {
-        let edns = response_edns(request.edns.as_ref());
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(edns) = &edns {
-            builder.edns(edns);
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        let mut recorder = self.metrics.recorder(self.listen, "tcp");
+        let mut out = Vec::with_capacity(1500);
+        loop {
+            let mut len = [0u8; 2];
+            if !matches!(
+                tokio::time::timeout(IDLE, stream.read_exact(&mut len)).await,
+                Ok(Ok(_))
+            ) {
+                return;
+            }
+            let mut packet = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if !matches!(
+                tokio::time::timeout(IO, stream.read_exact(&mut packet)).await,
+                Ok(Ok(_))
+            ) {
+                return;
+            }
+            let started = Instant::now();
+            let answered = match request::parse(&packet, &mut out) {
+                Parsed::Ignored => return,
+                Parsed::Refused => true,
+                Parsed::Query { message, edns } => {
+                    self.answer(
+                        &message,
+                        edns.as_ref(),
+                        peer,
+                        started,
+                        &mut recorder,
+                        &mut out,
+                    )
+                    .await
+                }
+            };
+            if !answered || !write(&mut stream, &out).await {
+                return;
+            }
         }
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.recursion_available = true;
-        let query = match request.request_info() {
-            Ok(_) if unsupported_edns_version(request.edns.as_ref()) => {
-                metadata.response_code = ResponseCode::BADVERS;
-                return send(&mut response, builder.build_no_records(metadata), request).await;
-            }
-            Ok(info)
-                if request.metadata.message_type == MessageType::Query
-                    && request.metadata.op_code == OpCode::Query =>
-            {
-                info.query.original().clone()
-            }
-            Ok(_) => {
-                metadata.response_code = ResponseCode::NotImp;
-                return send(&mut response, builder.build_no_records(metadata), request).await;
-            }
-            Err(_) => {
-                metadata.response_code = ResponseCode::FormErr;
-                return send(&mut response, builder.build_no_records(metadata), request).await;
-            }
+    }
+
+    /// Encodes the answer to `message` into `out` (no size limit over TCP).
+    async fn answer(
+        &self,
+        message: &hickory_server::proto::op::Message,
+        edns: Option<&hickory_server::proto::op::Edns>,
+        peer: SocketAddr,
+        started: Instant,
+        recorder: &mut Recorder,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let Some(query) = message.queries.first() else {
+            return false;
         };
-        let started = std::time::Instant::now();
-        let (records, plugin) = match self.answerer.answer(&query, request.src().ip()) {
+        let (records, plugin) = match self.answerer.answer(query, peer.ip()) {
             Reply::Now(records) => {
                 let plugin = super::plugin_of(&records);
                 (records, plugin)
             }
-            Reply::Forward => (self.answerer.forward(&query).await, Plugin::Forward),
+            Reply::Forward => (self.answerer.forward(query).await, Plugin::Forward),
         };
-        self.metrics.recorder(self.listen, "tcp").record(&Answered {
-            client: request.src(),
-            id: request.metadata.id,
+        let encoded = request::encode(&message.metadata, query, edns, &records, u16::MAX, out);
+        recorder.record(&Answered {
+            client: peer,
+            id: message.metadata.id,
             name: query.name(),
             qtype: u16::from(query.query_type()),
             rcode: u16::from(records.rcode),
             plugin,
-            size: 0,
+            size: out.len(),
             started,
         });
-        metadata.response_code = records.rcode;
-        metadata.authoritative = records.authoritative;
-        let r = builder.build(
-            metadata,
-            records.answers.iter(),
-            records.authorities.iter(),
-            None::<&hickory_server::proto::rr::Record>,
-            records.additionals.iter(),
-        );
-        send(&mut response, r, request).await
+        encoded
     }
 }
 
-async fn send<'a, R: ResponseHandler>(
-    response: &mut R,
-    message: hickory_server::zone_handler::MessageResponse<
-        '_,
-        'a,
-        impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-        impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-        impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-        impl Iterator<Item = &'a hickory_server::proto::rr::Record> + Send + 'a,
-    >,
-    request: &Request,
-) -> ResponseInfo {
-    match response.send_response(message).await {
-        Ok(info) => info,
-        Err(e) => {
-            warn!(error = %e, src = %request.src(), "cannot send DNS response");
-            let mut metadata = Metadata::response_from_request(&request.metadata);
-            metadata.response_code = ResponseCode::ServFail;
-            ResponseInfo::from(Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            })
-        }
-    }
+/// Writes one length-prefixed message; `false` if the client does not take it.
+async fn write(stream: &mut TcpStream, message: &[u8]) -> bool {
+    let Ok(len) = u16::try_from(message.len()) else {
+        return false;
+    };
+    let sent = async {
+        stream.write_all(&len.to_be_bytes()).await?;
+        stream.write_all(message).await
+    };
+    matches!(tokio::time::timeout(IO, sent).await, Ok(Ok(())))
 }

@@ -7,17 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use hickory_server::proto::op::{
-    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
-    emit_message_parts,
-};
+use hickory_server::proto::op::{Edns, Message, Metadata, Query};
 use hickory_server::proto::rr::RData;
-use hickory_server::proto::serialize::binary::{BinDecodable as _, BinDecoder, BinEncoder};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::metrics::{Answered, DnsMetrics, Plugin};
+use super::request::{self, Parsed};
 use super::wire_cache::{self, Stored, WireCache};
-use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply, response_edns, unsupported_edns_version};
+use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply};
 
 /// Encoded answers kept for reuse.
 const WIRE_CACHE_ENTRIES: usize = 100_000;
@@ -353,74 +350,23 @@ impl Sent<'_> {
 /// through these few starting points).
 const CACHED_TURNS: usize = 4;
 
-/// Additional records a query may carry (an OPT, a cookie's, a TSIG...).
-const MAX_ADDITIONALS: u16 = 4;
-
-/// Decodes a request; answers malformed or unsupported ones (FORMERR, NOTIMP) itself
-/// and returns `None` for them (and drops what is not even a DNS header).
+/// Decodes a request; answers malformed or unsupported ones (FORMERR, NOTIMP,
+/// BADVERS) itself and returns `None` for them (and drops what is not even a DNS
+/// header).
 fn parse(
     packet: &[u8],
     src: SocketAddr,
     socket: &UdpSocket,
     out: &mut Vec<u8>,
 ) -> Option<(Message, Option<Edns>)> {
-    let header = Header::read(&mut BinDecoder::new(packet)).ok()?;
-    if header.metadata.message_type != MessageType::Query {
-        return None;
-    }
-    let refuse = |code: ResponseCode, out: &mut Vec<u8>| {
-        let mut metadata = Metadata::response_from_request(&header.metadata);
-        metadata.response_code = code;
-        let header = Header {
-            metadata,
-            counts: HeaderCounts::default(),
-        };
-        out.clear();
-        let mut encoder = BinEncoder::new(out);
-        if hickory_server::proto::serialize::binary::BinEncodable::emit(&header, &mut encoder)
-            .is_ok()
-        {
+    match request::parse(packet, out) {
+        Parsed::Query { message, edns } => Some((message, edns)),
+        Parsed::Refused => {
             let _ = socket.send_to(out, src);
+            None
         }
-    };
-    // A query has one question and few records; the header's counts are checked
-    // before parsing, since the parser reserves room for as many as they claim.
-    let c = &header.counts;
-    if c.queries != 1 || c.answers != 0 || c.authorities != 0 || c.additionals > MAX_ADDITIONALS {
-        refuse(ResponseCode::FormErr, out);
-        return None;
+        Parsed::Ignored => None,
     }
-    let message = match Message::from_vec(packet) {
-        Ok(m) => m,
-        Err(e) => {
-            debug!(%src, error = %e, "malformed DNS query");
-            refuse(ResponseCode::FormErr, out);
-            return None;
-        }
-    };
-    if message.metadata.op_code != OpCode::Query {
-        refuse(ResponseCode::NotImp, out);
-        return None;
-    }
-    if message.queries.len() != 1 {
-        refuse(ResponseCode::FormErr, out);
-        return None;
-    }
-    let edns = response_edns(message.edns.as_ref());
-    if unsupported_edns_version(message.edns.as_ref()) {
-        let badvers = Records::error(ResponseCode::BADVERS);
-        respond(
-            socket,
-            src,
-            &message.metadata,
-            &message.queries[0],
-            edns.as_ref(),
-            &badvers,
-            out,
-        );
-        return None;
-    }
-    Some((message, edns))
 }
 
 /// Encodes and sends an answer, truncated (TC) to the client's buffer size; `false`
@@ -441,8 +387,7 @@ fn respond(
     encoded
 }
 
-/// Encodes an answer into `out`, truncated (TC) to the client's buffer size;
-/// `false` if it could not be encoded.
+/// Encodes an answer into `out`, truncated (TC) to the client's buffer size.
 fn encode(
     request: &Metadata,
     query: &Query,
@@ -450,34 +395,11 @@ fn encode(
     records: &Records,
     out: &mut Vec<u8>,
 ) -> bool {
-    let mut metadata = Metadata::response_from_request(request);
-    metadata.recursion_available = true;
-    metadata.authoritative = records.authoritative;
-    metadata.response_code = records.rcode;
-    out.clear();
-    let mut encoder = BinEncoder::new(out);
-    encoder.set_max_size(
-        edns.map(Edns::max_payload)
-            .unwrap_or(512)
-            .min(MAX_UDP_PAYLOAD),
-    );
-    let encoded = emit_message_parts(
-        &metadata,
-        &mut std::iter::once(query),
-        &mut records.answers.iter(),
-        &mut records.authorities.iter(),
-        &mut records.additionals.iter(),
-        edns,
-        None,
-        &mut encoder,
-    );
-    match encoded {
-        Ok(_) => true,
-        Err(e) => {
-            warn!(error = %e, "cannot encode DNS answer");
-            false
-        }
-    }
+    let max = edns
+        .map(Edns::max_payload)
+        .unwrap_or(512)
+        .min(MAX_UDP_PAYLOAD);
+    request::encode(request, query, edns, records, max, out)
 }
 
 #[cfg(test)]
