@@ -238,6 +238,10 @@ pub struct RunArgs {
         env = "FERRY_DNS_FORWARD_ALLOW"
     )]
     pub dns_forward_allow: Vec<IpNetwork>,
+    /// Answers per client address and second over UDP (with a burst of as many);
+    /// more questions are dropped unanswered. 0: no limit.
+    #[arg(long, default_value_t = 0, env = "FERRY_DNS_RATE_LIMIT")]
+    pub dns_rate_limit: u32,
     /// One log line per DNS query, as CoreDNS's `log` plugin (client, id, type,
     /// name, protocol, rcode, size, duration).
     #[arg(long, env = "FERRY_DNS_LOG")]

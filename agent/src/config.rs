@@ -225,6 +225,7 @@ fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
         forward,
         pod_records,
         query_log: args.dns_log,
+        rate_limit: args.dns_rate_limit,
         ready,
         kube_dns_config: (!args.dns_kube_dns_config.is_empty())
             .then(|| PathBuf::from(&args.dns_kube_dns_config)),
@@ -235,6 +236,11 @@ fn dns(args: &RunArgs, domain: ClusterDomain) -> anyhow::Result<DnsConfig> {
         domain,
         ttl: args.dns_ttl,
         forward_allowed,
+        forward_allowed_outside: args.dns_forward_allow.clone(),
+        uplinks: crate::host::default_route_interfaces()
+            .iter()
+            .filter_map(|name| nix::net::if_::if_nametoindex(name.as_str()).ok())
+            .collect(),
     })
 }
 

@@ -37,7 +37,7 @@ pub fn local_addresses() -> Vec<LocalAddress> {
 
 /// Interfaces that carry a default route (IPv4 or IPv6), read from procfs, which
 /// shows the reading process's own network namespace.
-fn default_route_interfaces() -> BTreeSet<String> {
+pub fn default_route_interfaces() -> BTreeSet<String> {
     let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
     let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
     default_v4_interfaces(&v4)

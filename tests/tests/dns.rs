@@ -300,6 +300,44 @@ fn external_name_is_a_cname() {
     assert_eq!(a.data("CNAME"), ["search.example.com."], "{}", a.raw);
 }
 
+/// A query from a pod's address that arrives through the node's uplink is spoofed:
+/// it is not forwarded (nothing is reflected at the pod), while the same question
+/// from the pod itself is.
+#[test]
+fn pod_sources_arriving_from_outside_are_not_forwarded() {
+    let n = node();
+    let pod_ip = n.c.pod("client").ip.clone();
+    let status =
+        n.c.ext_command("ip")
+            .args(["addr", "add", &format!("{pod_ip}/32"), "dev", "lo"])
+            .status()
+            .expect("ip addr add");
+    assert!(status.success());
+    let spoofed = dig::run(
+        n.c.ext_command("dig"),
+        NODE_IP,
+        "spoofed.outside.test",
+        "A",
+        &["-b", &pod_ip, "+tries=1", "+time=2"],
+    );
+    assert!(
+        spoofed.status.is_empty() || spoofed.status == "REFUSED",
+        "{}",
+        spoofed.raw
+    );
+    assert_eq!(
+        n.upstream_queries("spoofed.outside.test."),
+        0,
+        "not forwarded"
+    );
+    assert_eq!(
+        n.dig("spoofed.outside.test", "A").status,
+        "NXDOMAIN",
+        "the pod itself is"
+    );
+    assert_eq!(n.upstream_queries("spoofed.outside.test."), 1);
+}
+
 /// Over TCP too, a header claiming 65535 questions is refused before the message is
 /// parsed (FORMERR at once), and the server keeps answering.
 #[test]

@@ -271,3 +271,42 @@ fn coredns_metrics_readiness_and_query_log() {
         "one line per query\n{log}"
     );
 }
+
+/// `--dns-rate-limit`: a client asking faster than its share gets its burst, then
+/// only what the limit refills; the rest goes unanswered.
+#[test]
+fn a_client_over_its_rate_limit_is_not_answered() {
+    let mut n = Node::new();
+    n.upstream(53, "www.outside.test=192.0.2.80");
+    n.start_agent(&[
+        "--dns-upstream",
+        &format!("{EXT_IP}:53"),
+        "--dns-rate-limit",
+        "5",
+    ]);
+    let stop = std::env::temp_dir().join(format!("ferry-rrl-never-{}", n.c.id()));
+    let out =
+        n.c.pod_command("client", n.c.bin("ferry-probe"))
+            .args(["dns-queries", "--server", &format!("{NODE_IP}:53")])
+            .args(["--name", "www.outside.test", "--expect", "192.0.2.80"])
+            .args([
+                "--interval-ms",
+                "0",
+                "--timeout-ms",
+                "100",
+                "--max",
+                "30",
+                "--stop-file",
+            ])
+            .arg(&stop)
+            .output()
+            .expect("run the DNS client");
+    let tally: serde_json::Value = serde_json::from_slice(&out.stdout).expect("tally");
+    let (answered, lost) = (
+        tally["expected"].as_u64().unwrap_or(0),
+        tally["lost"].as_u64().unwrap_or(0),
+    );
+    assert!(answered >= 5, "the burst is answered: {tally}");
+    assert!(lost >= 5, "questions beyond the limit are dropped: {tally}");
+    assert_eq!(answered + lost, 30, "{tally}");
+}

@@ -82,6 +82,7 @@ impl Listener {
 pub struct DnsServer {
     answerer: Arc<Answerer>,
     metrics: Arc<super::metrics::DnsMetrics>,
+    rate_limit: Option<Arc<super::rate_limit::RateLimit>>,
     cache: Arc<super::wire_cache::WireCache>,
     runtime: tokio::runtime::Handle,
     in_flight: Arc<AtomicUsize>,
@@ -98,10 +99,12 @@ impl DnsServer {
         answerer: Arc<Answerer>,
         runtime: tokio::runtime::Handle,
         metrics: Arc<super::metrics::DnsMetrics>,
+        rate_limit: Option<super::rate_limit::RateLimit>,
     ) -> Arc<Self> {
         Arc::new(Self {
             answerer,
             metrics,
+            rate_limit: rate_limit.map(Arc::new),
             cache: udp::wire_cache(),
             runtime,
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -142,6 +145,7 @@ impl DnsServer {
             in_flight: self.in_flight.clone(),
             metrics: self.metrics.clone(),
             listen: addr,
+            rate_limit: self.rate_limit.clone(),
         };
         let threads = udp::spawn_workers(&udp, &workers)?;
         let tcp_stop = self.serve_tcp(addr, sockets.tcp.try_clone()?)?;

@@ -12,6 +12,7 @@ pub mod handover;
 pub mod listeners;
 pub mod liveness;
 pub mod metrics;
+pub mod rate_limit;
 pub mod records;
 mod request;
 pub mod stub_domains;
@@ -52,6 +53,8 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// Where outside names go, and how their answers are cached.
     pub forward: forward::ForwardConfig,
+    /// Answers per client and second over UDP (`--dns-rate-limit`; 0: no limit).
+    pub rate_limit: u32,
     /// One log line per query (`--dns-log`).
     pub query_log: bool,
     /// CoreDNS-style readiness endpoint (`--dns-ready-bind-address`).
@@ -63,6 +66,10 @@ pub struct DnsConfig {
     pub kube_dns_config: Option<std::path::PathBuf>,
     /// Sources that may use the forwarder (the cluster zone answers everyone).
     pub forward_allowed: Vec<IpNetwork>,
+    /// Of those, the ones that may also arrive through an uplink.
+    pub forward_allowed_outside: Vec<IpNetwork>,
+    /// Interface indexes holding a default route (uplinks).
+    pub uplinks: Vec<u32>,
 }
 
 /// The cluster zone, shared by the proxy loop (writer) and the DNS server (readers).
@@ -259,11 +266,24 @@ pub enum Reply {
     Forward,
 }
 
+/// Who asked: the source address, and whether the question came in through an
+/// uplink (an interface holding a default route), where sources from inside the
+/// node or its pods are spoofed.
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub via_uplink: bool,
+}
+
 /// The answering logic, shared by the UDP workers and the TCP server.
 pub struct Answerer {
     cluster: ClusterDns,
     forwarder: Arc<Forwarder>,
     forward_allowed: Vec<IpNetwork>,
+    /// Sources that may forward even through an uplink (`--dns-forward-allow`).
+    forward_allowed_outside: Vec<IpNetwork>,
+    /// Interface indexes of the uplinks.
+    uplinks: Vec<u32>,
     ttl: u32,
     soa: Record,
     /// Turns of the address order in multi-address answers (CoreDNS `loadbalance`).
@@ -297,6 +317,8 @@ impl Answerer {
             cluster,
             forwarder: Forwarder::new(config.forward.clone(), metrics),
             forward_allowed: config.forward_allowed.clone(),
+            forward_allowed_outside: config.forward_allowed_outside.clone(),
+            uplinks: config.uplinks.clone(),
             ttl: config.ttl,
             soa,
             rotation: std::sync::atomic::AtomicUsize::new(0),
@@ -306,7 +328,7 @@ impl Answerer {
     /// Answers `query` from `src` without waiting: from the cluster zone, from the
     /// forwarding cache, with REFUSED for clients that may not forward, or
     /// [`Reply::Forward`] when upstream must be asked.
-    pub fn answer(&self, query: &Query, src: IpAddr) -> Reply {
+    pub fn answer(&self, query: &Query, src: &Client) -> Reply {
         // Read before the lookup: a change racing with it makes the answer stale, never
         // a stale answer look current.
         let generation = self.cluster.generation();
@@ -405,9 +427,24 @@ impl Answerer {
         self.cluster.generation()
     }
 
-    /// Whether `src` may use the forwarder.
-    pub fn may_forward(&self, src: IpAddr) -> bool {
-        self.forward_allowed.iter().any(|n| n.contains(src))
+    /// The client of a question from `ip` that arrived on `interface` (if known).
+    pub fn client(&self, ip: IpAddr, interface: Option<u32>) -> Client {
+        Client {
+            ip,
+            via_uplink: interface.is_some_and(|i| self.uplinks.contains(&i)),
+        }
+    }
+
+    /// Whether `src` may use the forwarder: a pod, the node or `--dns-forward-allow`;
+    /// through an uplink only the latter (a pod or node source arriving from outside
+    /// is spoofed, and the answer would be reflected at it).
+    pub fn may_forward(&self, src: &Client) -> bool {
+        let allowed = if src.via_uplink {
+            &self.forward_allowed_outside
+        } else {
+            &self.forward_allowed
+        };
+        allowed.iter().any(|n| n.contains(src.ip))
     }
 
     /// The forwarder (its routes follow the kube-dns ConfigMap; loop probes).
@@ -595,7 +632,8 @@ pub fn server(
         follow_routes(&forwarder, dir.as_deref()).await;
     });
     info!(listen = ?config.listen, domain = %config.domain, upstreams = ?config.forward.upstreams, stub_domains = ?config.forward.stub_domains, "starting DNS");
-    listeners::DnsServer::new(answerer, runtime, metrics)
+    let limit = rate_limit::RateLimit::new(config.rate_limit);
+    listeners::DnsServer::new(answerer, runtime, metrics, limit)
 }
 
 /// How often the kube-dns ConfigMap directory is read again (kubelet updates a

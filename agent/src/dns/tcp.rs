@@ -119,7 +119,9 @@ impl TcpServer {
         let Some(query) = message.queries.first() else {
             return false;
         };
-        let (records, plugin) = match self.answerer.answer(query, peer.ip()) {
+        // An accepted connection completed a handshake: its source is not spoofed.
+        let client = self.answerer.client(peer.ip(), None);
+        let (records, plugin) = match self.answerer.answer(query, &client) {
             Reply::Now(records) => {
                 let plugin = super::plugin_of(&records);
                 (records, plugin)

@@ -12,6 +12,7 @@ use hickory_server::proto::rr::RData;
 use tracing::warn;
 
 use super::metrics::{Answered, DnsMetrics, Plugin};
+use super::rate_limit::RateLimit;
 use super::request::{self, Parsed};
 use super::wire_cache::{self, Stored, WireCache};
 use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply};
@@ -46,6 +47,56 @@ fn force_receive_buffer(socket: &socket2::Socket) {
     }
 }
 
+/// Asks the kernel for each datagram's arrival interface (IP_PKTINFO /
+/// IPV6_RECVPKTINFO), which [`receive`] reports.
+fn want_arrival_interface(socket: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
+    let _ = setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true);
+}
+
+/// One datagram: its length, sender and (when the kernel says) arrival interface.
+fn receive(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    control: &mut Vec<u8>,
+) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd as _;
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(control),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let src = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+                })
+        })
+        .ok_or_else(|| std::io::Error::other("datagram without a sender"))?;
+    let mut interface = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            match cmsg {
+                ControlMessageOwned::Ipv4PacketInfo(info) => {
+                    interface = Some(info.ipi_ifindex as u32)
+                }
+                ControlMessageOwned::Ipv6PacketInfo(info) => interface = Some(info.ipi6_ifindex),
+                _ => {}
+            }
+        }
+    }
+    Ok((msg.bytes, src, interface))
+}
+
 /// How often a worker blocked on an idle socket looks at its stop flag.
 const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -62,6 +113,8 @@ pub struct Workers {
     pub metrics: Arc<DnsMetrics>,
     /// The address served (the `server` label).
     pub listen: SocketAddr,
+    /// Answers per client, bounded (`--dns-rate-limit`).
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 /// The shared cache of encoded answers, for [`Workers::cache`].
@@ -77,6 +130,7 @@ pub fn spawn_workers(
     let mut threads = Vec::with_capacity(sockets.len());
     for (i, socket) in sockets.iter().enumerate() {
         socket.set_read_timeout(Some(STOP_POLL))?;
+        want_arrival_interface(socket);
         let socket = socket.clone();
         let w = workers.clone();
         let name = format!("dns-udp-{i}");
@@ -118,10 +172,11 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
     let mut buf = [0u8; 4096];
     let mut out = Vec::with_capacity(1500);
     let mut key = Vec::with_capacity(300);
+    let mut control = nix::cmsg_space!(libc::in6_pktinfo);
     // The flag is checked before each read, never between a read and its answer: a
     // question read is always answered by this process.
     while !w.stop.load(Ordering::Acquire) {
-        let (n, src) = match socket.recv_from(&mut buf) {
+        let (n, src, interface) = match receive(&socket, &mut buf, &mut control) {
             Ok(received) => received,
             Err(e)
                 if matches!(
@@ -136,8 +191,14 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                 continue;
             }
         };
+        if let Some(limit) = &w.rate_limit
+            && !limit.allow(src.ip())
+        {
+            continue;
+        }
         let started = Instant::now();
         let packet = &buf[..n];
+        let client = answerer.client(src.ip(), interface);
         // Fast path: the same question was answered before.
         let fast = wire_cache::question(packet);
         if let Some(q) = &fast {
@@ -146,7 +207,7 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                 .map_or(512, |p| p.clamp(512, MAX_UDP_PAYLOAD));
             wire_cache::key(q, max, &mut key);
             if let Some(stored) = cache.get(&key)
-                && stored.usable(answerer.generation(), || answerer.may_forward(src.ip()))
+                && stored.usable(answerer.generation(), || answerer.may_forward(&client))
             {
                 stored.write(packet, q, &mut out);
                 let _ = socket.send_to(&out, src);
@@ -172,7 +233,7 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
             continue;
         };
         let reuse = question_len.map(|len| (key.clone(), len));
-        match answerer.answer(&query, src.ip()) {
+        match answerer.answer(&query, &client) {
             Reply::Now(records) => {
                 let sent = Sent {
                     socket: &socket,
