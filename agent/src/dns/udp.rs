@@ -59,7 +59,7 @@ fn want_arrival_interface(socket: &UdpSocket) {
 fn receive(
     socket: &UdpSocket,
     buf: &mut [u8],
-    control: &mut Vec<u8>,
+    control: &mut [u8],
 ) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
     use std::os::fd::AsRawFd as _;
