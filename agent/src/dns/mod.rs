@@ -18,6 +18,7 @@ mod request;
 pub mod stub_domains;
 mod tcp;
 mod udp;
+mod udp_batch;
 pub mod wire_cache;
 pub mod zone;
 

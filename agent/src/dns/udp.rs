@@ -11,9 +11,10 @@ use hickory_server::proto::op::{Edns, Message, Metadata, Query};
 use hickory_server::proto::rr::RData;
 use tracing::warn;
 
-use super::metrics::{Answered, DnsMetrics, Plugin};
+use super::metrics::{Answered, DnsMetrics, Plugin, Recorder};
 use super::rate_limit::RateLimit;
 use super::request::{self, Parsed};
+use super::udp_batch::{Batch, Received};
 use super::wire_cache::{self, Stored, WireCache};
 use super::{Answerer, MAX_UDP_PAYLOAD, Records, Reply};
 
@@ -53,48 +54,6 @@ fn want_arrival_interface(socket: &UdpSocket) {
     use nix::sys::socket::{setsockopt, sockopt};
     let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
     let _ = setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true);
-}
-
-/// One datagram: its length, sender and (when the kernel says) arrival interface.
-fn receive(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-    control: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr, Option<u32>)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
-    use std::os::fd::AsRawFd as _;
-    let mut iov = [std::io::IoSliceMut::new(buf)];
-    let msg = recvmsg::<SockaddrStorage>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(control),
-        MsgFlags::empty(),
-    )
-    .map_err(std::io::Error::from)?;
-    let src = msg
-        .address
-        .and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
-                .or_else(|| {
-                    a.as_sockaddr_in6()
-                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
-                })
-        })
-        .ok_or_else(|| std::io::Error::other("datagram without a sender"))?;
-    let mut interface = None;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for cmsg in cmsgs {
-            match cmsg {
-                ControlMessageOwned::Ipv4PacketInfo(info) => {
-                    interface = Some(info.ipi_ifindex as u32)
-                }
-                ControlMessageOwned::Ipv6PacketInfo(info) => interface = Some(info.ipi6_ifindex),
-                _ => {}
-            }
-        }
-    }
-    Ok((msg.bytes, src, interface))
 }
 
 /// How often a worker blocked on an idle socket looks at its stop flag.
@@ -167,17 +126,17 @@ fn restarting(name: &str, work: impl Fn()) {
 }
 
 fn worker(socket: Arc<UdpSocket>, w: &Workers) {
-    let (answerer, cache, runtime) = (&w.answerer, &w.cache, &w.runtime);
-    let mut recorder = w.metrics.recorder(w.listen, "udp");
-    let mut buf = [0u8; 4096];
-    let mut out = Vec::with_capacity(1500);
-    let mut key = Vec::with_capacity(300);
-    let mut control = nix::cmsg_space!(libc::in6_pktinfo);
+    let mut state = WorkerState {
+        recorder: w.metrics.recorder(w.listen, "udp"),
+        out: Vec::with_capacity(1500),
+        key: Vec::with_capacity(300),
+    };
+    let mut batch = Batch::new();
     // The flag is checked before each read, never between a read and its answer: a
     // question read is always answered by this process.
     while !w.stop.load(Ordering::Acquire) {
-        let (n, src, interface) = match receive(&socket, &mut buf, &mut control) {
-            Ok(received) => received,
+        match batch.receive(&socket) {
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
@@ -190,94 +149,141 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                 warn!(error = %e, "DNS UDP receive failed");
                 continue;
             }
-        };
-        if let Some(limit) = &w.rate_limit
-            && !limit.allow(src.ip())
+        }
+        let received = std::mem::take(&mut batch.received);
+        let buffers = std::mem::take(&mut batch.buffers);
+        for (r, buffer) in received.iter().zip(&buffers) {
+            let packet = &buffer[..r.len.min(buffer.len())];
+            handle(&socket, w, &mut state, &mut batch, packet, r);
+        }
+        batch.buffers = buffers;
+        batch.received = received;
+        batch.send(&socket);
+    }
+}
+
+/// What a worker keeps between questions.
+struct WorkerState {
+    recorder: Recorder,
+    out: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// Answers one datagram: from the encoded-answer cache into `batch` (sent with the
+/// others), else answered and sent at once, or handed to the runtime to forward.
+fn handle(
+    socket: &Arc<UdpSocket>,
+    w: &Workers,
+    state: &mut WorkerState,
+    batch: &mut Batch,
+    packet: &[u8],
+    r: &Received,
+) {
+    let (answerer, src) = (&w.answerer, r.src);
+    if let Some(limit) = &w.rate_limit
+        && !limit.allow(src.ip())
+    {
+        return;
+    }
+    let started = Instant::now();
+    let client = answerer.client(src.ip(), r.interface);
+    let fast = wire_cache::question(packet);
+    if let Some(q) = &fast {
+        let max = q
+            .edns_payload
+            .map_or(512, |p| p.clamp(512, MAX_UDP_PAYLOAD));
+        wire_cache::key(q, max, &mut state.key);
+        if let Some(stored) = w.cache.get(&state.key)
+            && stored.usable(answerer.generation(), || answerer.may_forward(&client))
         {
-            continue;
-        }
-        let started = Instant::now();
-        let packet = &buf[..n];
-        let client = answerer.client(src.ip(), interface);
-        // Fast path: the same question was answered before.
-        let fast = wire_cache::question(packet);
-        if let Some(q) = &fast {
-            let max = q
-                .edns_payload
-                .map_or(512, |p| p.clamp(512, MAX_UDP_PAYLOAD));
-            wire_cache::key(q, max, &mut key);
-            if let Some(stored) = cache.get(&key)
-                && stored.usable(answerer.generation(), || answerer.may_forward(&client))
-            {
-                stored.write(packet, q, &mut out);
-                let _ = socket.send_to(&out, src);
-                let plugin = if stored.from_zone() {
-                    Plugin::Kubernetes
-                } else {
-                    let answers = out
-                        .get(6..8)
-                        .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
-                    recorder.cache_hit(answers > 0);
-                    Plugin::Cache
-                };
-                let name = wire_cache::WireName(q.raw);
-                recorder.record(&answered_wire(src, packet, &name, &out, plugin, started));
-                continue;
+            let out = match batch.queue(src) {
+                Some(queued) => queued,
+                None => &mut state.out,
+            };
+            stored.write(packet, q, out);
+            let plugin = if stored.from_zone() {
+                Plugin::Kubernetes
+            } else {
+                let answers = out
+                    .get(6..8)
+                    .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
+                state.recorder.cache_hit(answers > 0);
+                Plugin::Cache
+            };
+            let name = wire_cache::WireName(q.raw);
+            state
+                .recorder
+                .record(&answered_wire(src, packet, &name, out, plugin, started));
+            if std::ptr::eq(out, &state.out) {
+                let _ = socket.send_to(&state.out, src);
             }
-        }
-        let question_len = fast.as_ref().map(|q| q.raw.len());
-        let Some((request, edns)) = parse(packet, src, &socket, &mut out) else {
-            continue;
-        };
-        let Some(query) = request.queries.first().cloned() else {
-            continue;
-        };
-        let reuse = question_len.map(|len| (key.clone(), len));
-        match answerer.answer(&query, &client) {
-            Reply::Now(records) => {
-                let sent = Sent {
-                    socket: &socket,
-                    dst: src,
-                    request: &request.metadata,
-                    query: &query,
-                    edns: edns.as_ref(),
-                };
-                sent.reply(&records, cache, reuse, &mut out);
-                recorder.record(&answered(
-                    src,
-                    &request.metadata,
-                    &query,
-                    &records,
-                    out.len(),
-                    started,
-                ));
-            }
-            Reply::Forward => {
-                let answerer = answerer.clone();
-                let socket = socket.clone();
-                let cache = cache.clone();
-                let in_flight = InFlight::start(&w.in_flight);
-                let mut recorder = w.metrics.recorder(w.listen, "udp");
-                runtime.spawn(async move {
-                    let _in_flight = in_flight;
-                    let records = answerer.forward(&query).await;
-                    let sent = Sent {
-                        socket: &socket,
-                        dst: src,
-                        request: &request.metadata,
-                        query: &query,
-                        edns: edns.as_ref(),
-                    };
-                    let mut out = Vec::with_capacity(1500);
-                    sent.reply(&records, &cache, reuse, &mut out);
-                    let mut a =
-                        answered(src, &request.metadata, &query, &records, out.len(), started);
-                    a.plugin = Plugin::Forward;
-                    recorder.record(&a);
-                });
-            }
+            return;
         }
     }
+    let question_len = fast.as_ref().map(|q| q.raw.len());
+    let Some((request, edns)) = parse(packet, src, socket, &mut state.out) else {
+        return;
+    };
+    let Some(query) = request.queries.first().cloned() else {
+        return;
+    };
+    let reuse = question_len.map(|len| (state.key.clone(), len));
+    match answerer.answer(&query, &client) {
+        Reply::Now(records) => {
+            let sent = Sent {
+                socket,
+                dst: src,
+                request: &request.metadata,
+                query: &query,
+                edns: edns.as_ref(),
+            };
+            sent.reply(&records, &w.cache, reuse, &mut state.out);
+            state.recorder.record(&answered(
+                src,
+                &request.metadata,
+                &query,
+                &records,
+                state.out.len(),
+                started,
+            ));
+        }
+        Reply::Forward => forward_later(socket, w, request, edns, query, src, reuse, started),
+    }
+}
+
+/// Hands a question that must go upstream to the runtime.
+#[allow(clippy::too_many_arguments)]
+fn forward_later(
+    socket: &Arc<UdpSocket>,
+    w: &Workers,
+    request: Message,
+    edns: Option<Edns>,
+    query: Query,
+    src: SocketAddr,
+    reuse: Option<(Vec<u8>, usize)>,
+    started: Instant,
+) {
+    let answerer = w.answerer.clone();
+    let socket = socket.clone();
+    let cache = w.cache.clone();
+    let in_flight = InFlight::start(&w.in_flight);
+    let mut recorder = w.metrics.recorder(w.listen, "udp");
+    w.runtime.spawn(async move {
+        let _in_flight = in_flight;
+        let records = answerer.forward(&query).await;
+        let sent = Sent {
+            socket: &socket,
+            dst: src,
+            request: &request.metadata,
+            query: &query,
+            edns: edns.as_ref(),
+        };
+        let mut out = Vec::with_capacity(1500);
+        sent.reply(&records, &cache, reuse, &mut out);
+        let mut a = answered(src, &request.metadata, &query, &records, out.len(), started);
+        a.plugin = Plugin::Forward;
+        recorder.record(&a);
+    });
 }
 
 /// What the metrics see of an answer built from records.

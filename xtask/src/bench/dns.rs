@@ -646,7 +646,19 @@ fn freshness(c: &mut Cluster, per_service: usize) -> DnsFreshness {
         c.write_manifest("churn.yaml", &workload::churn(per_service, step));
         std::thread::sleep(Duration::from_millis(30));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Syncs batch changes that arrive while one runs (a slow iptables sync at scale
+    // takes several), so wait until the count stops growing.
+    let mut seen = 0;
+    let settled = |c: &Cluster, seen: &mut usize| {
+        let now = c.agent_log_values("dns updated", "latency_us").len();
+        let done = now > before && now == *seen;
+        *seen = now;
+        done
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !settled(c, &mut seen) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let mut latencies: Vec<f64> = c
         .agent_log_values("dns updated", "latency_us")
         .into_iter()
