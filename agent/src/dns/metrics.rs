@@ -4,16 +4,17 @@
 //! through a [`Recorder`] each, which keeps its own handles on the counters: after
 //! warm-up a query costs a few atomic additions and no lock.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tracing::info;
 
@@ -23,9 +24,71 @@ type Labels = Vec<(String, String)>;
 #[derive(Clone)]
 struct DurationBuckets;
 
-impl MetricConstructor<Histogram> for DurationBuckets {
-    fn new_metric(&self) -> Histogram {
-        Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+impl MetricConstructor<Durations> for DurationBuckets {
+    fn new_metric(&self) -> Durations {
+        Durations::new(exponential_buckets(0.00025, 2.0, 16).collect())
+    }
+}
+
+/// A histogram of durations updated with atomic additions only: prometheus-client's
+/// `Histogram` takes a mutex per observation, which every UDP worker would contend on.
+#[derive(Clone, Debug)]
+pub struct Durations(Arc<DurationsInner>);
+
+#[derive(Debug)]
+struct DurationsInner {
+    /// Upper bounds, ascending; one more bucket (infinity) follows.
+    bounds: Vec<f64>,
+    counts: Vec<AtomicU64>,
+    sum_nanos: AtomicU64,
+}
+
+impl Durations {
+    fn new(bounds: Vec<f64>) -> Self {
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Self(Arc::new(DurationsInner {
+            bounds,
+            counts,
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+
+    /// Counts one duration.
+    pub fn observe(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = self.0.bounds.partition_point(|b| *b < secs);
+        self.0.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts: Vec<u64> = self
+            .0
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(counts.iter().copied())
+            .collect();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
@@ -60,7 +123,7 @@ impl Plugin {
 pub struct DnsMetrics {
     requests: Family<Labels, Counter>,
     responses: Family<Labels, Counter>,
-    duration: Family<Labels, Histogram, DurationBuckets>,
+    duration: Family<Labels, Durations, DurationBuckets>,
     cache_entries: Family<Labels, Gauge>,
     cache_hits: Family<Labels, Counter>,
     cache_misses: Family<Labels, Counter>,
@@ -202,9 +265,9 @@ impl DnsMetrics {
             metrics: self.clone(),
             server: format!("dns://{listen}"),
             proto,
-            requests: HashMap::new(),
-            responses: HashMap::new(),
-            durations: HashMap::new(),
+            requests: Vec::new(),
+            responses: Vec::new(),
+            durations: Vec::new(),
             cache_hits: [None, None],
         }
     }
@@ -254,14 +317,27 @@ impl DnsMetrics {
     }
 }
 
+/// The handle for `key` in a worker's short list (a handful of keys: a linear scan
+/// beats hashing), made by `make` the first time.
+fn cached<K: PartialEq + Copy, M>(list: &mut Vec<(K, M)>, key: K, make: impl FnOnce() -> M) -> &M {
+    let at = match list.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            list.push((key, make()));
+            list.len() - 1
+        }
+    };
+    &list[at].1
+}
+
 /// One worker's handles on the request metrics.
 pub struct Recorder {
     metrics: Arc<DnsMetrics>,
     server: String,
     proto: &'static str,
-    requests: HashMap<(u16, u8), Counter>,
-    responses: HashMap<(u16, Plugin), Counter>,
-    durations: HashMap<u16, Histogram>,
+    requests: Vec<((u16, u8), Counter)>,
+    responses: Vec<((u16, Plugin), Counter)>,
+    durations: Vec<(u16, Durations)>,
     cache_hits: [Option<Counter>; 2],
 }
 
@@ -283,49 +359,43 @@ impl Recorder {
     pub fn record(&mut self, a: &Answered<'_>) {
         let family = if a.client.is_ipv4() { 1 } else { 2 };
         let (server, proto, m) = (&self.server, self.proto, &self.metrics);
-        self.requests
-            .entry((a.qtype, family))
-            .or_insert_with(|| {
-                m.requests
-                    .get_or_create(&labels(&[
-                        ("server", server),
-                        ("zone", ZONE),
-                        ("view", ""),
-                        ("proto", proto),
-                        ("family", if family == 1 { "1" } else { "2" }),
-                        ("type", type_label(a.qtype)),
-                    ]))
-                    .clone()
-            })
-            .inc();
-        self.responses
-            .entry((a.rcode, a.plugin))
-            .or_insert_with(|| {
-                m.responses
-                    .get_or_create(&labels(&[
-                        ("server", server),
-                        ("zone", ZONE),
-                        ("view", ""),
-                        ("rcode", rcode_label(a.rcode)),
-                        ("plugin", a.plugin.label()),
-                    ]))
-                    .clone()
-            })
-            .inc();
+        cached(&mut self.requests, (a.qtype, family), || {
+            m.requests
+                .get_or_create(&labels(&[
+                    ("server", server),
+                    ("zone", ZONE),
+                    ("view", ""),
+                    ("proto", proto),
+                    ("family", if family == 1 { "1" } else { "2" }),
+                    ("type", type_label(a.qtype)),
+                ]))
+                .clone()
+        })
+        .inc();
+        cached(&mut self.responses, (a.rcode, a.plugin), || {
+            m.responses
+                .get_or_create(&labels(&[
+                    ("server", server),
+                    ("zone", ZONE),
+                    ("view", ""),
+                    ("rcode", rcode_label(a.rcode)),
+                    ("plugin", a.plugin.label()),
+                ]))
+                .clone()
+        })
+        .inc();
         let took = a.started.elapsed();
-        self.durations
-            .entry(a.qtype)
-            .or_insert_with(|| {
-                m.duration
-                    .get_or_create(&labels(&[
-                        ("server", server),
-                        ("zone", ZONE),
-                        ("view", ""),
-                        ("type", type_label(a.qtype)),
-                    ]))
-                    .clone()
-            })
-            .observe(took.as_secs_f64());
+        cached(&mut self.durations, a.qtype, || {
+            m.duration
+                .get_or_create(&labels(&[
+                    ("server", server),
+                    ("zone", ZONE),
+                    ("view", ""),
+                    ("type", type_label(a.qtype)),
+                ]))
+                .clone()
+        })
+        .observe(took);
         if m.log.load(Ordering::Relaxed) {
             info!(
                 target: "ferry::dns::query",
