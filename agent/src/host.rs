@@ -102,6 +102,20 @@ pub fn rtnetlink_request(
     }
 }
 
+/// Where to reach a server bound to `addr` from this host: loopback for the
+/// unspecified address.
+pub fn loopback_if_unspecified(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+        }
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+            std::net::SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
 /// The host's addresses and default-route interfaces, now.
 pub fn probe_addresses() -> HostAddresses {
     HostAddresses {

@@ -3,7 +3,7 @@
 //! any of its modes (`ferry cleanup --kube-proxy`).
 
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ const IPVS_DEVICE: &str = "kube-ipvs0";
 /// for the refusal message, or `None` when nothing (or Ferry) answers there.
 pub fn running_on(addresses: &[SocketAddr]) -> Option<String> {
     addresses.iter().find_map(|addr| {
-        let target = loopback_if_unspecified(*addr);
+        let target = crate::host::loopback_if_unspecified(*addr);
         let response = http_get(target, "/healthz")?;
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
         let ours = head
@@ -54,18 +54,6 @@ pub fn running_on(addresses: &[SocketAddr]) -> Option<String> {
         (!ours && kube_proxy_like)
             .then(|| format!("something answers kube-proxy's /healthz on {target}"))
     })
-}
-
-fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => {
-            SocketAddr::new([127, 0, 0, 1].into(), addr.port())
-        }
-        IpAddr::V6(v6) if v6.is_unspecified() => {
-            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    }
 }
 
 /// A bounded HTTP/1.0 GET; `None` when nothing answers in time.
@@ -223,11 +211,11 @@ mod tests {
 
     #[test]
     fn unspecified_addresses_are_probed_on_loopback() {
-        let probe = loopback_if_unspecified("0.0.0.0:10256".parse().unwrap());
+        let probe = crate::host::loopback_if_unspecified("0.0.0.0:10256".parse().unwrap());
         assert_eq!(probe, "127.0.0.1:10256".parse().unwrap());
-        let probe = loopback_if_unspecified("[::]:10256".parse().unwrap());
+        let probe = crate::host::loopback_if_unspecified("[::]:10256".parse().unwrap());
         assert_eq!(probe, "[::1]:10256".parse().unwrap());
-        let probe = loopback_if_unspecified("10.0.0.1:10256".parse().unwrap());
+        let probe = crate::host::loopback_if_unspecified("10.0.0.1:10256".parse().unwrap());
         assert_eq!(probe, "10.0.0.1:10256".parse().unwrap());
     }
 

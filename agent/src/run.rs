@@ -264,7 +264,11 @@ fn watch_liveness(
     lease: Option<SharedLease>,
     health: Arc<Health>,
 ) {
-    let Some(target) = config.listen.first().map(|a| probe_address(*a)) else {
+    let Some(target) = config
+        .listen
+        .first()
+        .map(|a| host::loopback_if_unspecified(*a))
+    else {
         return;
     };
     let apex = hickory_server::proto::rr::Name::from_ascii(config.domain.apex())
@@ -278,19 +282,6 @@ fn watch_liveness(
         }
         health.dns_answered();
     });
-}
-
-/// Where to probe a listen address (loopback for the unspecified address).
-fn probe_address(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    match addr.ip() {
-        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
-            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
-            std::net::SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    }
 }
 
 /// Starts the configured source feeding `tx`; returns the directory watcher's thread

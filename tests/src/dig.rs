@@ -109,6 +109,21 @@ pub fn run(mut cmd: Command, server: &str, name: &str, rtype: &str, extra: &[&st
     parse(&String::from_utf8_lossy(&out.stdout))
 }
 
+/// Starts a test DNS server (`ferry-probe dns-upstream ...`, prepared in `cmd`) and
+/// waits until it says it is ready.
+pub fn start_upstream(cmd: &mut std::process::Command) -> std::process::Child {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a test DNS server");
+    let mut ready = [0u8; 6];
+    if let Some(out) = child.stdout.as_mut() {
+        let _ = std::io::Read::read_exact(out, &mut ready);
+    }
+    assert_eq!(&ready, b"ready\n", "the test DNS server starts");
+    child
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

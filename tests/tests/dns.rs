@@ -38,29 +38,22 @@ impl DnsNode {
             std::process::id(),
             c.id()
         ));
-        let mut upstream = c
-            .ext_command(c.bin("ferry-probe"))
-            .args([
-                "dns-upstream",
-                "--listen",
-                UPSTREAM,
-                "--answer",
-                "outside.test=192.0.2.80",
-                "--ttl",
-                "60",
-                "--delay-ms",
-                &upstream_delay_ms.to_string(),
-                "--log",
-            ])
-            .arg(&upstream_log)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start upstream");
-        let mut ready = [0u8; 6];
-        if let Some(out) = upstream.stdout.as_mut() {
-            let _ = std::io::Read::read_exact(out, &mut ready);
-        }
-        assert_eq!(&ready, b"ready\n");
+        let upstream = dig::start_upstream(
+            c.ext_command(c.bin("ferry-probe"))
+                .args([
+                    "dns-upstream",
+                    "--listen",
+                    UPSTREAM,
+                    "--answer",
+                    "outside.test=192.0.2.80",
+                    "--ttl",
+                    "60",
+                    "--delay-ms",
+                    &upstream_delay_ms.to_string(),
+                    "--log",
+                ])
+                .arg(&upstream_log),
+        );
         c.start_agent_with(&[
             "--dns-listen",
             &format!("{NODE_IP}:53"),

@@ -50,20 +50,13 @@ impl Node {
     /// (NAME=IPV4); returns its question log.
     fn upstream(&mut self, port: u16, answers: &str) -> PathBuf {
         let log = std::env::temp_dir().join(format!("ferry-fwd-{}-{port}.log", self.c.id()));
-        let mut child = self
-            .c
-            .ext_command(self.c.bin("ferry-probe"))
-            .args(["dns-upstream", "--listen", &format!("{EXT_IP}:{port}")])
-            .args(["--answer", answers, "--ttl", "60", "--log"])
-            .arg(&log)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start an upstream");
-        let mut ready = [0u8; 6];
-        if let Some(out) = child.stdout.as_mut() {
-            let _ = std::io::Read::read_exact(out, &mut ready);
-        }
-        assert_eq!(&ready, b"ready\n");
+        let child = dig::start_upstream(
+            self.c
+                .ext_command(self.c.bin("ferry-probe"))
+                .args(["dns-upstream", "--listen", &format!("{EXT_IP}:{port}")])
+                .args(["--answer", answers, "--ttl", "60", "--log"])
+                .arg(&log),
+        );
         self.servers.0.push(child);
         self.logs.push(log.clone());
         log

@@ -62,18 +62,11 @@ impl DnsNode {
                     .yaml(),
             ]),
         );
-        let mut coredns = c
-            .pod_command("coredns", c.bin("ferry-probe"))
-            .args(["dns-upstream", "--listen", &format!("{coredns_ip}:53")])
-            .args(["--answer", &format!("{WEB}={STAND_IN_IP}"), "--ttl", "1"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the stand-in CoreDNS");
-        let mut ready = [0u8; 6];
-        if let Some(out) = coredns.stdout.as_mut() {
-            let _ = std::io::Read::read_exact(out, &mut ready);
-        }
-        assert_eq!(&ready, b"ready\n");
+        let coredns = dig::start_upstream(
+            c.pod_command("coredns", c.bin("ferry-probe"))
+                .args(["dns-upstream", "--listen", &format!("{coredns_ip}:53")])
+                .args(["--answer", &format!("{WEB}={STAND_IN_IP}"), "--ttl", "1"]),
+        );
         let mut node = Self { c, coredns };
         node.start_agent();
         node

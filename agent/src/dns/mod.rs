@@ -222,7 +222,7 @@ pub enum CacheScope {
 }
 
 /// What to send back for one question.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Records {
     pub rcode: ResponseCode,
     pub authoritative: bool,
@@ -233,18 +233,6 @@ pub struct Records {
 }
 
 impl Records {
-    /// A copy (the answer section is what [`rotate_addresses`] turns).
-    pub(crate) fn clone_answers(&self) -> Self {
-        Self {
-            rcode: self.rcode,
-            authoritative: self.authoritative,
-            cache: self.cache,
-            answers: self.answers.clone(),
-            authorities: self.authorities.clone(),
-            additionals: self.additionals.clone(),
-        }
-    }
-
     /// An answer with no records, only a response code.
     pub(crate) fn error(rcode: ResponseCode) -> Self {
         Self {

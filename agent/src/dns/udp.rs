@@ -196,6 +196,7 @@ fn handle(
         if let Some(stored) = w.cache.get(&state.key)
             && stored.usable(answerer.generation(), || answerer.may_forward(&client))
         {
+            let direct = batch.is_full();
             let out = match batch.queue(src) {
                 Some(queued) => queued,
                 None => &mut state.out,
@@ -214,7 +215,7 @@ fn handle(
             state
                 .recorder
                 .record(&answered_wire(src, packet, &name, out, plugin, started));
-            if std::ptr::eq(out, &state.out) {
+            if direct {
                 let _ = socket.send_to(&state.out, src);
             }
             return;
@@ -403,7 +404,7 @@ impl Sent<'_> {
             .count();
         let mut turned = Vec::with_capacity(encoded.len());
         for turn in 1..addresses.min(CACHED_TURNS) {
-            let mut other = records.clone_answers();
+            let mut other = records.clone();
             super::rotate_addresses(&mut other.answers, turn);
             if encode(self.request, self.query, self.edns, &other, &mut turned) {
                 stored.add_turn(&turned, question_len);

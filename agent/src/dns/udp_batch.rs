@@ -95,6 +95,11 @@ impl Batch {
         Ok(self.received.len())
     }
 
+    /// Whether [`Batch::queue`] has no room left.
+    pub fn is_full(&self) -> bool {
+        self.queued >= self.answers.len()
+    }
+
     /// A buffer for one more answer to `dst`, sent by the next [`Batch::send`]
     /// (`None` when the batch is full: send it directly).
     pub fn queue(&mut self, dst: SocketAddr) -> Option<&mut Vec<u8>> {

@@ -382,7 +382,7 @@ fn restart_under_load(c: &mut Cluster, queries: &Path) -> anyhow::Result<DnsRest
                 c.node_command(c.bin("ferry")).args(&args),
                 "the successor agent",
             )?;
-            let handed = wait_for(Duration::from_secs(60), || {
+            let handed = ferry_tests::cluster::poll(Duration::from_secs(60), || {
                 c.agent_log().contains("handed the DNS sockets")
             });
             if let Some(pid) = c.agent_pid() {
@@ -413,18 +413,6 @@ fn restart_under_load(c: &mut Cluster, queries: &Path) -> anyhow::Result<DnsRest
         lost: load.lost,
         servfail: load.servfail,
     })
-}
-
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
-fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// The upstream for outside names (answers every site-N.outside.test).
