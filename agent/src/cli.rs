@@ -81,9 +81,13 @@ pub struct CleanupArgs {
 /// Which data plane programs the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// Socket-level load balancing with eBPF (default).
+    /// The best this kernel runs: eBPF, else nftables, else iptables (default).
+    Auto,
+    /// Socket-level load balancing with eBPF (kernel 5.18+).
     Ebpf,
-    /// kube-proxy's iptables rule layout, for hosts without eBPF.
+    /// Verdict maps in one nftables table per family, for hosts without eBPF.
+    Nftables,
+    /// kube-proxy's iptables rule layout, for hosts without eBPF or nftables.
     Iptables,
 }
 
@@ -133,7 +137,7 @@ pub struct RunArgs {
         long,
         visible_alias = "proxy-mode",
         value_enum,
-        default_value = "ebpf",
+        default_value = "auto",
         env = "FERRY_MODE"
     )]
     pub mode: Mode,
@@ -466,7 +470,7 @@ pub fn parse_upstreams(values: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 /// Which addresses NodePorts answer on, from `--nodeport-addresses` (empty entries
 /// are skipped; only `primary` means `primary`). Nothing means the mode's default, as
 /// kube-proxy documents it per mode: every local address in iptables mode, `primary`
-/// in eBPF mode (as kube-proxy's nftables mode).
+/// in nftables mode (and eBPF mode, which follows it).
 pub fn parse_nodeport_addresses(
     values: &[String],
     mode: Mode,
@@ -475,7 +479,7 @@ pub fn parse_nodeport_addresses(
     if values.is_empty() {
         return Ok(match mode {
             Mode::Iptables => NodePortAddresses::All,
-            Mode::Ebpf => NodePortAddresses::Primary,
+            Mode::Auto | Mode::Ebpf | Mode::Nftables => NodePortAddresses::Primary,
         });
     }
     if values.iter().all(|v| *v == "primary") {

@@ -25,6 +25,7 @@ use crate::source::kube::{ClusterAccess, Credentials};
 #[derive(Debug)]
 pub enum DataPlaneConfig {
     Ebpf(EbpfConfig),
+    Nftables,
     Iptables,
 }
 
@@ -33,6 +34,7 @@ impl DataPlaneConfig {
     pub fn mode_name(&self) -> &'static str {
         match self {
             Self::Ebpf(_) => "ebpf",
+            Self::Nftables => "nftables",
             Self::Iptables => "iptables",
         }
     }
@@ -81,6 +83,9 @@ impl RunConfig {
             for warning in file.apply(&mut args)? {
                 warn!(config = %path.display(), "{warning}");
             }
+        }
+        if args.mode == Mode::Auto {
+            args.mode = crate::probe::resolve(Mode::Auto, args.cgroup.as_deref())?;
         }
         if args.masquerade_all && args.mode == Mode::Ebpf {
             warn!(
@@ -147,13 +152,17 @@ fn source(args: &RunArgs) -> anyhow::Result<SourceConfig> {
 
 fn data_plane(args: RunArgs) -> anyhow::Result<DataPlaneConfig> {
     Ok(match args.mode {
-        Mode::Iptables => {
+        Mode::Iptables | Mode::Nftables | Mode::Auto => {
             // kube-proxy ignores other modes' settings, so one ConfigMap serves every
             // mode.
             if let Some(cgroup) = &args.cgroup {
                 warn!(cgroup = %cgroup.display(), "--cgroup only applies to --mode ebpf; ignored");
             }
-            DataPlaneConfig::Iptables
+            match args.mode {
+                Mode::Nftables => DataPlaneConfig::Nftables,
+                // `auto` was resolved by now; iptables is the mode every host runs.
+                _ => DataPlaneConfig::Iptables,
+            }
         }
         Mode::Ebpf => DataPlaneConfig::Ebpf(EbpfConfig {
             cgroup: match args.cgroup {

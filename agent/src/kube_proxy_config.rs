@@ -202,11 +202,12 @@ impl KubeProxyConfiguration {
     }
 
     /// The sync settings of the mode that runs (kube-proxy reads `iptables` in
-    /// iptables mode, `nftables` in nftables mode); eBPF follows `iptables`.
+    /// iptables mode, `nftables` in nftables mode); eBPF and auto follow `iptables`.
     /// Another mode's section is ignored, as kube-proxy does.
     fn rule_syncing(&self, mode: Mode) -> Option<&RuleSyncing> {
         match mode {
-            Mode::Ebpf | Mode::Iptables => self.iptables.as_ref(),
+            Mode::Nftables => self.nftables.as_ref(),
+            Mode::Auto | Mode::Ebpf | Mode::Iptables => self.iptables.as_ref(),
         }
     }
 }
@@ -234,7 +235,7 @@ impl Filler<'_> {
             }
             if mode == "ipvs" {
                 self.warnings.push(
-                    "mode \"ipvs\": Ferry has no IPVS mode; using its default data plane (eBPF)"
+                    "mode \"ipvs\": Ferry has no IPVS mode; using its default (auto: eBPF, else nftables, else iptables)"
                         .to_owned(),
                 );
             }
@@ -433,8 +434,10 @@ fn parse_mode(mode: &str) -> Result<Option<Mode>, String> {
         "" | "ipvs" => Ok(None),
         "iptables" => Ok(Some(Mode::Iptables)),
         "ebpf" => Ok(Some(Mode::Ebpf)),
+        "nftables" => Ok(Some(Mode::Nftables)),
+        "auto" => Ok(Some(Mode::Auto)),
         other => Err(format!(
-            "mode {other:?} is not available in Ferry (use \"iptables\", or \"\" for eBPF)"
+            "mode {other:?} is not available in Ferry (use \"ebpf\", \"nftables\", \"iptables\", or \"\" for auto)"
         )),
     }
 }

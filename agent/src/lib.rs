@@ -19,6 +19,7 @@ pub mod kube_proxy_config;
 pub mod metrics;
 pub mod model;
 pub mod node_settings;
+pub mod probe;
 pub mod proxy;
 pub mod report;
 pub mod run;

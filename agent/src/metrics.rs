@@ -91,6 +91,10 @@ pub struct Metrics {
     pub map_full: Family<Labels, Counter>,
     pub ebpf_frontends: Gauge,
     pub ebpf_backends: Gauge,
+    /// Service chains in Ferry's nftables tables, by family.
+    pub nftables_chains: Family<Labels, Gauge>,
+    /// Map and set elements in Ferry's nftables tables, by family.
+    pub nftables_elements: Family<Labels, Gauge>,
     /// Updates and deletes done on the eBPF maps.
     pub ebpf_map_writes: Counter,
     /// From a change reaching the agent to its being programmed.
@@ -140,6 +144,8 @@ impl Metrics {
             map_full: Family::default(),
             ebpf_frontends: Gauge::default(),
             ebpf_backends: Gauge::default(),
+            nftables_chains: Family::default(),
+            nftables_elements: Family::default(),
             ebpf_map_writes: Counter::default(),
             programming: Histogram::new(network_programming_buckets()),
             dns_programming: Histogram::new(dns_buckets()),
@@ -290,6 +296,16 @@ impl Metrics {
             "ferry_ebpf_backends",
             "Distinct backends programmed in the eBPF maps",
             m.ebpf_backends.clone(),
+        );
+        r.register(
+            "ferry_nftables_chains",
+            "Service chains in Ferry's nftables tables",
+            m.nftables_chains.clone(),
+        );
+        r.register(
+            "ferry_nftables_elements",
+            "Map and set elements in Ferry's nftables tables",
+            m.nftables_elements.clone(),
         );
         r.register(
             "ferry_ebpf_map_writes",

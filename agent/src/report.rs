@@ -216,6 +216,18 @@ impl Report {
                     self.metrics.ebpf_frontends.set(*frontends as i64);
                     self.metrics.ebpf_backends.set(*backends as i64);
                 }
+                ProgrammedCount::NftablesObjects {
+                    family,
+                    chains,
+                    elements,
+                } => {
+                    let labels = ip_family(*family);
+                    let m = &self.metrics;
+                    m.nftables_chains.get_or_create(&labels).set(*chains as i64);
+                    m.nftables_elements
+                        .get_or_create(&labels)
+                        .set(*elements as i64);
+                }
             }
         }
     }

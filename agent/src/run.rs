@@ -6,14 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::cli::Mode;
 use crate::config::{DataPlaneConfig, RunConfig, SourceConfig};
 use crate::dataplane::DataPlane;
 use crate::dataplane::ebpf::node_local_dns::DnsLease;
 use crate::dataplane::ebpf::{EbpfDataPlane, inspect, loader};
 use crate::dataplane::iptables::IptablesDataPlane;
 use crate::dataplane::iptables::render::Scope;
+use crate::dataplane::nftables::{self, NftablesDataPlane};
 use crate::dns::listeners::DnsServer;
 use crate::dns::{self, ClusterDns, DnsConfig};
 use crate::health::{Health, serve_health, serve_metrics};
@@ -21,6 +23,7 @@ use crate::host;
 use crate::kube_proxy;
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
+use crate::probe;
 use crate::proxy::node_local_dns::NodeLocalDnsSteering;
 use crate::proxy::{ProxyConfig, ProxyLoop};
 use crate::report::Report;
@@ -129,13 +132,37 @@ fn start_data_plane(
     config: &DataPlaneConfig,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Box<dyn DataPlane>> {
+    remove_other_modes_state(config);
     Ok(match config {
         DataPlaneConfig::Iptables => Box::new(IptablesDataPlane::new(&families(), Scope::All)),
-        DataPlaneConfig::Ebpf(ebpf) => Box::new(
-            EbpfDataPlane::start(ebpf, &families(), metrics.clone())
-                .context("starting the eBPF data plane")?,
-        ),
+        DataPlaneConfig::Nftables => {
+            probe::resolve(Mode::Nftables, None)?;
+            Box::new(NftablesDataPlane::new(&families()))
+        }
+        DataPlaneConfig::Ebpf(ebpf) => {
+            probe::resolve(Mode::Ebpf, Some(&ebpf.cgroup))?;
+            Box::new(
+                EbpfDataPlane::start(ebpf, &families(), metrics.clone())
+                    .context("starting the eBPF data plane")?,
+            )
+        }
     })
+}
+
+/// A node switched between modes keeps no rules of the previous one (they would
+/// still translate traffic): nftables mode removes Ferry's and kube-proxy's iptables
+/// service chains, the other modes remove Ferry's nftables tables. Failures are
+/// logged; the new mode starts anyway.
+fn remove_other_modes_state(config: &DataPlaneConfig) {
+    let result = match config {
+        DataPlaneConfig::Nftables => {
+            IptablesDataPlane::cleanup(&families()).context("removing iptables service rules")
+        }
+        _ => NftablesDataPlane::cleanup(&families()).context("removing Ferry's nftables tables"),
+    };
+    if let Err(error) = result {
+        warn!(error = %error_chain(error.as_ref()), "cannot remove another mode's rules");
+    }
 }
 
 /// The running DNS server and what the rest of the agent needs of it.
@@ -351,6 +378,7 @@ async fn exit_on_signal(shutdown: Shutdown) {
 /// eBPF programs and maps; with `kube_proxy`, also what kube-proxy left in any mode.
 pub fn cleanup(pin_dir: &std::path::Path, kube_proxy: bool) -> anyhow::Result<()> {
     IptablesDataPlane::cleanup(&families()).context("removing iptables rules")?;
+    NftablesDataPlane::cleanup(&families()).context("removing nftables tables")?;
     if kube_proxy {
         kube_proxy::cleanup(&families())?;
     }
@@ -361,14 +389,19 @@ pub fn cleanup(pin_dir: &std::path::Path, kube_proxy: bool) -> anyhow::Result<()
     Ok(())
 }
 
-/// Prints the eBPF frontends (`ferry inspect services`).
+/// Prints the programmed frontends (`ferry inspect services`), read back from the
+/// kernel: Ferry's nftables tables when they exist, else the eBPF maps.
 pub fn inspect_services(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let view = inspect::inspect(pin_dir).with_context(|| {
-        format!(
-            "reading the eBPF maps pinned in {} (is ferry running in eBPF mode?)",
-            pin_dir.display()
-        )
-    })?;
+    let view = if nftables::inspect::present() {
+        nftables::inspect::inspect().context("reading Ferry's nftables tables")?
+    } else {
+        inspect::inspect(pin_dir).with_context(|| {
+            format!(
+                "reading the eBPF maps pinned in {} (is ferry running in eBPF or nftables mode?)",
+                pin_dir.display()
+            )
+        })?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {

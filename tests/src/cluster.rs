@@ -38,6 +38,7 @@ const PREFIX: &str = "ft";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Iptables,
+    Nftables,
     Ebpf,
 }
 
@@ -45,8 +46,16 @@ impl Mode {
     pub fn flag(self) -> &'static str {
         match self {
             Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
             Self::Ebpf => "ebpf",
         }
+    }
+
+    /// Whether services are translated by kernel NAT (iptables, nftables): the
+    /// backend sees what conntrack rewrote, and a ClusterIP connection's peer is
+    /// the backend until the reply is un-NATed.
+    pub fn nats(self) -> bool {
+        self != Self::Ebpf
     }
 }
 
@@ -827,6 +836,20 @@ impl Cluster {
     /// Runs a command inside the node namespace (e.g. `ferry inspect`, iptables-save).
     pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         self.node.command(program, None)
+    }
+
+    /// Every packet-filter rule of the node: `iptables-save` and `nft list ruleset`.
+    pub fn node_rules(&self) -> String {
+        let mut rules = String::new();
+        for (program, args) in [
+            ("iptables-save", &[][..]),
+            ("nft", &["list", "ruleset"][..]),
+        ] {
+            let out = self.node_command(program).args(args).output();
+            let out = out.unwrap_or_else(|e| panic!("{program}: {e}"));
+            rules.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        rules
     }
 
     /// A command that runs inside a pod (and the node's cgroup, like the pod's own

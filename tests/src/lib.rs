@@ -15,8 +15,8 @@ pub mod netns;
 pub use cluster::{Cluster, From, Mode, Report};
 pub use multinode::MultiNode;
 
-/// Generates one `#[test]` per scenario and data plane, `iptables::name` and
-/// `ebpf::name`, each calling `name(mode)` of the test file.
+/// Generates one `#[test]` per scenario and data plane, `iptables::name`,
+/// `nftables::name` and `ebpf::name`, each calling `name(mode)` of the test file.
 #[macro_export]
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
@@ -25,6 +25,14 @@ macro_rules! scenarios {
                 #[test]
                 fn $name() {
                     super::$name($crate::Mode::Iptables);
+                }
+            )*
+        }
+        mod nftables {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Mode::Nftables);
                 }
             )*
         }

@@ -1,12 +1,25 @@
-//! eBPF-only behaviour: what `ferry inspect` reads back from the maps, and dual-stack
-//! sockets reaching IPv4 services through IPv4-mapped addresses.
+//! What `ferry inspect` reads back from the kernel (eBPF maps, nftables tables), and
+//! eBPF-only behaviour: dual-stack sockets reaching IPv4 services through
+//! IPv4-mapped addresses.
 
 use ferry_tests::manifests::{Service, docs, ep, port, slice};
 use ferry_tests::{Cluster, From, Mode};
 
-#[test]
-fn inspect_services_reads_the_maps() {
-    let mut c = Cluster::new(Mode::Ebpf, &["a", "b"]);
+/// `ferry inspect services` in the modes that keep services in lookup tables.
+mod inspect_services_reads_the_kernel {
+    #[test]
+    fn ebpf() {
+        super::inspect_services_reads_the_kernel(ferry_tests::Mode::Ebpf);
+    }
+
+    #[test]
+    fn nftables() {
+        super::inspect_services_reads_the_kernel(ferry_tests::Mode::Nftables);
+    }
+}
+
+fn inspect_services_reads_the_kernel(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b"]);
     let p = [port("http", "TCP", 8080)];
     c.write_manifest(
         "svc.yaml",

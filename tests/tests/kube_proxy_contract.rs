@@ -46,6 +46,8 @@ fn kube_proxy_configuration_file_configures_the_agent(mode: Mode) {
     c.write_manifest("web.yaml", &web(&c, &["a", "b"]));
     let file_mode = match mode {
         Mode::Iptables => "iptables",
+        Mode::Nftables => "nftables",
+        // Empty: Ferry's default (auto), which is eBPF on the test kernels.
         Mode::Ebpf => "",
     };
     let config = format!(
@@ -131,6 +133,7 @@ iptables:
     match mode {
         Mode::Iptables => expected
             .push("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\",ip_family=\"IPv4\"}"),
+        Mode::Nftables => expected.push("ferry_nftables_chains{ip_family=\"IPv4\"}"),
         Mode::Ebpf => expected.push("ferry_ebpf_datapath_events_total{event=\"translated\"}"),
     }
     for line in expected {

@@ -766,7 +766,7 @@ fn hairpin_through_cluster_ip_and_node_port(mode: Mode) {
     assert_eq!(r.successes(), 10, "ClusterIP: {r:?}");
     assert_eq!(r.single(), "h 8080", "{r:?}");
     let want = match mode {
-        Mode::Iptables => &node,
+        Mode::Iptables | Mode::Nftables => &node,
         Mode::Ebpf => &own,
     };
     assert_eq!(r.sources(), [want.as_str()], "ClusterIP: {r:?}");

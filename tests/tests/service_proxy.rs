@@ -256,7 +256,7 @@ fn detect_local_by_interface_prefix_keeps_pod_sources(mode: Mode) {
     );
     let by_cidr = run(&[]);
     let expected = match mode {
-        Mode::Iptables => ferry_tests::cluster::NODE_IP.to_owned(),
+        Mode::Iptables | Mode::Nftables => ferry_tests::cluster::NODE_IP.to_owned(),
         Mode::Ebpf => client,
     };
     assert_eq!(
@@ -328,6 +328,11 @@ mod connected_udp {
     #[test]
     fn iptables() {
         super::connected_udp_flow_follows_endpoint_removal(ferry_tests::Mode::Iptables);
+    }
+
+    #[test]
+    fn nftables() {
+        super::connected_udp_flow_follows_endpoint_removal(ferry_tests::Mode::Nftables);
     }
 
     #[test]
@@ -820,11 +825,7 @@ spec:
         c.tcp(From::Pod("client"), "10.96.0.81:80", 3).successes(),
         3
     );
-    let save = c
-        .node_command("iptables-save")
-        .output()
-        .expect("iptables-save");
-    let save = String::from_utf8_lossy(&save.stdout);
+    let save = c.node_rules();
     assert!(!save.contains("-A INPUT -j DROP"), "{save}");
     assert!(
         !save.contains("10.96.0.80"),
@@ -1042,12 +1043,9 @@ fn unexposed_port_is_not_delivered(mode: Mode) {
     let c = web_cluster(mode);
     let r = c.tcp_with(From::Pod("client"), "10.96.0.10:8080", 1, 500, 0);
     assert_eq!(r.successes(), 0, "{r:?}");
-    if mode == Mode::Ebpf {
-        assert_eq!(
-            r.error("refused"),
-            1,
-            "socket LB refuses at connect(): {r:?}"
-        );
+    if mode != Mode::Iptables {
+        // Socket LB refuses at connect(); nftables rejects unknown ClusterIP ports.
+        assert_eq!(r.error("refused"), 1, "{r:?}");
     }
 }
 
@@ -1067,12 +1065,9 @@ fn cleanup_removes_everything(mode: Mode) {
         0,
         "nothing may still balance after cleanup: {r:?}"
     );
-    let save = c
-        .node_command("iptables-save")
-        .output()
-        .expect("iptables-save");
-    let save = String::from_utf8_lossy(&save.stdout);
+    let save = c.node_rules();
     assert!(!save.contains("KUBE-"), "{save}");
+    assert!(!save.contains("table ip ferry"), "{save}");
     assert!(!c.pin_dir().exists());
 }
 

@@ -41,7 +41,7 @@ enum Task {
     },
     /// Run Ferry on the example manifests in a demo node made of network namespaces.
     Run {
-        /// Data plane: ebpf or iptables.
+        /// Data plane: ebpf, nftables or iptables.
         #[arg(long, default_value = "ebpf")]
         mode: String,
         /// Manifest directory to serve.
@@ -195,8 +195,9 @@ fn lint() -> anyhow::Result<()> {
 fn parse_mode(mode: &str) -> anyhow::Result<Mode> {
     match mode {
         "iptables" => Ok(Mode::Iptables),
+        "nftables" => Ok(Mode::Nftables),
         "ebpf" => Ok(Mode::Ebpf),
-        other => bail!("unknown mode {other:?} (ebpf or iptables)"),
+        other => bail!("unknown mode {other:?} (ebpf, nftables or iptables)"),
     }
 }
 
@@ -272,16 +273,26 @@ fn print_demo_hints(cluster: &Cluster, mode: Mode, manifests: &Path) {
         "  ./dev.sh exec client -- dig @{} web.demo.svc.cluster.local   # cluster DNS",
         ferry_tests::cluster::NODE_IP
     );
-    if mode == Mode::Ebpf {
-        println!(
+    match mode {
+        Mode::Ebpf => println!(
             "  sudo {} inspect services --bpf-pin-path {}   # what the eBPF maps hold",
             cluster.bin("ferry").display(),
             cluster.pin_dir().display()
-        );
+        ),
+        Mode::Nftables => println!(
+            "  sudo ip netns exec {DEMO_ID}-node {} inspect services   # what the nftables maps hold",
+            cluster.bin("ferry").display()
+        ),
+        Mode::Iptables => {}
     }
-    println!(
-        "  sudo ip netns exec {DEMO_ID}-node iptables-save -t nat      # iptables rules (NodePorts; all services in iptables mode)"
-    );
+    match mode {
+        Mode::Nftables => println!(
+            "  sudo ip netns exec {DEMO_ID}-node nft list table ip ferry   # the nftables table"
+        ),
+        _ => println!(
+            "  sudo ip netns exec {DEMO_ID}-node iptables-save -t nat      # iptables rules (NodePorts; all services in iptables mode)"
+        ),
+    }
     println!(
         "Edit {}/*.yaml and the data plane and DNS follow within milliseconds.",
         manifests.display()

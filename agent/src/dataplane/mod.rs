@@ -9,6 +9,7 @@ use crate::model::{IpFamily, NodePlan, PlanDiff, Protocol};
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
+pub mod nftables;
 
 /// What one sync did, for logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +41,12 @@ pub enum ProgrammedCount {
     },
     /// Frontends and backends in the eBPF maps.
     EbpfEntries { frontends: usize, backends: usize },
+    /// Service chains and map/set elements in Ferry's nftables table of one family.
+    NftablesObjects {
+        family: IpFamily,
+        chains: usize,
+        elements: usize,
+    },
 }
 
 /// A data plane failed to program the kernel. The caller retries with a full sync.
@@ -52,6 +59,13 @@ pub enum SyncError {
         partial: bool,
         #[source]
         source: iptables::exec::ExecError,
+    },
+    #[error("{family} nftables ({})", if *.partial { "partial sync" } else { "full sync" })]
+    Nftables {
+        family: IpFamily,
+        partial: bool,
+        #[source]
+        source: nftables::exec::NftError,
     },
     #[error(transparent)]
     Ebpf(#[from] ebpf::state::MapError),

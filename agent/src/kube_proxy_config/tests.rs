@@ -96,7 +96,7 @@ fn applied(text: &str, flags: &[&str]) -> (RunArgs, Vec<String>) {
 fn kubeadms_file_applies_without_warnings_and_keeps_ferrys_defaults() {
     let (args, warnings) = applied(KUBEADM, &[]);
     assert_eq!(warnings, Vec::<String>::new());
-    assert_eq!(args.mode, Mode::Ebpf, "an empty mode is Ferry's default");
+    assert_eq!(args.mode, Mode::Auto, "an empty mode is Ferry's default");
     assert_eq!(args.cluster_cidr, ["10.244.0.0/16".parse().unwrap()]);
     assert_eq!(
         args.kubeconfig,
@@ -200,7 +200,7 @@ conntrack: {maxPerCore: 1, surprise: 1}
 noSuchField: 1
 "#;
     let (args, warnings) = applied(file, &[]);
-    assert_eq!(args.mode, Mode::Ebpf, "ipvs falls back to Ferry's default");
+    assert_eq!(args.mode, Mode::Auto, "ipvs falls back to Ferry's default");
     let all = warnings.join("\n");
     for expected in [
         "mode \"ipvs\"",

@@ -104,7 +104,7 @@ pub fn run(
     let scale_services = scale_services.unwrap_or(default_services);
     let mut scale = Vec::new();
     if !matches!(only, Some("traffic" | "dns")) {
-        for mode in [Mode::Ebpf, Mode::Iptables] {
+        for mode in [Mode::Ebpf, Mode::Nftables, Mode::Iptables] {
             eprintln!("== scale: {} with {scale_services} services", mode.flag());
             scale.push(measure_scale(mode, scale_services, per_service, changes)?);
         }
@@ -148,7 +148,7 @@ fn traffic_part(quick: bool) -> anyhow::Result<Vec<TrafficRow>> {
         let direct_rates: Vec<f64> = direct.iter().map(|r| r.rate).collect();
         let mut rows = direct;
         rows.extend(measure_haproxy(duration)?);
-        for mode in [Mode::Ebpf, Mode::Iptables] {
+        for mode in [Mode::Ebpf, Mode::Nftables, Mode::Iptables] {
             rows.extend(measure_ferry(mode, services, duration)?);
         }
         for row in &mut rows {
@@ -355,13 +355,9 @@ fn measure_ferry(mode: Mode, services: usize, duration: u64) -> anyhow::Result<V
             mode.flag()
         );
     }
-    let name = match mode {
-        Mode::Ebpf => "ebpf",
-        Mode::Iptables => "iptables",
-    };
     Ok(scenarios(
         &c,
-        name,
+        mode.flag(),
         &format!("{vip}:80"),
         Some(&format!("{vip}:53")),
         duration,
@@ -437,10 +433,7 @@ fn measure_scale(
         (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / ticks;
     let restore_floor_ms = (mode == Mode::Iptables).then(|| restore_floor(&c));
     let row = ScaleRow {
-        mode: match mode {
-            Mode::Ebpf => "ebpf",
-            Mode::Iptables => "iptables",
-        },
+        mode: mode.flag(),
         services,
         endpoints: services * per_service,
         ready_seconds,

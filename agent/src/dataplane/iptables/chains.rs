@@ -74,35 +74,37 @@ pub fn is_owned_chain(name: &str) -> bool {
         || name == KUBE_PROXY_CANARY
 }
 
-fn hash16(input: &str) -> String {
+/// kube-proxy's name hash: the first 16 characters of base32(sha256(input)).
+pub fn hash16(input: &str) -> String {
     let digest = Sha256::digest(input.as_bytes());
     let mut encoded = BASE32.encode(&digest);
     encoded.truncate(16);
     encoded
 }
 
-fn port_proto_hash(name: &ServicePortName) -> String {
+/// The hash of a service port and its protocol, shared by all its chain names.
+pub fn service_port_hash(name: &ServicePortName) -> String {
     hash16(&format!("{name}{}", name.protocol.lower()))
 }
 
 /// Chain balancing across `Cluster`-policy endpoints.
 pub fn cluster_chain(name: &ServicePortName) -> String {
-    format!("KUBE-SVC-{}", port_proto_hash(name))
+    format!("KUBE-SVC-{}", service_port_hash(name))
 }
 
 /// Chain balancing across `Local`-policy endpoints.
 pub fn local_chain(name: &ServicePortName) -> String {
-    format!("KUBE-SVL-{}", port_proto_hash(name))
+    format!("KUBE-SVL-{}", service_port_hash(name))
 }
 
 /// Chain for traffic to external destinations (NodePort, externalIPs, LB IPs).
 pub fn external_chain(name: &ServicePortName) -> String {
-    format!("KUBE-EXT-{}", port_proto_hash(name))
+    format!("KUBE-EXT-{}", service_port_hash(name))
 }
 
 /// Chain enforcing `loadBalancerSourceRanges`.
 pub fn firewall_chain(name: &ServicePortName) -> String {
-    format!("KUBE-FW-{}", port_proto_hash(name))
+    format!("KUBE-FW-{}", service_port_hash(name))
 }
 
 /// Per-endpoint DNAT chain.

@@ -124,7 +124,7 @@ impl Tools {
 }
 
 /// The sysctl [`Runner::enable_route_localnet`] sets.
-const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
 impl Runner for Tools {
     /// The payload is written straight into iptables-restore's input: a full sync at

@@ -189,9 +189,7 @@ fn stats_line(stats: &SyncStats) -> String {
                 table,
                 rules,
             } => Some(format!("{family} {table} {rules}")),
-            ProgrammedCount::EbpfEntries { .. } | ProgrammedCount::IptablesRulesWritten { .. } => {
-                None
-            }
+            _ => None,
         })
         .collect();
     format!(

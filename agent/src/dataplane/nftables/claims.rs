@@ -1,0 +1,219 @@
+//! Which plans claim each map or set element. Two services may name the same
+//! frontend (a ClusterIP reused as another's externalIP) and many plans share an
+//! endpoint address in `hairpin`; nft refuses a second element with the same key, so
+//! one duplicate would fail the whole transaction. Here each key has one winner, the
+//! first claimant by plan key (deterministic across restarts); when it lets go, the
+//! next one is programmed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::render::{Collection, Element};
+use crate::model::PlanKey;
+
+/// A key in one collection.
+pub type ElementKey = (Collection, String);
+
+/// An element write in a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ElementOp {
+    Delete(ElementKey),
+    Add(Element),
+}
+
+/// The claimants of every element key, with the value each wants.
+#[derive(Debug, Default)]
+pub struct Claims {
+    by_key: HashMap<ElementKey, BTreeMap<PlanKey, String>>,
+}
+
+impl Claims {
+    /// The element programmed for `key`: its first claimant's.
+    fn winner(&self, key: &ElementKey) -> Option<&String> {
+        self.by_key.get(key)?.values().next()
+    }
+
+    /// `plan` now claims exactly `new` instead of `old`; appends the element writes
+    /// that make the kernel match (deletes before adds).
+    pub fn replace(
+        &mut self,
+        plan: &PlanKey,
+        old: &[ElementKey],
+        new: &[Element],
+        ops: &mut Vec<ElementOp>,
+    ) {
+        let touched: BTreeSet<ElementKey> = old
+            .iter()
+            .cloned()
+            .chain(new.iter().map(|e| (e.collection, e.key.clone())))
+            .collect();
+        let before: Vec<Option<String>> = touched.iter().map(|k| self.winner(k).cloned()).collect();
+        for key in old {
+            if let Some(claimants) = self.by_key.get_mut(key) {
+                claimants.remove(plan);
+                if claimants.is_empty() {
+                    self.by_key.remove(key);
+                }
+            }
+        }
+        for e in new {
+            let key = (e.collection, e.key.clone());
+            let claimants = self.by_key.entry(key).or_default();
+            claimants.insert(plan.clone(), e.value.clone());
+        }
+        let mut adds = Vec::new();
+        for (key, before) in touched.into_iter().zip(before) {
+            let after = self.winner(&key).cloned();
+            if before == after {
+                continue;
+            }
+            if before.is_some() {
+                ops.push(ElementOp::Delete(key.clone()));
+            }
+            if let Some(value) = after {
+                let (collection, key) = key;
+                adds.push(ElementOp::Add(Element {
+                    collection,
+                    key,
+                    value,
+                }));
+            }
+        }
+        ops.extend(adds);
+    }
+
+    /// Every programmed element, grouped by collection, as written inside `{ }`.
+    pub fn programmed(&self) -> BTreeMap<Collection, Vec<String>> {
+        let mut out: BTreeMap<Collection, Vec<String>> = BTreeMap::new();
+        for ((collection, key), claimants) in &self.by_key {
+            if let Some(value) = claimants.values().next() {
+                let element = Element {
+                    collection: *collection,
+                    key: key.clone(),
+                    value: value.clone(),
+                };
+                out.entry(*collection).or_default().push(element.text());
+            }
+        }
+        for texts in out.values_mut() {
+            texts.sort();
+        }
+        out
+    }
+
+    /// Programmed elements.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether nothing is programmed.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Plans that claim `key` without being programmed for it (for logs).
+    pub fn losers(&self, key: &ElementKey) -> Vec<&PlanKey> {
+        self.by_key
+            .get(key)
+            .map(|c| c.keys().skip(1).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{IpFamily, Protocol, ServiceName, ServicePortName};
+
+    fn plan(name: &str) -> PlanKey {
+        PlanKey {
+            port: ServicePortName {
+                service: ServiceName::new("ns", name),
+                port: "p".into(),
+                protocol: Protocol::Tcp,
+            },
+            family: IpFamily::V4,
+        }
+    }
+
+    fn el(key: &str, value: &str) -> Element {
+        Element {
+            collection: Collection::ServiceIps,
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    fn key(k: &str) -> ElementKey {
+        (Collection::ServiceIps, k.into())
+    }
+
+    #[test]
+    fn a_duplicate_frontend_waits_for_the_first_claimant() {
+        let mut claims = Claims::default();
+        let mut ops = Vec::new();
+        claims.replace(&plan("b"), &[], &[el("k", "goto b")], &mut ops);
+        assert_eq!(ops, [ElementOp::Add(el("k", "goto b"))]);
+        ops.clear();
+        claims.replace(&plan("a"), &[], &[el("k", "goto a")], &mut ops);
+        assert_eq!(
+            ops,
+            [
+                ElementOp::Delete(key("k")),
+                ElementOp::Add(el("k", "goto a"))
+            ],
+            "the first by plan key wins, whatever the order of arrival"
+        );
+        assert_eq!(claims.losers(&key("k")), [&plan("b")]);
+        ops.clear();
+        claims.replace(&plan("b"), &[key("k")], &[], &mut ops);
+        assert!(ops.is_empty(), "a loser leaving changes nothing");
+        claims.replace(&plan("a"), &[key("k")], &[], &mut ops);
+        assert_eq!(ops, [ElementOp::Delete(key("k"))]);
+        assert_eq!(claims.len(), 0);
+    }
+
+    #[test]
+    fn shared_set_elements_stay_while_anyone_claims_them() {
+        let mut claims = Claims::default();
+        let mut ops = Vec::new();
+        claims.replace(&plan("a"), &[], &[el("ep", "")], &mut ops);
+        claims.replace(&plan("b"), &[], &[el("ep", "")], &mut ops);
+        assert_eq!(ops.len(), 1, "one add for two claimants");
+        ops.clear();
+        claims.replace(&plan("a"), &[key("ep")], &[], &mut ops);
+        assert!(ops.is_empty());
+        claims.replace(&plan("b"), &[key("ep")], &[], &mut ops);
+        assert_eq!(ops, [ElementOp::Delete(key("ep"))]);
+    }
+
+    #[test]
+    fn an_unchanged_element_is_not_rewritten_and_a_changed_one_is_replaced() {
+        let mut claims = Claims::default();
+        let mut ops = Vec::new();
+        claims.replace(
+            &plan("a"),
+            &[],
+            &[el("k", "goto x"), el("j", "drop")],
+            &mut ops,
+        );
+        ops.clear();
+        let old = [key("k"), key("j")];
+        claims.replace(
+            &plan("a"),
+            &old,
+            &[el("k", "goto x"), el("j", "goto y")],
+            &mut ops,
+        );
+        assert_eq!(
+            ops,
+            [
+                ElementOp::Delete(key("j")),
+                ElementOp::Add(el("j", "goto y"))
+            ]
+        );
+        assert_eq!(
+            claims.programmed()[&Collection::ServiceIps],
+            ["j : goto y", "k : goto x"]
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! Running `nft`: a transaction is one `nft -f -` (atomic: all of it or nothing).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// Failure of `nft`.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// `nft` could not be started or waited for (missing binary, no permission).
+    #[error("could not run nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// `nft` ran and refused, e.g. the kernel rejected the transaction.
+    #[error("nft failed ({status}): {stderr}")]
+    Failed {
+        status: std::process::ExitStatus,
+        /// What it printed on stderr (the failing line is quoted there).
+        stderr: String,
+    },
+    /// `nft` printed something that is not UTF-8 or not the JSON it documents.
+    #[error("unreadable nft output: {0}")]
+    Output(String),
+}
+
+/// What the data plane needs from `nft`. [`Nft`] runs the real binary; unit tests use
+/// a fake that records transactions.
+pub trait Runner {
+    /// Applies one transaction (nft script), atomically.
+    fn apply(&self, script: &str) -> Result<(), NftError>;
+
+    /// Runs a read-only command (`list tables`, `-j list table ip ferry`) and returns
+    /// what it printed.
+    fn read(&self, args: &[&str]) -> Result<String, NftError>;
+}
+
+/// The `nft` binary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Nft;
+
+/// At most this much of `nft`'s stderr goes into an error (it quotes the failing
+/// line, which at scale may be long).
+const MAX_STDERR: usize = 4096;
+
+fn failed(status: std::process::ExitStatus, stderr: &[u8]) -> NftError {
+    let mut stderr = String::from_utf8_lossy(stderr).trim().to_owned();
+    if stderr.len() > MAX_STDERR {
+        let mut cut = MAX_STDERR;
+        while !stderr.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stderr.truncate(cut);
+        stderr.push_str("...");
+    }
+    NftError::Failed { status, stderr }
+}
+
+impl Runner for Nft {
+    fn apply(&self, script: &str) -> Result<(), NftError> {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(NftError::Spawn)?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(script.as_bytes()));
+        let output = child.wait_with_output().map_err(NftError::Spawn)?;
+        if !output.status.success() {
+            return Err(failed(output.status, &output.stderr));
+        }
+        // nft read all of its input if it succeeded; a write error means it did not.
+        if let Some(Err(e)) = written {
+            return Err(NftError::Spawn(e));
+        }
+        Ok(())
+    }
+
+    fn read(&self, args: &[&str]) -> Result<String, NftError> {
+        let output = Command::new("nft")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(NftError::Spawn)?;
+        if !output.status.success() {
+            return Err(failed(output.status, &output.stderr));
+        }
+        String::from_utf8(output.stdout).map_err(|e| NftError::Output(e.to_string()))
+    }
+}
+
+/// Whether `nft list tables` output names table `name` of `family` (`ip`, `ip6`).
+pub fn lists_table(listing: &str, family: &str, name: &str) -> bool {
+    let wanted = format!("table {family} {name}");
+    listing.lines().any(|l| l.trim() == wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_table_in_the_listing() {
+        let listing = "table ip filter\ntable ip ferry\ntable ip6 nat\n";
+        assert!(lists_table(listing, "ip", "ferry"));
+        assert!(!lists_table(listing, "ip6", "ferry"));
+        assert!(!lists_table("table ip ferry2\n", "ip", "ferry"));
+    }
+}

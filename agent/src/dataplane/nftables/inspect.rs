@@ -1,0 +1,231 @@
+//! `ferry inspect services` in nftables mode: the frontends and backends of Ferry's
+//! tables, read back from the kernel (`nft -j list table`), not from the agent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use super::exec::{Nft, NftError, Runner, lists_table};
+use super::render::{Collection, TABLE, Words};
+use crate::dataplane::ebpf::inspect::{FrontendView, Inspection};
+use crate::model::IpFamily;
+
+/// Whether Ferry's table exists in any family (this node runs nftables mode).
+pub fn present() -> bool {
+    let listing = Nft.read(&["list", "tables"]).unwrap_or_default();
+    [IpFamily::V4, IpFamily::V6]
+        .iter()
+        .any(|f| lists_table(&listing, Words::of(*f).af, TABLE))
+}
+
+/// Reads Ferry's tables of both families.
+pub fn inspect() -> Result<Inspection, NftError> {
+    let listing = Nft.read(&["list", "tables"])?;
+    let mut frontends = Vec::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let af = Words::of(family).af;
+        if lists_table(&listing, af, TABLE) {
+            let json = Nft.read(&["-j", "list", "table", af, TABLE])?;
+            frontends.extend(frontends_of(&json)?);
+        }
+    }
+    frontends
+        .sort_by(|a, b| (a.kind, &a.address, a.protocol).cmp(&(b.kind, &b.address, b.protocol)));
+    let mut backends: Vec<&String> = frontends.iter().flat_map(|f| &f.backends).collect();
+    backends.sort();
+    backends.dedup();
+    Ok(Inspection {
+        backends: backends.len(),
+        frontends,
+        counters: BTreeMap::new(),
+    })
+}
+
+/// The elements of a set (`nft -j list set`), as written inside `{ }`: what a
+/// restarted agent keeps until it decides itself.
+pub fn set_elements(json: &str) -> Result<Vec<String>, NftError> {
+    let doc: Value = serde_json::from_str(json).map_err(|e| NftError::Output(e.to_string()))?;
+    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = Vec::new();
+    for set in items.iter().filter_map(|i| i.get("set")) {
+        for elem in set["elem"].as_array().into_iter().flatten() {
+            out.push(match elem["concat"].as_array() {
+                Some(parts) => parts.iter().map(text).collect::<Vec<_>>().join(" . "),
+                None => text(elem),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What one chain does, as far as inspection cares.
+#[derive(Debug, Default)]
+struct ChainView {
+    /// DNAT targets in rule order (deduplicated).
+    dnat: Vec<String>,
+    /// The last `goto`/`jump` to another service chain.
+    next: Option<String>,
+    /// The affinity set it updates, if any.
+    affinity_set: Option<String>,
+}
+
+/// The frontends of one table's `nft -j list table` output.
+pub fn frontends_of(json: &str) -> Result<Vec<FrontendView>, NftError> {
+    let doc: Value = serde_json::from_str(json).map_err(|e| NftError::Output(e.to_string()))?;
+    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
+    let mut chains: HashMap<String, ChainView> = HashMap::new();
+    let mut timeouts: HashMap<String, u32> = HashMap::new();
+    let mut maps: HashMap<String, Vec<(Value, Value)>> = HashMap::new();
+    for item in &items {
+        if let Some(rule) = item.get("rule") {
+            let chain = rule["chain"].as_str().unwrap_or_default().to_owned();
+            read_rule(chains.entry(chain).or_default(), &rule["expr"]);
+        } else if let Some(map) = item.get("map") {
+            let name = map["name"].as_str().unwrap_or_default().to_owned();
+            maps.insert(name, elements(&map["elem"]));
+        } else if let Some(set) = item.get("set") {
+            let name = set["name"].as_str().unwrap_or_default().to_owned();
+            if let Some(t) = set["timeout"].as_u64() {
+                timeouts.insert(name, u32::try_from(t).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    let resolve = |verdict: &Value| -> (Vec<String>, Option<u32>) {
+        let mut chain = target(verdict);
+        // ext-* goes on to svc-*/svl-*: follow at most a few hops.
+        for _ in 0..4 {
+            let Some(view) = chain.as_ref().and_then(|c| chains.get(c)) else {
+                break;
+            };
+            if !view.dnat.is_empty() {
+                let affinity = view.affinity_set.as_ref().and_then(|s| timeouts.get(s));
+                return (view.dnat.clone(), affinity.copied());
+            }
+            chain = view.next.clone();
+        }
+        (Vec::new(), None)
+    };
+    let mut out = Vec::new();
+    let kinds = [
+        (Collection::ServiceIps, "forward"),
+        (Collection::ServiceNodeports, "forward"),
+        (Collection::NoEndpointServices, ""),
+        (Collection::NoEndpointExternal, ""),
+        (Collection::NoEndpointNodeports, ""),
+    ];
+    for (collection, forward) in kinds {
+        for (key, verdict) in maps.get(collection.name()).into_iter().flatten() {
+            let (address, protocol) = frontend_address(key);
+            let action = if !forward.is_empty() {
+                forward
+            } else if verdict.get("drop").is_some() {
+                "drop"
+            } else {
+                "reject"
+            };
+            let (backends, affinity_timeout_seconds) = resolve(verdict);
+            let kind = kind_of(collection, verdict);
+            out.push(FrontendView {
+                address,
+                protocol,
+                kind,
+                action,
+                affinity_timeout_seconds,
+                backends,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// ClusterIP, External (externalIP / LB IP) or NodePort, from the map and the chain
+/// kind a forwarding element points to.
+fn kind_of(collection: Collection, verdict: &Value) -> &'static str {
+    match collection {
+        Collection::ServiceNodeports | Collection::NoEndpointNodeports => "NodePort",
+        Collection::NoEndpointServices => "ClusterIP",
+        Collection::NoEndpointExternal => "External",
+        _ => match target(verdict) {
+            Some(chain) if chain.starts_with("ext-") => "External",
+            _ => "ClusterIP",
+        },
+    }
+}
+
+/// The `[key, value]` pairs of a map's `elem` array.
+fn elements(elem: &Value) -> Vec<(Value, Value)> {
+    let pairs = elem.as_array().cloned().unwrap_or_default();
+    pairs
+        .into_iter()
+        .filter_map(|pair| {
+            let pair = pair.as_array()?.clone();
+            Some((pair.first()?.clone(), pair.get(1)?.clone()))
+        })
+        .collect()
+}
+
+/// `ip:port` (or `*:port` for a NodePort) and protocol of a frontend key.
+fn frontend_address(key: &Value) -> (String, &'static str) {
+    let parts = key["concat"].as_array().cloned().unwrap_or_default();
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let (ip, proto, port) = match parts.as_slice() {
+        [ip, proto, port] => (text(ip), text(proto), text(port)),
+        [proto, port] => ("*".to_owned(), text(proto), text(port)),
+        _ => ("?".to_owned(), String::new(), String::new()),
+    };
+    let address = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let protocol = match proto.as_str() {
+        "tcp" => "TCP",
+        "udp" => "UDP",
+        "sctp" => "SCTP",
+        _ => "?",
+    };
+    (address, protocol)
+}
+
+/// The chain a `goto`/`jump` verdict names.
+fn target(verdict: &Value) -> Option<String> {
+    ["goto", "jump"]
+        .iter()
+        .find_map(|k| verdict.get(*k)?.get("target")?.as_str().map(str::to_owned))
+}
+
+/// Records what one rule's expressions do.
+fn read_rule(view: &mut ChainView, exprs: &Value) {
+    for expr in exprs.as_array().into_iter().flatten() {
+        if let Some(dnat) = expr.get("dnat") {
+            let addr = dnat["addr"].as_str().unwrap_or("?");
+            let port = &dnat["port"];
+            let backend = if addr.contains(':') {
+                format!("[{addr}]:{port}")
+            } else {
+                format!("{addr}:{port}")
+            };
+            if !view.dnat.contains(&backend) {
+                view.dnat.push(backend);
+            }
+        } else if let Some(update) = expr.get("set") {
+            // `update @set { ip saddr }` is {"set": {"op": "update", "set": "@name"}}.
+            let name = update["set"].as_str().unwrap_or_default();
+            view.affinity_set = Some(name.trim_start_matches('@').to_owned());
+        } else if let Some(chain) = target(expr)
+            && !chain.contains("masquerade")
+        {
+            view.next = Some(chain);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

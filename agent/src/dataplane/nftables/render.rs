@@ -1,0 +1,728 @@
+//! Pure rendering of Ferry's nftables layout: one service port plan in, its own
+//! chains, affinity sets and map elements out, as `nft` syntax. No I/O, so the layout
+//! is unit-tested without root.
+//!
+//! Lookups go through verdict maps keyed by `daddr . l4proto . dport` (ClusterIPs,
+//! externalIPs, LB IPs) or `l4proto . dport` (NodePorts): their cost does not grow
+//! with the number of services. A service's chain picks an endpoint with cascading
+//! plain rules (`numgen random mod (n-i) 0 ... dnat`, the last one unconditional),
+//! not kube-proxy's per-service anonymous vmap: every set costs the kernel a set
+//! object, and 10,000 of them made kube-proxy's full load ~70 s here (see `mod.rs`).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use super::super::iptables::chains::{hash16, service_port_hash};
+use crate::model::{
+    Endpoint, EndpointSet, IpFamily, LocalTraffic, NodeNetwork, ServicePortName, ServicePortPlan,
+    Traffic,
+};
+
+/// Name of Ferry's table in each family (`ip ferry`, `ip6 ferry`).
+pub const TABLE: &str = "ferry";
+/// Marks a packet for masquerade in `nat-postrouting` (kube-proxy's mark).
+pub const MASQ_MARK: u32 = 0x4000;
+/// Chain that refuses a connection (ICMP port unreachable).
+const REJECT_CHAIN: &str = "reject-chain";
+/// Hook priorities, numeric: nft before 1.0.7 accepts the names (`dstnat`) only
+/// at some hooks.
+const RAW: i32 = -300;
+const DSTNAT: i32 = -100;
+const FILTER: i32 = 0;
+const SRCNAT: i32 = 100;
+/// Chain that marks for masquerade.
+const MARK_MASQ: &str = "mark-for-masquerade";
+
+/// nft's words for one family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Words {
+    /// Table family and address expression prefix: `ip` or `ip6`.
+    pub af: &'static str,
+    /// Address type in set declarations.
+    pub addr_type: &'static str,
+}
+
+impl Words {
+    /// The words of `family`.
+    pub fn of(family: IpFamily) -> Self {
+        match family {
+            IpFamily::V4 => Self {
+                af: "ip",
+                addr_type: "ipv4_addr",
+            },
+            IpFamily::V6 => Self {
+                af: "ip6",
+                addr_type: "ipv6_addr",
+            },
+        }
+    }
+}
+
+/// The named maps and sets of the table, each with one job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Collection {
+    /// ClusterIPs, externalIPs and LB IPs that forward: `goto` the service's chain.
+    ServiceIps,
+    /// NodePorts that forward (on the NodePort addresses): `goto` the external chain.
+    ServiceNodeports,
+    /// ClusterIPs refused (checked in forward and output).
+    NoEndpointServices,
+    /// externalIPs / LB IPs refused (checked in input and forward).
+    NoEndpointExternal,
+    /// NodePorts refused on local destinations (input and forward).
+    NoEndpointNodeports,
+    /// LB IPs with loadBalancerSourceRanges: `goto` the service's firewall chain.
+    FirewallIps,
+    /// Every ClusterIP: connections to a port no service offers are refused.
+    ClusterIps,
+    /// `endpoint . endpoint`: a pod reaching itself through a service is masqueraded.
+    Hairpin,
+    /// The addresses NodePorts answer on.
+    NodeportIps,
+    /// Frontends answered by the node's own DNS server while it serves.
+    NodeLocalDns,
+}
+
+impl Collection {
+    /// Every collection, in declaration order.
+    pub const ALL: [Collection; 10] = [
+        Self::ServiceIps,
+        Self::ServiceNodeports,
+        Self::NoEndpointServices,
+        Self::NoEndpointExternal,
+        Self::NoEndpointNodeports,
+        Self::FirewallIps,
+        Self::ClusterIps,
+        Self::Hairpin,
+        Self::NodeportIps,
+        Self::NodeLocalDns,
+    ];
+
+    /// Its name in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ServiceIps => "service-ips",
+            Self::ServiceNodeports => "service-nodeports",
+            Self::NoEndpointServices => "no-endpoint-services",
+            Self::NoEndpointExternal => "no-endpoint-external",
+            Self::NoEndpointNodeports => "no-endpoint-nodeports",
+            Self::FirewallIps => "firewall-ips",
+            Self::ClusterIps => "cluster-ips",
+            Self::Hairpin => "hairpin",
+            Self::NodeportIps => "nodeport-ips",
+            Self::NodeLocalDns => "node-local-dns",
+        }
+    }
+
+    /// `map NAME` or `set NAME`, with its type.
+    fn declaration(self, w: Words) -> String {
+        let addr = w.addr_type;
+        let frontend = format!("{addr} . inet_proto . inet_service");
+        let (kind, ty) = match self {
+            Self::ServiceIps
+            | Self::NoEndpointServices
+            | Self::NoEndpointExternal
+            | Self::FirewallIps => ("map", format!("{frontend} : verdict")),
+            Self::ServiceNodeports | Self::NoEndpointNodeports => {
+                ("map", "inet_proto . inet_service : verdict".to_owned())
+            }
+            Self::ClusterIps | Self::NodeportIps => ("set", addr.to_owned()),
+            Self::Hairpin => ("set", format!("{addr} . {addr}")),
+            Self::NodeLocalDns => ("set", frontend),
+        };
+        format!("{kind} {} {{ type {ty}; }}", self.name())
+    }
+}
+
+/// One element of a map or set: `key` or `key : value`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Element {
+    pub collection: Collection,
+    pub key: String,
+    /// The verdict of a map element; empty for a set element.
+    pub value: String,
+}
+
+impl Element {
+    /// The element as written inside `{ }`.
+    pub fn text(&self) -> String {
+        if self.value.is_empty() {
+            self.key.clone()
+        } else {
+            format!("{} : {}", self.key, self.value)
+        }
+    }
+}
+
+/// One of a plan's own chains with its rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub rules: Vec<String>,
+}
+
+/// A dynamic set remembering which clients an endpoint serves (ClientIP affinity).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinitySet {
+    pub name: String,
+    pub timeout_seconds: u32,
+}
+
+impl AffinitySet {
+    /// Its declaration (inside a table block, or after `add set FAMILY TABLE`).
+    pub fn declaration(&self, w: Words) -> String {
+        format!(
+            "{} {{ type {}; flags dynamic,timeout; timeout {}s; }}",
+            self.name, w.addr_type, self.timeout_seconds
+        )
+    }
+}
+
+/// Everything one plan adds to the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceObjects {
+    /// Its own chains, each created before any rule jumps to it.
+    pub chains: Vec<Chain>,
+    pub affinity_sets: Vec<AffinitySet>,
+    pub elements: Vec<Element>,
+}
+
+/// The node facts the layout of one family depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyContext {
+    pub family: IpFamily,
+    /// The node's network, reduced to this family.
+    pub net: NodeNetwork,
+}
+
+impl FamilyContext {
+    fn words(&self) -> Words {
+        Words::of(self.family)
+    }
+
+    /// Matches selecting pod traffic (`negate`: everything else), one rule each.
+    fn local_matches(&self, negate: bool) -> Vec<String> {
+        let (af, op) = (self.words().af, if negate { "!= " } else { "" });
+        match &self.net.local_traffic {
+            LocalTraffic::FromCidrs(cidrs) => cidrs
+                .iter()
+                .map(|c| format!("{af} saddr {op}{c}"))
+                .collect(),
+            // iptables spells an interface prefix `veth+`, nft `veth*`.
+            LocalTraffic::InInterface(iface) => {
+                let pattern = match iface.strip_suffix('+') {
+                    Some(prefix) => format!("{prefix}*"),
+                    None => iface.clone(),
+                };
+                vec![format!("iifname {op}\"{pattern}\"")]
+            }
+        }
+    }
+
+    /// The addresses NodePorts answer on (never ::1: IPv6 cannot route loopback).
+    pub fn nodeport_ips(&self) -> Vec<IpAddr> {
+        let v6_loopback = |ip: &IpAddr| ip.is_ipv6() && ip.is_loopback();
+        let ips = self.net.nodeport_ips.iter().copied();
+        ips.filter(|ip| !v6_loopback(ip)).collect()
+    }
+
+    /// Whether NodePorts answer on 127.0.0.1 (which needs `route_localnet`).
+    pub fn loopback_nodeports(&self) -> bool {
+        self.family == IpFamily::V4 && self.net.nodeport_ips.iter().any(IpAddr::is_loopback)
+    }
+}
+
+/// The names of one plan's chains.
+struct Names {
+    cluster: String,
+    local: String,
+    external: String,
+    firewall: String,
+}
+
+impl Names {
+    fn of(name: &ServicePortName) -> Self {
+        let svc = &name.service;
+        let readable = format!(
+            "{}-{}/{}/{}/{}",
+            service_port_hash(name),
+            svc.namespace,
+            svc.name,
+            name.protocol.lower(),
+            name.port
+        );
+        Self {
+            cluster: format!("svc-{readable}"),
+            local: format!("svl-{readable}"),
+            external: format!("ext-{readable}"),
+            firewall: format!("fw-{readable}"),
+        }
+    }
+
+    fn balancing(&self, set: EndpointSet) -> &str {
+        match set {
+            EndpointSet::Cluster => &self.cluster,
+            EndpointSet::Local => &self.local,
+        }
+    }
+}
+
+/// The affinity set of one endpoint of a service port (its timeout in the name, so a
+/// changed timeout is a new set).
+fn affinity_set_name(name: &ServicePortName, ep: &Endpoint, seconds: u32) -> String {
+    let proto = name.protocol.lower();
+    format!(
+        "affinity-{}",
+        hash16(&format!("{name}{proto}{ep}{seconds}"))
+    )
+}
+
+/// Renders one plan of `ctx`'s family.
+pub fn render_service(plan: &ServicePortPlan, ctx: &FamilyContext) -> ServiceObjects {
+    let renderer = Renderer {
+        plan,
+        ctx,
+        names: Names::of(&plan.key.port),
+        w: ctx.words(),
+    };
+    let mut out = ServiceObjects::default();
+    renderer.cluster_ip(&mut out);
+    renderer.external_ips(&mut out);
+    renderer.node_port(&mut out);
+    renderer.hairpin(&mut out);
+    renderer.balancing_chains(&mut out);
+    renderer.external_chain(&mut out);
+    renderer.firewall_chain(&mut out);
+    out
+}
+
+/// Renders one plan from its facts and chain names.
+struct Renderer<'a> {
+    plan: &'a ServicePortPlan,
+    ctx: &'a FamilyContext,
+    names: Names,
+    w: Words,
+}
+
+impl Renderer<'_> {
+    fn proto(&self) -> &'static str {
+        self.plan.key.port.protocol.lower()
+    }
+
+    /// `ip . proto . port`, the key of the frontend maps.
+    fn frontend_key(&self, ip: IpAddr, port: u16) -> String {
+        format!("{ip} . {} . {port}", self.proto())
+    }
+
+    fn element(&self, collection: Collection, key: String, value: String) -> Element {
+        Element {
+            collection,
+            key,
+            value,
+        }
+    }
+
+    /// The verdict refusing traffic handled as `traffic`, if it is refused: reject when
+    /// nothing can serve, drop when only endpoints this traffic may not use exist.
+    fn refusal(traffic: Traffic<'_>) -> Option<String> {
+        match traffic {
+            Traffic::Forward(_) => None,
+            Traffic::Reject => Some(format!("goto {REJECT_CHAIN}")),
+            Traffic::Drop => Some("drop".to_owned()),
+        }
+    }
+
+    /// The ClusterIP's jump or refusal, and its entry in the ClusterIP set.
+    fn cluster_ip(&self, out: &mut ServiceObjects) {
+        let (plan, key) = (
+            self.plan,
+            self.frontend_key(self.plan.cluster_ip, self.plan.port),
+        );
+        let ip = plan.cluster_ip.to_string();
+        out.elements
+            .push(self.element(Collection::ClusterIps, ip, String::new()));
+        let element = match Self::refusal(plan.internal()) {
+            None => {
+                let chain = self.names.balancing(plan.internal_endpoint_set());
+                self.element(Collection::ServiceIps, key, format!("goto {chain}"))
+            }
+            Some(verdict) => self.element(Collection::NoEndpointServices, key, verdict),
+        };
+        out.elements.push(element);
+    }
+
+    /// externalIPs and LB IPs: to the firewall chain (restricted LB IPs) or the
+    /// external chain while something can serve; refused when external traffic is.
+    fn external_ips(&self, out: &mut ServiceObjects) {
+        let plan = self.plan;
+        let firewalled = self.uses_firewall_chain();
+        let ips = plan.external_ips.iter().map(|ip| (*ip, false));
+        let lb = plan.load_balancer_ips.iter().map(|ip| (*ip, firewalled));
+        for (ip, firewall) in ips.chain(lb) {
+            let key = self.frontend_key(ip, plan.port);
+            if plan.has_any_endpoints {
+                let to = format!("goto {}", self.names.external);
+                out.elements
+                    .push(self.element(Collection::ServiceIps, key.clone(), to));
+            }
+            if firewall {
+                let to = format!("goto {}", self.names.firewall);
+                out.elements
+                    .push(self.element(Collection::FirewallIps, key.clone(), to));
+            }
+            if let Some(verdict) = Self::refusal(plan.external()) {
+                out.elements
+                    .push(self.element(Collection::NoEndpointExternal, key, verdict));
+            }
+        }
+    }
+
+    /// The NodePort's jump, or its refusal.
+    fn node_port(&self, out: &mut ServiceObjects) {
+        let Some(node_port) = self.plan.node_port else {
+            return;
+        };
+        let key = format!("{} . {node_port}", self.proto());
+        if self.plan.has_any_endpoints {
+            let to = format!("goto {}", self.names.external);
+            out.elements
+                .push(self.element(Collection::ServiceNodeports, key.clone(), to));
+        }
+        if let Some(verdict) = Self::refusal(self.plan.external()) {
+            out.elements
+                .push(self.element(Collection::NoEndpointNodeports, key, verdict));
+        }
+    }
+
+    /// A pod reaching itself through the service is masqueraded (else the reply
+    /// would skip the reverse NAT).
+    fn hairpin(&self, out: &mut ServiceObjects) {
+        for ep in self.plan.reachable_endpoints() {
+            let key = format!("{} . {}", ep.ip, ep.ip);
+            out.elements
+                .push(self.element(Collection::Hairpin, key, String::new()));
+        }
+    }
+
+    /// Restricted LB IPs with something to serve them.
+    fn uses_firewall_chain(&self) -> bool {
+        let plan = self.plan;
+        plan.has_any_endpoints
+            && !plan.load_balancer_ips.is_empty()
+            && plan.load_balancer_ips_restricted()
+    }
+
+    /// `svc-*` and `svl-*`, where they have endpoints. The internal policy's chain
+    /// first marks ClusterIP traffic from outside the pod network for masquerade.
+    fn balancing_chains(&self, out: &mut ServiceObjects) {
+        let plan = self.plan;
+        let sets = [
+            (EndpointSet::Cluster, &plan.cluster_endpoints),
+            (EndpointSet::Local, &plan.local_endpoints),
+        ];
+        for (set, endpoints) in sets {
+            if endpoints.is_empty() {
+                continue;
+            }
+            let internal = matches!(plan.internal(), Traffic::Forward(_))
+                && plan.internal_endpoint_set() == set;
+            let mut rules = if internal {
+                self.internal_masquerade()
+            } else {
+                Vec::new()
+            };
+            self.balance(&mut rules, endpoints, out);
+            let name = self.names.balancing(set).to_owned();
+            out.chains.push(Chain { name, rules });
+        }
+    }
+
+    /// Masquerade of ClusterIP traffic from outside the pod network (of all of it
+    /// with `masquerade_all`).
+    fn internal_masquerade(&self) -> Vec<String> {
+        let (plan, af) = (self.plan, self.w.af);
+        let frontend = format!(
+            "{af} daddr {} {} dport {}",
+            plan.cluster_ip,
+            self.proto(),
+            plan.port
+        );
+        if self.ctx.net.masquerade_all {
+            return vec![format!("{frontend} jump {MARK_MASQ}")];
+        }
+        self.ctx
+            .local_matches(true)
+            .into_iter()
+            .map(|not_local| format!("{frontend} {not_local} jump {MARK_MASQ}"))
+            .collect()
+    }
+
+    /// Affinity lookups, then endpoint choice: rule i of n matches with probability
+    /// 1/(n-i), so every endpoint gets 1/n overall.
+    fn balance(&self, rules: &mut Vec<String>, endpoints: &[Endpoint], out: &mut ServiceObjects) {
+        let (plan, af, proto) = (self.plan, self.w.af, self.proto());
+        let dnat = |ep: &Endpoint| match ep.ip {
+            IpAddr::V4(ip) => format!("meta l4proto {proto} dnat to {ip}:{}", ep.port),
+            IpAddr::V6(ip) => format!("meta l4proto {proto} dnat to [{ip}]:{}", ep.port),
+        };
+        let remember = |ep: &Endpoint| match plan.affinity_timeout_seconds {
+            Some(seconds) => {
+                let set = affinity_set_name(&plan.key.port, ep, seconds);
+                format!("update @{set} {{ {af} saddr }} ")
+            }
+            None => String::new(),
+        };
+        if let Some(seconds) = plan.affinity_timeout_seconds {
+            for ep in endpoints {
+                let name = affinity_set_name(&plan.key.port, ep, seconds);
+                let (remember, dnat) = (remember(ep), dnat(ep));
+                rules.push(format!("{af} saddr @{name} {remember}{dnat}"));
+                out.affinity_sets.push(AffinitySet {
+                    name,
+                    timeout_seconds: seconds,
+                });
+            }
+        }
+        let n = endpoints.len();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let choose = if i + 1 < n {
+                format!("numgen random mod {} 0 ", n - i)
+            } else {
+                String::new()
+            };
+            rules.push(format!("{choose}{}{}", remember(ep), dnat(ep)));
+        }
+    }
+
+    /// `ext-*`: masquerade (Cluster policy) or short-circuit pod and node traffic
+    /// (Local policy), then on to the external policy's chain.
+    fn external_chain(&self, out: &mut ServiceObjects) {
+        let plan = self.plan;
+        if !(plan.has_any_endpoints && plan.has_external_frontends()) {
+            return;
+        }
+        let cluster = &self.names.cluster;
+        let has_cluster_chain = !plan.cluster_endpoints.is_empty();
+        let mut rules = Vec::new();
+        if plan.masquerades_external() {
+            rules.push(format!("jump {MARK_MASQ}"));
+        } else if has_cluster_chain {
+            for local in self.ctx.local_matches(false) {
+                rules.push(format!("{local} goto {cluster}"));
+            }
+            rules.push(format!("fib saddr type local jump {MARK_MASQ}"));
+            rules.push(format!("fib saddr type local goto {cluster}"));
+        }
+        if let Traffic::Forward(_) = plan.external() {
+            let chain = self.names.balancing(plan.external_endpoint_set());
+            rules.push(format!("goto {chain}"));
+        }
+        let name = self.names.external.clone();
+        out.chains.push(Chain { name, rules });
+    }
+
+    /// `fw-*` (filter): accepted source ranges (and the node's LB IPs when a range
+    /// covers the node) return; the rest is dropped before any DNAT.
+    fn firewall_chain(&self, out: &mut ServiceObjects) {
+        if !self.uses_firewall_chain() {
+            return;
+        }
+        let (plan, af) = (self.plan, self.w.af);
+        let accept = |source: IpNetwork| format!("{af} saddr {source} return");
+        let mut rules: Vec<String> = plan
+            .load_balancer_source_ranges
+            .iter()
+            .map(|r| accept(*r))
+            .collect();
+        let node_ips = &self.ctx.net.node_ips;
+        let covers_node = |range: &IpNetwork| node_ips.iter().any(|ip| range.contains(*ip));
+        if plan.load_balancer_source_ranges.iter().any(covers_node) {
+            let lb = plan.load_balancer_ips.iter();
+            rules.extend(lb.map(|ip| accept(IpNetwork::from(*ip))));
+        }
+        rules.push("drop".to_owned());
+        let name = self.names.firewall.clone();
+        out.chains.push(Chain { name, rules });
+    }
+}
+
+/// The table's fixed part: maps and sets (with `elements`), the shared chains and
+/// the base chains at the hooks kube-proxy's nftables mode uses.
+pub fn write_fixed(out: &mut String, ctx: &FamilyContext, elements: &[(Collection, Vec<String>)]) {
+    let w = ctx.words();
+    for collection in Collection::ALL {
+        let decl = collection.declaration(w);
+        let items = elements
+            .iter()
+            .find(|(c, _)| *c == collection)
+            .map(|(_, e)| e.as_slice())
+            .unwrap_or(&[]);
+        if items.is_empty() {
+            let _ = writeln!(out, "  {decl}");
+        } else {
+            // `... }` becomes `... elements = { a, b }; }`.
+            let head = decl.trim_end_matches('}');
+            let _ = writeln!(out, "  {head}elements = {{ {} }}; }}", items.join(", "));
+        }
+    }
+    for (name, rules) in fixed_chains(ctx) {
+        write_chain(out, &name, &rules);
+    }
+}
+
+/// Writes one chain block.
+pub fn write_chain(out: &mut String, name: &str, rules: &[String]) {
+    let _ = writeln!(out, "  chain {name} {{");
+    for rule in rules {
+        let _ = writeln!(out, "    {rule}");
+    }
+    let _ = writeln!(out, "  }}");
+}
+
+/// The shared chains and base chains, each with its rules (a base chain's first
+/// "rule" is its hook declaration).
+fn fixed_chains(ctx: &FamilyContext) -> Vec<(String, Vec<String>)> {
+    let af = ctx.words().af;
+    let frontend = format!("{af} daddr . meta l4proto . th dport");
+    let base = |hook: &str, prio: i32, kind: &str| {
+        format!("type {kind} hook {hook} priority {prio}; policy accept;")
+    };
+    let new = "ct state new";
+    let mut input = vec![
+        base("input", FILTER - 10, "filter"),
+        format!("{new} jump nodeport-endpoints-check"),
+        format!("{new} jump external-endpoints-check"),
+    ];
+    if ctx.loopback_nodeports() {
+        // NodePorts on 127.0.0.1 need route_localnet, which would also let a neighbour
+        // reach the node's loopback services (CVE-2020-8558): kube-proxy's guard.
+        input.push(format!(
+            "{new} ip daddr 127.0.0.0/8 ip saddr != 127.0.0.0/8 ct status & dnat == 0 drop"
+        ));
+    }
+    let c = |name: &str, rules: Vec<String>| (name.to_owned(), rules);
+    vec![
+        c(REJECT_CHAIN, vec!["reject".into()]),
+        c(
+            MARK_MASQ,
+            vec![format!("meta mark set meta mark | {MASQ_MARK:#x}")],
+        ),
+        c(
+            "masquerading",
+            vec![
+                format!("ct status dnat {af} saddr . {af} daddr @hairpin masquerade fully-random"),
+                format!("meta mark & {MASQ_MARK:#x} == 0 return"),
+                format!("meta mark set meta mark ^ {MASQ_MARK:#x}"),
+                "masquerade fully-random".into(),
+            ],
+        ),
+        c(
+            "services",
+            vec![
+                format!("{frontend} vmap @service-ips"),
+                format!("{af} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"),
+            ],
+        ),
+        c(
+            "firewall-check",
+            vec![format!("{frontend} vmap @firewall-ips")],
+        ),
+        c(
+            "service-endpoints-check",
+            vec![format!("{frontend} vmap @no-endpoint-services")],
+        ),
+        c(
+            "external-endpoints-check",
+            vec![format!("{frontend} vmap @no-endpoint-external")],
+        ),
+        c(
+            "nodeport-endpoints-check",
+            vec!["fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports".into()],
+        ),
+        c(
+            "cluster-ips-check",
+            vec![format!(
+                "{af} daddr @cluster-ips reject comment \"no such port on this ClusterIP\""
+            )],
+        ),
+        c(
+            "filter-prerouting",
+            vec![
+                base("prerouting", DSTNAT - 10, "filter"),
+                format!("{new} jump firewall-check"),
+            ],
+        ),
+        c("filter-input", input),
+        c(
+            "filter-forward",
+            vec![
+                base("forward", FILTER - 10, "filter"),
+                "ct state invalid drop".into(),
+                format!("{new} jump service-endpoints-check"),
+                format!("{new} jump external-endpoints-check"),
+                format!("{new} jump nodeport-endpoints-check"),
+                format!("{new} jump cluster-ips-check"),
+            ],
+        ),
+        c(
+            "filter-output",
+            vec![
+                base("output", DSTNAT - 10, "filter"),
+                format!("{new} jump service-endpoints-check"),
+                format!("{new} jump firewall-check"),
+            ],
+        ),
+        c(
+            "filter-output-post-dnat",
+            vec![
+                base("output", DSTNAT + 10, "filter"),
+                format!("{new} jump cluster-ips-check"),
+            ],
+        ),
+        c(
+            "nat-prerouting",
+            vec![
+                base("prerouting", DSTNAT, "nat"),
+                format!("{frontend} @node-local-dns socket wildcard 0 return"),
+                "jump services".into(),
+            ],
+        ),
+        c(
+            "nat-output",
+            vec![base("output", DSTNAT, "nat"), "jump services".into()],
+        ),
+        c(
+            "nat-postrouting",
+            vec![
+                base("postrouting", SRCNAT, "nat"),
+                "jump masquerading".into(),
+            ],
+        ),
+        // The kube-dns ClusterIP answered on the node (NodeLocal DNSCache's way):
+        // pods' queries skip conntrack, hence DNAT, only while a socket is bound to
+        // the ClusterIP itself, so a stopped agent hands them back to the endpoints.
+        // UDP only: nft's socket match gives up on the half-open TCP socket that
+        // answers a handshake's last ACK, so TCP skips DNAT in `nat-prerouting`.
+        c(
+            "dns-prerouting",
+            vec![
+                base("prerouting", RAW, "filter"),
+                format!("meta l4proto udp {frontend} @node-local-dns socket wildcard 0 notrack"),
+            ],
+        ),
+        c(
+            "dns-output",
+            vec![
+                base("output", RAW, "filter"),
+                format!(
+                    "meta l4proto udp {af} saddr . meta l4proto . th sport @node-local-dns notrack"
+                ),
+            ],
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,235 @@
+use super::*;
+use crate::model::plan::test_plan;
+use crate::model::{Protocol, ServicePortPlan};
+
+fn plan() -> ServicePortPlan {
+    test_plan(
+        ("ns1", "svc1", "p80"),
+        Protocol::Tcp,
+        "172.30.0.41",
+        80,
+        &[
+            ("10.180.0.1", 8080),
+            ("10.180.0.2", 8080),
+            ("10.180.0.3", 8080),
+        ],
+    )
+}
+
+fn ctx() -> FamilyContext {
+    FamilyContext {
+        family: IpFamily::V4,
+        net: NodeNetwork {
+            nodeport_ips: vec!["192.168.0.2".parse().unwrap()],
+            node_ips: vec!["192.168.0.2".parse().unwrap()],
+            local_traffic: LocalTraffic::FromCidrs(vec!["10.0.0.0/8".parse().unwrap()]),
+            masquerade_all: false,
+        },
+    }
+}
+
+fn chain<'a>(out: &'a ServiceObjects, prefix: &str) -> Option<&'a Chain> {
+    out.chains.iter().find(|c| c.name.starts_with(prefix))
+}
+
+fn elements(out: &ServiceObjects, collection: Collection) -> Vec<String> {
+    let of = out.elements.iter().filter(|e| e.collection == collection);
+    of.map(Element::text).collect()
+}
+
+const SVC: &str = "svc-XPGD46QRK7WJZT7O-ns1/svc1/tcp/p80";
+
+#[test]
+fn cluster_ip_maps_to_a_chain_that_masquerades_off_pod_traffic_and_balances_evenly() {
+    let out = render_service(&plan(), &ctx());
+    assert_eq!(
+        elements(&out, Collection::ServiceIps),
+        [format!("172.30.0.41 . tcp . 80 : goto {SVC}")]
+    );
+    assert_eq!(elements(&out, Collection::ClusterIps), ["172.30.0.41"]);
+    let svc = chain(&out, "svc-").expect("cluster chain");
+    assert_eq!(svc.name, SVC);
+    assert_eq!(
+        svc.rules,
+        [
+            "ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+            "numgen random mod 3 0 meta l4proto tcp dnat to 10.180.0.1:8080",
+            "numgen random mod 2 0 meta l4proto tcp dnat to 10.180.0.2:8080",
+            "meta l4proto tcp dnat to 10.180.0.3:8080",
+        ]
+    );
+    assert_eq!(
+        elements(&out, Collection::Hairpin),
+        [
+            "10.180.0.1 . 10.180.0.1",
+            "10.180.0.2 . 10.180.0.2",
+            "10.180.0.3 . 10.180.0.3"
+        ]
+    );
+    assert!(chain(&out, "ext-").is_none(), "no external frontends");
+}
+
+#[test]
+fn no_endpoints_rejects_and_no_local_endpoints_drops() {
+    let mut p = plan();
+    p.cluster_endpoints.clear();
+    p.has_any_endpoints = false;
+    p.node_port = Some(30080);
+    let out = render_service(&p, &ctx());
+    assert_eq!(
+        elements(&out, Collection::NoEndpointServices),
+        ["172.30.0.41 . tcp . 80 : goto reject-chain"]
+    );
+    assert_eq!(
+        elements(&out, Collection::NoEndpointNodeports),
+        ["tcp . 30080 : goto reject-chain"]
+    );
+    assert!(out.chains.is_empty() && elements(&out, Collection::ServiceIps).is_empty());
+
+    let mut local = plan();
+    local.internal_policy_local = true;
+    let out = render_service(&local, &ctx());
+    assert_eq!(
+        elements(&out, Collection::NoEndpointServices),
+        ["172.30.0.41 . tcp . 80 : drop"]
+    );
+}
+
+#[test]
+fn node_port_with_cluster_policy_masquerades_then_balances() {
+    let mut p = plan();
+    p.node_port = Some(30080);
+    let out = render_service(&p, &ctx());
+    let ext = chain(&out, "ext-").expect("external chain");
+    assert_eq!(
+        elements(&out, Collection::ServiceNodeports),
+        [format!("tcp . 30080 : goto {}", ext.name)]
+    );
+    assert_eq!(
+        ext.rules,
+        ["jump mark-for-masquerade".to_owned(), format!("goto {SVC}")]
+    );
+}
+
+#[test]
+fn external_local_policy_short_circuits_pods_and_the_node_and_keeps_the_client_address() {
+    let mut p = plan();
+    p.external_ips = vec!["192.0.2.10".parse().unwrap()];
+    p.external_policy_local = true;
+    p.local_endpoints = vec![p.cluster_endpoints[0]];
+    let out = render_service(&p, &ctx());
+    let ext = chain(&out, "ext-").expect("external chain");
+    let svl = chain(&out, "svl-").expect("local chain");
+    assert_eq!(
+        ext.rules,
+        [
+            format!("ip saddr 10.0.0.0/8 goto {SVC}"),
+            "fib saddr type local jump mark-for-masquerade".to_owned(),
+            format!("fib saddr type local goto {SVC}"),
+            format!("goto {}", svl.name),
+        ]
+    );
+    assert_eq!(svl.rules, ["meta l4proto tcp dnat to 10.180.0.1:8080"]);
+    assert_eq!(
+        elements(&out, Collection::ServiceIps)[1],
+        format!("192.0.2.10 . tcp . 80 : goto {}", ext.name)
+    );
+}
+
+#[test]
+fn source_ranges_filter_before_dnat_and_admit_the_node_when_a_range_covers_it() {
+    let mut p = plan();
+    p.load_balancer_ips = vec!["192.0.2.20".parse().unwrap()];
+    p.load_balancer_source_ranges = vec!["192.168.0.0/24".parse().unwrap()];
+    let out = render_service(&p, &ctx());
+    let fw = chain(&out, "fw-").expect("firewall chain");
+    assert_eq!(
+        elements(&out, Collection::FirewallIps),
+        [format!("192.0.2.20 . tcp . 80 : goto {}", fw.name)]
+    );
+    assert_eq!(
+        fw.rules,
+        [
+            "ip saddr 192.168.0.0/24 return",
+            "ip saddr 192.0.2.20/32 return",
+            "drop"
+        ]
+    );
+}
+
+#[test]
+fn affinity_remembers_each_client_per_endpoint() {
+    let mut p = plan();
+    p.cluster_endpoints.truncate(2);
+    p.affinity_timeout_seconds = Some(600);
+    let out = render_service(&p, &ctx());
+    let sets: Vec<&str> = out.affinity_sets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(sets.len(), 2);
+    let svc = chain(&out, "svc-").expect("cluster chain");
+    let (a, b) = (sets[0], sets[1]);
+    assert_eq!(
+        svc.rules[1..],
+        [
+            format!(
+                "ip saddr @{a} update @{a} {{ ip saddr }} meta l4proto tcp dnat to 10.180.0.1:8080"
+            ),
+            format!(
+                "ip saddr @{b} update @{b} {{ ip saddr }} meta l4proto tcp dnat to 10.180.0.2:8080"
+            ),
+            format!(
+                "numgen random mod 2 0 update @{a} {{ ip saddr }} meta l4proto tcp dnat to 10.180.0.1:8080"
+            ),
+            format!("update @{b} {{ ip saddr }} meta l4proto tcp dnat to 10.180.0.2:8080"),
+        ]
+    );
+    assert_eq!(
+        out.affinity_sets[0].declaration(Words::of(IpFamily::V4)),
+        format!("{a} {{ type ipv4_addr; flags dynamic,timeout; timeout 600s; }}")
+    );
+}
+
+#[test]
+fn ipv6_uses_ip6_words_and_bracketed_dnat() {
+    let mut p = test_plan(
+        ("ns1", "svc1", "p80"),
+        Protocol::Udp,
+        "fd00:30::41",
+        53,
+        &[("fd00:10::1", 5353)],
+    );
+    p.key.family = IpFamily::V6;
+    let mut c = ctx();
+    c.family = IpFamily::V6;
+    c.net.local_traffic = LocalTraffic::InInterface("veth+".into());
+    let out = render_service(&p, &c);
+    let svc = chain(&out, "svc-").expect("cluster chain");
+    assert_eq!(
+        svc.rules,
+        [
+            "ip6 daddr fd00:30::41 udp dport 53 iifname != \"veth*\" jump mark-for-masquerade",
+            "meta l4proto udp dnat to [fd00:10::1]:5353",
+        ]
+    );
+}
+
+#[test]
+fn fixed_part_declares_every_collection_and_guards_loopback_nodeports() {
+    let mut c = ctx();
+    c.net.nodeport_ips.push("127.0.0.1".parse().unwrap());
+    let mut out = String::new();
+    let ips = vec!["127.0.0.1".to_owned(), "192.168.0.2".to_owned()];
+    write_fixed(&mut out, &c, &[(Collection::NodeportIps, ips)]);
+    for collection in Collection::ALL {
+        assert!(out.contains(&format!(" {} {{ type ", collection.name())));
+    }
+    assert!(
+        out.contains("set nodeport-ips { type ipv4_addr; elements = { 127.0.0.1, 192.168.0.2 }; }")
+    );
+    assert!(out.contains("ct status & dnat == 0 drop"), "{out}");
+    let mut plain = String::new();
+    write_fixed(&mut plain, &ctx(), &[]);
+    assert!(
+        !plain.contains("127.0.0.0/8"),
+        "no route_localnet, no guard"
+    );
+}

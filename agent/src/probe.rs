@@ -1,0 +1,111 @@
+//! Which data planes this kernel can run, probed at start: `--mode auto` picks eBPF,
+//! then nftables, then iptables; an explicit mode the kernel cannot run fails with
+//! what is missing and how to fix it.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::bail;
+use aya::programs::ProgramType;
+use aya::sys::{BpfHelper, is_helper_supported, is_program_supported};
+use tracing::info;
+
+use crate::cli::Mode;
+use crate::dataplane::ebpf::loader::cgroup2_root;
+
+/// Minimum kernels, as README lists them: eBPF mode needs `bpf_set_retval` in
+/// cgroup sock_addr programs.
+pub const EBPF_MIN_KERNEL: &str = "5.18";
+
+/// What eBPF mode needs and this kernel lacks, each with its fix (empty: all there).
+pub fn ebpf_missing(cgroup: Option<&Path>) -> Vec<String> {
+    let mut missing = Vec::new();
+    match is_program_supported(ProgramType::CgroupSockAddr) {
+        Ok(true) => {
+            let helper = BpfHelper::BPF_FUNC_set_retval;
+            if !is_helper_supported(ProgramType::CgroupSockAddr, helper).unwrap_or(false) {
+                missing.push(format!(
+                    "the bpf_set_retval helper in cgroup sock_addr programs (kernel {EBPF_MIN_KERNEL}+; use --mode nftables or iptables)"
+                ));
+            }
+        }
+        Ok(false) => missing.push(
+            "cgroup sock_addr eBPF programs (kernel 4.17+ with CONFIG_CGROUP_BPF)".to_owned(),
+        ),
+        Err(e) => missing.push(format!(
+            "permission to load eBPF programs ({e}; run as root or with CAP_BPF and CAP_NET_ADMIN)"
+        )),
+    }
+    if cgroup.is_none() && cgroup2_root().is_none() {
+        missing.push("a cgroup v2 mount (mount cgroup2, or pass --cgroup)".to_owned());
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("bpf"))
+    {
+        missing.push("the bpf filesystem (kernel with CONFIG_BPF_SYSCALL)".to_owned());
+    }
+    missing
+}
+
+/// Why nftables mode cannot run here, if it cannot: `nft` must list the tables
+/// (the binary is installed and the kernel has nf_tables).
+pub fn nftables_missing() -> Option<String> {
+    let output = Command::new("nft")
+        .args(["list", "tables"])
+        .stdin(Stdio::null())
+        .output();
+    match output {
+        Err(e) => Some(format!(
+            "cannot run nft ({e}; install the nftables package)"
+        )),
+        Ok(o) if !o.status.success() => Some(format!(
+            "nft cannot list tables ({}; the kernel needs nf_tables, CONFIG_NF_TABLES)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// The mode to run: `requested`, checked, or for `auto` the best this kernel runs.
+pub fn resolve(requested: Mode, cgroup: Option<&Path>) -> anyhow::Result<Mode> {
+    match requested {
+        Mode::Ebpf => {
+            let missing = ebpf_missing(cgroup);
+            if !missing.is_empty() {
+                bail!("--mode ebpf: this kernel lacks {}", missing.join("; "));
+            }
+            Ok(Mode::Ebpf)
+        }
+        Mode::Nftables => match nftables_missing() {
+            Some(why) => bail!("--mode nftables: {why}"),
+            None => Ok(Mode::Nftables),
+        },
+        Mode::Iptables => Ok(Mode::Iptables),
+        Mode::Auto => Ok(auto(cgroup)),
+    }
+}
+
+/// eBPF, else nftables, else iptables; logs the choice and why the others lost.
+fn auto(cgroup: Option<&Path>) -> Mode {
+    let ebpf = ebpf_missing(cgroup);
+    if ebpf.is_empty() {
+        info!(
+            mode = "ebpf",
+            "--mode auto: the kernel has everything eBPF mode needs"
+        );
+        return Mode::Ebpf;
+    }
+    let ebpf = ebpf.join("; ");
+    match nftables_missing() {
+        None => {
+            info!(mode = "nftables", ebpf = %format!("lacks {ebpf}"), "--mode auto: chose nftables");
+            Mode::Nftables
+        }
+        Some(nftables) => {
+            info!(mode = "iptables", ebpf = %format!("lacks {ebpf}"), %nftables, "--mode auto: chose iptables");
+            Mode::Iptables
+        }
+    }
+}
