@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 
 /// The overlays users apply with `kubectl apply -k deploy/overlays/<name>`.
-const OVERLAYS: [&str; 3] = ["ebpf", "iptables", "kube-proxy-config"];
+const OVERLAYS: [&str; 4] = ["ebpf", "nftables", "iptables", "kube-proxy-config"];
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -379,6 +379,7 @@ fn shipped_configmap_starts_the_agent_in_every_mode() {
     use ferry_tests::manifests::{Service, port};
     for (overlay, mode) in [
         ("ebpf", ferry_tests::Mode::Ebpf),
+        ("nftables", ferry_tests::Mode::Nftables),
         ("iptables", ferry_tests::Mode::Iptables),
     ] {
         let config: ConfigMap = one(&render(overlay), "ConfigMap");

@@ -96,6 +96,9 @@ enum Task {
         /// Services in the scale part (default 10,000; 1,000 with --quick).
         #[arg(long)]
         scale_services: Option<usize>,
+        /// Ferry modes to measure (comma-separated; default all: ebpf,nftables,iptables).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
     },
 }
 
@@ -144,10 +147,21 @@ fn main() -> anyhow::Result<()> {
             name,
             only,
             scale_services,
+            modes,
         } => {
             require_root()?;
+            let modes = match modes.is_empty() {
+                true => vec![Mode::Ebpf, Mode::Nftables, Mode::Iptables],
+                false => modes.iter().map(|m| parse_mode(m)).collect::<anyhow::Result<_>>()?,
+            };
             build(true)?;
-            bench::run(&root, &name, quick, only.as_deref(), scale_services).map(|_| ())
+            let plan = bench::Plan {
+                quick,
+                only: only.as_deref(),
+                scale_services,
+                modes: &modes,
+            };
+            bench::run(&root, &name, &plan).map(|_| ())
         }
     }
 }

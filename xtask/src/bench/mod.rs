@@ -3,14 +3,16 @@
 //!
 //! Traffic: new-connection, keep-alive and UDP request rates plus p50/p99 latency from
 //! a pod to one service, at 1, 1,000 and 10,000 services (the measured service is the
-//! last one added), for: direct to the pod (the limit), Ferry eBPF, Ferry iptables
-//! (kube-proxy's layout) and HAProxy as a userspace proxy (what kube-proxy's old
-//! userspace mode did).
+//! last one added), for: direct to the pod (the limit), Ferry eBPF, nftables and
+//! iptables (kube-proxy's layout), kube-proxy's own iptables (legacy and nft
+//! backends) and nftables layouts ([`baselines`]), and HAProxy as a userspace proxy
+//! (what kube-proxy's old userspace mode did).
 //!
 //! Scale: 10,000 services with 100,000 endpoints per mode: time to first full
 //! programming, one endpoint change to programmed (p50/p99 over 100 changes), peak
 //! RSS and CPU seconds of the agent.
 
+mod baselines;
 mod dns;
 mod plot;
 mod workload;
@@ -68,6 +70,8 @@ pub struct Results {
     pub cpus: usize,
     pub quick: bool,
     pub traffic: Vec<TrafficRow>,
+    /// kube-proxy's own layouts: what loading them cost.
+    pub kube_proxy_programming: Vec<baselines::ProgrammingRow>,
     pub scale: Vec<ScaleRow>,
     pub dns: Vec<dns::DnsRow>,
     pub dns_freshness: Vec<dns::DnsFreshness>,
@@ -79,22 +83,28 @@ pub struct Results {
 
 const SCENARIOS: [(&str, &str); 3] = [("connect", "tcp"), ("keep-alive", "tcp"), ("udp", "udp")];
 
+/// What one `cargo xtask bench` measures.
+pub struct Plan<'a> {
+    /// Smoke run: fewer services, shorter measurements.
+    pub quick: bool,
+    /// Only this part (`traffic`, `scale`, `dns`).
+    pub only: Option<&'a str>,
+    pub scale_services: Option<usize>,
+    /// Ferry's modes to measure.
+    pub modes: &'a [Mode],
+}
+
 /// Runs the benchmarks and writes `bench/results/<date>-<name>.{json,md,png}`.
-pub fn run(
-    root: &Path,
-    name: &str,
-    quick: bool,
-    only: Option<&str>,
-    scale_services: Option<usize>,
-) -> anyhow::Result<PathBuf> {
+pub fn run(root: &Path, name: &str, plan: &Plan<'_>) -> anyhow::Result<PathBuf> {
+    let (quick, only, scale_services) = (plan.quick, plan.only, plan.scale_services);
     // Measure release builds.
     // SAFETY: xtask has not started any thread yet; nothing reads the environment
     // concurrently.
     unsafe { std::env::set_var("FERRY_BIN_DIR", root.join("target/release")) };
-    let traffic = if matches!(only, None | Some("traffic")) {
-        traffic_part(quick)?
+    let (traffic, kube_proxy_programming) = if matches!(only, None | Some("traffic")) {
+        traffic_part(root, quick, plan.modes)?
     } else {
-        Vec::new()
+        Default::default()
     };
     let (default_services, per_service, changes) = if quick {
         (1000, 10, 20)
@@ -104,7 +114,7 @@ pub fn run(
     let scale_services = scale_services.unwrap_or(default_services);
     let mut scale = Vec::new();
     if !matches!(only, Some("traffic" | "dns")) {
-        for mode in [Mode::Ebpf, Mode::Nftables, Mode::Iptables] {
+        for &mode in plan.modes {
             eprintln!("== scale: {} with {scale_services} services", mode.flag());
             scale.push(measure_scale(mode, scale_services, per_service, changes)?);
         }
@@ -127,6 +137,7 @@ pub fn run(
             .unwrap_or(1),
         quick,
         traffic,
+        kube_proxy_programming,
         scale,
         dns: dns.rows,
         dns_freshness: dns.freshness,
@@ -136,20 +147,32 @@ pub fn run(
     write_results(root, name, &results)
 }
 
-/// Connection rates at each service count: direct, HAProxy, and Ferry's modes, with
-/// each row's ratio to direct.
-fn traffic_part(quick: bool) -> anyhow::Result<Vec<TrafficRow>> {
+/// Connection rates at each service count: direct, HAProxy, Ferry's modes and
+/// kube-proxy's own layouts, with each row's ratio to direct; and what loading
+/// kube-proxy's layouts cost.
+fn traffic_part(
+    root: &Path,
+    quick: bool,
+    modes: &[Mode],
+) -> anyhow::Result<(Vec<TrafficRow>, Vec<baselines::ProgrammingRow>)> {
     let levels: &[usize] = if quick { &[1, 100] } else { &[1, 1000, 10_000] };
     let duration = if quick { 1000 } else { 3000 };
     let mut traffic = Vec::new();
+    let mut programming = Vec::new();
     for &services in levels {
         eprintln!("== traffic at {services} services");
         let direct = measure_direct(duration)?;
         let direct_rates: Vec<f64> = direct.iter().map(|r| r.rate).collect();
         let mut rows = direct;
         rows.extend(measure_haproxy(duration)?);
-        for mode in [Mode::Ebpf, Mode::Nftables, Mode::Iptables] {
+        for &mode in modes {
             rows.extend(measure_ferry(mode, services, duration)?);
+        }
+        for layout in baselines::Layout::ALL {
+            eprintln!("   loading {} at {services} services", layout.name());
+            let (measured, cost) = baselines::measure(root, layout, services, duration)?;
+            rows.extend(measured);
+            programming.push(cost);
         }
         for row in &mut rows {
             row.services = services;
@@ -165,7 +188,7 @@ fn traffic_part(quick: bool) -> anyhow::Result<Vec<TrafficRow>> {
         }
         traffic.extend(rows);
     }
-    Ok(traffic)
+    Ok((traffic, programming))
 }
 
 /// Writes the JSON, Markdown table and plot; prints the table.
@@ -517,6 +540,7 @@ pub fn markdown(r: &Results) -> String {
         if r.quick { " --quick" } else { "" }
     );
     traffic_table(r, &mut out);
+    kube_proxy_table(r, &mut out);
     scale_table(r, &mut out);
     dns_table(r, &mut out);
     let _ = writeln!(
@@ -550,6 +574,26 @@ fn traffic_table(r: &Results, out: &mut String) {
             row.p50_us,
             row.p99_us,
             row.errors
+        );
+    }
+}
+
+fn kube_proxy_table(r: &Results, out: &mut String) {
+    use std::fmt::Write as _;
+    if r.kube_proxy_programming.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## kube-proxy's own layouts: programming (gen_rules.py, 2 endpoints per service)\n"
+    );
+    let _ = writeln!(out, "| layout | services | full load (s) | one-service partial sync (ms) |");
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for p in &r.kube_proxy_programming {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} | {:.0} |",
+            p.layout, p.services, p.full_load_seconds, p.partial_ms
         );
     }
 }

@@ -22,8 +22,26 @@ pub fn rates(results: &Results, out: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(out, (1500, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
-    let modes = ["direct", "ebpf", "iptables", "haproxy"];
-    let colors = [BLACK, BLUE, RED, GREEN];
+    let modes = [
+        "direct",
+        "ebpf",
+        "nftables",
+        "iptables",
+        "haproxy",
+        "kube-proxy nftables",
+        "kube-proxy iptables-nft",
+        "kube-proxy iptables-legacy",
+    ];
+    let colors = [
+        BLACK,
+        BLUE,
+        CYAN,
+        RED,
+        GREEN,
+        MAGENTA,
+        RGBColor(200, 120, 0),
+        RGBColor(120, 120, 120),
+    ];
     for (panel, scenario) in panels.iter().zip(["connect", "keep-alive", "udp"]) {
         let rows: Vec<_> = results
             .traffic
