@@ -2,6 +2,7 @@
 //! then nftables, then iptables; an explicit mode the kernel cannot run fails with
 //! what is missing and how to fix it.
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -49,19 +50,28 @@ pub fn ebpf_missing(cgroup: Option<&Path>) -> Vec<String> {
     missing
 }
 
-/// Why nftables mode cannot run here, if it cannot: `nft` must list the tables
-/// (the binary is installed and the kernel has nf_tables).
+/// Why nftables mode cannot run here, if it cannot: `nft` must be installed and the
+/// kernel must accept a table (checked with `nft -c`, which commits nothing; `nft list
+/// tables` would read the whole ruleset first, seconds on a big node).
 pub fn nftables_missing() -> Option<String> {
-    let output = Command::new("nft")
-        .args(["list", "tables"])
-        .stdin(Stdio::null())
-        .output();
+    let child = Command::new("nft")
+        .args(["-c", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let output = child.and_then(|mut child| {
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(b"add table ip ferry-probe\n")?;
+        }
+        child.wait_with_output()
+    });
     match output {
         Err(e) => Some(format!(
             "cannot run nft ({e}; install the nftables package)"
         )),
         Ok(o) if !o.status.success() => Some(format!(
-            "nft cannot list tables ({}; the kernel needs nf_tables, CONFIG_NF_TABLES)",
+            "the kernel refuses an nftables table ({}; it needs nf_tables, CONFIG_NF_TABLES)",
             String::from_utf8_lossy(&o.stderr).trim()
         )),
         Ok(_) => None,

@@ -152,7 +152,10 @@ fn main() -> anyhow::Result<()> {
             require_root()?;
             let modes = match modes.is_empty() {
                 true => vec![Mode::Ebpf, Mode::Nftables, Mode::Iptables],
-                false => modes.iter().map(|m| parse_mode(m)).collect::<anyhow::Result<_>>()?,
+                false => modes
+                    .iter()
+                    .map(|m| parse_mode(m))
+                    .collect::<anyhow::Result<_>>()?,
             };
             build(true)?;
             let plan = bench::Plan {

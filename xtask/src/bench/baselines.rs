@@ -104,7 +104,8 @@ pub fn measure(
     duration: u64,
 ) -> anyhow::Result<(Vec<TrafficRow>, ProgrammingRow)> {
     let c = traffic_cluster(ferry_tests::Mode::Iptables)?;
-    let dir = std::env::temp_dir().join(format!("ferry-bench-kp-{}-{services}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("ferry-bench-kp-{}-{services}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let be = backend_ip(&c).to_string();
     let out = std::process::Command::new("python3")
@@ -117,8 +118,11 @@ pub fn measure(
     if !out.status.success() {
         bail!("gen_rules.py: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("gen_rules.py meta")?;
-    let vip = meta["measured_cluster_ip"].as_str().context("no measured_cluster_ip")?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("gen_rules.py meta")?;
+    let vip = meta["measured_cluster_ip"]
+        .as_str()
+        .context("no measured_cluster_ip")?;
     let (setup, full, partial) = layout.files(services);
     if let Some(setup) = setup {
         load(&c, layout, &dir, &setup)?;

@@ -587,7 +587,10 @@ fn kube_proxy_table(r: &Results, out: &mut String) {
         out,
         "\n## kube-proxy's own layouts: programming (gen_rules.py, 2 endpoints per service)\n"
     );
-    let _ = writeln!(out, "| layout | services | full load (s) | one-service partial sync (ms) |");
+    let _ = writeln!(
+        out,
+        "| layout | services | full load (s) | one-service partial sync (ms) |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|");
     for p in &r.kube_proxy_programming {
         let _ = writeln!(

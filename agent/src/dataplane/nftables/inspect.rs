@@ -5,26 +5,24 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::exec::{Nft, NftError, Runner, lists_table};
+use super::exec::{Nft, NftError, Runner, table_exists};
 use super::render::{Collection, TABLE, Words};
 use crate::dataplane::ebpf::inspect::{FrontendView, Inspection};
 use crate::model::IpFamily;
 
 /// Whether Ferry's table exists in any family (this node runs nftables mode).
 pub fn present() -> bool {
-    let listing = Nft.read(&["list", "tables"]).unwrap_or_default();
     [IpFamily::V4, IpFamily::V6]
         .iter()
-        .any(|f| lists_table(&listing, Words::of(*f).af, TABLE))
+        .any(|f| table_exists(&Nft, Words::of(*f).af).unwrap_or(false))
 }
 
 /// Reads Ferry's tables of both families.
 pub fn inspect() -> Result<Inspection, NftError> {
-    let listing = Nft.read(&["list", "tables"])?;
     let mut frontends = Vec::new();
     for family in [IpFamily::V4, IpFamily::V6] {
         let af = Words::of(family).af;
-        if lists_table(&listing, af, TABLE) {
+        if table_exists(&Nft, af)? {
             let json = Nft.read(&["-j", "list", "table", af, TABLE])?;
             frontends.extend(frontends_of(&json)?);
         }

@@ -31,7 +31,7 @@ use std::fmt::Write as _;
 use tracing::{debug, info, warn};
 
 use self::claims::{Claims, ElementKey, ElementOp};
-use self::exec::{Nft, NftError, Runner, lists_table};
+use self::exec::{Nft, NftError, Runner, table_exists};
 use self::render::{
     Collection, FamilyContext, ServiceObjects, TABLE, Words, render_service, write_chain,
     write_fixed,
@@ -95,16 +95,16 @@ impl NftablesDataPlane {
 
     /// Removes Ferry's tables, in all families (nothing to do without `nft`).
     pub fn cleanup(families: &[IpFamily]) -> Result<(), NftError> {
-        let listing = match Nft.read(&["list", "tables"]) {
-            Err(NftError::Spawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                debug!("nft not installed; no nftables tables to remove");
-                return Ok(());
-            }
-            other => other?,
-        };
         for &family in families {
             let af = Words::of(family).af;
-            if lists_table(&listing, af, TABLE) {
+            let exists = match table_exists(&Nft, af) {
+                Err(NftError::Spawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    debug!("nft not installed; no nftables tables to remove");
+                    return Ok(());
+                }
+                other => other?,
+            };
+            if exists {
                 Nft.apply(&format!("delete table {af} {TABLE}\n"))?;
                 info!(family = af, "removed Ferry's nftables table");
             }
@@ -188,14 +188,15 @@ impl<R: Runner> NftablesDataPlane<R> {
                 family,
                 net: node.of_family(family),
             };
-            let dns = self.dns_elements(family);
-            let state = &mut self.families[i];
-            let partial = !full && state.ctx.as_ref() == Some(&ctx);
+            let partial = !full && self.families[i].ctx.as_ref() == Some(&ctx);
             let result = if partial {
-                state.partial_sync(&self.runner, diff, &ctx, &mut stats)
+                self.families[i].partial_sync(&self.runner, diff, &ctx, &mut stats)
             } else {
+                let dns = self.dns_elements(family);
+                let state = &mut self.families[i];
                 state.full_sync(&self.runner, plans(), ctx, &dns, &mut stats)
             };
+            let state = &mut self.families[i];
             if let Err(source) = result {
                 // The kernel no longer matches the cache: rebuild from scratch next time.
                 state.ctx = None;
@@ -273,16 +274,16 @@ impl<R: Runner + Send> DataPlane for NftablesDataPlane<R> {
         if self.families.iter().all(|f| f.ctx.is_none()) {
             return false;
         }
-        let listing = match self.runner.read(&["list", "tables"]) {
-            Ok(listing) => listing,
-            Err(error) => {
-                warn!(%error, "cannot list nftables tables");
-                return false;
-            }
-        };
-        self.families
-            .iter()
-            .any(|f| f.ctx.is_some() && !lists_table(&listing, Words::of(f.family).af, TABLE))
+        let written = self.families.iter().filter(|f| f.ctx.is_some());
+        written.into_iter().any(
+            |f| match table_exists(&self.runner, Words::of(f.family).af) {
+                Ok(exists) => !exists,
+                Err(error) => {
+                    warn!(%error, "cannot check Ferry's nftables table");
+                    false
+                }
+            },
+        )
     }
 
     fn nats_through_conntrack(&self) -> bool {
@@ -382,8 +383,11 @@ impl FamilyState {
             return Ok(());
         };
         stats.writes += script.lines().count();
-        debug!(family = %self.family, lines = script.lines().count(), "nft -f");
-        runner.apply(&script)
+        let started = std::time::Instant::now();
+        let applied = runner.apply(&script);
+        let (lines, nft_ms) = (script.lines().count(), started.elapsed().as_millis());
+        debug!(family = %self.family, lines, nft_ms, "nft -f");
+        applied
     }
 
     /// Logs the frontends another plan holds (two services claiming one address).

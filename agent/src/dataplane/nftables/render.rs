@@ -414,8 +414,9 @@ impl Renderer<'_> {
             && plan.load_balancer_ips_restricted()
     }
 
-    /// `svc-*` and `svl-*`, where they have endpoints. The internal policy's chain
-    /// first marks ClusterIP traffic from outside the pod network for masquerade.
+    /// `svc-*` and `svl-*`, where they have endpoints. (ClusterIP traffic from
+    /// outside the pod network was marked for masquerade in `services`, by one rule
+    /// for all ClusterIPs rather than one per service.)
     fn balancing_chains(&self, out: &mut ServiceObjects) {
         let plan = self.plan;
         let sets = [
@@ -426,37 +427,11 @@ impl Renderer<'_> {
             if endpoints.is_empty() {
                 continue;
             }
-            let internal = matches!(plan.internal(), Traffic::Forward(_))
-                && plan.internal_endpoint_set() == set;
-            let mut rules = if internal {
-                self.internal_masquerade()
-            } else {
-                Vec::new()
-            };
+            let mut rules = Vec::new();
             self.balance(&mut rules, endpoints, out);
             let name = self.names.balancing(set).to_owned();
             out.chains.push(Chain { name, rules });
         }
-    }
-
-    /// Masquerade of ClusterIP traffic from outside the pod network (of all of it
-    /// with `masquerade_all`).
-    fn internal_masquerade(&self) -> Vec<String> {
-        let (plan, af) = (self.plan, self.w.af);
-        let frontend = format!(
-            "{af} daddr {} {} dport {}",
-            plan.cluster_ip,
-            self.proto(),
-            plan.port
-        );
-        if self.ctx.net.masquerade_all {
-            return vec![format!("{frontend} jump {MARK_MASQ}")];
-        }
-        self.ctx
-            .local_matches(true)
-            .into_iter()
-            .map(|not_local| format!("{frontend} {not_local} jump {MARK_MASQ}"))
-            .collect()
     }
 
     /// Affinity lookups, then endpoint choice: rule i of n matches with probability
@@ -572,6 +547,30 @@ pub fn write_fixed(out: &mut String, ctx: &FamilyContext, elements: &[(Collectio
     }
 }
 
+/// The `services` chain: ClusterIP traffic from outside the pod network (all of it
+/// with `masquerade_all`) is marked for masquerade, as kube-proxy's per-service rule
+/// does (traffic to a ClusterIP that is not forwarded is refused before postrouting,
+/// so one rule serves every service); then the frontend lookups.
+fn services_rules(ctx: &FamilyContext) -> Vec<String> {
+    let af = ctx.words().af;
+    let to_cluster_ip = format!("{af} daddr @cluster-ips");
+    let mut rules: Vec<String> = if ctx.net.masquerade_all {
+        vec![format!("{to_cluster_ip} jump {MARK_MASQ}")]
+    } else {
+        let not_local = ctx.local_matches(true).into_iter();
+        not_local
+            .map(|m| format!("{to_cluster_ip} {m} jump {MARK_MASQ}"))
+            .collect()
+    };
+    rules.push(format!(
+        "{af} daddr . meta l4proto . th dport vmap @service-ips"
+    ));
+    rules.push(format!(
+        "{af} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
+    ));
+    rules
+}
+
 /// Writes one chain block.
 pub fn write_chain(out: &mut String, name: &str, rules: &[String]) {
     let _ = writeln!(out, "  chain {name} {{");
@@ -618,13 +617,7 @@ fn fixed_chains(ctx: &FamilyContext) -> Vec<(String, Vec<String>)> {
                 "masquerade fully-random".into(),
             ],
         ),
-        c(
-            "services",
-            vec![
-                format!("{frontend} vmap @service-ips"),
-                format!("{af} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"),
-            ],
-        ),
+        c("services", services_rules(ctx)),
         c(
             "firewall-check",
             vec![format!("{frontend} vmap @firewall-ips")],

@@ -40,7 +40,7 @@ fn elements(out: &ServiceObjects, collection: Collection) -> Vec<String> {
 const SVC: &str = "svc-XPGD46QRK7WJZT7O-ns1/svc1/tcp/p80";
 
 #[test]
-fn cluster_ip_maps_to_a_chain_that_masquerades_off_pod_traffic_and_balances_evenly() {
+fn cluster_ip_maps_to_a_chain_that_balances_evenly() {
     let out = render_service(&plan(), &ctx());
     assert_eq!(
         elements(&out, Collection::ServiceIps),
@@ -52,7 +52,6 @@ fn cluster_ip_maps_to_a_chain_that_masquerades_off_pod_traffic_and_balances_even
     assert_eq!(
         svc.rules,
         [
-            "ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
             "numgen random mod 3 0 meta l4proto tcp dnat to 10.180.0.1:8080",
             "numgen random mod 2 0 meta l4proto tcp dnat to 10.180.0.2:8080",
             "meta l4proto tcp dnat to 10.180.0.3:8080",
@@ -168,7 +167,7 @@ fn affinity_remembers_each_client_per_endpoint() {
     let svc = chain(&out, "svc-").expect("cluster chain");
     let (a, b) = (sets[0], sets[1]);
     assert_eq!(
-        svc.rules[1..],
+        svc.rules,
         [
             format!(
                 "ip saddr @{a} update @{a} {{ ip saddr }} meta l4proto tcp dnat to 10.180.0.1:8080"
@@ -203,13 +202,33 @@ fn ipv6_uses_ip6_words_and_bracketed_dnat() {
     c.net.local_traffic = LocalTraffic::InInterface("veth+".into());
     let out = render_service(&p, &c);
     let svc = chain(&out, "svc-").expect("cluster chain");
+    assert_eq!(svc.rules, ["meta l4proto udp dnat to [fd00:10::1]:5353"]);
+    let services = services_rules(&c);
     assert_eq!(
-        svc.rules,
+        services[0],
+        "ip6 daddr @cluster-ips iifname != \"veth*\" jump mark-for-masquerade"
+    );
+}
+
+#[test]
+fn cluster_ip_traffic_from_outside_the_pod_network_is_marked_for_masquerade() {
+    assert_eq!(
+        services_rules(&ctx()),
         [
-            "ip6 daddr fd00:30::41 udp dport 53 iifname != \"veth*\" jump mark-for-masquerade",
-            "meta l4proto udp dnat to [fd00:10::1]:5353",
+            "ip daddr @cluster-ips ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+            "ip daddr . meta l4proto . th dport vmap @service-ips",
+            "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         ]
     );
+    let mut all = ctx();
+    all.net.masquerade_all = true;
+    assert_eq!(
+        services_rules(&all)[0],
+        "ip daddr @cluster-ips jump mark-for-masquerade"
+    );
+    let mut unknown = ctx();
+    unknown.net.local_traffic = LocalTraffic::FromCidrs(vec![]);
+    assert_eq!(services_rules(&unknown).len(), 2, "cannot tell: no rule");
 }
 
 #[test]
