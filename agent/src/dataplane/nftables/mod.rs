@@ -302,6 +302,7 @@ impl FamilyState {
         stats: &mut SyncStats,
     ) -> Result<(), NftError> {
         let af = Words::of(self.family).af;
+        let started = std::time::Instant::now();
         self.rendered.clear();
         self.claims = Claims::default();
         let mut body = String::new();
@@ -335,11 +336,13 @@ impl FamilyState {
         script.push_str("}\n");
         stats.plans_written += self.rendered.len();
         stats.writes += script.lines().count();
+        let render_ms = started.elapsed().as_millis();
         runner.apply(&script)?;
+        let nft_ms = started.elapsed().as_millis() - render_ms;
+        let services = self.rendered.len();
         info!(
             family = af,
-            services = self.rendered.len(),
-            "nftables full sync done"
+            services, render_ms, nft_ms, "nftables full sync done"
         );
         self.ctx = Some(ctx);
         Ok(())
