@@ -276,6 +276,8 @@ pub(crate) struct AgentProcess {
     prefix: String,
     runs: u32,
     child: Option<Child>,
+    /// The test makes the kernel refuse a sync on purpose.
+    pub(crate) sync_failures_expected: bool,
 }
 
 impl AgentProcess {
@@ -285,7 +287,20 @@ impl AgentProcess {
             prefix: prefix.to_owned(),
             runs: 0,
             child: None,
+            sync_failures_expected: false,
         }
+    }
+
+    /// The "sync failed" lines of every run, unless the test expects some: a sync
+    /// the agent repairs with a full resync a second later would otherwise pass
+    /// every traffic assertion that polls.
+    pub(crate) fn unexpected_sync_failures(&self) -> Vec<String> {
+        if self.sync_failures_expected {
+            return Vec::new();
+        }
+        let log = self.log();
+        let failed = log.lines().filter(|l| l.contains("sync failed"));
+        failed.map(str::to_owned).collect()
     }
 
     /// Starts `ferry` with `args` and `env` inside `node`, its output to a new log.
@@ -789,6 +804,12 @@ impl Cluster {
         self.agent.log()
     }
 
+    /// The test makes the kernel refuse syncs on purpose: dropping the cluster does
+    /// not fail on the agent's "sync failed" lines.
+    pub fn expect_sync_failures(&mut self) {
+        self.agent.sync_failures_expected = true;
+    }
+
     /// Values of `field=N` in the agent log lines containing `marker` (the agent logs
     /// its own timings, e.g. `dns updated ... latency_us=42`).
     pub fn agent_log_values(&self, marker: &str, field: &str) -> Vec<u64> {
@@ -1020,10 +1041,15 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_file(dns_handover_socket(&self.pin_dir()));
         // Pods stop their servers as they drop.
+        let failed = self.agent.unexpected_sync_failures();
+        let log = self.agent_log();
         if std::thread::panicking() {
-            eprintln!("{}", self.agent_log());
+            eprintln!("{log}");
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if !failed.is_empty() && !std::thread::panicking() {
+            panic!("the agent failed a sync:\n{}\n{log}", failed.join("\n"));
+        }
     }
 }
 

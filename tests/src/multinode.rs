@@ -502,10 +502,19 @@ impl Drop for MultiNode {
             }
             let _ = std::fs::remove_file(crate::cluster::dns_handover_socket(&node.pin_dir));
         }
+        let failed: Vec<String> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.agent.unexpected_sync_failures())
+            .collect();
+        let logs = self.agent_logs();
         if std::thread::panicking() {
-            eprintln!("{}", self.agent_logs());
+            eprintln!("{logs}");
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if !failed.is_empty() && !std::thread::panicking() {
+            panic!("an agent failed a sync:\n{}\n{logs}", failed.join("\n"));
+        }
         // Pods stop their servers, then the namespaces and cgroups go as fields drop.
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use self::netlink::{Ctnetlink, UdpFlow};
-use crate::model::{Endpoint, IpFamily, NodePlan, PlanDiff, Protocol, ServicePortPlan};
+use crate::model::{Endpoint, IpFamily, NodePlan, PlanDiff, Protocol, ServicePortPlan, Upsert};
 
 /// What one reconcile did in one family: how long it took and how many entries it
 /// deleted (kube-proxy's conntrack reconciler metrics).
@@ -37,17 +37,27 @@ struct Frontends<'a> {
 }
 
 impl<'a> Frontends<'a> {
-    /// Every frontend of the plan (a full sync), or only those the diff touched,
-    /// removed ones included, so a partial sync costs what it changed.
+    /// Every frontend of the plan (a full sync), or only those of the diff's
+    /// changes that can leave stale flows, removed ones included, so a partial sync
+    /// costs what it changed (and a change that only adds endpoints costs no dump
+    /// of the conntrack table).
     fn of(plan: &'a NodePlan, diff: &'a PlanDiff, full: bool) -> Self {
         let mut f = Self::default();
         if full {
             plan.iter().for_each(|p| f.add(p, false));
         } else {
-            diff.upserted.iter().for_each(|u| f.add(&u.new, false));
+            let upserted = diff.upserted.iter().filter(|u| may_leave_stale_flows(u));
+            upserted.for_each(|u| f.add(&u.new, false));
             diff.removed.iter().for_each(|p| f.add(p, true));
         }
         f
+    }
+
+    /// Whether a frontend of `family` is to be reconciled.
+    fn has_family(&self, family: IpFamily) -> bool {
+        let addresses = self.addresses.keys().map(|(ip, _)| IpFamily::of(ip));
+        let plans = self.node_ports.values().map(|(p, _)| p.key.family);
+        addresses.chain(plans).any(|f| f == family)
     }
 
     fn add(&mut self, p: &'a ServicePortPlan, gone: bool) {
@@ -93,6 +103,26 @@ impl<'a> Frontends<'a> {
     }
 }
 
+/// Whether an update can leave a stale flow: a serving endpoint stopped serving, the
+/// service got its first serving endpoints (flows sent before were never NATed), or
+/// its frontends changed.
+fn may_leave_stale_flows(u: &Upsert) -> bool {
+    let new = &u.new;
+    let Some(old) = &u.old else {
+        return !new.serving_endpoints.is_empty();
+    };
+    let stopped = old
+        .serving_endpoints
+        .iter()
+        .any(|e| new.serving_endpoints.binary_search(e).is_err());
+    let first = old.serving_endpoints.is_empty() && !new.serving_endpoints.is_empty();
+    let moved = (old.cluster_ip, old.port, old.node_port)
+        != (new.cluster_ip, new.port, new.node_port)
+        || old.external_ips != new.external_ips
+        || old.load_balancer_ips != new.load_balancer_ips;
+    stopped || first || moved
+}
+
 /// Keeps the ctnetlink socket between syncs.
 #[derive(Default)]
 pub struct Reconciler {
@@ -120,7 +150,7 @@ impl Reconciler {
             return Vec::new();
         };
         let mut cleared = Vec::new();
-        for &family in families {
+        for &family in families.iter().filter(|f| frontends.has_family(**f)) {
             let started = Instant::now();
             let flows = match client.udp_flows(family) {
                 Ok(flows) => flows,
@@ -172,7 +202,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::Upsert;
     use crate::model::plan::test_plan;
 
     fn plan(protocol: Protocol, serving: &[&str]) -> ServicePortPlan {
@@ -265,6 +294,39 @@ mod tests {
         assert!(!Frontends::of(&empty, &udp, false).is_empty());
         let tcp_diff = diff(Protocol::Tcp);
         assert!(Frontends::of(&empty, &tcp_diff, false).is_empty());
+    }
+
+    #[test]
+    fn only_changes_that_can_leave_stale_flows_are_reconciled() {
+        let change = |old: &[&str], new: &[&str]| {
+            let diff = PlanDiff {
+                upserted: vec![Upsert {
+                    old: Some(Arc::new(plan(Protocol::Udp, old))),
+                    new: Arc::new(plan(Protocol::Udp, new)),
+                }],
+                removed: vec![],
+                skipped: vec![],
+            };
+            let empty = NodePlan::default();
+            let f = Frontends::of(&empty, &diff, false);
+            (
+                !f.is_empty(),
+                f.has_family(IpFamily::V4),
+                f.has_family(IpFamily::V6),
+            )
+        };
+        let (a, b, c) = ("10.0.0.1", "10.0.0.2", "10.0.0.3");
+        assert_eq!(
+            change(&[a, b], &[a, b, c]),
+            (false, false, false),
+            "only added"
+        );
+        assert_eq!(
+            change(&[a, b], &[a]),
+            (true, true, false),
+            "b stopped serving"
+        );
+        assert_eq!(change(&[], &[a]), (true, true, false), "first endpoint");
     }
 
     #[test]

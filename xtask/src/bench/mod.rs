@@ -423,9 +423,13 @@ fn measure_scale(
                 break;
             }
             if Instant::now() > deadline {
+                let log = c.agent_log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 bail!(
-                    "{}: change {step} was not programmed within 20 s",
-                    mode.flag()
+                    "{}: change {step} was not programmed within 20 s; the agent's last lines:\n{}",
+                    mode.flag(),
+                    tail.join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(2));

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::render::{Collection, Element};
+use super::render::{Collection, Element, entries};
 use crate::model::PlanKey;
 
 /// A key in one collection.
@@ -17,7 +17,9 @@ pub type ElementKey = (Collection, String);
 /// An element write in a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ElementOp {
-    Delete(ElementKey),
+    /// Remove an element; its value is the one programmed (an endpoint list's
+    /// length says which kernel elements it stands for).
+    Delete(Element),
     Add(Element),
 }
 
@@ -82,11 +84,16 @@ impl Claims {
             if before == after {
                 continue;
             }
-            if before.is_some() {
-                ops.push(ElementOp::Delete(key.clone()));
+            let (collection, key) = key;
+            if let Some(value) = before {
+                let key = key.clone();
+                ops.push(ElementOp::Delete(Element {
+                    collection,
+                    key,
+                    value,
+                }));
             }
             if let Some(value) = after {
-                let (collection, key) = key;
                 adds.push(ElementOp::Add(Element {
                     collection,
                     key,
@@ -97,16 +104,14 @@ impl Claims {
         ops.extend(adds);
     }
 
-    /// Every programmed element, grouped by collection, as written inside `{ }`.
+    /// Every programmed kernel element, grouped by collection, as written inside
+    /// `{ }`.
     pub fn programmed(&self) -> BTreeMap<Collection, Vec<String>> {
         let mut out: BTreeMap<Collection, Vec<String>> = BTreeMap::new();
         for ((collection, key), claimants) in &self.by_key {
             if let Some((_, value)) = claimants.first() {
-                let text = match value.is_empty() {
-                    true => key.clone(),
-                    false => format!("{key} : {value}"),
-                };
-                out.entry(*collection).or_default().push(text);
+                let texts = out.entry(*collection).or_default();
+                entries(*collection, key, value, |text| texts.push(text));
             }
         }
         for texts in out.values_mut() {
@@ -156,6 +161,10 @@ mod tests {
         }
     }
 
+    fn gone(k: &str, value: &str) -> ElementOp {
+        ElementOp::Delete(el(k, value))
+    }
+
     fn key(k: &str) -> ElementKey {
         (Collection::ServiceIps, k.into())
     }
@@ -170,10 +179,7 @@ mod tests {
         claims.replace(&plan("a"), &[], &[el("k", "goto a")], &mut ops);
         assert_eq!(
             ops,
-            [
-                ElementOp::Delete(key("k")),
-                ElementOp::Add(el("k", "goto a"))
-            ],
+            [gone("k", "goto b"), ElementOp::Add(el("k", "goto a"))],
             "the first by plan key wins, whatever the order of arrival"
         );
         assert_eq!(claims.losers(&key("k")), [&plan("b")]);
@@ -181,7 +187,7 @@ mod tests {
         claims.replace(&plan("b"), &[key("k")], &[], &mut ops);
         assert!(ops.is_empty(), "a loser leaving changes nothing");
         claims.replace(&plan("a"), &[key("k")], &[], &mut ops);
-        assert_eq!(ops, [ElementOp::Delete(key("k"))]);
+        assert_eq!(ops, [gone("k", "goto a")]);
         assert_eq!(claims.len(), 0);
     }
 
@@ -196,7 +202,7 @@ mod tests {
         claims.replace(&plan("a"), &[key("ep")], &[], &mut ops);
         assert!(ops.is_empty());
         claims.replace(&plan("b"), &[key("ep")], &[], &mut ops);
-        assert_eq!(ops, [ElementOp::Delete(key("ep"))]);
+        assert_eq!(ops, [gone("ep", "")]);
     }
 
     #[test]
@@ -217,13 +223,7 @@ mod tests {
             &[el("k", "goto x"), el("j", "goto y")],
             &mut ops,
         );
-        assert_eq!(
-            ops,
-            [
-                ElementOp::Delete(key("j")),
-                ElementOp::Add(el("j", "goto y"))
-            ]
-        );
+        assert_eq!(ops, [gone("j", "drop"), ElementOp::Add(el("j", "goto y"))]);
         assert_eq!(
             claims.programmed()[&Collection::ServiceIps],
             ["j : goto y", "k : goto x"]

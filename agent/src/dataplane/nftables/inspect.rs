@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 
 use super::exec::{Nft, NftError, Runner, table_exists};
-use super::render::{Collection, TABLE, Words};
+use super::render::{BALANCER_PREFIX, Collection, TABLE, Words};
 use crate::dataplane::ebpf::inspect::{FrontendView, Inspection};
 use crate::model::IpFamily;
 
@@ -44,10 +44,6 @@ pub fn inspect() -> Result<Inspection, NftError> {
 pub fn set_elements(json: &str) -> Result<Vec<String>, NftError> {
     let doc: Value = serde_json::from_str(json).map_err(|e| NftError::Output(e.to_string()))?;
     let items = doc["nftables"].as_array().cloned().unwrap_or_default();
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
     let mut out = Vec::new();
     for set in items.iter().filter_map(|i| i.get("set")) {
         for elem in set["elem"].as_array().into_iter().flatten() {
@@ -92,8 +88,15 @@ pub fn frontends_of(json: &str) -> Result<Vec<FrontendView>, NftError> {
             }
         }
     }
-    let resolve = |verdict: &Value| -> (Vec<String>, Option<u32>) {
+    let endpoint_lists = EndpointLists::of(&maps);
+    let resolve = |verdict: &Value, key: &Value| -> (Vec<String>, Option<u32>) {
         let mut chain = target(verdict);
+        if chain
+            .as_deref()
+            .is_some_and(|c| c.starts_with(BALANCER_PREFIX))
+        {
+            return (endpoint_lists.of_frontend(key), None);
+        }
         // ext-* goes on to svc-*/svl-*: follow at most a few hops.
         for _ in 0..4 {
             let Some(view) = chain.as_ref().and_then(|c| chains.get(c)) else {
@@ -116,7 +119,7 @@ pub fn frontends_of(json: &str) -> Result<Vec<FrontendView>, NftError> {
         (Collection::NoEndpointNodeports, ""),
     ];
     for (collection, forward) in kinds {
-        for (key, verdict) in maps.get(collection.name()).into_iter().flatten() {
+        for (key, verdict) in maps.get(&*collection.name()).into_iter().flatten() {
             let (address, protocol) = frontend_address(key);
             let action = if !forward.is_empty() {
                 forward
@@ -125,7 +128,7 @@ pub fn frontends_of(json: &str) -> Result<Vec<FrontendView>, NftError> {
             } else {
                 "reject"
             };
-            let (backends, affinity_timeout_seconds) = resolve(verdict);
+            let (backends, affinity_timeout_seconds) = resolve(verdict, key);
             let kind = kind_of(collection, verdict);
             out.push(FrontendView {
                 address,
@@ -148,9 +151,69 @@ fn kind_of(collection: Collection, verdict: &Value) -> &'static str {
         Collection::NoEndpointServices => "ClusterIP",
         Collection::NoEndpointExternal => "External",
         _ => match target(verdict) {
-            Some(chain) if chain.starts_with("ext-") => "External",
+            Some(chain) if chain.starts_with("ext-") || chain.starts_with("balance-ext-") => {
+                "External"
+            }
             _ => "ClusterIP",
         },
+    }
+}
+
+/// The endpoint maps of the shared `balance-*` chains: each frontend's endpoints in
+/// index order.
+struct EndpointLists {
+    /// Keyed by the frontend key's parts as text (`ip, proto, port` or `proto, port`).
+    by_frontend: HashMap<Vec<String>, BTreeMap<u64, String>>,
+}
+
+impl EndpointLists {
+    fn of(maps: &HashMap<String, Vec<(Value, Value)>>) -> Self {
+        let mut by_frontend: HashMap<Vec<String>, BTreeMap<u64, String>> = HashMap::new();
+        let lists = maps
+            .iter()
+            .filter(|(name, _)| name.starts_with(BALANCER_PREFIX));
+        let elements = lists.flat_map(|(_, elements)| elements);
+        for (key, value) in elements {
+            let mut parts = concat_parts(key);
+            let Some(index) = parts.pop().and_then(|i| i.parse().ok()) else {
+                continue;
+            };
+            if let [ip, port] = concat_parts(value).as_slice() {
+                let backend = host_port(ip, port);
+                by_frontend.entry(parts).or_default().insert(index, backend);
+            }
+        }
+        Self { by_frontend }
+    }
+
+    /// The endpoints of the frontend `key` of a map whose element goes to `chain`.
+    fn of_frontend(&self, key: &Value) -> Vec<String> {
+        let list = self.by_frontend.get(&concat_parts(key));
+        list.map(|l| l.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The parts of a concatenated key or value as text.
+fn concat_parts(v: &Value) -> Vec<String> {
+    let parts = v["concat"].as_array().cloned().unwrap_or_default();
+    parts.iter().map(text).collect()
+}
+
+/// A JSON scalar as nft writes it.
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `ip:port`, or `[ip]:port` for IPv6.
+fn host_port(ip: &str, port: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
     }
 }
 
@@ -168,21 +231,12 @@ fn elements(elem: &Value) -> Vec<(Value, Value)> {
 
 /// `ip:port` (or `*:port` for a NodePort) and protocol of a frontend key.
 fn frontend_address(key: &Value) -> (String, &'static str) {
-    let parts = key["concat"].as_array().cloned().unwrap_or_default();
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let (ip, proto, port) = match parts.as_slice() {
-        [ip, proto, port] => (text(ip), text(proto), text(port)),
-        [proto, port] => ("*".to_owned(), text(proto), text(port)),
+    let (ip, proto, port) = match concat_parts(key).as_slice() {
+        [ip, proto, port] => (ip.clone(), proto.clone(), port.clone()),
+        [proto, port] => ("*".to_owned(), proto.clone(), port.clone()),
         _ => ("?".to_owned(), String::new(), String::new()),
     };
-    let address = if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    };
+    let address = host_port(&ip, &port);
     let protocol = match proto.as_str() {
         "tcp" => "TCP",
         "udp" => "UDP",
@@ -204,12 +258,7 @@ fn read_rule(view: &mut ChainView, exprs: &Value) {
     for expr in exprs.as_array().into_iter().flatten() {
         if let Some(dnat) = expr.get("dnat") {
             let addr = dnat["addr"].as_str().unwrap_or("?");
-            let port = &dnat["port"];
-            let backend = if addr.contains(':') {
-                format!("[{addr}]:{port}")
-            } else {
-                format!("{addr}:{port}")
-            };
+            let backend = host_port(addr, &text(&dnat["port"]));
             if !view.dnat.contains(&backend) {
                 view.dnat.push(backend);
             }

@@ -1,20 +1,24 @@
 //! The nftables backend: one `ferry` table per IP family, verdict maps for every
-//! frontend kind, one small chain set per service port ([`render`]).
+//! frontend kind, shared balancing chains and endpoint maps ([`render`]).
 //!
-//! Every write is one `nft -f -` transaction ([`exec`]) built in memory. A full sync
+//! Every write is one nft transaction ([`exec`], in process through [`libnftables`]
+//! where the host has it) built in memory. A full sync
 //! replaces the table atomically (`add table; delete table; table { ... }`, which also
-//! adopts a table a killed agent left); a partial sync rewrites only the chains of
-//! the plans that changed and their map elements, so one endpoint change costs the
-//! same at 10 services or 10,000.
+//! adopts a table a killed agent left); a partial sync writes only the map elements
+//! of the plans that changed (and the chains of the few plans that have their own),
+//! so one endpoint change costs the same at 10 services or 10,000.
 //!
 //! Why `nft` and not netlink from a crate: the layout needs `numgen`, `fib`, `socket`
 //! and dynamic-set (`update @set`) expressions, which neither `rustables` (0.9) nor
-//! `nftnl` (0.9, libnftnl) can express; and `nft` is what does the costly part well.
-//! Measured here at 10,000 services × 10 endpoints: this layout loads in ~4 s (2.5 s
-//! of it `nft` parsing, 1.3 s kernel); one global endpoint map referenced from every
-//! service's rule took 180 s (the kernel walks the whole map per binding); a named
-//! map per service 12 s (each set object ~0.8 ms); kube-proxy's per-service anonymous
-//! vmaps ~70 s. A partial sync is 20–70 ms, mostly `nft` reading the table's chains.
+//! `nftnl` (0.9, libnftnl) can express. Why shared chains and endpoint maps: `nft`
+//! reads every chain of the table before each transaction, so with a chain per
+//! service port (20,000 at 10,000 services) even a one-element change took ~70 ms and
+//! the agent's change p50 was 253 ms, and 200,000 DNAT rules took `nft` 7.9 s to
+//! load; the same endpoints as map elements load in a fraction of that (measured
+//! numbers in README's Performance section). Also measured here: one endpoint map
+//! referenced from a rule per service took 180 s (the kernel walks the whole map per
+//! binding; the shared chains bind it a few dozen times), a named map per service
+//! 12 s, kube-proxy's per-service anonymous vmaps ~70 s.
 //!
 //! Limits: ClientIP affinity sets are rebuilt (emptied) by a full sync (at start and
 //! every `--full-sync-period`); Ferry does not know the service CIDRs, so traffic to
@@ -23,6 +27,7 @@
 pub mod claims;
 pub mod exec;
 pub mod inspect;
+pub mod libnftables;
 pub mod render;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,10 +36,10 @@ use std::fmt::Write as _;
 use tracing::{debug, info, warn};
 
 use self::claims::{Claims, ElementKey, ElementOp};
-use self::exec::{Nft, NftError, Runner, table_exists};
+use self::exec::{Nft, NftError, Runner, Session, table_exists};
 use self::render::{
-    Collection, FamilyContext, ServiceObjects, TABLE, Words, render_service, write_chain,
-    write_fixed,
+    Balancer, Chain, Collection, FamilyContext, ServiceObjects, TABLE, Words, entries, entry_keys,
+    render_service, write_balancer, write_chain, write_fixed,
 };
 use super::{DataPlane, NodeLocalDns, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
 use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
@@ -46,6 +51,7 @@ struct Rendered {
     chains: Vec<String>,
     sets: Vec<String>,
     elements: Vec<ElementKey>,
+    balancers: Vec<Balancer>,
 }
 
 impl Rendered {
@@ -62,7 +68,46 @@ impl Rendered {
                 .iter()
                 .map(|e| (e.collection, e.key.clone()))
                 .collect(),
+            balancers: objects.balancers.clone(),
         }
+    }
+}
+
+/// How many plans use each shared `balance-*` chain: a chain exists while one does.
+#[derive(Debug, Default)]
+struct Balancers {
+    users: HashMap<Balancer, usize>,
+}
+
+impl Balancers {
+    /// `old` is no longer used and `new` is (by one plan).
+    fn replace(&mut self, old: &[Balancer], new: &[Balancer]) {
+        for b in new {
+            *self.users.entry(*b).or_default() += 1;
+        }
+        for b in old {
+            if let Some(n) = self.users.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    self.users.remove(b);
+                }
+            }
+        }
+    }
+
+    /// Records, on first sight in this sync, whether each of `balancers` exists.
+    fn touch(&self, balancers: &[Balancer], existed: &mut BTreeMap<Balancer, bool>) {
+        for b in balancers {
+            existed.entry(*b).or_insert_with(|| self.contains(b));
+        }
+    }
+
+    fn contains(&self, b: &Balancer) -> bool {
+        self.users.contains_key(b)
+    }
+
+    fn len(&self) -> usize {
+        self.users.len()
     }
 }
 
@@ -73,10 +118,11 @@ struct FamilyState {
     ctx: Option<FamilyContext>,
     rendered: HashMap<PlanKey, Rendered>,
     claims: Claims,
+    balancers: Balancers,
 }
 
 /// Ferry's nftables data plane.
-pub struct NftablesDataPlane<R = Nft> {
+pub struct NftablesDataPlane<R = Session> {
     runner: R,
     families: Vec<FamilyState>,
     /// Frontends answered by the node's DNS server (rewritten by full syncs too);
@@ -90,7 +136,7 @@ pub struct NftablesDataPlane<R = Nft> {
 impl NftablesDataPlane {
     /// A backend for the given families.
     pub fn new(families: &[IpFamily]) -> Self {
-        Self::with_runner(families, Nft)
+        Self::with_runner(families, Session::open())
     }
 
     /// Removes Ferry's tables, in all families (nothing to do without `nft`).
@@ -126,6 +172,7 @@ impl<R: Runner> NftablesDataPlane<R> {
                     ctx: None,
                     rendered: HashMap::new(),
                     claims: Claims::default(),
+                    balancers: Balancers::default(),
                 })
                 .collect(),
         }
@@ -153,7 +200,7 @@ impl<R: Runner> NftablesDataPlane<R> {
         let Some(frontends) = &self.node_local_dns else {
             let af = Words::of(family).af;
             let set = Collection::NodeLocalDns.name();
-            let listed = self.runner.read(&["-j", "list", "set", af, TABLE, set]);
+            let listed = self.runner.read(&["-j", "list", "set", af, TABLE, &set]);
             // No table yet: nothing to keep.
             return listed
                 .and_then(|json| inspect::set_elements(&json))
@@ -208,7 +255,12 @@ impl<R: Runner> NftablesDataPlane<R> {
             }
             stats.programmed.push(ProgrammedCount::NftablesObjects {
                 family,
-                chains: state.rendered.values().map(|r| r.chains.len()).sum(),
+                chains: state
+                    .rendered
+                    .values()
+                    .map(|r| r.chains.len())
+                    .sum::<usize>()
+                    + state.balancers.len(),
                 elements: state.claims.len(),
             });
         }
@@ -305,6 +357,7 @@ impl FamilyState {
         let started = std::time::Instant::now();
         self.rendered.clear();
         self.claims = Claims::default();
+        self.balancers = Balancers::default();
         let mut body = String::new();
         let mut sets = HashSet::new();
         let mut ignored = Vec::new();
@@ -318,6 +371,7 @@ impl FamilyState {
                     let _ = writeln!(body, "  set {}", set.declaration(Words::of(self.family)));
                 }
             }
+            self.balancers.replace(&[], &objects.balancers);
             self.claims
                 .replace(&plan.key, &[], &objects.elements, &mut ignored);
             self.rendered
@@ -325,6 +379,13 @@ impl FamilyState {
             ignored.clear();
         }
         let mut elements: BTreeMap<Collection, Vec<String>> = self.claims.programmed();
+        let w = Words::of(self.family);
+        for b in self.balancers.users.keys() {
+            let list = elements
+                .remove(&Collection::Endpoints(*b))
+                .unwrap_or_default();
+            write_balancer(&mut body, b, w, &list);
+        }
         let nodeport_ips = ctx.nodeport_ips().iter().map(ToString::to_string).collect();
         elements.insert(Collection::NodeportIps, nodeport_ips);
         elements.insert(Collection::NodeLocalDns, dns.to_vec());
@@ -337,7 +398,7 @@ impl FamilyState {
         stats.plans_written += self.rendered.len();
         stats.writes += script.lines().count();
         let render_ms = started.elapsed().as_millis();
-        runner.apply(&script)?;
+        runner.replace(&script)?;
         let nft_ms = started.elapsed().as_millis() - render_ms;
         let services = self.rendered.len();
         info!(
@@ -357,11 +418,15 @@ impl FamilyState {
         stats: &mut SyncStats,
     ) -> Result<(), NftError> {
         let mut tx = Transaction::new(Words::of(self.family));
+        // Each touched shared chain, with whether it existed before this sync.
+        let mut existed: BTreeMap<Balancer, bool> = BTreeMap::new();
         for removed in diff.removed.iter().filter(|p| p.key.family == self.family) {
             if let Some(old) = self.rendered.remove(&removed.key) {
                 self.claims
                     .replace(&removed.key, &old.elements, &[], &mut tx.elements);
                 tx.remove(&old, &ServiceObjects::default());
+                self.balancers.touch(&old.balancers, &mut existed);
+                self.balancers.replace(&old.balancers, &[]);
                 stats.plans_removed += 1;
             }
         }
@@ -377,10 +442,29 @@ impl FamilyState {
             );
             tx.remove(&old, &objects);
             tx.write(&objects);
+            self.balancers.touch(&old.balancers, &mut existed);
+            self.balancers.touch(&objects.balancers, &mut existed);
+            self.balancers.replace(&old.balancers, &objects.balancers);
             self.report_duplicates(plan, &objects);
             self.rendered
                 .insert(plan.key.clone(), Rendered::of(&objects));
             stats.plans_written += 1;
+        }
+        for (b, before) in existed {
+            match (before, self.balancers.contains(&b)) {
+                (false, true) => {
+                    // The map first, empty: the chain's rule binds it.
+                    let map = b.map_body(tx.w);
+                    tx.prepare
+                        .push(format!("add map {} {TABLE} {map}", tx.w.af));
+                    tx.write_chain(&b.chain(tx.w));
+                }
+                (true, false) => {
+                    tx.stale_chains.push(b.name());
+                    tx.stale_sets.push(b.name());
+                }
+                _ => {}
+            }
         }
         let Some(script) = tx.finish() else {
             return Ok(());
@@ -388,8 +472,8 @@ impl FamilyState {
         stats.writes += script.lines().count();
         let started = std::time::Instant::now();
         let applied = runner.apply(&script);
-        let (lines, nft_ms) = (script.lines().count(), started.elapsed().as_millis());
-        debug!(family = %self.family, lines, nft_ms, "nft -f");
+        let (lines, nft_us) = (script.lines().count(), started.elapsed().as_micros());
+        debug!(family = %self.family, lines, nft_us, "nft transaction");
         applied
     }
 
@@ -401,7 +485,7 @@ impl FamilyState {
             }
             let key = (e.collection, e.key.clone());
             if self.claims.losers(&key).contains(&&plan.key) {
-                warn!(service = %plan.key.port, frontend = %e.key, map = e.collection.name(),
+                warn!(service = %plan.key.port, frontend = %e.key, map = %e.collection.name(),
                     "frontend already used by another service; not programmed for this one");
             }
         }
@@ -449,18 +533,21 @@ impl Transaction {
     fn write(&mut self, fresh: &ServiceObjects) {
         let (af, t) = (self.w.af, TABLE);
         for chain in &fresh.chains {
-            self.prepare
-                .push(format!("add chain {af} {t} {}", chain.name));
-            self.prepare
-                .push(format!("flush chain {af} {t} {}", chain.name));
-            for rule in &chain.rules {
-                self.rules
-                    .push(format!("add rule {af} {t} {} {rule}", chain.name));
-            }
+            self.write_chain(chain);
         }
         for set in &fresh.affinity_sets {
             self.prepare
                 .push(format!("add set {af} {t} {}", set.declaration(self.w)));
+        }
+    }
+
+    /// `chain`, created or emptied, then filled.
+    fn write_chain(&mut self, chain: &Chain) {
+        let (af, t, name) = (self.w.af, TABLE, &chain.name);
+        self.prepare.push(format!("add chain {af} {t} {name}"));
+        self.prepare.push(format!("flush chain {af} {t} {name}"));
+        for rule in &chain.rules {
+            self.rules.push(format!("add rule {af} {t} {name} {rule}"));
         }
     }
 
@@ -473,18 +560,18 @@ impl Transaction {
         }
         lines.extend(self.rules);
         for op in &self.elements {
-            lines.push(match op {
-                ElementOp::Delete((c, key)) => {
-                    format!("delete element {af} {t} {} {{ {key} }}", c.name())
-                }
-                ElementOp::Add(e) => {
-                    format!(
-                        "add element {af} {t} {} {{ {} }}",
-                        e.collection.name(),
-                        e.text()
-                    )
-                }
-            });
+            let (verb, e) = match op {
+                ElementOp::Delete(e) => ("delete", e),
+                ElementOp::Add(e) => ("add", e),
+            };
+            let mut items = Vec::new();
+            let (c, key, value) = (e.collection, &e.key, &e.value);
+            match op {
+                ElementOp::Delete(_) => entry_keys(c, key, value, |k| items.push(k)),
+                ElementOp::Add(_) => entries(c, key, value, |k| items.push(k)),
+            }
+            let (set, items) = (c.name(), items.join(", "));
+            lines.push(format!("{verb} element {af} {t} {set} {{ {items} }}"));
         }
         for chain in &self.stale_chains {
             lines.push(format!("delete chain {af} {t} {chain}"));

@@ -4,11 +4,16 @@
 //!
 //! Lookups go through verdict maps keyed by `daddr . l4proto . dport` (ClusterIPs,
 //! externalIPs, LB IPs) or `l4proto . dport` (NodePorts): their cost does not grow
-//! with the number of services. A service's chain picks an endpoint with cascading
-//! plain rules (`numgen random mod (n-i) 0 ... dnat`, the last one unconditional),
+//! with the number of services. Almost every frontend then goes to a shared
+//! [`Balancer`] chain (`balance-svc-tcp-3`: "3 endpoints") whose one DNAT looks up
+//! `frontend . numgen random mod 3` in an endpoint map, so a service is map elements
+//! only, not chains. Plans whose choice depends on the client (ClientIP affinity,
+//! loadBalancerSourceRanges, `Local` external policy) keep chains of their own,
+//! picking an endpoint with cascading rules (`numgen random mod (n-i) 0 ... dnat`),
 //! not kube-proxy's per-service anonymous vmap: every set costs the kernel a set
 //! object, and 10,000 of them made kube-proxy's full load ~70 s here (see `mod.rs`).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -16,8 +21,8 @@ use ipnetwork::IpNetwork;
 
 use super::super::iptables::chains::{hash16, service_port_hash};
 use crate::model::{
-    Endpoint, EndpointSet, IpFamily, LocalTraffic, NodeNetwork, ServicePortName, ServicePortPlan,
-    Traffic,
+    Endpoint, EndpointSet, IpFamily, LocalTraffic, NodeNetwork, Protocol, ServicePortName,
+    ServicePortPlan, Traffic,
 };
 
 /// Name of Ferry's table in each family (`ip ferry`, `ip6 ferry`).
@@ -83,10 +88,14 @@ pub enum Collection {
     NodeportIps,
     /// Frontends answered by the node's own DNS server while it serves.
     NodeLocalDns,
+    /// `frontend . index : endpoint` of the frontends one [`Balancer`] chain serves
+    /// (its own map, named like it: a rule binding a map makes the kernel walk all
+    /// its elements, so a new chain must bind a new, empty map).
+    Endpoints(Balancer),
 }
 
 impl Collection {
-    /// Every collection, in declaration order.
+    /// Every collection of the table's fixed part, in declaration order.
     pub const ALL: [Collection; 10] = [
         Self::ServiceIps,
         Self::ServiceNodeports,
@@ -101,8 +110,8 @@ impl Collection {
     ];
 
     /// Its name in the table.
-    pub fn name(self) -> &'static str {
-        match self {
+    pub fn name(self) -> Cow<'static, str> {
+        let name = match self {
             Self::ServiceIps => "service-ips",
             Self::ServiceNodeports => "service-nodeports",
             Self::NoEndpointServices => "no-endpoint-services",
@@ -113,7 +122,15 @@ impl Collection {
             Self::Hairpin => "hairpin",
             Self::NodeportIps => "nodeport-ips",
             Self::NodeLocalDns => "node-local-dns",
-        }
+            Self::Endpoints(balancer) => return Cow::Owned(balancer.name()),
+        };
+        Cow::Borrowed(name)
+    }
+
+    /// Whether one claimed element stands for a list of kernel elements (one per
+    /// endpoint index), so claims stay one per frontend.
+    pub fn is_endpoint_list(self) -> bool {
+        matches!(self, Self::Endpoints(_))
     }
 
     /// `map NAME` or `set NAME`, with its type.
@@ -131,6 +148,7 @@ impl Collection {
             Self::ClusterIps | Self::NodeportIps => ("set", addr.to_owned()),
             Self::Hairpin => ("set", format!("{addr} . {addr}")),
             Self::NodeLocalDns => ("set", frontend),
+            Self::Endpoints(balancer) => return balancer.map_declaration(w),
         };
         format!("{kind} {} {{ type {ty}; }}", self.name())
     }
@@ -145,14 +163,116 @@ pub struct Element {
     pub value: String,
 }
 
-impl Element {
-    /// The element as written inside `{ }`.
-    pub fn text(&self) -> String {
-        if self.value.is_empty() {
-            self.key.clone()
-        } else {
-            format!("{} : {}", self.key, self.value)
+/// Calls `f` with each kernel element `key`/`value` stands for, as written inside
+/// `{ }`: `key : value`, `key` for a set, or `key . i : endpoint i` for an endpoint
+/// list (`value` is its endpoints joined by `,`).
+pub fn entries(collection: Collection, key: &str, value: &str, mut f: impl FnMut(String)) {
+    if collection.is_endpoint_list() {
+        for (i, ep) in value.split(',').enumerate() {
+            f(format!("{key} . {i} : {ep}"));
         }
+    } else if value.is_empty() {
+        f(key.to_owned());
+    } else {
+        f(format!("{key} : {value}"));
+    }
+}
+
+/// The keys of the kernel elements `key`/`value` stands for (what a delete names).
+pub fn entry_keys(collection: Collection, key: &str, value: &str, mut f: impl FnMut(String)) {
+    if collection.is_endpoint_list() {
+        for i in 0..value.split(',').count() {
+            f(format!("{key} . {i}"));
+        }
+    } else {
+        f(key.to_owned());
+    }
+}
+
+/// The start of every [`Balancer`] chain's and map's name.
+pub const BALANCER_PREFIX: &str = "balance-";
+
+/// What a `balance-*` chain's frontends are, which decides its masquerade and the
+/// map its DNAT looks up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BalancerKind {
+    /// ClusterIPs (their masquerade is decided in `services`).
+    ClusterIp,
+    /// externalIPs and LB IPs of services with `Cluster` external policy.
+    External,
+    /// NodePorts of services with `Cluster` external policy.
+    NodePort,
+}
+
+/// A chain shared by every frontend of one kind and protocol with `endpoints`
+/// endpoints: one DNAT through the endpoint map, keyed by the frontend and a random
+/// index. Plans without affinity, source ranges or `Local` external policy (almost
+/// all) need no chain of their own, so a change of their endpoints is element
+/// writes only and the table holds a few chains instead of one per service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Balancer {
+    pub kind: BalancerKind,
+    pub protocol: Protocol,
+    pub endpoints: usize,
+}
+
+impl Balancer {
+    /// Its chain's and its endpoint map's name, e.g. `balance-svc-tcp-3`.
+    pub fn name(&self) -> String {
+        let kind = match self.kind {
+            BalancerKind::ClusterIp => "svc",
+            BalancerKind::External => "ext",
+            BalancerKind::NodePort => "np",
+        };
+        let proto = self.protocol.lower();
+        format!("{BALANCER_PREFIX}{kind}-{proto}-{}", self.endpoints)
+    }
+
+    /// Its chain (the DNAT names its protocol, as nft requires for a port).
+    pub fn chain(&self, w: Words) -> Chain {
+        let (af, proto, n) = (w.af, self.protocol.lower(), self.endpoints);
+        let key = format!(
+            "{}meta l4proto . th dport . numgen random mod {n}",
+            self.daddr(w)
+        );
+        let dnat = format!(
+            "meta l4proto {proto} dnat {af} to {key} map @{}",
+            self.name()
+        );
+        let mut rules = Vec::new();
+        if self.kind != BalancerKind::ClusterIp {
+            rules.push(format!("jump {MARK_MASQ}"));
+        }
+        rules.push(dnat);
+        Chain {
+            name: self.name(),
+            rules,
+        }
+    }
+
+    /// `ip daddr . ` where the frontend key has an address (not for NodePorts).
+    fn daddr(&self, w: Words) -> String {
+        match self.kind {
+            BalancerKind::NodePort => String::new(),
+            _ => format!("{} daddr . ", w.af),
+        }
+    }
+
+    /// Its endpoint map's declaration. `typeof`: the key ends in a numgen value (a
+    /// 32-bit integer). The value's port names the protocol: nft refuses `th dport`
+    /// there once the map is read back from the kernel.
+    pub fn map_declaration(&self, w: Words) -> String {
+        format!("map {}", self.map_body(w))
+    }
+
+    /// The map's name and type, as `add map FAMILY TABLE` takes them.
+    pub fn map_body(&self, w: Words) -> String {
+        let key = format!(
+            "{}meta l4proto . th dport . numgen random mod 1",
+            self.daddr(w)
+        );
+        let value = format!("{} daddr . {} dport", w.af, self.protocol.lower());
+        format!("{} {{ typeof {key} : {value}; }}", self.name())
     }
 }
 
@@ -187,6 +307,8 @@ pub struct ServiceObjects {
     pub chains: Vec<Chain>,
     pub affinity_sets: Vec<AffinitySet>,
     pub elements: Vec<Element>,
+    /// The shared `balance-*` chains its map elements point to.
+    pub balancers: Vec<Balancer>,
 }
 
 /// The node facts the layout of one family depends on.
@@ -288,13 +410,16 @@ pub fn render_service(plan: &ServicePortPlan, ctx: &FamilyContext) -> ServiceObj
         w: ctx.words(),
     };
     let mut out = ServiceObjects::default();
-    renderer.cluster_ip(&mut out);
-    renderer.external_ips(&mut out);
-    renderer.node_port(&mut out);
+    let shared = renderer.balances_in_shared_chains();
+    renderer.cluster_ip(&mut out, shared);
+    renderer.external_ips(&mut out, shared);
+    renderer.node_port(&mut out, shared);
     renderer.hairpin(&mut out);
-    renderer.balancing_chains(&mut out);
-    renderer.external_chain(&mut out);
-    renderer.firewall_chain(&mut out);
+    if !shared {
+        renderer.balancing_chains(&mut out);
+        renderer.external_chain(&mut out);
+        renderer.firewall_chain(&mut out);
+    }
     out
 }
 
@@ -334,8 +459,47 @@ impl Renderer<'_> {
         }
     }
 
+    /// Whether this plan balances in the shared `balance-*` chains: nothing in it
+    /// depends on the client (affinity, source ranges, `Local` external policy's
+    /// short-circuit of pod traffic), so the frontend and a random index pick the
+    /// endpoint.
+    fn balances_in_shared_chains(&self) -> bool {
+        let plan = self.plan;
+        plan.affinity_timeout_seconds.is_none()
+            && !self.uses_firewall_chain()
+            && (!plan.has_external_frontends() || plan.masquerades_external())
+    }
+
+    /// Forwards frontend `key` of map `collection` to `endpoints` through the shared
+    /// chain of `kind` (the endpoint list element is keyed like the frontend).
+    fn forward_shared(
+        &self,
+        out: &mut ServiceObjects,
+        (collection, key): (Collection, String),
+        kind: BalancerKind,
+        endpoints: &[Endpoint],
+    ) {
+        let balancer = Balancer {
+            kind,
+            protocol: self.plan.key.port.protocol,
+            endpoints: endpoints.len(),
+        };
+        let list = Collection::Endpoints(balancer);
+        let targets: Vec<String> = endpoints
+            .iter()
+            .map(|ep| format!("{} . {}", ep.ip, ep.port))
+            .collect();
+        let to = format!("goto {}", balancer.name());
+        out.elements
+            .push(self.element(list, key.clone(), targets.join(",")));
+        out.elements.push(self.element(collection, key, to));
+        if !out.balancers.contains(&balancer) {
+            out.balancers.push(balancer);
+        }
+    }
+
     /// The ClusterIP's jump or refusal, and its entry in the ClusterIP set.
-    fn cluster_ip(&self, out: &mut ServiceObjects) {
+    fn cluster_ip(&self, out: &mut ServiceObjects, shared: bool) {
         let (plan, key) = (
             self.plan,
             self.frontend_key(self.plan.cluster_ip, self.plan.port),
@@ -343,26 +507,41 @@ impl Renderer<'_> {
         let ip = plan.cluster_ip.to_string();
         out.elements
             .push(self.element(Collection::ClusterIps, ip, String::new()));
-        let element = match Self::refusal(plan.internal()) {
-            None => {
-                let chain = self.names.balancing(plan.internal_endpoint_set());
-                self.element(Collection::ServiceIps, key, format!("goto {chain}"))
+        match plan.internal() {
+            Traffic::Forward(endpoints) if shared => {
+                let frontend = (Collection::ServiceIps, key);
+                self.forward_shared(out, frontend, BalancerKind::ClusterIp, endpoints);
             }
-            Some(verdict) => self.element(Collection::NoEndpointServices, key, verdict),
-        };
-        out.elements.push(element);
+            Traffic::Forward(_) => {
+                let chain = self.names.balancing(plan.internal_endpoint_set());
+                let to = format!("goto {chain}");
+                out.elements
+                    .push(self.element(Collection::ServiceIps, key, to));
+            }
+            refused => {
+                if let Some(verdict) = Self::refusal(refused) {
+                    out.elements
+                        .push(self.element(Collection::NoEndpointServices, key, verdict));
+                }
+            }
+        }
     }
 
     /// externalIPs and LB IPs: to the firewall chain (restricted LB IPs) or the
     /// external chain while something can serve; refused when external traffic is.
-    fn external_ips(&self, out: &mut ServiceObjects) {
+    fn external_ips(&self, out: &mut ServiceObjects, shared: bool) {
         let plan = self.plan;
         let firewalled = self.uses_firewall_chain();
         let ips = plan.external_ips.iter().map(|ip| (*ip, false));
         let lb = plan.load_balancer_ips.iter().map(|ip| (*ip, firewalled));
         for (ip, firewall) in ips.chain(lb) {
             let key = self.frontend_key(ip, plan.port);
-            if plan.has_any_endpoints {
+            if shared {
+                if let Traffic::Forward(endpoints) = plan.external() {
+                    let frontend = (Collection::ServiceIps, key.clone());
+                    self.forward_shared(out, frontend, BalancerKind::External, endpoints);
+                }
+            } else if plan.has_any_endpoints {
                 let to = format!("goto {}", self.names.external);
                 out.elements
                     .push(self.element(Collection::ServiceIps, key.clone(), to));
@@ -380,12 +559,17 @@ impl Renderer<'_> {
     }
 
     /// The NodePort's jump, or its refusal.
-    fn node_port(&self, out: &mut ServiceObjects) {
+    fn node_port(&self, out: &mut ServiceObjects, shared: bool) {
         let Some(node_port) = self.plan.node_port else {
             return;
         };
         let key = format!("{} . {node_port}", self.proto());
-        if self.plan.has_any_endpoints {
+        if shared {
+            if let Traffic::Forward(endpoints) = self.plan.external() {
+                let frontend = (Collection::ServiceNodeports, key.clone());
+                self.forward_shared(out, frontend, BalancerKind::NodePort, endpoints);
+            }
+        } else if self.plan.has_any_endpoints {
             let to = format!("goto {}", self.names.external);
             out.elements
                 .push(self.element(Collection::ServiceNodeports, key.clone(), to));
@@ -528,22 +712,34 @@ impl Renderer<'_> {
 pub fn write_fixed(out: &mut String, ctx: &FamilyContext, elements: &[(Collection, Vec<String>)]) {
     let w = ctx.words();
     for collection in Collection::ALL {
-        let decl = collection.declaration(w);
         let items = elements
             .iter()
             .find(|(c, _)| *c == collection)
             .map(|(_, e)| e.as_slice())
             .unwrap_or(&[]);
-        if items.is_empty() {
-            let _ = writeln!(out, "  {decl}");
-        } else {
-            // `... }` becomes `... elements = { a, b }; }`.
-            let head = decl.trim_end_matches('}');
-            let _ = writeln!(out, "  {head}elements = {{ {} }}; }}", items.join(", "));
-        }
+        write_collection(out, &collection.declaration(w), items);
     }
     for (name, rules) in fixed_chains(ctx) {
         write_chain(out, &name, &rules);
+    }
+}
+
+/// A shared balancing chain and its endpoint map with `elements` (the map first:
+/// the chain's rule binds it).
+pub fn write_balancer(out: &mut String, balancer: &Balancer, w: Words, elements: &[String]) {
+    write_collection(out, &balancer.map_declaration(w), elements);
+    let chain = balancer.chain(w);
+    write_chain(out, &chain.name, &chain.rules);
+}
+
+/// One set or map declaration (`decl`) with its elements.
+fn write_collection(out: &mut String, decl: &str, items: &[String]) {
+    if items.is_empty() {
+        let _ = writeln!(out, "  {decl}");
+    } else {
+        // `... }` becomes `... elements = { a, b }; }`.
+        let head = decl.trim_end_matches('}');
+        let _ = writeln!(out, "  {head}elements = {{ {} }}; }}", items.join(", "));
     }
 }
 

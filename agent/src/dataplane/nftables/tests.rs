@@ -125,16 +125,17 @@ fn a_full_sync_replaces_the_whole_table_in_one_transaction() {
         "{script}"
     );
     assert!(
-        script.contains("10.96.0.1 . tcp . 80 : goto svc-"),
+        script.contains("10.96.0.1 . tcp . 80 : goto balance-svc-tcp-1"),
         "{script}"
     );
+    assert!(script.contains("elements = { 10.96.0.1 . tcp . 80 . 0 : 10.244.1.1 . 8080 }"));
     assert!(script.contains("set nodeport-ips { type ipv4_addr; elements = { 192.168.0.2 }; }"));
-    assert!(script.contains("meta l4proto tcp dnat to 10.244.1.1:8080"));
+    assert!(script.contains("chain balance-svc-tcp-1 {"));
     assert_eq!(nft.scripts.lock().unwrap().len(), 1);
 }
 
 #[test]
-fn one_endpoint_change_rewrites_only_that_services_chain() {
+fn one_endpoint_change_writes_only_that_services_elements() {
     let nft = FakeNft::default();
     let mut h = Harness::new(
         &nft,
@@ -144,26 +145,71 @@ fn one_endpoint_change_rewrites_only_that_services_chain() {
         ],
     );
     let script = h.change(svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.3"]));
-    assert!(!script.contains("/b/"), "service b untouched:\n{script}");
+    assert!(
+        !script.contains("10.96.0.2"),
+        "service b untouched:\n{script}"
+    );
     assert!(!script.contains("table ip ferry {"), "no full rewrite");
-    let flush = line_of(&script, "flush chain ip ferry svc-");
-    let rule = line_of(&script, "dnat to 10.244.1.3:8080");
-    assert!(flush < rule, "{script}");
+    let map = line_of(
+        &script,
+        "add map ip ferry balance-svc-tcp-2 { typeof ip daddr",
+    );
+    let chain = line_of(&script, "add chain ip ferry balance-svc-tcp-2");
+    assert!(map < chain, "the chain's rule binds its map");
+    let goto = line_of(
+        &script,
+        "add element ip ferry service-ips { 10.96.0.1 . tcp . 80 : goto balance-svc-tcp-2 }",
+    );
+    assert!(
+        chain < goto,
+        "the first two-endpoint service creates its chain"
+    );
+    let old = line_of(
+        &script,
+        "delete element ip ferry balance-svc-tcp-1 { 10.96.0.1 . tcp . 80 . 0 }",
+    );
+    let new = line_of(
+        &script,
+        "add element ip ferry balance-svc-tcp-2 { 10.96.0.1 . tcp . 80 . 0 : 10.244.1.1 . 8080, 10.96.0.1 . tcp . 80 . 1 : 10.244.1.3 . 8080 }",
+    );
+    assert!(old < new, "{script}");
     assert!(script.contains("add element ip ferry hairpin { 10.244.1.3 . 10.244.1.3 }"));
     assert!(
-        !script.contains("service-ips"),
-        "the frontend is unchanged:\n{script}"
+        !script.contains("delete chain"),
+        "b still uses the 1-endpoint chain"
     );
+
+    let script = h.change(svc("a", "10.96.0.1", &["10.244.1.1", "10.244.1.4"]));
+    assert!(
+        !script.contains("chain"),
+        "same endpoint count: elements only\n{script}"
+    );
+    assert!(!script.contains("service-ips"), "the frontend is unchanged");
 }
 
 #[test]
 fn a_removed_service_loses_its_elements_before_its_chains() {
     let nft = FakeNft::default();
-    let mut h = Harness::new(&nft, vec![svc("a", "10.96.0.1", &["10.244.1.1"])]);
+    let mut sticky = svc("s", "10.96.0.9", &["10.244.1.9"]);
+    sticky.affinity_timeout_seconds = Some(60);
+    let plans = vec![svc("a", "10.96.0.1", &["10.244.1.1"]), sticky];
+    let mut h = Harness::new(&nft, plans);
     let script = h.remove("a");
     let element = line_of(
         &script,
         "delete element ip ferry service-ips { 10.96.0.1 . tcp . 80 }",
+    );
+    let chain = line_of(&script, "delete chain ip ferry balance-svc-tcp-1");
+    assert!(
+        element < chain,
+        "the last user of a shared chain deletes it\n{script}"
+    );
+    assert!(line_of(&script, "flush chain ip ferry balance-svc-tcp-1") < chain);
+
+    let script = h.remove("s");
+    let element = line_of(
+        &script,
+        "delete element ip ferry service-ips { 10.96.0.9 . tcp . 80 }",
     );
     let chain = line_of(&script, "delete chain ip ferry svc-");
     assert!(element < chain, "{script}");
@@ -181,17 +227,29 @@ fn losing_every_endpoint_swaps_the_forward_for_a_reject() {
     assert!(script.contains(
         "add element ip ferry no-endpoint-services { 10.96.0.1 . tcp . 80 : goto reject-chain }"
     ));
-    assert!(script.contains("delete chain ip ferry svc-"), "{script}");
+    assert!(
+        script.contains("delete chain ip ferry balance-svc-tcp-1"),
+        "{script}"
+    );
+    assert!(
+        line_of(&script, "delete chain ip ferry balance-svc-tcp-1")
+            < line_of(&script, "delete set ip ferry balance-svc-tcp-1"),
+        "its map goes after the chain that binds it"
+    );
 }
 
 #[test]
 fn a_duplicate_frontend_never_fails_the_transaction_and_takes_over_when_freed() {
     let nft = FakeNft::default();
     let mut h = Harness::new(&nft, vec![svc("a", "10.96.0.1", &["10.244.1.1"])]);
-    let script = h.change(svc("b", "10.96.0.1", &["10.244.1.2"]));
+    let script = h.change(svc("b", "10.96.0.1", &["10.244.1.2", "10.244.1.3"]));
     assert!(
-        !script.contains("service-ips"),
+        !script.contains("element ip ferry service-"),
         "b waits for a's frontend:\n{script}"
+    );
+    assert!(
+        script.contains("10.96.0.1 . tcp . 80 . 1 : 10.244.1.3 . 8080"),
+        "b's endpoints wait in the map of its own endpoint count, unreferenced"
     );
     let script = h.remove("a");
     let delete = line_of(
@@ -200,12 +258,9 @@ fn a_duplicate_frontend_never_fails_the_transaction_and_takes_over_when_freed() 
     );
     let add = line_of(
         &script,
-        "add element ip ferry service-ips { 10.96.0.1 . tcp . 80 : goto svc-",
+        "add element ip ferry service-ips { 10.96.0.1 . tcp . 80 : goto balance-svc-tcp-2 }",
     );
-    assert!(
-        delete < add && script.lines().nth(add).is_some_and(|l| l.contains("/b/")),
-        "{script}"
-    );
+    assert!(delete < add, "{script}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 use super::*;
 
-/// `nft -j list table ip ferry` of a small table (nft 1.0.6).
+/// `nft -j list table ip ferry` of a small table with own chains (nft 1.0.6).
 const LISTING: &str = include_str!("../testdata/list-table.json");
 
 fn find<'a>(views: &'a [FrontendView], address: &str) -> &'a FrontendView {
@@ -47,4 +47,21 @@ fn set_elements_read_back_as_written() {
     let plain = r#"{"nftables": [{"set": {"elem": ["10.0.0.1"]}}]}"#;
     assert_eq!(set_elements(plain).expect("parses"), ["10.0.0.1"]);
     assert!(set_elements("not json").is_err());
+}
+
+#[test]
+fn shared_chain_frontends_read_their_endpoints_from_the_endpoint_maps() {
+    let json = include_str!("../testdata/list-table-shared.json");
+    let views = frontends_of(json).expect("parses");
+    let web = find(&views, "10.96.0.20:80");
+    assert_eq!((web.kind, web.action), ("ClusterIP", "forward"));
+    assert_eq!(web.backends, ["10.244.0.20:8080", "10.244.0.21:8080"]);
+    assert_eq!(find(&views, "192.0.2.20:80").kind, "External");
+    let node_port = find(&views, "*:30090");
+    assert_eq!(node_port.kind, "NodePort");
+    assert_eq!(
+        node_port.backends,
+        ["10.244.0.21:8080", "10.244.0.20:8080"],
+        "in index order"
+    );
 }

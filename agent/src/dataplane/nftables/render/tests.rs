@@ -34,29 +34,56 @@ fn chain<'a>(out: &'a ServiceObjects, prefix: &str) -> Option<&'a Chain> {
 
 fn elements(out: &ServiceObjects, collection: Collection) -> Vec<String> {
     let of = out.elements.iter().filter(|e| e.collection == collection);
-    of.map(Element::text).collect()
+    let mut texts = Vec::new();
+    for e in of {
+        entries(e.collection, &e.key, &e.value, |t| texts.push(t));
+    }
+    texts
+}
+
+/// The elements the plan puts in the endpoint maps of shared chains of `kind`.
+fn endpoint_elements(out: &ServiceObjects, kind: BalancerKind) -> Vec<String> {
+    let of_kind = |c: Collection| matches!(c, Collection::Endpoints(b) if b.kind == kind);
+    let lists = out.elements.iter().filter(|e| of_kind(e.collection));
+    let mut texts = Vec::new();
+    for e in lists {
+        entries(e.collection, &e.key, &e.value, |t| texts.push(t));
+    }
+    texts
+}
+
+/// The rules of the shared chain of `kind` the plan uses.
+fn balancer(out: &ServiceObjects, kind: BalancerKind) -> Chain {
+    let b = out.balancers.iter().find(|b| b.kind == kind);
+    b.expect("shared chain").chain(Words::of(IpFamily::V4))
 }
 
 const SVC: &str = "svc-XPGD46QRK7WJZT7O-ns1/svc1/tcp/p80";
 
 #[test]
-fn cluster_ip_maps_to_a_chain_that_balances_evenly() {
+fn cluster_ip_goes_to_the_shared_chain_for_its_endpoint_count_and_the_endpoint_map() {
     let out = render_service(&plan(), &ctx());
     assert_eq!(
         elements(&out, Collection::ServiceIps),
-        [format!("172.30.0.41 . tcp . 80 : goto {SVC}")]
+        ["172.30.0.41 . tcp . 80 : goto balance-svc-tcp-3"]
     );
-    assert_eq!(elements(&out, Collection::ClusterIps), ["172.30.0.41"]);
-    let svc = chain(&out, "svc-").expect("cluster chain");
-    assert_eq!(svc.name, SVC);
     assert_eq!(
-        svc.rules,
+        endpoint_elements(&out, BalancerKind::ClusterIp),
         [
-            "numgen random mod 3 0 meta l4proto tcp dnat to 10.180.0.1:8080",
-            "numgen random mod 2 0 meta l4proto tcp dnat to 10.180.0.2:8080",
-            "meta l4proto tcp dnat to 10.180.0.3:8080",
+            "172.30.0.41 . tcp . 80 . 0 : 10.180.0.1 . 8080",
+            "172.30.0.41 . tcp . 80 . 1 : 10.180.0.2 . 8080",
+            "172.30.0.41 . tcp . 80 . 2 : 10.180.0.3 . 8080",
         ]
     );
+    assert_eq!(elements(&out, Collection::ClusterIps), ["172.30.0.41"]);
+    let shared = balancer(&out, BalancerKind::ClusterIp);
+    assert_eq!(
+        shared.rules,
+        [
+            "meta l4proto tcp dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @balance-svc-tcp-3"
+        ]
+    );
+    assert!(out.chains.is_empty(), "no chain of its own");
     assert_eq!(
         elements(&out, Collection::Hairpin),
         [
@@ -65,7 +92,6 @@ fn cluster_ip_maps_to_a_chain_that_balances_evenly() {
             "10.180.0.3 . 10.180.0.3"
         ]
     );
-    assert!(chain(&out, "ext-").is_none(), "no external frontends");
 }
 
 #[test]
@@ -95,19 +121,36 @@ fn no_endpoints_rejects_and_no_local_endpoints_drops() {
 }
 
 #[test]
-fn node_port_with_cluster_policy_masquerades_then_balances() {
+fn node_port_and_external_ips_with_cluster_policy_masquerade_then_balance() {
     let mut p = plan();
     p.node_port = Some(30080);
+    p.external_ips = vec!["192.0.2.10".parse().unwrap()];
+    p.cluster_endpoints.truncate(1);
     let out = render_service(&p, &ctx());
-    let ext = chain(&out, "ext-").expect("external chain");
     assert_eq!(
         elements(&out, Collection::ServiceNodeports),
-        [format!("tcp . 30080 : goto {}", ext.name)]
+        ["tcp . 30080 : goto balance-np-tcp-1"]
     );
     assert_eq!(
-        ext.rules,
-        ["jump mark-for-masquerade".to_owned(), format!("goto {SVC}")]
+        endpoint_elements(&out, BalancerKind::NodePort),
+        ["tcp . 30080 . 0 : 10.180.0.1 . 8080"]
     );
+    assert_eq!(
+        balancer(&out, BalancerKind::NodePort).rules,
+        [
+            "jump mark-for-masquerade",
+            "meta l4proto tcp dnat ip to meta l4proto . th dport . numgen random mod 1 map @balance-np-tcp-1"
+        ]
+    );
+    assert_eq!(
+        elements(&out, Collection::ServiceIps)[1],
+        "192.0.2.10 . tcp . 80 : goto balance-ext-tcp-1"
+    );
+    assert_eq!(
+        balancer(&out, BalancerKind::External).rules[0],
+        "jump mark-for-masquerade"
+    );
+    assert_eq!(out.balancers.len(), 3);
 }
 
 #[test]
@@ -117,6 +160,19 @@ fn external_local_policy_short_circuits_pods_and_the_node_and_keeps_the_client_a
     p.external_policy_local = true;
     p.local_endpoints = vec![p.cluster_endpoints[0]];
     let out = render_service(&p, &ctx());
+    assert!(
+        out.balancers.is_empty(),
+        "pod traffic is told apart: own chains"
+    );
+    assert_eq!(
+        chain(&out, "svc-").expect("cluster chain").rules,
+        [
+            "numgen random mod 3 0 meta l4proto tcp dnat to 10.180.0.1:8080",
+            "numgen random mod 2 0 meta l4proto tcp dnat to 10.180.0.2:8080",
+            "meta l4proto tcp dnat to 10.180.0.3:8080",
+        ],
+        "rule i of n matches 1/(n-i) of the time: 1/n each"
+    );
     let ext = chain(&out, "ext-").expect("external chain");
     let svl = chain(&out, "svl-").expect("local chain");
     assert_eq!(
@@ -188,7 +244,7 @@ fn affinity_remembers_each_client_per_endpoint() {
 }
 
 #[test]
-fn ipv6_uses_ip6_words_and_bracketed_dnat() {
+fn ipv6_uses_ip6_words() {
     let mut p = test_plan(
         ("ns1", "svc1", "p80"),
         Protocol::Udp,
@@ -201,8 +257,17 @@ fn ipv6_uses_ip6_words_and_bracketed_dnat() {
     c.family = IpFamily::V6;
     c.net.local_traffic = LocalTraffic::InInterface("veth+".into());
     let out = render_service(&p, &c);
-    let svc = chain(&out, "svc-").expect("cluster chain");
-    assert_eq!(svc.rules, ["meta l4proto udp dnat to [fd00:10::1]:5353"]);
+    assert_eq!(
+        endpoint_elements(&out, BalancerKind::ClusterIp),
+        ["fd00:30::41 . udp . 53 . 0 : fd00:10::1 . 5353"]
+    );
+    let shared = out.balancers[0].chain(Words::of(IpFamily::V6));
+    assert_eq!(
+        shared.rules,
+        [
+            "meta l4proto udp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map @balance-svc-udp-1"
+        ]
+    );
     let services = services_rules(&c);
     assert_eq!(
         services[0],
@@ -239,7 +304,7 @@ fn fixed_part_declares_every_collection_and_guards_loopback_nodeports() {
     let ips = vec!["127.0.0.1".to_owned(), "192.168.0.2".to_owned()];
     write_fixed(&mut out, &c, &[(Collection::NodeportIps, ips)]);
     for collection in Collection::ALL {
-        assert!(out.contains(&format!(" {} {{ type ", collection.name())));
+        assert!(out.contains(&format!(" {} {{ type", collection.name())));
     }
     assert!(
         out.contains("set nodeport-ips { type ipv4_addr; elements = { 127.0.0.1, 192.168.0.2 }; }")
