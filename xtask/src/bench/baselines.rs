@@ -108,9 +108,12 @@ pub fn measure(
         std::env::temp_dir().join(format!("ferry-bench-kp-{}-{services}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let be = backend_ip(&c).to_string();
+    // The generator's partial sync changes its first service's second endpoint, so it
+    // needs one service besides the measured one (which has one endpoint here).
+    let generated = services.max(2);
     let out = std::process::Command::new("python3")
         .arg(generator(root))
-        .arg(services.to_string())
+        .arg(generated.to_string())
         .arg(&dir)
         .args(["--backends", &be, "--port", "80", "--target-port", "8080"])
         .output()
@@ -123,7 +126,7 @@ pub fn measure(
     let vip = meta["measured_cluster_ip"]
         .as_str()
         .context("no measured_cluster_ip")?;
-    let (setup, full, partial) = layout.files(services);
+    let (setup, full, partial) = layout.files(generated);
     if let Some(setup) = setup {
         load(&c, layout, &dir, &setup)?;
     }
@@ -136,7 +139,7 @@ pub fn measure(
     let _ = std::fs::remove_dir_all(&dir);
     let programming = ProgrammingRow {
         layout: layout.name(),
-        services,
+        services: generated,
         full_load_seconds,
         partial_ms: partials[partials.len() / 2] * 1000.0,
     };

@@ -355,29 +355,7 @@ impl FamilyState {
     ) -> Result<(), NftError> {
         let af = Words::of(self.family).af;
         let started = std::time::Instant::now();
-        self.rendered.clear();
-        self.claims = Claims::default();
-        self.balancers = Balancers::default();
-        let mut body = String::new();
-        let mut sets = HashSet::new();
-        let mut ignored = Vec::new();
-        for plan in plans.filter(|p| p.key.family == self.family) {
-            let objects = render_service(plan, &ctx);
-            for chain in &objects.chains {
-                write_chain(&mut body, &chain.name, &chain.rules);
-            }
-            for set in &objects.affinity_sets {
-                if sets.insert(set.name.clone()) {
-                    let _ = writeln!(body, "  set {}", set.declaration(Words::of(self.family)));
-                }
-            }
-            self.balancers.replace(&[], &objects.balancers);
-            self.claims
-                .replace(&plan.key, &[], &objects.elements, &mut ignored);
-            self.rendered
-                .insert(plan.key.clone(), Rendered::of(&objects));
-            ignored.clear();
-        }
+        let mut body = self.render_all(plans, &ctx);
         let mut elements: BTreeMap<Collection, Vec<String>> = self.claims.programmed();
         let w = Words::of(self.family);
         for b in self.balancers.users.keys() {
@@ -407,6 +385,39 @@ impl FamilyState {
         );
         self.ctx = Some(ctx);
         Ok(())
+    }
+
+    /// Forgets what was programmed and renders every plan of this family afresh: the
+    /// plans' own chains and affinity sets as table-block text; their elements and
+    /// shared chains go to the claims and the balancer counts.
+    fn render_all<'a>(
+        &mut self,
+        plans: impl Iterator<Item = &'a ServicePortPlan>,
+        ctx: &FamilyContext,
+    ) -> String {
+        self.rendered.clear();
+        self.claims = Claims::default();
+        self.balancers = Balancers::default();
+        let w = Words::of(self.family);
+        let (mut body, mut sets, mut ignored) = (String::new(), HashSet::new(), Vec::new());
+        for plan in plans.filter(|p| p.key.family == self.family) {
+            let objects = render_service(plan, ctx);
+            for chain in &objects.chains {
+                write_chain(&mut body, &chain.name, &chain.rules);
+            }
+            for set in &objects.affinity_sets {
+                if sets.insert(set.name.clone()) {
+                    let _ = writeln!(body, "  set {}", set.declaration(w));
+                }
+            }
+            self.balancers.replace(&[], &objects.balancers);
+            self.claims
+                .replace(&plan.key, &[], &objects.elements, &mut ignored);
+            self.rendered
+                .insert(plan.key.clone(), Rendered::of(&objects));
+            ignored.clear();
+        }
+        body
     }
 
     /// Rewrites what the diff touched: the changed plans' chains, sets and elements.
@@ -450,22 +461,7 @@ impl FamilyState {
                 .insert(plan.key.clone(), Rendered::of(&objects));
             stats.plans_written += 1;
         }
-        for (b, before) in existed {
-            match (before, self.balancers.contains(&b)) {
-                (false, true) => {
-                    // The map first, empty: the chain's rule binds it.
-                    let map = b.map_body(tx.w);
-                    tx.prepare
-                        .push(format!("add map {} {TABLE} {map}", tx.w.af));
-                    tx.write_chain(&b.chain(tx.w));
-                }
-                (true, false) => {
-                    tx.stale_chains.push(b.name());
-                    tx.stale_sets.push(b.name());
-                }
-                _ => {}
-            }
-        }
+        tx.balancers(existed, &self.balancers);
         let Some(script) = tx.finish() else {
             return Ok(());
         };
@@ -538,6 +534,26 @@ impl Transaction {
         for set in &fresh.affinity_sets {
             self.prepare
                 .push(format!("add set {af} {t} {}", set.declaration(self.w)));
+        }
+    }
+
+    /// Creates the shared chains (each after its empty map: the chain's rule binds
+    /// it) that gained their first user and retires those that lost their last;
+    /// `existed` says which existed before this sync.
+    fn balancers(&mut self, existed: BTreeMap<Balancer, bool>, now: &Balancers) {
+        for (b, before) in existed {
+            match (before, now.contains(&b)) {
+                (false, true) => {
+                    let (af, map) = (self.w.af, b.map_body(self.w));
+                    self.prepare.push(format!("add map {af} {TABLE} {map}"));
+                    self.write_chain(&b.chain(self.w));
+                }
+                (true, false) => {
+                    self.stale_chains.push(b.name());
+                    self.stale_sets.push(b.name());
+                }
+                _ => {}
+            }
         }
     }
 
