@@ -268,8 +268,10 @@ impl ProxyLoop {
                         .delete_service(&ServiceName::new(&r.namespace, &r.name)),
                     Kind::EndpointSlice => self.state.delete_slice(&r.namespace, &r.name),
                     Kind::Node => self.state.delete_node(&r.name),
+                    Kind::ServiceCidr => self.state.delete_service_cidr(&r.name),
                 };
                 if applied == Applied::Changed {
+                    self.needs_full_sync |= r.kind == Kind::ServiceCidr;
                     self.report.changed(r.kind);
                     if r.kind == Kind::Node {
                         self.report.node_leaving(self.state.node().leaving);
@@ -317,10 +319,13 @@ impl ProxyLoop {
             Object::Service(svc) => self.state.apply_service(svc),
             Object::EndpointSlice(slice) => self.state.apply_slice(slice),
             Object::Node(node) => self.state.apply_node(node),
+            Object::ServiceCidr(cidr) => self.state.apply_service_cidr(cidr),
         };
         match result {
             Ok(Applied::Changed) => {
                 self.report.changed(kind);
+                // The data planes' view of the node's network changed, not a service.
+                self.needs_full_sync |= kind == Kind::ServiceCidr;
                 if let Object::EndpointSlice(slice) = &object
                     && let Some((family, at)) = last_change_trigger_time(slice)
                 {
@@ -357,13 +362,14 @@ impl ProxyLoop {
             warn!(service_port = %port, protocol = %port.protocol, "this kernel has no {} support; the port is not programmed", port.protocol);
             self.report.skipped(port.protocol);
         }
-        let node = NodeNetwork::new(
+        let mut node = NodeNetwork::new(
             self.state.node(),
             &self.host,
             &self.config.nodeport_addresses,
             &self.config.local_detection,
             self.config.masquerade_all,
         );
+        node.service_cidrs = self.state.service_cidrs();
         self.update_service_health(&changes.services, full.then_some(&node));
         if diff.is_empty() && !full {
             self.report.finish_pending();

@@ -61,7 +61,7 @@ impl Report {
                 self.metrics.endpoint_changes.inc();
                 self.metrics.endpoint_changes_pending.inc();
             }
-            Kind::Service | Kind::Node => {
+            Kind::Service | Kind::Node | Kind::ServiceCidr => {
                 self.metrics.service_changes.inc();
                 self.metrics.service_changes_pending.inc();
             }

@@ -28,6 +28,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
@@ -36,6 +37,7 @@ impl Kind {
             "Service" => Some(Self::Service),
             "EndpointSlice" => Some(Self::EndpointSlice),
             "Node" => Some(Self::Node),
+            "ServiceCIDR" => Some(Self::ServiceCidr),
             _ => None,
         }
     }
@@ -45,6 +47,7 @@ impl Kind {
             Self::Service => "ServiceList",
             Self::EndpointSlice => "EndpointSliceList",
             Self::Node => "NodeList",
+            Self::ServiceCidr => "ServiceCIDRList",
         }
     }
 
@@ -53,12 +56,14 @@ impl Kind {
             Self::Service => ("", "services"),
             Self::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
             Self::Node => ("", "nodes"),
+            Self::ServiceCidr => ("networking.k8s.io", "servicecidrs"),
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::ServiceCidr => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -149,6 +154,10 @@ impl FakeApi {
                         "/api/v1/nodes",
                         get(|s, q, h| list_or_watch(s, q, h, Kind::Node)),
                     )
+                    .route(
+                        "/apis/networking.k8s.io/v1/servicecidrs",
+                        get(|s, q, h| list_or_watch(s, q, h, Kind::ServiceCidr)),
+                    )
                     .with_state(served.clone());
                 let listener = tokio::net::TcpListener::bind(served.addr)
                     .await
@@ -177,7 +186,8 @@ impl FakeApi {
         store.rv += 1;
         let rv = store.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if object["metadata"]["namespace"].is_null() && kind != Kind::Node {
+        let cluster_scoped = matches!(kind, Kind::Node | Kind::ServiceCidr);
+        if object["metadata"]["namespace"].is_null() && !cluster_scoped {
             object["metadata"]["namespace"] = json!("default");
         }
         let key = key_of(kind, &object);
@@ -401,7 +411,7 @@ fn watch_stream(api: FakeApi, params: Params, kind: Kind) -> Response {
                 },
                 _ = tick.tick(), if bookmarks => {
                     let mark = json!({
-                        "kind": match kind { Kind::Service => "Service", Kind::EndpointSlice => "EndpointSlice", Kind::Node => "Node" },
+                        "kind": match kind { Kind::Service => "Service", Kind::EndpointSlice => "EndpointSlice", Kind::Node => "Node", Kind::ServiceCidr => "ServiceCIDR" },
                         "apiVersion": kind.api_version(),
                         "metadata": {"resourceVersion": last_rv.to_string()},
                     });

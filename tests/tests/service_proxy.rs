@@ -1114,3 +1114,41 @@ ferry_tests::scenarios!(
     unexposed_port_is_not_delivered,
     cleanup_removes_everything,
 );
+
+/// kube-proxy's nftables mode drops traffic to an address of a ServiceCIDR that no
+/// service holds (and rejects unknown ports of allocated ones); so does Ferry's.
+#[test]
+fn nftables_drops_traffic_to_unallocated_cluster_ips() {
+    let c = web_cluster(Mode::Nftables);
+    // Past the node, the router holds the address with nothing listening: a
+    // connection Ferry lets through is reset at once, one it drops times out.
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", "10.96.7.7/32", "dev", "lo"],
+    ] {
+        let status = c.ext_command("ip").args(args).status().expect("ip");
+        assert!(status.success(), "ip {args:?}");
+    }
+    let unallocated = "10.96.7.7:80";
+    let before = c.tcp_with(From::Pod("client"), unallocated, 1, 500, 0);
+    c.write_manifest(
+        "service-cidr.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\nspec:\n  cidrs: [10.96.0.0/16, \"fd00:96::/108\"]\n",
+    );
+    c.wait_for(
+        "the ServiceCIDR programmed",
+        Duration::from_secs(10),
+        || c.node_rules().contains("10.96.0.0/16"),
+    );
+    let after = c.tcp_with(From::Pod("client"), unallocated, 1, 500, 0);
+    assert_eq!(after.error("timeout"), 1, "dropped: {after:?}");
+    assert_ne!(before.error("timeout"), 1, "not dropped before: {before:?}");
+    let port = c.tcp_with(From::Pod("client"), "10.96.0.10:8080", 1, 500, 0);
+    assert_eq!(
+        port.error("refused"),
+        1,
+        "an allocated ClusterIP still rejects: {port:?}"
+    );
+    let r = c.tcp(From::Pod("client"), "10.96.0.10:80", 10);
+    assert_eq!(r.successes(), 10, "services are untouched: {r:?}");
+}

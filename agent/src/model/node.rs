@@ -184,6 +184,9 @@ pub struct NodeNetwork {
     /// Masquerade every ClusterIP connection, whatever its source (kube-proxy's
     /// `masqueradeAll`), instead of only those from outside the cluster CIDRs.
     pub masquerade_all: bool,
+    /// The ServiceCIDRs' ranges: where an address no service holds is dropped
+    /// (nftables mode).
+    pub service_cidrs: Vec<IpNetwork>,
 }
 
 impl NodeNetwork {
@@ -208,6 +211,7 @@ impl NodeNetwork {
             node_ips,
             local_traffic: local.resolve(node),
             masquerade_all,
+            service_cidrs: Vec::new(),
         }
     }
 
@@ -233,6 +237,12 @@ impl NodeNetwork {
                 other => other.clone(),
             },
             masquerade_all: self.masquerade_all,
+            service_cidrs: self
+                .service_cidrs
+                .iter()
+                .copied()
+                .filter(|n| IpFamily::of(&n.ip()) == family)
+                .collect(),
         }
     }
 }

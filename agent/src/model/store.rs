@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use super::node::{AUTOSCALER_DELETION_TAINT, NodeInfo, ZONE_LABEL};
 use super::service::{ServiceInfo, parse_ip};
@@ -20,6 +21,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// The ranges ClusterIPs are allocated from (networking.k8s.io/v1).
+    ServiceCidr,
 }
 
 impl Kind {
@@ -29,6 +32,7 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
+            Self::ServiceCidr => "ServiceCIDR",
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct ClusterState {
     dirty: HashSet<ServiceName>,
     /// Node facts changed: every service must be recomputed.
     node_changed: bool,
+    /// Each ServiceCIDR's ranges, by name.
+    service_cidrs: BTreeMap<String, Vec<ipnetwork::IpNetwork>>,
     /// Services whose DNS records may have changed (tracked only when DNS is on).
     dns_dirty: HashSet<ServiceName>,
     track_dns: bool,
@@ -294,6 +300,45 @@ impl ClusterState {
         Applied::Changed
     }
 
+    /// Takes in a ServiceCIDR: the ranges ClusterIPs come from, so that traffic to an
+    /// address in them that no service holds can be dropped (nftables mode, as
+    /// kube-proxy's). Changes no service.
+    pub fn apply_service_cidr(&mut self, cidr: &ServiceCIDR) -> Result<Applied, InvalidObject> {
+        let name = cidr.metadata.name.clone().unwrap_or_default();
+        let listed = cidr.spec.as_ref().and_then(|s| s.cidrs.clone());
+        let ranges = parse_cidrs(listed.unwrap_or_default(), "spec.cidrs").map_err(|reason| {
+            InvalidObject {
+                object: ObjectRef {
+                    kind: Kind::ServiceCidr,
+                    namespace: String::new(),
+                    name: name.clone(),
+                },
+                reason,
+            }
+        })?;
+        if self.service_cidrs.get(&name) == Some(&ranges) {
+            return Ok(Applied::Unchanged);
+        }
+        self.service_cidrs.insert(name, ranges);
+        Ok(Applied::Changed)
+    }
+
+    /// Forgets a ServiceCIDR.
+    pub fn delete_service_cidr(&mut self, name: &str) -> Applied {
+        match self.service_cidrs.remove(name) {
+            Some(_) => Applied::Changed,
+            None => Applied::Unchanged,
+        }
+    }
+
+    /// Every ServiceCIDR's ranges, sorted, without duplicates.
+    pub fn service_cidrs(&self) -> Vec<ipnetwork::IpNetwork> {
+        let mut all: Vec<_> = self.service_cidrs.values().flatten().copied().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// Records that a service's programming (and DNS) may have changed.
     fn mark(&mut self, name: ServiceName) {
         if self.track_dns {
@@ -402,12 +447,22 @@ fn pod_cidrs(node: &Node) -> Result<Vec<ipnetwork::IpNetwork>, ValidationError> 
     } else {
         listed
     };
+    parse_cidrs(values, "spec.podCIDRs")
+}
+
+/// CIDRs of a list field, each in network form (`10.96.0.0/16`, not `10.96.0.1/16`).
+fn parse_cidrs(
+    values: Vec<String>,
+    field: &str,
+) -> Result<Vec<ipnetwork::IpNetwork>, ValidationError> {
     values
         .iter()
         .map(|v| {
-            v.parse().map_err(|_| {
-                ValidationError::invalid("spec.podCIDRs", format!("{v:?} is not a CIDR"))
-            })
+            let net: ipnetwork::IpNetwork = v
+                .parse()
+                .map_err(|_| ValidationError::invalid(field, format!("{v:?} is not a CIDR")))?;
+            ipnetwork::IpNetwork::new(net.network(), net.prefix())
+                .map_err(|e| ValidationError::invalid(field, e.to_string()))
         })
         .collect()
 }
@@ -453,6 +508,40 @@ mod tests {
     const WEB: &str =
         "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}";
     const SLICE: &str = "metadata: {name: web-1, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]";
+
+    #[test]
+    fn service_cidrs_are_merged_normalised_and_validated() {
+        let mut state = ClusterState::new("n1");
+        let cidr = |name: &str, cidrs: &str| -> ServiceCIDR {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: {name}}}\nspec: {{cidrs: {cidrs}}}"
+            ))
+            .unwrap()
+        };
+        let primary = cidr("kubernetes", "[10.96.0.1/16, \"fd00:96::/108\"]");
+        assert_eq!(state.apply_service_cidr(&primary), Ok(Applied::Changed));
+        assert_eq!(state.apply_service_cidr(&primary), Ok(Applied::Unchanged));
+        let extra = cidr("extra", "[10.100.0.0/24]");
+        assert_eq!(state.apply_service_cidr(&extra), Ok(Applied::Changed));
+        let ranges: Vec<String> = state
+            .service_cidrs()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(ranges, ["10.96.0.0/16", "10.100.0.0/24", "fd00:96::/108"]);
+        assert!(
+            state.take_changes().services.is_empty(),
+            "no service changes"
+        );
+        let bad = state
+            .apply_service_cidr(&cidr("kubernetes", "[nope]"))
+            .unwrap_err();
+        assert_eq!(bad.object.to_string(), "ServiceCIDR kubernetes");
+        assert_eq!(state.service_cidrs().len(), 3, "the previous version stays");
+        assert_eq!(state.delete_service_cidr("extra"), Applied::Changed);
+        assert_eq!(state.delete_service_cidr("extra"), Applied::Unchanged);
+        assert_eq!(state.service_cidrs().len(), 2);
+    }
 
     #[test]
     fn applying_twice_is_unchanged_and_not_dirty() {

@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use futures_util::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -217,13 +218,25 @@ pub async fn run(client: Client, server: String, node_name: String, tx: Sender<S
     );
     let nodes = changes(
         Kind::Node,
-        Api::<Node>::all(client),
+        Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-        server,
+        server.clone(),
         |n| Object::Node(Box::new(n)),
     );
-    let mut all =
-        futures_util::stream::select_all([services.boxed(), slices.boxed(), nodes.boxed()]);
+    // Not waited for: clusters before 1.33 do not serve it (the watcher retries).
+    let service_cidrs = changes(
+        Kind::ServiceCidr,
+        Api::<ServiceCIDR>::all(client),
+        watcher::Config::default(),
+        server,
+        |c| Object::ServiceCidr(Box::new(c)),
+    );
+    let mut all = futures_util::stream::select_all([
+        services.boxed(),
+        slices.boxed(),
+        nodes.boxed(),
+        service_cidrs.boxed(),
+    ]);
     let mut states: HashMap<Kind, KindState> = HashMap::new();
     let mut synced = false;
     while let Some((kind, change)) = all.next().await {

@@ -118,6 +118,7 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
         "Service" => (Kind::Service, "v1"),
         "EndpointSlice" => (Kind::EndpointSlice, "discovery.k8s.io/v1"),
         "Node" => (Kind::Node, "v1"),
+        "ServiceCIDR" => (Kind::ServiceCidr, "networking.k8s.io/v1"),
         _ => {
             out.push(Document::Irrelevant { kind, origin });
             return;
@@ -156,7 +157,7 @@ fn object_ref_of(map: &serde_yaml::Mapping, kind: Kind) -> Option<ObjectRef> {
     };
     meta_str("name").map(|name| ObjectRef {
         kind,
-        namespace: if kind == Kind::Node {
+        namespace: if matches!(kind, Kind::Node | Kind::ServiceCidr) {
             String::new()
         } else {
             meta_str("namespace").unwrap_or_else(|| "default".into())
@@ -173,6 +174,9 @@ fn decode(value: serde_yaml::Value, kind: Kind) -> Result<Object, serde_yaml::Er
             serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Box::new(o)))
         }
         Kind::Node => serde_yaml::from_value(value).map(|o| Object::Node(Box::new(o))),
+        Kind::ServiceCidr => {
+            serde_yaml::from_value(value).map(|o| Object::ServiceCidr(Box::new(o)))
+        }
     }
 }
 
@@ -192,6 +196,7 @@ fn fingerprint(object: &Object) -> u64 {
         Object::Service(o) => serde_json::to_vec(o),
         Object::EndpointSlice(o) => serde_json::to_vec(o),
         Object::Node(o) => serde_json::to_vec(o),
+        Object::ServiceCidr(o) => serde_json::to_vec(o),
     }
     .unwrap_or_default();
     let mut hasher = std::hash::DefaultHasher::new();

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use crate::model::{HostAddresses, Kind, ObjectRef};
 
@@ -15,6 +16,7 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Node(Box<Node>),
+    ServiceCidr(Box<ServiceCIDR>),
 }
 
 impl Object {
@@ -24,9 +26,10 @@ impl Object {
             Self::Service(o) => (Kind::Service, &o.metadata),
             Self::EndpointSlice(o) => (Kind::EndpointSlice, &o.metadata),
             Self::Node(o) => (Kind::Node, &o.metadata),
+            Self::ServiceCidr(o) => (Kind::ServiceCidr, &o.metadata),
         };
         let namespace = match kind {
-            Kind::Node => String::new(),
+            Kind::Node | Kind::ServiceCidr => String::new(),
             _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
         };
         ObjectRef {

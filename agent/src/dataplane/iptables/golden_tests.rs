@@ -290,6 +290,7 @@ fn node_v4() -> NodeNetwork {
         node_ips: ips(&["192.168.0.2"]),
         local_traffic: LocalTraffic::FromCidrs(ips(&["10.0.0.0/8"])),
         masquerade_all: false,
+        service_cidrs: Vec::new(),
     }
 }
 
@@ -299,6 +300,7 @@ fn node_dual() -> NodeNetwork {
         node_ips: ips(&["192.168.0.2", "192.168.1.2", "fd00::2"]),
         local_traffic: LocalTraffic::FromCidrs(ips(&["10.0.0.0/8", "fd00:10::/64"])),
         masquerade_all: false,
+        service_cidrs: Vec::new(),
     }
 }
 

@@ -21,8 +21,8 @@
 //! 12 s, kube-proxy's per-service anonymous vmaps ~70 s.
 //!
 //! Limits: ClientIP affinity sets are rebuilt (emptied) by a full sync (at start and
-//! every `--full-sync-period`); Ferry does not know the service CIDRs, so traffic to
-//! unallocated ClusterIPs is not dropped (only unknown ports of allocated ones).
+//! every `--full-sync-period`); unallocated ClusterIPs are dropped only where
+//! ServiceCIDR objects say which ranges ClusterIPs come from.
 
 pub mod claims;
 pub mod exec;
@@ -367,6 +367,8 @@ impl FamilyState {
         let nodeport_ips = ctx.nodeport_ips().iter().map(ToString::to_string).collect();
         elements.insert(Collection::NodeportIps, nodeport_ips);
         elements.insert(Collection::NodeLocalDns, dns.to_vec());
+        let service_cidrs = ctx.net.service_cidrs.iter().map(ToString::to_string);
+        elements.insert(Collection::ServiceCidrs, service_cidrs.collect());
         let mut script =
             format!("add table {af} {TABLE}\ndelete table {af} {TABLE}\ntable {af} {TABLE} {{\n");
         let elements: Vec<(Collection, Vec<String>)> = elements.into_iter().collect();

@@ -88,6 +88,9 @@ pub enum Collection {
     NodeportIps,
     /// Frontends answered by the node's own DNS server while it serves.
     NodeLocalDns,
+    /// The ServiceCIDRs' ranges: traffic to an address in them that no service
+    /// holds is dropped (kube-proxy's "unallocated ClusterIP").
+    ServiceCidrs,
     /// `frontend . index : endpoint` of the frontends one [`Balancer`] chain serves
     /// (its own map, named like it: a rule binding a map makes the kernel walk all
     /// its elements, so a new chain must bind a new, empty map).
@@ -96,7 +99,7 @@ pub enum Collection {
 
 impl Collection {
     /// Every collection of the table's fixed part, in declaration order.
-    pub const ALL: [Collection; 10] = [
+    pub const ALL: [Collection; 11] = [
         Self::ServiceIps,
         Self::ServiceNodeports,
         Self::NoEndpointServices,
@@ -107,6 +110,7 @@ impl Collection {
         Self::Hairpin,
         Self::NodeportIps,
         Self::NodeLocalDns,
+        Self::ServiceCidrs,
     ];
 
     /// Its name in the table.
@@ -122,6 +126,7 @@ impl Collection {
             Self::Hairpin => "hairpin",
             Self::NodeportIps => "nodeport-ips",
             Self::NodeLocalDns => "node-local-dns",
+            Self::ServiceCidrs => "service-cidrs",
             Self::Endpoints(balancer) => return Cow::Owned(balancer.name()),
         };
         Cow::Borrowed(name)
@@ -148,6 +153,8 @@ impl Collection {
             Self::ClusterIps | Self::NodeportIps => ("set", addr.to_owned()),
             Self::Hairpin => ("set", format!("{addr} . {addr}")),
             Self::NodeLocalDns => ("set", frontend),
+            // Two ServiceCIDRs may overlap (one replacing another): merged.
+            Self::ServiceCidrs => ("set", format!("{addr}; flags interval; auto-merge")),
             Self::Endpoints(balancer) => return balancer.map_declaration(w),
         };
         format!("{kind} {} {{ type {ty}; }}", self.name())
@@ -832,9 +839,12 @@ fn fixed_chains(ctx: &FamilyContext) -> Vec<(String, Vec<String>)> {
         ),
         c(
             "cluster-ips-check",
-            vec![format!(
-                "{af} daddr @cluster-ips reject comment \"no such port on this ClusterIP\""
-            )],
+            vec![
+                format!(
+                    "{af} daddr @cluster-ips reject comment \"no such port on this ClusterIP\""
+                ),
+                format!("{af} daddr @service-cidrs drop comment \"unallocated ClusterIP\""),
+            ],
         ),
         c(
             "filter-prerouting",

@@ -39,6 +39,7 @@ fn node() -> NodeNetwork {
         node_ips: vec!["192.168.0.2".parse().unwrap()],
         local_traffic: LocalTraffic::FromCidrs(vec!["10.244.0.0/16".parse().unwrap()]),
         masquerade_all: false,
+        service_cidrs: Vec::new(),
     }
 }
 

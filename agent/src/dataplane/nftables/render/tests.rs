@@ -24,6 +24,7 @@ fn ctx() -> FamilyContext {
             node_ips: vec!["192.168.0.2".parse().unwrap()],
             local_traffic: LocalTraffic::FromCidrs(vec!["10.0.0.0/8".parse().unwrap()]),
             masquerade_all: false,
+            service_cidrs: Vec::new(),
         },
     }
 }
@@ -310,6 +311,23 @@ fn fixed_part_declares_every_collection_and_guards_loopback_nodeports() {
         out.contains("set nodeport-ips { type ipv4_addr; elements = { 127.0.0.1, 192.168.0.2 }; }")
     );
     assert!(out.contains("ct status & dnat == 0 drop"), "{out}");
+    assert!(
+        out.contains("set service-cidrs { type ipv4_addr; flags interval; auto-merge; }"),
+        "{out}"
+    );
+    let check = out
+        .find("chain cluster-ips-check")
+        .expect("cluster-ips-check");
+    let (reject, drop) = (
+        out[check..].find("@cluster-ips reject").expect("reject"),
+        out[check..]
+            .find("ip daddr @service-cidrs drop")
+            .expect("drop"),
+    );
+    assert!(
+        reject < drop,
+        "allocated addresses are rejected, the rest dropped"
+    );
     let mut plain = String::new();
     write_fixed(&mut plain, &ctx(), &[]);
     assert!(
