@@ -42,35 +42,15 @@ use self::render::{
     render_service, write_balancer, write_chain, write_fixed,
 };
 use super::{DataPlane, NodeLocalDns, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
-use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
+use crate::model::{IpFamily, NodePlan, PlanDiff, ServicePortPlan};
 
-/// What a partial sync must remember of one plan: the names of what it owns and the
-/// keys of the elements it claims. Rules are re-rendered when needed, not kept.
-#[derive(Debug, Default)]
-struct Rendered {
-    chains: Vec<String>,
-    sets: Vec<String>,
-    elements: Vec<ElementKey>,
-    balancers: Vec<Balancer>,
-}
-
-impl Rendered {
-    fn of(objects: &ServiceObjects) -> Self {
-        Self {
-            chains: objects.chains.iter().map(|c| c.name.clone()).collect(),
-            sets: objects
-                .affinity_sets
-                .iter()
-                .map(|s| s.name.clone())
-                .collect(),
-            elements: objects
-                .elements
-                .iter()
-                .map(|e| (e.collection, e.key.clone()))
-                .collect(),
-            balancers: objects.balancers.clone(),
-        }
-    }
+/// The keys of the elements `objects` claims.
+fn element_keys(objects: &ServiceObjects) -> Vec<ElementKey> {
+    let keys = objects
+        .elements
+        .iter()
+        .map(|e| (e.collection, e.key.clone()));
+    keys.collect()
 }
 
 /// How many plans use each shared `balance-*` chain: a chain exists while one does.
@@ -116,7 +96,9 @@ struct FamilyState {
     family: IpFamily,
     /// The context the table was written for; `None`: not written (or unknown).
     ctx: Option<FamilyContext>,
-    rendered: HashMap<PlanKey, Rendered>,
+    /// Chains of plans' own (not shared), for the programmed-objects metric. What a
+    /// plan owns is not kept: a partial sync renders the diff's old plan again.
+    own_chains: usize,
     claims: Claims,
     balancers: Balancers,
 }
@@ -170,7 +152,7 @@ impl<R: Runner> NftablesDataPlane<R> {
                 .map(|&family| FamilyState {
                     family,
                     ctx: None,
-                    rendered: HashMap::new(),
+                    own_chains: 0,
                     claims: Claims::default(),
                     balancers: Balancers::default(),
                 })
@@ -255,12 +237,7 @@ impl<R: Runner> NftablesDataPlane<R> {
             }
             stats.programmed.push(ProgrammedCount::NftablesObjects {
                 family,
-                chains: state
-                    .rendered
-                    .values()
-                    .map(|r| r.chains.len())
-                    .sum::<usize>()
-                    + state.balancers.len(),
+                chains: state.own_chains + state.balancers.len(),
                 elements: state.claims.len(),
             });
         }
@@ -355,14 +332,15 @@ impl FamilyState {
     ) -> Result<(), NftError> {
         let af = Words::of(self.family).af;
         let started = std::time::Instant::now();
-        let mut body = self.render_all(plans, &ctx);
+        let (body, services) = self.render_all(plans, &ctx);
         let mut elements: BTreeMap<Collection, Vec<String>> = self.claims.programmed();
         let w = Words::of(self.family);
+        let mut balancers = Vec::new();
         for b in self.balancers.users.keys() {
             let list = elements
                 .remove(&Collection::Endpoints(*b))
                 .unwrap_or_default();
-            write_balancer(&mut body, b, w, &list);
+            balancers.push((*b, list));
         }
         let nodeport_ips = ctx.nodeport_ips().iter().map(ToString::to_string).collect();
         elements.insert(Collection::NodeportIps, nodeport_ips);
@@ -373,14 +351,19 @@ impl FamilyState {
             format!("add table {af} {TABLE}\ndelete table {af} {TABLE}\ntable {af} {TABLE} {{\n");
         let elements: Vec<(Collection, Vec<String>)> = elements.into_iter().collect();
         write_fixed(&mut script, &ctx, &elements);
+        drop(elements);
         script.push_str(&body);
+        drop(body);
+        // Straight into the script (vmap elements may name chains defined later).
+        for (b, list) in balancers {
+            write_balancer(&mut script, &b, w, &list);
+        }
         script.push_str("}\n");
-        stats.plans_written += self.rendered.len();
+        stats.plans_written += services;
         stats.writes += script.lines().count();
         let render_ms = started.elapsed().as_millis();
         runner.replace(&script)?;
         let nft_ms = started.elapsed().as_millis() - render_ms;
-        let services = self.rendered.len();
         info!(
             family = af,
             services, render_ms, nft_ms, "nftables full sync done"
@@ -391,13 +374,15 @@ impl FamilyState {
 
     /// Forgets what was programmed and renders every plan of this family afresh: the
     /// plans' own chains and affinity sets as table-block text; their elements and
-    /// shared chains go to the claims and the balancer counts.
+    /// shared chains go to the claims and the balancer counts. Returns the text and
+    /// the number of plans.
     fn render_all<'a>(
         &mut self,
         plans: impl Iterator<Item = &'a ServicePortPlan>,
         ctx: &FamilyContext,
-    ) -> String {
-        self.rendered.clear();
+    ) -> (String, usize) {
+        let mut count = 0;
+        self.own_chains = 0;
         self.claims = Claims::default();
         self.balancers = Balancers::default();
         let w = Words::of(self.family);
@@ -415,11 +400,11 @@ impl FamilyState {
             self.balancers.replace(&[], &objects.balancers);
             self.claims
                 .replace(&plan.key, &[], &objects.elements, &mut ignored);
-            self.rendered
-                .insert(plan.key.clone(), Rendered::of(&objects));
+            self.own_chains += objects.chains.len();
+            count += 1;
             ignored.clear();
         }
-        body
+        (body, count)
     }
 
     /// Rewrites what the diff touched: the changed plans' chains, sets and elements.
@@ -434,33 +419,38 @@ impl FamilyState {
         // Each touched shared chain, with whether it existed before this sync.
         let mut existed: BTreeMap<Balancer, bool> = BTreeMap::new();
         for removed in diff.removed.iter().filter(|p| p.key.family == self.family) {
-            if let Some(old) = self.rendered.remove(&removed.key) {
-                self.claims
-                    .replace(&removed.key, &old.elements, &[], &mut tx.elements);
-                tx.remove(&old, &ServiceObjects::default());
-                self.balancers.touch(&old.balancers, &mut existed);
-                self.balancers.replace(&old.balancers, &[]);
-                stats.plans_removed += 1;
-            }
+            let old = render_service(removed, ctx);
+            let keys = element_keys(&old);
+            self.claims
+                .replace(&removed.key, &keys, &[], &mut tx.elements);
+            tx.remove(&old, &ServiceObjects::default());
+            self.balancers.touch(&old.balancers, &mut existed);
+            self.balancers.replace(&old.balancers, &[]);
+            self.own_chains = self.own_chains.saturating_sub(old.chains.len());
+            stats.plans_removed += 1;
         }
-        let upserted = diff.upserted.iter().map(|u| &u.new);
-        for plan in upserted.filter(|p| p.key.family == self.family) {
+        for upsert in diff
+            .upserted
+            .iter()
+            .filter(|u| u.new.key.family == self.family)
+        {
+            let plan = &upsert.new;
             let objects = render_service(plan, ctx);
-            let old = self.rendered.remove(&plan.key).unwrap_or_default();
-            self.claims.replace(
-                &plan.key,
-                &old.elements,
-                &objects.elements,
-                &mut tx.elements,
-            );
+            // What the last sync wrote for it: the table was written for this same
+            // context (else this sync would be full).
+            let old = upsert.old.as_ref().map(|p| render_service(p, ctx));
+            let old = old.unwrap_or_default();
+            let keys = element_keys(&old);
+            self.claims
+                .replace(&plan.key, &keys, &objects.elements, &mut tx.elements);
             tx.remove(&old, &objects);
             tx.write(&objects);
             self.balancers.touch(&old.balancers, &mut existed);
             self.balancers.touch(&objects.balancers, &mut existed);
             self.balancers.replace(&old.balancers, &objects.balancers);
             self.report_duplicates(plan, &objects);
-            self.rendered
-                .insert(plan.key.clone(), Rendered::of(&objects));
+            self.own_chains =
+                self.own_chains.saturating_sub(old.chains.len()) + objects.chains.len();
             stats.plans_written += 1;
         }
         tx.balancers(existed, &self.balancers);
@@ -518,12 +508,20 @@ impl Transaction {
     }
 
     /// What `old` owned that `fresh` does not.
-    fn remove(&mut self, old: &Rendered, fresh: &ServiceObjects) {
+    fn remove(&mut self, old: &ServiceObjects, fresh: &ServiceObjects) {
         let keeps_chain = |name: &String| fresh.chains.iter().any(|c| &c.name == name);
         let keeps_set = |name: &String| fresh.affinity_sets.iter().any(|s| &s.name == name);
-        let chains = old.chains.iter().filter(|c| !keeps_chain(c));
+        let chains = old
+            .chains
+            .iter()
+            .map(|c| &c.name)
+            .filter(|c| !keeps_chain(c));
         self.stale_chains.extend(chains.cloned());
-        let sets = old.sets.iter().filter(|s| !keeps_set(s));
+        let sets = old
+            .affinity_sets
+            .iter()
+            .map(|s| &s.name)
+            .filter(|s| !keeps_set(s));
         self.stale_sets.extend(sets.cloned());
     }
 
