@@ -689,26 +689,28 @@ impl Renderer<'_> {
         out.chains.push(Chain { name, rules });
     }
 
-    /// `fw-*` (filter): accepted source ranges (and the node's LB IPs when a range
-    /// covers the node) return; the rest is dropped before any DNAT.
+    /// `fw-*` (filter): sources in the accepted ranges (and the LB IPs themselves
+    /// when a range covers the node) return, one set lookup; the rest is dropped
+    /// before any DNAT.
     fn firewall_chain(&self, out: &mut ServiceObjects) {
         if !self.uses_firewall_chain() {
             return;
         }
         let (plan, af) = (self.plan, self.w.af);
-        let accept = |source: IpNetwork| format!("{af} saddr {source} return");
-        let mut rules: Vec<String> = plan
+        let mut sources: Vec<String> = plan
             .load_balancer_source_ranges
             .iter()
-            .map(|r| accept(*r))
+            .map(ToString::to_string)
             .collect();
         let node_ips = &self.ctx.net.node_ips;
         let covers_node = |range: &IpNetwork| node_ips.iter().any(|ip| range.contains(*ip));
         if plan.load_balancer_source_ranges.iter().any(covers_node) {
             let lb = plan.load_balancer_ips.iter();
-            rules.extend(lb.map(|ip| accept(IpNetwork::from(*ip))));
+            sources.extend(lb.map(|ip| IpNetwork::from(*ip).to_string()));
         }
-        rules.push("drop".to_owned());
+        // An anonymous set: nft merges overlapping ranges in it.
+        let accepted = format!("{af} saddr {{ {} }} return", sources.join(", "));
+        let rules = vec![accepted, "drop".to_owned()];
         let name = self.names.firewall.clone();
         out.chains.push(Chain { name, rules });
     }

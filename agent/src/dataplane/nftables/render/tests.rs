@@ -205,11 +205,7 @@ fn source_ranges_filter_before_dnat_and_admit_the_node_when_a_range_covers_it() 
     );
     assert_eq!(
         fw.rules,
-        [
-            "ip saddr 192.168.0.0/24 return",
-            "ip saddr 192.0.2.20/32 return",
-            "drop"
-        ]
+        ["ip saddr { 192.168.0.0/24, 192.0.2.20/32 } return", "drop"]
     );
 }
 
