@@ -26,6 +26,8 @@ struct FakeState {
     fail_next_restore: bool,
     /// Chains `chain_exists` denies.
     missing: Vec<&'static str>,
+    /// How often `chain_exists` ran (each is an iptables process on a real node).
+    chain_checks: usize,
 }
 
 /// The fake tools of one family.
@@ -75,7 +77,8 @@ impl Runner for Fake {
     /// A chain exists once a restore wrote this family's rules, or when a canned
     /// `iptables-save` declares it, unless the test removed it.
     fn chain_exists(&self, table: &str, chain: &str) -> bool {
-        let state = self.state.lock().expect("fake state");
+        let mut state = self.state.lock().expect("fake state");
+        state.chain_checks += 1;
         let declared = state.saves.iter().any(|(f, t, text)| {
             *f == self.family && *t == table && text.contains(&format!(":{chain} "))
         });
@@ -507,6 +510,25 @@ fn external_only_scope() {
 
     h.full("periodic", h.plans.clone());
     check_golden("external_only_scope", &h.transcript());
+}
+
+#[test]
+fn external_only_scope_runs_no_iptables_for_internal_changes() {
+    let mut h = Harness::new(&[IpFamily::V4], Scope::ExternalOnly, node_v4());
+    h.full(
+        "internal only",
+        vec![svc("web", "172.30.0.10", &["10.180.0.1"])],
+    );
+    let checks = h.state.lock().unwrap().chain_checks;
+    assert!(checks > 0, "a full sync looks for leftover chains");
+    let mut web = h.plan("web", IpFamily::V4);
+    web.cluster_endpoints = eps(&["10.180.0.1", "10.180.0.2"]);
+    h.partial("an endpoint added", vec![web], &[]);
+    assert_eq!(
+        h.state.lock().unwrap().chain_checks,
+        checks,
+        "an internal change costs no iptables process"
+    );
 }
 
 /// Saved state with kube-proxy leftovers, a foreign chain and some of the jumps.
