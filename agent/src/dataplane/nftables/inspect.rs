@@ -151,7 +151,10 @@ fn kind_of(collection: Collection, verdict: &Value) -> &'static str {
         Collection::NoEndpointServices => "ClusterIP",
         Collection::NoEndpointExternal => "External",
         _ => match target(verdict) {
-            Some(chain) if chain.starts_with("ext-") || chain.starts_with("balance-ext-") => {
+            Some(chain)
+                if chain.starts_with("ext-")
+                    || chain.starts_with(&format!("{BALANCER_PREFIX}ext-")) =>
+            {
                 "External"
             }
             _ => "ClusterIP",
@@ -186,7 +189,7 @@ impl EndpointLists {
         Self { by_frontend }
     }
 
-    /// The endpoints of the frontend `key` of a map whose element goes to `chain`.
+    /// The endpoints, in index order, of the frontend `key` of a verdict map.
     fn of_frontend(&self, key: &Value) -> Vec<String> {
         let list = self.by_frontend.get(&concat_parts(key));
         list.map(|l| l.values().cloned().collect())

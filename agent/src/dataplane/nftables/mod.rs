@@ -42,7 +42,7 @@ use self::render::{
     render_service, write_balancer, write_chain, write_fixed,
 };
 use super::{DataPlane, NodeLocalDns, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
-use crate::model::{IpFamily, NodePlan, PlanDiff, ServicePortPlan};
+use crate::model::{IpFamily, NodePlan, PlanDiff, PlanKey, ServicePortPlan};
 
 /// The keys of the elements `objects` claims.
 fn element_keys(objects: &ServiceObjects) -> Vec<ElementKey> {
@@ -418,39 +418,26 @@ impl FamilyState {
         let mut tx = Transaction::new(Words::of(self.family));
         // Each touched shared chain, with whether it existed before this sync.
         let mut existed: BTreeMap<Balancer, bool> = BTreeMap::new();
-        for removed in diff.removed.iter().filter(|p| p.key.family == self.family) {
+        let (gone, family) = (ServiceObjects::default(), self.family);
+        for removed in diff.removed.iter().filter(|p| p.key.family == family) {
             let old = render_service(removed, ctx);
-            let keys = element_keys(&old);
-            self.claims
-                .replace(&removed.key, &keys, &[], &mut tx.elements);
-            tx.remove(&old, &ServiceObjects::default());
-            self.balancers.touch(&old.balancers, &mut existed);
-            self.balancers.replace(&old.balancers, &[]);
-            self.own_chains = self.own_chains.saturating_sub(old.chains.len());
+            self.swap(&removed.key, &old, &gone, &mut tx, &mut existed);
             stats.plans_removed += 1;
         }
-        for upsert in diff
-            .upserted
-            .iter()
-            .filter(|u| u.new.key.family == self.family)
-        {
+        for upsert in diff.upserted.iter().filter(|u| u.new.key.family == family) {
             let plan = &upsert.new;
             let objects = render_service(plan, ctx);
             // What the last sync wrote for it: the table was written for this same
             // context (else this sync would be full).
             let old = upsert.old.as_ref().map(|p| render_service(p, ctx));
-            let old = old.unwrap_or_default();
-            let keys = element_keys(&old);
-            self.claims
-                .replace(&plan.key, &keys, &objects.elements, &mut tx.elements);
-            tx.remove(&old, &objects);
-            tx.write(&objects);
-            self.balancers.touch(&old.balancers, &mut existed);
-            self.balancers.touch(&objects.balancers, &mut existed);
-            self.balancers.replace(&old.balancers, &objects.balancers);
+            self.swap(
+                &plan.key,
+                &old.unwrap_or_default(),
+                &objects,
+                &mut tx,
+                &mut existed,
+            );
             self.report_duplicates(plan, &objects);
-            self.own_chains =
-                self.own_chains.saturating_sub(old.chains.len()) + objects.chains.len();
             stats.plans_written += 1;
         }
         tx.balancers(existed, &self.balancers);
@@ -463,6 +450,28 @@ impl FamilyState {
         let (lines, nft_us) = (script.lines().count(), started.elapsed().as_micros());
         debug!(family = %self.family, lines, nft_us, "nft transaction");
         applied
+    }
+
+    /// Puts into `tx` what replaces plan `key`'s `old` objects by `new` ones (empty
+    /// for a removed plan), and keeps the claims and counts in step; `existed`
+    /// collects the shared chains it touches.
+    fn swap(
+        &mut self,
+        key: &PlanKey,
+        old: &ServiceObjects,
+        new: &ServiceObjects,
+        tx: &mut Transaction,
+        existed: &mut BTreeMap<Balancer, bool>,
+    ) {
+        let keys = element_keys(old);
+        self.claims
+            .replace(key, &keys, &new.elements, &mut tx.elements);
+        tx.remove(old, new);
+        tx.write(new);
+        self.balancers.touch(&old.balancers, existed);
+        self.balancers.touch(&new.balancers, existed);
+        self.balancers.replace(&old.balancers, &new.balancers);
+        self.own_chains = self.own_chains.saturating_sub(old.chains.len()) + new.chains.len();
     }
 
     /// Logs the frontends another plan holds (two services claiming one address).
