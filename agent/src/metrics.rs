@@ -97,6 +97,8 @@ pub struct Metrics {
     pub nftables_elements: Family<Labels, Gauge>,
     /// Updates and deletes done on the eBPF maps.
     pub ebpf_map_writes: Counter,
+    /// Connected UDP sockets terminated because their backend stopped serving.
+    pub udp_sockets_terminated: Counter,
     /// From a change reaching the agent to its being programmed.
     pub programming: Histogram,
     /// From a change reaching the agent to DNS answering with it.
@@ -147,6 +149,7 @@ impl Metrics {
             nftables_chains: Family::default(),
             nftables_elements: Family::default(),
             ebpf_map_writes: Counter::default(),
+            udp_sockets_terminated: Counter::default(),
             programming: Histogram::new(network_programming_buckets()),
             dns_programming: Histogram::new(dns_buckets()),
             datapath_pins: Arc::default(),
@@ -311,6 +314,11 @@ impl Metrics {
             "ferry_ebpf_map_writes",
             "Updates and deletes done on the eBPF maps",
             m.ebpf_map_writes.clone(),
+        );
+        r.register(
+            "ferry_udp_sockets_terminated",
+            "Connected UDP sockets terminated in eBPF mode because their backend stopped serving",
+            m.udp_sockets_terminated.clone(),
         );
         r.register(
             "ferry_programming_duration_seconds",

@@ -213,9 +213,13 @@ fn daemonset_runs_like_kube_proxy() {
             .and_then(|c| c.add)
             .unwrap_or_default();
         assert!(
-            caps.contains(&"NET_ADMIN".to_string()) && caps.contains(&"BPF".to_string()),
+            ["NET_ADMIN", "BPF", "SYS_PTRACE"]
+                .iter()
+                .all(|cap| caps.iter().any(|c| c == cap)),
             "{overlay}: {caps:?}"
         );
+        // Pods' network namespaces are found through the host's process IDs.
+        assert_eq!(pod.host_pid, Some(true), "{overlay}");
 
         // bpffs: the host's, so pins outlive the agent's container. Mounting it there
         // takes Bidirectional propagation, which Kubernetes allows only in privileged

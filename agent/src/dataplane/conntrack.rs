@@ -10,14 +10,13 @@
 
 mod netlink;
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use self::netlink::{Ctnetlink, UdpFlow};
-use crate::model::{Endpoint, IpFamily, NodePlan, PlanDiff, Protocol, ServicePortPlan, Upsert};
+use super::udp_frontends::UdpFrontends;
+use crate::model::{Endpoint, IpFamily, NodePlan, PlanDiff};
 
 /// What one reconcile did in one family: how long it took and how many entries it
 /// deleted (kube-proxy's conntrack reconciler metrics).
@@ -28,99 +27,19 @@ pub struct Cleared {
     pub deleted: u64,
 }
 
-/// UDP frontends to reconcile: service addresses and NodePorts, each with its plan
-/// and whether that plan is gone (then no endpoint serves it any more).
-#[derive(Default)]
-struct Frontends<'a> {
-    addresses: HashMap<(IpAddr, u16), (&'a ServicePortPlan, bool)>,
-    node_ports: HashMap<u16, (&'a ServicePortPlan, bool)>,
-}
-
-impl<'a> Frontends<'a> {
-    /// Every frontend of the plan (a full sync), or only those of the diff's
-    /// changes that can leave stale flows, removed ones included, so a partial sync
-    /// costs what it changed (and a change that only adds endpoints costs no dump
-    /// of the conntrack table).
-    fn of(plan: &'a NodePlan, diff: &'a PlanDiff, full: bool) -> Self {
-        let mut f = Self::default();
-        if full {
-            plan.iter().for_each(|p| f.add(p, false));
-        } else {
-            let upserted = diff.upserted.iter().filter(|u| may_leave_stale_flows(u));
-            upserted.for_each(|u| f.add(&u.new, false));
-            diff.removed.iter().for_each(|p| f.add(p, true));
-        }
-        f
-    }
-
-    /// Whether a frontend of `family` is to be reconciled.
-    fn has_family(&self, family: IpFamily) -> bool {
-        let addresses = self.addresses.keys().map(|(ip, _)| IpFamily::of(ip));
-        let plans = self.node_ports.values().map(|(p, _)| p.key.family);
-        addresses.chain(plans).any(|f| f == family)
-    }
-
-    fn add(&mut self, p: &'a ServicePortPlan, gone: bool) {
-        if p.key.port.protocol != Protocol::Udp {
-            return;
-        }
-        let ips = std::iter::once(&p.cluster_ip)
-            .chain(&p.external_ips)
-            .chain(&p.load_balancer_ips);
-        for ip in ips {
-            self.addresses.insert((*ip, p.port), (p, gone));
-        }
-        if let Some(node_port) = p.node_port {
-            self.node_ports.insert(node_port, (p, gone));
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.addresses.is_empty() && self.node_ports.is_empty()
-    }
-
-    /// Whether kube-proxy's rule deletes this flow.
-    fn is_stale(&self, flow: &UdpFlow) -> bool {
-        let serving = |(p, gone): &(&ServicePortPlan, bool)| {
-            let backend = Endpoint {
-                ip: flow.reply_src,
-                port: flow.reply_sport,
-            };
-            !gone && p.serving_endpoints.binary_search(&backend).is_ok()
+/// Whether kube-proxy's rule deletes this flow.
+fn is_stale(frontends: &UdpFrontends, flow: &UdpFlow) -> bool {
+    if flow.dnat() {
+        let backend = Endpoint {
+            ip: flow.reply_src,
+            port: flow.reply_sport,
         };
-        if let Some(entry) = self.addresses.get(&(flow.orig_dst, flow.orig_dport)) {
-            return if flow.dnat() {
-                !serving(entry)
-            } else {
-                // Sent while the service had no endpoints: it would never be NATed.
-                !entry.1 && !entry.0.serving_endpoints.is_empty()
-            };
-        }
-        match self.node_ports.get(&flow.orig_dport) {
-            Some(entry) => flow.dnat() && !serving(entry),
-            None => false,
-        }
+        return frontends.is_stale_translation(flow.orig_dst, flow.orig_dport, &backend);
     }
-}
-
-/// Whether an update can leave a stale flow: a serving endpoint stopped serving, the
-/// service got its first serving endpoints (flows sent before were never NATed), or
-/// its frontends changed.
-fn may_leave_stale_flows(u: &Upsert) -> bool {
-    let new = &u.new;
-    let Some(old) = &u.old else {
-        return !new.serving_endpoints.is_empty();
-    };
-    let stopped = old
-        .serving_endpoints
-        .iter()
-        .any(|e| new.serving_endpoints.binary_search(e).is_err());
-    let first = old.serving_endpoints.is_empty() && !new.serving_endpoints.is_empty();
-    let moved = (old.cluster_ip, old.port, old.node_port)
-        != (new.cluster_ip, new.port, new.node_port)
-        || old.external_ips != new.external_ips
-        || old.load_balancer_ips != new.load_balancer_ips;
-    stopped || first || moved
+    // Sent while the service had no endpoints: it would never be NATed.
+    frontends
+        .address(flow.orig_dst, flow.orig_dport)
+        .is_some_and(|f| !f.gone && !f.plan.serving_endpoints.is_empty())
 }
 
 /// Keeps the ctnetlink socket between syncs.
@@ -142,7 +61,7 @@ impl Reconciler {
         full: bool,
         families: &[IpFamily],
     ) -> Vec<Cleared> {
-        let frontends = Frontends::of(plan, diff, full);
+        let frontends = UdpFrontends::of(plan, diff, full);
         if frontends.is_empty() {
             return Vec::new();
         }
@@ -161,7 +80,7 @@ impl Reconciler {
                 }
             };
             let mut deleted = 0;
-            for flow in flows.iter().filter(|f| frontends.is_stale(f)) {
+            for flow in flows.iter().filter(|f| is_stale(&frontends, f)) {
                 match client.delete(flow) {
                     Ok(()) => deleted += 1,
                     Err(e) => warn!(?flow, error = %e, "cannot delete a stale conntrack entry"),
@@ -202,15 +121,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::plan::test_plan;
-
-    fn plan(protocol: Protocol, serving: &[&str]) -> ServicePortPlan {
-        let endpoints: Vec<(&str, u16)> = serving.iter().map(|ip| (*ip, 5353)).collect();
-        let mut plan = test_plan(("ns", "dns", ""), protocol, "10.96.0.10", 53, &endpoints);
-        plan.node_port = Some(30053);
-        plan.serving_endpoints.sort();
-        plan
-    }
+    use crate::dataplane::udp_frontends::test_support::{all, node_plan, plan};
+    use crate::model::Protocol;
 
     fn flow(dst: &str, dport: u16, reply_src: &str, reply_sport: u16) -> UdpFlow {
         UdpFlow {
@@ -223,110 +135,40 @@ mod tests {
         }
     }
 
-    fn node_plan(plans: Vec<ServicePortPlan>) -> NodePlan {
-        let mut node = NodePlan::default();
-        node.insert_for_test(plans);
-        node
-    }
-
-    /// Every frontend of a plan, as a full sync reconciles them.
-    fn all(node: &NodePlan) -> Frontends<'_> {
-        static NO_DIFF: std::sync::LazyLock<PlanDiff> = std::sync::LazyLock::new(PlanDiff::default);
-        Frontends::of(node, &NO_DIFF, true)
-    }
-
     #[test]
     fn flows_to_endpoints_that_stopped_serving_are_stale() {
         let node = node_plan(vec![plan(Protocol::Udp, &["10.0.0.2", "10.0.0.3"])]);
         let f = all(&node);
+        let stale = |flow| is_stale(&f, &flow);
         assert!(
-            f.is_stale(&flow("10.96.0.10", 53, "10.0.0.1", 5353)),
+            stale(flow("10.96.0.10", 53, "10.0.0.1", 5353)),
             "gone backend"
         );
         assert!(
-            !f.is_stale(&flow("10.96.0.10", 53, "10.0.0.2", 5353)),
+            !stale(flow("10.96.0.10", 53, "10.0.0.2", 5353)),
             "still serving"
         );
         assert!(
-            f.is_stale(&flow("10.96.0.10", 53, "10.0.0.2", 9999)),
-            "old target port"
-        );
-        assert!(
-            f.is_stale(&flow("172.18.0.2", 30053, "10.0.0.1", 5353)),
+            stale(flow("172.18.0.2", 30053, "10.0.0.1", 5353)),
             "NodePort, gone"
         );
         assert!(
-            !f.is_stale(&flow("172.18.0.2", 30053, "10.0.0.3", 5353)),
+            !stale(flow("172.18.0.2", 30053, "10.0.0.3", 5353)),
             "NodePort, serving"
         );
-        assert!(
-            !f.is_stale(&flow("8.8.8.8", 53, "8.8.8.8", 53)),
-            "not a service"
-        );
+        assert!(!stale(flow("8.8.8.8", 53, "8.8.8.8", 53)), "not a service");
     }
 
     #[test]
     fn unnated_flows_are_stale_once_the_service_has_endpoints() {
         let with = node_plan(vec![plan(Protocol::Udp, &["10.0.0.2"])]);
         let blackholed = flow("10.96.0.10", 53, "10.96.0.10", 53);
-        assert!(all(&with).is_stale(&blackholed));
+        assert!(is_stale(&all(&with), &blackholed));
         let without = node_plan(vec![plan(Protocol::Udp, &[])]);
         assert!(
-            !all(&without).is_stale(&blackholed),
+            !is_stale(&all(&without), &blackholed),
             "nothing to move to yet"
         );
-    }
-
-    #[test]
-    fn tcp_services_and_unrelated_syncs_need_no_reconcile() {
-        let tcp = node_plan(vec![plan(Protocol::Tcp, &["10.0.0.2"])]);
-        assert!(all(&tcp).is_empty());
-        let diff = |p: Protocol| PlanDiff {
-            upserted: vec![Upsert {
-                old: None,
-                new: Arc::new(plan(p, &["10.0.0.2"])),
-            }],
-            removed: vec![],
-            skipped: vec![],
-        };
-        let empty = NodePlan::default();
-        let udp = diff(Protocol::Udp);
-        assert!(!Frontends::of(&empty, &udp, false).is_empty());
-        let tcp_diff = diff(Protocol::Tcp);
-        assert!(Frontends::of(&empty, &tcp_diff, false).is_empty());
-    }
-
-    #[test]
-    fn only_changes_that_can_leave_stale_flows_are_reconciled() {
-        let change = |old: &[&str], new: &[&str]| {
-            let diff = PlanDiff {
-                upserted: vec![Upsert {
-                    old: Some(Arc::new(plan(Protocol::Udp, old))),
-                    new: Arc::new(plan(Protocol::Udp, new)),
-                }],
-                removed: vec![],
-                skipped: vec![],
-            };
-            let empty = NodePlan::default();
-            let f = Frontends::of(&empty, &diff, false);
-            (
-                !f.is_empty(),
-                f.has_family(IpFamily::V4),
-                f.has_family(IpFamily::V6),
-            )
-        };
-        let (a, b, c) = ("10.0.0.1", "10.0.0.2", "10.0.0.3");
-        assert_eq!(
-            change(&[a, b], &[a, b, c]),
-            (false, false, false),
-            "only added"
-        );
-        assert_eq!(
-            change(&[a, b], &[a]),
-            (true, true, false),
-            "b stopped serving"
-        );
-        assert_eq!(change(&[], &[a]), (true, true, false), "first endpoint");
     }
 
     #[test]
@@ -337,10 +179,10 @@ mod tests {
             skipped: vec![],
         };
         let empty = NodePlan::default();
-        let f = Frontends::of(&empty, &gone, false);
-        assert!(f.is_stale(&flow("10.96.0.10", 53, "10.0.0.2", 5353)));
+        let f = UdpFrontends::of(&empty, &gone, false);
+        assert!(is_stale(&f, &flow("10.96.0.10", 53, "10.0.0.2", 5353)));
         assert!(
-            !f.is_stale(&flow("10.96.0.10", 53, "10.96.0.10", 53)),
+            !is_stale(&f, &flow("10.96.0.10", 53, "10.96.0.10", 53)),
             "never NATed"
         );
     }

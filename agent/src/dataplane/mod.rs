@@ -9,7 +9,9 @@ use crate::model::{IpFamily, NodePlan, PlanDiff, Protocol};
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
+pub mod netlink_request;
 pub mod nftables;
+pub mod udp_frontends;
 
 /// What one sync did, for logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

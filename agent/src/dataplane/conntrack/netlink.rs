@@ -5,17 +5,16 @@
 use std::io;
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol as CtProtocol, Tuple,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 
+use crate::dataplane::netlink_request::RequestSocket;
 use crate::model::IpFamily;
 
 /// One UDP conntrack entry: its original direction and where replies come from
@@ -39,25 +38,14 @@ impl UdpFlow {
 
 /// A connected NETLINK_NETFILTER socket.
 pub struct Ctnetlink {
-    socket: Socket,
-    sequence: u32,
-    buffer: Vec<u8>,
+    socket: RequestSocket,
 }
-
-/// Receive buffer: a dump arrives in datagrams of up to a page or so each, and
-/// netlink truncates a datagram that does not fit.
-const RECEIVE_BUFFER: usize = 1 << 20;
 
 impl Ctnetlink {
     /// Opens and connects the socket (needs CAP_NET_ADMIN and nf_conntrack_netlink).
     pub fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         Ok(Self {
-            socket,
-            sequence: 0,
-            buffer: Vec::with_capacity(RECEIVE_BUFFER),
+            socket: RequestSocket::open(NETLINK_NETFILTER)?,
         })
     }
 
@@ -66,7 +54,7 @@ impl Ctnetlink {
         let request = ConntrackMessage::Get(Vec::new());
         self.send(family, request, NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut flows = Vec::new();
-        self.receive(|message| {
+        self.socket.receive(|message: NetfilterMessage| {
             if let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)) =
                 &message.inner
                 && let Some(flow) = udp_flow(attributes)
@@ -96,7 +84,7 @@ impl Ctnetlink {
             request,
             NLM_F_REQUEST | NLM_F_ACK,
         )?;
-        match self.receive(|_| {}) {
+        match self.socket.receive(|_: NetfilterMessage| {}) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             other => other,
         }
@@ -108,47 +96,7 @@ impl Ctnetlink {
             IpFamily::V6 => NetfilterProtoFamily::IPv6,
         };
         let inner = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), request);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        self.sequence = self.sequence.wrapping_add(1);
-        header.sequence_number = self.sequence;
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
-        message.finalize();
-        let mut bytes = vec![0; message.buffer_len()];
-        message.serialize(&mut bytes);
-        self.socket.send(&bytes, 0).map(|_| ())
-    }
-
-    /// Reads answers to the last request until its end (a dump's DONE, or the ACK),
-    /// handing each message to `each`; a kernel error becomes an io::Error.
-    fn receive(&mut self, mut each: impl FnMut(&NetfilterMessage)) -> io::Result<()> {
-        loop {
-            self.buffer.clear();
-            let size = self.socket.recv(&mut self.buffer, 0)?;
-            let mut offset = 0;
-            while offset < size {
-                let message =
-                    NetlinkMessage::<NetfilterMessage>::deserialize(&self.buffer[offset..size])
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let length = message.header.length as usize;
-                let ours = message.header.sequence_number == self.sequence;
-                match message.payload {
-                    NetlinkPayload::Done(_) if ours => return Ok(()),
-                    NetlinkPayload::Error(e) if ours => {
-                        return match e.code {
-                            None => Ok(()),
-                            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
-                        };
-                    }
-                    NetlinkPayload::InnerMessage(m) if ours => each(&m),
-                    _ => {}
-                }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
-            }
-        }
+        self.socket.send(flags, inner)
     }
 }
 

@@ -29,7 +29,7 @@ pub struct KernelMaps {
 }
 
 /// Opens the map pinned in `dir` under `spec`'s name as a typed map.
-fn open<T>(dir: &Path, spec: &MapSpec) -> Result<T, MapError>
+pub(super) fn open<T>(dir: &Path, spec: &MapSpec) -> Result<T, MapError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {

@@ -8,7 +8,7 @@ use ferry_common::{BackendAddr, FAMILY_V4, FAMILY_V6, FrontendKey, flags};
 use crate::model::{Endpoint, ServicePortPlan, Traffic};
 
 /// An address in the maps' representation (network byte order words).
-fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+pub(super) fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
     match ip {
         IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
         IpAddr::V6(v6) => {

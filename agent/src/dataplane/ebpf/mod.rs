@@ -11,6 +11,7 @@ mod layout;
 pub mod loader;
 pub mod node_local_dns;
 pub mod state;
+mod udp_sockets;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use self::layout::{DesiredFrontend, frontends};
 use self::loader::MapSizes;
 use self::node_local_dns::NodeLocalDnsMap;
 use self::state::{MapError, MapOps, Programmed};
+use self::udp_sockets::UdpSocketReaper;
 use super::iptables::IptablesDataPlane;
 use super::iptables::render::Scope;
 use super::{DataPlane, NodeLocalDns, NodeNetwork, ProgrammedCount, SyncError, SyncStats};
@@ -46,6 +48,8 @@ pub struct EbpfDataPlane {
     node_local_dns: NodeLocalDnsMap,
     /// Mirror of the maps; `None` until adopted (first full sync).
     programmed: Option<Programmed>,
+    /// Connected UDP sockets left on backends that stopped serving.
+    udp_sockets: UdpSocketReaper,
     external: IptablesDataPlane,
     metrics: Arc<Metrics>,
 }
@@ -65,6 +69,7 @@ impl EbpfDataPlane {
             maps,
             node_local_dns: NodeLocalDnsMap::open(&config.pin_dir)?,
             programmed: None,
+            udp_sockets: UdpSocketReaper::open(&config.cgroup, &config.pin_dir)?,
             external: IptablesDataPlane::new(families, Scope::ExternalOnly),
             metrics,
         })
@@ -167,6 +172,8 @@ impl DataPlane for EbpfDataPlane {
         }
         let map_writes = self.maps.writes - writes_before;
         self.metrics.ebpf_map_writes.inc_by(map_writes as u64);
+        let terminated = self.udp_sockets.reconcile(plan, diff, full);
+        self.metrics.udp_sockets_terminated.inc_by(terminated);
         let mut stats = self.external.sync(plan, diff, node, full)?;
         stats.writes += map_writes;
         if let Some((frontends, backends)) = self.programmed.as_ref().map(Programmed::counts) {

@@ -56,6 +56,7 @@ pub fn error_kind(e: &std::io::Error) -> String {
         Some(libc::ENETUNREACH) => "netunreach".into(),
         Some(libc::EPERM) => "eperm".into(),
         Some(libc::ECONNRESET) => "reset".into(),
+        Some(libc::ECONNABORTED) => "aborted".into(),
         _ if matches!(
             e.kind(),
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -125,7 +126,7 @@ pub fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, opts: UdpOpti
     } else {
         "[::]:0".parse().expect("literal")
     };
-    let open = || -> std::io::Result<UdpSocket> {
+    let open = |bind: SocketAddr| -> std::io::Result<UdpSocket> {
         let socket = UdpSocket::bind(bind)?;
         socket.set_read_timeout(Some(timeout))?;
         if opts.connected {
@@ -133,7 +134,10 @@ pub fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, opts: UdpOpti
         }
         Ok(socket)
     };
-    let mut shared = None;
+    let mut shared: Option<UdpSocket> = None;
+    // With --same-socket the flow keeps one source port: a socket that failed is
+    // replaced by one bound to the same port, as a client that reconnects would.
+    let mut fixed = bind;
     for i in 0..count {
         if i > 0 {
             std::thread::sleep(opts.interval);
@@ -144,11 +148,13 @@ pub fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, opts: UdpOpti
             let fresh;
             let socket = if opts.same_socket {
                 if shared.is_none() {
-                    shared = Some(open()?);
+                    let socket = open(fixed)?;
+                    fixed = socket.local_addr()?;
+                    shared = Some(socket);
                 }
                 shared.as_ref().expect("just set")
             } else {
-                fresh = open()?;
+                fresh = open(bind)?;
                 &fresh
             };
             let mut buf = [0u8; 2048];
@@ -165,7 +171,14 @@ pub fn udp_client(addr: SocketAddr, count: u32, timeout: Duration, opts: UdpOpti
         report.max_ms = report.max_ms.max(started.elapsed().as_millis() as u64);
         match result {
             Ok((reply, from)) => report.reply(&reply, from),
-            Err(e) => report.error(&e),
+            Err(e) => {
+                report.error(&e);
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+                {
+                    shared = None;
+                }
+            }
         }
     }
     report
