@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -269,6 +269,7 @@ impl DnsMetrics {
             responses: Vec::new(),
             durations: Vec::new(),
             cache_hits: [None, None],
+            batched: Vec::with_capacity(super::udp_batch::BATCH),
         }
     }
 
@@ -339,6 +340,8 @@ pub struct Recorder {
     responses: Vec<((u16, Plugin), Counter)>,
     durations: Vec<(u16, Durations)>,
     cache_hits: [Option<Counter>; 2],
+    /// Query types of answers whose duration [`Recorder::finish_batch`] observes.
+    batched: Vec<u16>,
 }
 
 impl Recorder {
@@ -357,6 +360,40 @@ impl Recorder {
 
     /// Counts one answered question (and logs it when the query log is on).
     pub fn record(&mut self, a: &Answered<'_>) {
+        self.count(a);
+        let took = a.started.elapsed();
+        self.observe(a.qtype, took);
+        self.log(a, took);
+    }
+
+    /// As [`Recorder::record`] for an answer sent with the rest of its batch: its
+    /// duration is observed by [`Recorder::finish_batch`], one clock read for the
+    /// whole batch (a clock read costs more than the rest of a cached answer's
+    /// accounting).
+    pub fn record_batched(&mut self, a: &Answered<'_>) {
+        if self.metrics.log.load(Ordering::Relaxed) {
+            return self.record(a);
+        }
+        self.count(a);
+        self.batched.push(a.qtype);
+    }
+
+    /// Observes the durations of the answers of a batch received at `started`,
+    /// now that they are sent.
+    pub fn finish_batch(&mut self, started: Instant) {
+        if self.batched.is_empty() {
+            return;
+        }
+        let took = started.elapsed();
+        let batched = std::mem::take(&mut self.batched);
+        for &qtype in &batched {
+            self.observe(qtype, took);
+        }
+        self.batched = batched;
+        self.batched.clear();
+    }
+
+    fn count(&mut self, a: &Answered<'_>) {
         let family = if a.client.is_ipv4() { 1 } else { 2 };
         let (server, proto, m) = (&self.server, self.proto, &self.metrics);
         cached(&mut self.requests, (a.qtype, family), || {
@@ -384,18 +421,25 @@ impl Recorder {
                 .clone()
         })
         .inc();
-        let took = a.started.elapsed();
-        cached(&mut self.durations, a.qtype, || {
+    }
+
+    fn observe(&mut self, qtype: u16, took: Duration) {
+        let (server, m) = (&self.server, &self.metrics);
+        cached(&mut self.durations, qtype, || {
             m.duration
                 .get_or_create(&labels(&[
                     ("server", server),
                     ("zone", ZONE),
                     ("view", ""),
-                    ("type", type_label(a.qtype)),
+                    ("type", type_label(qtype)),
                 ]))
                 .clone()
         })
         .observe(took);
+    }
+
+    fn log(&self, a: &Answered<'_>, took: Duration) {
+        let (proto, m) = (self.proto, &self.metrics);
         if m.log.load(Ordering::Relaxed) {
             info!(
                 target: "ferry::dns::query",

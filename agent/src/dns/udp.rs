@@ -150,15 +150,18 @@ fn worker(socket: Arc<UdpSocket>, w: &Workers) {
                 continue;
             }
         }
+        // One clock read for the batch: its questions all arrived by now.
+        let started = Instant::now();
         let received = std::mem::take(&mut batch.received);
         let buffers = std::mem::take(&mut batch.buffers);
         for (r, buffer) in received.iter().zip(&buffers) {
             let packet = &buffer[..r.len.min(buffer.len())];
-            handle(&socket, w, &mut state, &mut batch, packet, r);
+            handle(&socket, w, &mut state, &mut batch, packet, r, started);
         }
         batch.buffers = buffers;
         batch.received = received;
         batch.send(&socket);
+        state.recorder.finish_batch(started);
     }
 }
 
@@ -169,8 +172,9 @@ struct WorkerState {
     key: Vec<u8>,
 }
 
-/// Answers one datagram: from the encoded-answer cache into `batch` (sent with the
-/// others), else answered and sent at once, or handed to the runtime to forward.
+/// Answers one datagram of a batch received at `started`: from the encoded-answer
+/// cache into `batch` (sent with the others), else answered and sent at once, or
+/// handed to the runtime to forward.
 fn handle(
     socket: &Arc<UdpSocket>,
     w: &Workers,
@@ -178,6 +182,7 @@ fn handle(
     batch: &mut Batch,
     packet: &[u8],
     r: &Received,
+    started: Instant,
 ) {
     let (answerer, src) = (&w.answerer, r.src);
     if let Some(limit) = &w.rate_limit
@@ -185,7 +190,6 @@ fn handle(
     {
         return;
     }
-    let started = Instant::now();
     let client = answerer.client(src.ip(), r.interface);
     let fast = wire_cache::question(packet);
     if let Some(q) = &fast {
@@ -212,11 +216,12 @@ fn handle(
                 Plugin::Cache
             };
             let name = wire_cache::WireName(q.raw);
-            state
-                .recorder
-                .record(&answered_wire(src, packet, &name, out, plugin, started));
+            let a = answered_wire(src, packet, &name, out, plugin, started);
             if direct {
                 let _ = socket.send_to(&state.out, src);
+                state.recorder.record(&a);
+            } else {
+                state.recorder.record_batched(&a);
             }
             return;
         }
@@ -403,7 +408,7 @@ impl Sent<'_> {
             .filter(|r| matches!(r.data, RData::A(_) | RData::AAAA(_)))
             .count();
         let mut turned = Vec::with_capacity(encoded.len());
-        for turn in 1..addresses.min(CACHED_TURNS) {
+        for turn in 1..addresses.min(wire_cache::MAX_TURNS) {
             let mut other = records.clone();
             super::rotate_addresses(&mut other.answers, turn);
             if encode(self.request, self.query, self.edns, &other, &mut turned) {
@@ -413,10 +418,6 @@ impl Sent<'_> {
         cache.put(key, stored);
     }
 }
-
-/// Orders of a multi-address answer kept encoded (more addresses still rotate,
-/// through these few starting points).
-const CACHED_TURNS: usize = 4;
 
 /// Decodes a request; answers malformed or unsupported ones (FORMERR, NOTIMP,
 /// BADVERS) itself and returns `None` for them (and drops what is not even a DNS

@@ -7,9 +7,11 @@
 //! forwarded answers, a short expiry), and because answer names in the stored bytes
 //! point back at the question by offset, so they echo the client's spelling.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::hash::BuildHasher as _;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
+
+use hashbrown::HashTable;
 
 use super::CacheScope;
 
@@ -140,7 +142,11 @@ pub fn key(q: &Question<'_>, max_size: u16, out: &mut Vec<u8>) {
     out.push(u8::from(q.edns_payload.is_some()));
 }
 
-/// A stored answer: everything after the question.
+/// Orders of a multi-address answer kept encoded (more addresses still rotate,
+/// through these few starting points).
+pub const MAX_TURNS: usize = 4;
+
+/// A stored answer: everything after the question, with the key it answers.
 #[derive(Debug)]
 pub struct Stored {
     scope: CacheScope,
@@ -148,9 +154,16 @@ pub struct Stored {
     flags: u16,
     /// Answer, authority and additional counts.
     counts: [u8; 6],
-    /// Everything after the question; several when the addresses of the answer are
-    /// served in turns (see [`Stored::add_turn`]).
-    tails: Vec<Vec<u8>>,
+    /// The key (once stored, see [`WireCache::put`]) and then everything after the
+    /// question, once per turn (see [`Stored::add_turn`]), in one allocation: a hit
+    /// reads one block of memory, not one per part.
+    bytes: Vec<u8>,
+    key_len: usize,
+    /// Where each turn's tail ends in `bytes` (after the key).
+    ends: [usize; MAX_TURNS],
+    turns: usize,
+    /// The key's hash in its [`WireCache`].
+    hash: u64,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -163,20 +176,33 @@ impl Stored {
         let flags = u16::from_be_bytes([answer[2], answer[3]]) & !(RD | CD);
         let mut counts = [0u8; 6];
         counts.copy_from_slice(&answer[6..12]);
+        let tail = &answer[12 + question_len..];
+        let mut ends = [0; MAX_TURNS];
+        ends[0] = tail.len();
         Some(Self {
             scope,
             flags,
             counts,
-            tails: vec![answer[12 + question_len..].to_vec()],
+            bytes: tail.to_vec(),
+            key_len: 0,
+            ends,
+            turns: 1,
+            hash: 0,
             next: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Adds the same answer with its addresses in another order; served in turns.
-    /// An encoding with other counts is not the same answer and is left out.
+    /// An encoding with other counts is not the same answer and is left out, as is
+    /// any turn past [`MAX_TURNS`].
     pub fn add_turn(&mut self, answer: &[u8], question_len: usize) {
-        if answer.len() >= 12 + question_len && answer[6..12] == self.counts {
-            self.tails.push(answer[12 + question_len..].to_vec());
+        if self.turns < MAX_TURNS
+            && answer.len() >= 12 + question_len
+            && answer[6..12] == self.counts
+        {
+            self.bytes.extend_from_slice(&answer[12 + question_len..]);
+            self.ends[self.turns] = self.bytes.len() - self.key_len;
+            self.turns += 1;
         }
     }
 
@@ -203,51 +229,75 @@ impl Stored {
         out.extend_from_slice(&1u16.to_be_bytes());
         out.extend_from_slice(&self.counts);
         out.extend_from_slice(q.raw);
-        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        out.extend_from_slice(&self.tails[turn % self.tails.len()]);
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.turns;
+        let start = if turn == 0 { 0 } else { self.ends[turn - 1] };
+        let tails = &self.bytes[self.key_len..];
+        out.extend_from_slice(&tails[start..self.ends[turn]]);
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.bytes[..self.key_len]
+    }
+
+    /// Puts `key` in front of the tails.
+    fn set_key(&mut self, key: &[u8], hash: u64) {
+        self.bytes.splice(..self.key_len, key.iter().copied());
+        self.key_len = key.len();
+        self.hash = hash;
     }
 }
 
 /// Shards of the store: a miss write-locks one shard, not the whole cache.
 const SHARDS: usize = 16;
 
+type Shard = RwLock<HashTable<Arc<Stored>>>;
+
 /// The shared store, bounded: a full shard starts over (answers are cheap to redo),
-/// so no single miss ever clears more than 1/16 of it.
+/// so no single miss ever clears more than 1/16 of it. Entries are found by the
+/// key's hash (foldhash, seeded per process) and compared with the key kept in
+/// front of the answer, so a lookup reads the table and one allocation.
 pub struct WireCache {
-    shards: Vec<RwLock<HashMap<Vec<u8>, std::sync::Arc<Stored>>>>,
+    shards: Vec<Shard>,
     max_per_shard: usize,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl WireCache {
     /// A store of about `max_entries` answers.
     pub fn new(max_entries: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
             max_per_shard: (max_entries / SHARDS).max(1),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 
-    fn shard(&self, key: &[u8]) -> &RwLock<HashMap<Vec<u8>, std::sync::Arc<Stored>>> {
-        // FNV-1a over the key: cheap, and the name bytes spread well.
-        let hash = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        });
-        &self.shards[(hash as usize) % SHARDS]
+    fn locate(&self, key: &[u8]) -> (u64, &Shard) {
+        let hash = self.hasher.hash_one(key);
+        // The table uses the low bits; the shard comes from the high ones.
+        (hash, &self.shards[(hash >> 60) as usize % SHARDS])
     }
 
     /// The stored answer for `key`.
-    pub fn get(&self, key: &[u8]) -> Option<std::sync::Arc<Stored>> {
-        self.shard(key).read().ok()?.get(key).cloned()
+    pub fn get(&self, key: &[u8]) -> Option<Arc<Stored>> {
+        let (hash, shard) = self.locate(key);
+        let entries = shard.read().ok()?;
+        entries.find(hash, |s| s.key() == key).cloned()
     }
 
     /// Keeps `stored` for `key`.
-    pub fn put(&self, key: Vec<u8>, stored: Stored) {
-        if let Ok(mut entries) = self.shard(&key).write() {
-            if entries.len() >= self.max_per_shard {
-                entries.clear();
-            }
-            entries.insert(key, std::sync::Arc::new(stored));
+    pub fn put(&self, key: Vec<u8>, mut stored: Stored) {
+        let (hash, shard) = self.locate(&key);
+        stored.set_key(&key, hash);
+        let Ok(mut entries) = shard.write() else {
+            return;
+        };
+        if let Ok(entry) = entries.find_entry(hash, |s| s.key() == key) {
+            entry.remove();
+        } else if entries.len() >= self.max_per_shard {
+            entries.clear();
         }
+        entries.insert_unique(hash, Arc::new(stored), |s| s.hash);
     }
 }
 
@@ -341,5 +391,43 @@ mod tests {
             seen.insert(out[out.len() - 1]);
         }
         assert_eq!(seen, [10, 11].into(), "both orders are served");
+    }
+
+    #[test]
+    fn the_store_finds_answers_by_key_and_replaces_them() {
+        let p = query();
+        let q = question(&p).unwrap();
+        let mut answer = vec![0x12, 0x34, 0x85, 0x00, 0, 1, 0, 1, 0, 0, 0, 0];
+        answer.extend_from_slice(q.raw);
+        answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 10, 96, 0, 10]);
+        let cache = WireCache::new(32);
+        let stored = |last: u8| {
+            let mut a = answer.clone();
+            *a.last_mut().unwrap() = last;
+            Stored::from_answer(&a, q.raw.len(), CacheScope::Zone(1)).unwrap()
+        };
+        let (mut k1, mut k2) = (Vec::new(), Vec::new());
+        key(&q, 1232, &mut k1);
+        key(&q, 512, &mut k2);
+        cache.put(k1.clone(), stored(10));
+        assert!(
+            cache.get(&k2).is_none(),
+            "another buffer size is another key"
+        );
+        let mut out = Vec::new();
+        cache.get(&k1).unwrap().write(&p, &q, &mut out);
+        assert_eq!(out.last(), Some(&10));
+        cache.put(k1.clone(), stored(11));
+        cache.get(&k1).unwrap().write(&p, &q, &mut out);
+        assert_eq!(out.last(), Some(&11), "replaced, not added beside");
+        for i in 0..100u16 {
+            cache.put(i.to_be_bytes().to_vec(), stored(12));
+        }
+        let kept = cache
+            .shards
+            .iter()
+            .map(|s| s.read().unwrap().len())
+            .sum::<usize>();
+        assert!(kept <= 32 + SHARDS, "bounded: {kept}");
     }
 }
