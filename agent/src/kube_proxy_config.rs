@@ -30,7 +30,7 @@ pub enum ConfigFileError {
     Parse {
         path: PathBuf,
         #[source]
-        source: serde_yaml::Error,
+        source: Box<serde_saphyr::Error>,
     },
     /// A value (or the kind/apiVersion) is not one Ferry can use.
     #[error("{path}: {what}")]
@@ -61,7 +61,7 @@ pub struct KubeProxyConfiguration {
     pub detect_local: Option<DetectLocal>,
     pub feature_gates: Option<BTreeMap<String, bool>>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `clientConnection`: only the kubeconfig matters (kubeadm's points at the control
@@ -71,7 +71,7 @@ pub struct KubeProxyConfiguration {
 pub struct ClientConnection {
     pub kubeconfig: Option<String>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `detectLocal`: the interface settings of the interface-based modes.
@@ -81,7 +81,7 @@ pub struct DetectLocal {
     pub bridge_interface: Option<String>,
     pub interface_name_prefix: Option<String>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `iptables` / `nftables`: sync periods and masquerading.
@@ -94,7 +94,7 @@ pub struct RuleSyncing {
     pub masquerade_bit: Option<i32>,
     pub localhost_node_ports: Option<bool>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `conntrack`: the kernel's connection tracking limits and timeouts.
@@ -109,7 +109,7 @@ pub struct Conntrack {
     pub udp_timeout: Option<String>,
     pub udp_stream_timeout: Option<String>,
     #[serde(flatten)]
-    pub unknown: BTreeMap<String, serde_yaml::Value>,
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// The fields kube-proxy has that change nothing in Ferry (other modes' settings,
@@ -150,10 +150,11 @@ impl KubeProxyConfiguration {
 
     /// Parses a file's text, checking its kind and version.
     pub fn parse(text: &str) -> Result<Self, ConfigFileError> {
-        let config: Self = serde_yaml::from_str(text).map_err(|source| ConfigFileError::Parse {
-            path: PathBuf::new(),
-            source,
-        })?;
+        let config: Self =
+            serde_saphyr::from_str(text).map_err(|source| ConfigFileError::Parse {
+                path: PathBuf::new(),
+                source: Box::new(source),
+            })?;
         let value_error = |what: String| ConfigFileError::Value {
             path: PathBuf::new(),
             what,
@@ -490,7 +491,7 @@ fn value_error(what: String) -> ConfigFileError {
 fn unknown_fields(
     warnings: &mut Vec<String>,
     prefix: &str,
-    unknown: &BTreeMap<String, serde_yaml::Value>,
+    unknown: &BTreeMap<String, serde_json::Value>,
     ignored: &[&str],
 ) {
     for field in unknown.keys().filter(|k| !ignored.contains(&k.as_str())) {

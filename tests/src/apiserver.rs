@@ -180,7 +180,7 @@ impl FakeApi {
 
     /// Creates or replaces an object given as YAML (kind, apiVersion, metadata).
     pub fn apply(&self, yaml: &str) {
-        let mut object: Value = serde_yaml_to_json(yaml);
+        let mut object: Value = yaml_to_json(yaml);
         let kind = Kind::of(&object).expect("known kind");
         let mut store = self.store.lock().expect("store");
         store.rv += 1;
@@ -274,8 +274,8 @@ impl FakeApi {
     }
 }
 
-fn serde_yaml_to_json(yaml: &str) -> Value {
-    serde_yaml::from_str(yaml).expect("test YAML")
+fn yaml_to_json(yaml: &str) -> Value {
+    serde_saphyr::from_str(yaml).expect("test YAML")
 }
 
 fn key_of(kind: Kind, object: &Value) -> Key {

@@ -46,3 +46,11 @@ macro_rules! scenarios {
         }
     };
 }
+
+/// The documents of a multi-document YAML text as JSON values, with YAML 1.2's core
+/// schema (`y` and `on` stay strings), as the agent and the API server read them.
+pub fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    serde_saphyr::from_multiple_with_options(text, options).expect("valid YAML")
+}

@@ -23,7 +23,7 @@ fn deploy_dir() -> PathBuf {
 }
 
 /// The documents `kubectl kustomize` renders for an overlay.
-fn render(overlay: &str) -> Vec<serde_yaml::Value> {
+fn render(overlay: &str) -> Vec<serde_json::Value> {
     let dir = deploy_dir().join("overlays").join(overlay);
     let out = Command::new("kubectl")
         .arg("kustomize")
@@ -37,22 +37,20 @@ fn render(overlay: &str) -> Vec<serde_yaml::Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("kubectl prints UTF-8");
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).expect("valid YAML"))
-        .collect()
+    ferry_tests::yaml_documents(&text)
 }
 
-fn one<T: serde::de::DeserializeOwned>(docs: &[serde_yaml::Value], kind: &str) -> T {
-    let found: Vec<&serde_yaml::Value> = docs
+fn one<T: serde::de::DeserializeOwned>(docs: &[serde_json::Value], kind: &str) -> T {
+    let found: Vec<&serde_json::Value> = docs
         .iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
         .collect();
     assert_eq!(found.len(), 1, "exactly one {kind}");
-    serde_yaml::from_value(found[0].clone())
+    serde_json::from_value(found[0].clone())
         .unwrap_or_else(|e| panic!("{kind} does not fit the schema: {e}"))
 }
 
-fn pod_spec(docs: &[serde_yaml::Value]) -> PodSpec {
+fn pod_spec(docs: &[serde_json::Value]) -> PodSpec {
     let ds: DaemonSet = one(docs, "DaemonSet");
     ds.spec.expect("spec").template.spec.expect("pod spec")
 }
@@ -465,7 +463,7 @@ fn selects(terms: &[NodeSelectorTerm], labels: &BTreeMap<String, String>) -> boo
 fn migration_patch_keeps_kube_proxy_off_ferry_nodes() {
     let path = deploy_dir().join("migration/kube-proxy-exclude-nodes.yaml");
     let text = std::fs::read_to_string(&path).expect("the migration patch");
-    let patch: DaemonSet = serde_yaml::from_str(&text)
+    let patch: DaemonSet = serde_saphyr::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not a DaemonSet patch: {e}", path.display()));
     assert_eq!(patch.metadata.name.as_deref(), Some("kube-proxy"));
     assert_eq!(patch.metadata.namespace.as_deref(), Some("kube-system"));

@@ -254,15 +254,14 @@ fn rbac_in_deploy_matches_the_requests_made() {
     ))
     .expect("deploy/base/rbac.yaml");
     let mut granted = std::collections::BTreeSet::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+    for value in ferry_tests::yaml_documents(&text) {
         if value["kind"].as_str() != Some("ClusterRole") {
             continue;
         }
-        for rule in value["rules"].as_sequence().expect("rules") {
-            for group in rule["apiGroups"].as_sequence().expect("groups") {
-                for resource in rule["resources"].as_sequence().expect("resources") {
-                    for verb in rule["verbs"].as_sequence().expect("verbs") {
+        for rule in value["rules"].as_array().expect("rules") {
+            for group in rule["apiGroups"].as_array().expect("groups") {
+                for resource in rule["resources"].as_array().expect("resources") {
+                    for verb in rule["verbs"].as_array().expect("verbs") {
                         granted.insert((
                             group.as_str().unwrap_or_default().to_owned(),
                             resource.as_str().unwrap_or_default().to_owned(),

@@ -222,11 +222,11 @@ mod tests {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
 
     fn svc(yaml: &str) -> ServiceInfo {
-        ServiceInfo::from_k8s(&serde_yaml::from_str::<Service>(yaml).unwrap()).unwrap()
+        ServiceInfo::from_k8s(&serde_saphyr::from_str::<Service>(yaml).unwrap()).unwrap()
     }
 
     fn slice(yaml: &str) -> SliceInfo {
-        SliceInfo::from_k8s(&serde_yaml::from_str::<EndpointSlice>(yaml).unwrap()).unwrap()
+        SliceInfo::from_k8s(&serde_saphyr::from_str::<EndpointSlice>(yaml).unwrap()).unwrap()
     }
 
     #[test]

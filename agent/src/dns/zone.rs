@@ -405,7 +405,7 @@ mod tests {
     use crate::model::ServiceInfo;
 
     fn zone_with(yaml: &str) -> Zone {
-        let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(yaml).unwrap();
+        let svc: k8s_openapi::api::core::v1::Service = serde_saphyr::from_str(yaml).unwrap();
         let info = ServiceInfo::from_k8s(&svc).unwrap();
         let mut z = Zone::new(&ClusterDomain::default());
         z.update(

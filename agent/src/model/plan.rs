@@ -656,7 +656,7 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
         assert_eq!(diff.upserted.len(), 3);
 
         // An endpoint appears for web's http port only.
-        let slice: EndpointSlice = serde_yaml::from_str(
+        let slice: EndpointSlice = serde_saphyr::from_str(
             "metadata: {name: web-a, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]",
         )
         .unwrap();
@@ -669,7 +669,7 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
         assert!(diff.removed.is_empty());
 
         // A port goes away; the service is deleted.
-        let svc: Service = serde_yaml::from_str(
+        let svc: Service = serde_saphyr::from_str(
             "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}",
         )
         .unwrap();
@@ -708,7 +708,7 @@ endpoints:
             2,
             "no zone yet: hints ignored"
         );
-        let node: Node = serde_yaml::from_str(
+        let node: Node = serde_saphyr::from_str(
             "metadata: {name: node-a, labels: {topology.kubernetes.io/zone: z2}}",
         )
         .unwrap();
@@ -734,7 +734,7 @@ endpoints: [{addresses: [10.0.0.1]}]
         let mut st = state(&[slice]);
         let (mut plan, diff) = plan_all(&mut st);
         assert!(diff.is_empty());
-        let svc: Service = serde_yaml::from_str(SVC).unwrap();
+        let svc: Service = serde_saphyr::from_str(SVC).unwrap();
         st.apply_service(&svc).unwrap();
         let changes = st.take_changes();
         plan.update(&st, &changes.services);

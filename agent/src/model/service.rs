@@ -392,7 +392,7 @@ mod tests {
     use super::*;
 
     fn svc(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).expect("test yaml")
+        serde_saphyr::from_str(yaml).expect("test yaml")
     }
 
     #[test]

@@ -235,7 +235,7 @@ mod tests {
             let yaml = format!(
                 "metadata: {{name: a, annotations: {{{annotations}}}}}\naddressType: {address_type}\nendpoints: []"
             );
-            let slice: super::EndpointSlice = serde_yaml::from_str(&yaml).unwrap();
+            let slice: super::EndpointSlice = serde_saphyr::from_str(&yaml).unwrap();
             super::last_change_trigger_time(&slice)
         };
         let key = super::LAST_CHANGE_TRIGGER_TIME;
@@ -253,7 +253,7 @@ mod tests {
     use super::*;
 
     fn slice(yaml: &str) -> EndpointSlice {
-        serde_yaml::from_str(yaml).expect("test yaml")
+        serde_saphyr::from_str(yaml).expect("test yaml")
     }
 
     #[test]

@@ -473,18 +473,18 @@ pub(crate) fn test_state(objects: &[&str]) -> ClusterState {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let mut state = ClusterState::new("node-a");
     for yaml in objects {
-        let value: serde_yaml::Value = serde_yaml::from_str(yaml).expect("test YAML");
+        let value = crate::source::manifests::parse_yaml(yaml).expect("test YAML");
         match value["kind"].as_str() {
             Some("Service") => {
-                let svc: Service = serde_yaml::from_value(value).expect("test Service");
+                let svc: Service = serde_json::from_value(value).expect("test Service");
                 state.apply_service(&svc).expect("valid test Service");
             }
             Some("EndpointSlice") => {
-                let slice: EndpointSlice = serde_yaml::from_value(value).expect("test slice");
+                let slice: EndpointSlice = serde_json::from_value(value).expect("test slice");
                 state.apply_slice(&slice).expect("valid test slice");
             }
             Some("Node") => {
-                let node: Node = serde_yaml::from_value(value).expect("test Node");
+                let node: Node = serde_json::from_value(value).expect("test Node");
                 state.apply_node(&node).expect("valid test Node");
             }
             other => panic!("unexpected kind {other:?}"),
@@ -498,11 +498,11 @@ mod tests {
     use super::*;
 
     fn service(yaml: &str) -> k8s_openapi::api::core::v1::Service {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     fn slice(yaml: &str) -> EndpointSlice {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     const WEB: &str =
@@ -513,7 +513,7 @@ mod tests {
     fn service_cidrs_are_merged_normalised_and_validated() {
         let mut state = ClusterState::new("n1");
         let cidr = |name: &str, cidrs: &str| -> ServiceCIDR {
-            serde_yaml::from_str(&format!(
+            serde_saphyr::from_str(&format!(
                 "metadata: {{name: {name}}}\nspec: {{cidrs: {cidrs}}}"
             ))
             .unwrap()
@@ -603,9 +603,9 @@ mod tests {
         let mut state = ClusterState::new("n1");
         state.apply_service(&service(WEB)).unwrap();
         state.take_changes();
-        let other: Node = serde_yaml::from_str("metadata: {name: n2}").unwrap();
+        let other: Node = serde_saphyr::from_str("metadata: {name: n2}").unwrap();
         assert!(matches!(state.apply_node(&other), Ok(Applied::Ignored(_))));
-        let me: Node = serde_yaml::from_str(
+        let me: Node = serde_saphyr::from_str(
             "metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}\nstatus: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 172.18.0.2}]}",
         )
         .unwrap();

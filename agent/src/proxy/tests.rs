@@ -142,7 +142,7 @@ fn host_with(ip: &str) -> HostAddresses {
 }
 
 fn service(yaml: &str) -> SourceEvent {
-    let svc: Service = serde_yaml::from_str(yaml).unwrap();
+    let svc: Service = serde_saphyr::from_str(yaml).unwrap();
     SourceEvent::Apply {
         object: Object::Service(Box::new(svc)),
         origin: "test".into(),
@@ -150,7 +150,7 @@ fn service(yaml: &str) -> SourceEvent {
 }
 
 fn slice(yaml: &str) -> SourceEvent {
-    let slice: EndpointSlice = serde_yaml::from_str(yaml).unwrap();
+    let slice: EndpointSlice = serde_saphyr::from_str(yaml).unwrap();
     SourceEvent::Apply {
         object: Object::EndpointSlice(Box::new(slice)),
         origin: "test".into(),
@@ -305,7 +305,7 @@ fn a_node_being_deleted_is_not_eligible_for_load_balancer_traffic() {
     assert!(health.status().eligible);
     let node = |extra: &str| {
         let node: k8s_openapi::api::core::v1::Node =
-            serde_yaml::from_str(&format!("metadata: {{name: node-a}}\n{extra}")).unwrap();
+            serde_saphyr::from_str(&format!("metadata: {{name: node-a}}\n{extra}")).unwrap();
         SourceEvent::Apply {
             object: Object::Node(Box::new(node)),
             origin: "test".into(),
@@ -317,9 +317,10 @@ fn a_node_being_deleted_is_not_eligible_for_load_balancer_traffic() {
     assert!(!health.status().eligible);
     h.feed([node("spec: {}")]);
     assert!(health.status().eligible);
-    let deleted: k8s_openapi::api::core::v1::Node =
-        serde_yaml::from_str("metadata: {name: node-a, deletionTimestamp: '2026-12-01T00:00:00Z'}")
-            .unwrap();
+    let deleted: k8s_openapi::api::core::v1::Node = serde_saphyr::from_str(
+        "metadata: {name: node-a, deletionTimestamp: '2026-12-01T00:00:00Z'}",
+    )
+    .unwrap();
     h.feed([SourceEvent::Apply {
         object: Object::Node(Box::new(deleted)),
         origin: "test".into(),

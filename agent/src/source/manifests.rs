@@ -63,9 +63,14 @@ fn split_documents(text: &str) -> Vec<&str> {
 /// Parses one file's text into documents. `name` is used in origins and logs.
 pub fn parse_manifests(name: &str, text: &str) -> Vec<Document> {
     let mut out = Vec::new();
+    // Editors on some systems start files with a byte order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, doc) in split_documents(text).into_iter().enumerate() {
         let origin = format!("{name}#{}", i + 1);
-        let value: serde_yaml::Value = match serde_yaml::from_str(doc) {
+        if is_blank(doc) {
+            continue; // empty document (only comments or blank)
+        }
+        let value: serde_json::Value = match parse_yaml(doc) {
             Ok(v) => v,
             Err(e) => {
                 out.push(Document::Invalid {
@@ -77,15 +82,46 @@ pub fn parse_manifests(name: &str, text: &str) -> Vec<Document> {
             }
         };
         if value.is_null() {
-            continue; // empty document (only comments or blank)
+            continue;
         }
         parse_value(value, origin, &mut out);
     }
     out
 }
 
-fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>) {
-    let Some(map) = value.as_mapping() else {
+/// Whether a document holds nothing but blank lines and comments.
+fn is_blank(doc: &str) -> bool {
+    doc.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#')
+    })
+}
+
+/// What one document may expand to: far more than any manifest needs (a
+/// `kind: List` of 10,000 services is ~1M nodes), far less than an alias bomb.
+fn budget() -> serde_saphyr::Budget {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = 8_000_000;
+    budget.max_nodes = 4_000_000;
+    budget.max_total_scalar_bytes = MAX_FILE_BYTES as usize;
+    budget.max_reader_input_bytes = Some(MAX_FILE_BYTES as usize);
+    budget
+}
+
+/// One YAML (or JSON) document as a JSON value, within [`budget`]. Plain scalars
+/// are typed by YAML 1.2's core schema, as the API server's YAML decoding does: `y`,
+/// `on` or `no` stay strings, as do `0755` and `1_000`.
+pub(crate) fn parse_yaml(doc: &str) -> Result<serde_json::Value, serde_saphyr::Error> {
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget());
+    options.strict_booleans = true;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    serde_saphyr::from_str_with_options(doc, options)
+}
+
+fn parse_value(value: serde_json::Value, origin: String, out: &mut Vec<Document>) {
+    let Some(map) = value.as_object() else {
         out.push(Document::Invalid {
             object: None,
             origin,
@@ -106,7 +142,7 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
     if kind == "List" || (kind.ends_with("List") && map.contains_key("items")) {
         let items = map
             .get("items")
-            .and_then(|v| v.as_sequence())
+            .and_then(|v| v.as_array())
             .cloned()
             .unwrap_or_default();
         for (j, item) in items.into_iter().enumerate() {
@@ -147,8 +183,11 @@ fn parse_value(value: serde_yaml::Value, origin: String, out: &mut Vec<Document>
 }
 
 /// The identity a document claims in its metadata, if it names itself.
-fn object_ref_of(map: &serde_yaml::Mapping, kind: Kind) -> Option<ObjectRef> {
-    let metadata = map.get("metadata").and_then(|m| m.as_mapping());
+fn object_ref_of(
+    map: &serde_json::Map<String, serde_json::Value>,
+    kind: Kind,
+) -> Option<ObjectRef> {
+    let metadata = map.get("metadata").and_then(|m| m.as_object());
     let meta_str = |name: &str| {
         metadata
             .and_then(|m| m.get(name))
@@ -167,15 +206,15 @@ fn object_ref_of(map: &serde_yaml::Mapping, kind: Kind) -> Option<ObjectRef> {
 }
 
 /// A document as the typed object of its kind.
-fn decode(value: serde_yaml::Value, kind: Kind) -> Result<Object, serde_yaml::Error> {
+fn decode(value: serde_json::Value, kind: Kind) -> Result<Object, serde_json::Error> {
     match kind {
-        Kind::Service => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+        Kind::Service => serde_json::from_value(value).map(|o| Object::Service(Box::new(o))),
         Kind::EndpointSlice => {
-            serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Box::new(o)))
+            serde_json::from_value(value).map(|o| Object::EndpointSlice(Box::new(o)))
         }
-        Kind::Node => serde_yaml::from_value(value).map(|o| Object::Node(Box::new(o))),
+        Kind::Node => serde_json::from_value(value).map(|o| Object::Node(Box::new(o))),
         Kind::ServiceCidr => {
-            serde_yaml::from_value(value).map(|o| Object::ServiceCidr(Box::new(o)))
+            serde_json::from_value(value).map(|o| Object::ServiceCidr(Box::new(o)))
         }
     }
 }
@@ -220,7 +259,7 @@ impl ManifestState {
         match read_documents(path) {
             Ok(documents) => self.apply_documents(path, documents),
             Err(e) => {
-                warn!(file = %path.display(), error = %e, "cannot read manifest file; keeping what it defined");
+                warn!(file = ?path, error = %e, "cannot read manifest file; keeping what it defined");
                 Vec::new()
             }
         }
@@ -396,9 +435,13 @@ impl FileUpdate<'_> {
     }
 }
 
+/// Largest manifest file read (a bound on the memory one file can take; a file
+/// still growing past it is skipped until it is rewritten smaller).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
 /// Reads and parses one file; a missing file has no documents.
 fn read_documents(path: &Path) -> std::io::Result<Vec<Document>> {
-    match std::fs::read(path) {
+    match read_manifest_file(path) {
         Ok(bytes) => Ok(parse_manifests(
             &path.display().to_string(),
             &String::from_utf8_lossy(&bytes),
@@ -406,6 +449,41 @@ fn read_documents(path: &Path) -> std::io::Result<Vec<Document>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
+}
+
+/// A manifest file's bytes, if it is a regular file of at most [`MAX_FILE_BYTES`]:
+/// FIFOs, sockets and devices (also behind symlinks) are refused before they are
+/// opened, and opened without blocking in case one is swapped in meanwhile, so no
+/// file can stall the watcher or make it read forever.
+fn read_manifest_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let regular = |meta: &std::fs::Metadata| -> std::io::Result<()> {
+        if !meta.is_file() {
+            return Err(std::io::Error::other(
+                "not a regular file (FIFO, socket or device)",
+            ));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(std::io::Error::other(format!(
+                "larger than {} MiB",
+                MAX_FILE_BYTES >> 20
+            )));
+        }
+        Ok(())
+    };
+    regular(&std::fs::metadata(path)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    regular(&file.metadata()?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other("grew past the size limit while read"));
+    }
+    Ok(bytes)
 }
 
 /// One object's definition in a file, read back.
@@ -444,11 +522,12 @@ fn list_manifests(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
         if !is_manifest(&path) {
             continue;
         }
-        if let Ok(meta) = std::fs::metadata(&path)
-            && meta.is_file()
-        {
-            out.insert(path, (meta.modified().ok(), meta.len()));
-        }
+        // Entries that are not readable files are listed too, so loading them fails
+        // once with a log line naming them (and again only when they change).
+        let stamp = std::fs::metadata(&path)
+            .map(|meta| (meta.modified().ok(), meta.len()))
+            .unwrap_or((None, 0));
+        out.insert(path, stamp);
     }
     Ok(out)
 }
@@ -481,7 +560,7 @@ pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::threa
             }
         }
     }
-    info!(dir = %dir.display(), files = stamps.len(), objects, "loaded manifests");
+    info!(dir = ?dir, files = stamps.len(), objects, "loaded manifests");
     tx.send(SourceEvent::Synced).ok();
 
     let watch = DirectoryWatch {
@@ -490,16 +569,26 @@ pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::threa
         state,
         raw_rx,
         tx,
+        watcher,
+        present: true,
+        unsettled: false,
     };
     std::thread::Builder::new()
         .name("manifests".into())
-        .spawn(move || {
-            // Keep the watcher alive as long as the thread runs.
-            let _watcher = watcher;
-            watch.run();
-        })
+        .spawn(move || watch.run())
         .context("cannot start manifest watcher thread")
 }
+
+/// How long a missing file must stay missing, with its directory still there,
+/// before it counts as deleted.
+const DELETE_CONFIRM: Duration = Duration::from_millis(100);
+/// While the directory is gone, or a changed file has not settled, how often to
+/// look again.
+const QUICK_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// A file the rescan finds changed is read only once it has not been modified for
+/// this long: one still being written is read when its writer closes it (or at a
+/// later rescan), never half.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// The watcher thread's state: file change notifications in, source events out.
 struct DirectoryWatch {
@@ -508,6 +597,12 @@ struct DirectoryWatch {
     state: ManifestState,
     raw_rx: Receiver<notify::Result<notify::Event>>,
     tx: Sender<SourceEvent>,
+    watcher: notify::RecommendedWatcher,
+    /// Whether the directory exists. While it does not, that is a source outage:
+    /// what it defined stays (as through an API server outage), nothing is deleted.
+    present: bool,
+    /// The last rescan found a changed file that had not settled yet.
+    unsettled: bool,
 }
 
 impl DirectoryWatch {
@@ -517,52 +612,112 @@ impl DirectoryWatch {
         let mut last_rescan = std::time::Instant::now();
         loop {
             let mut changed: HashSet<PathBuf> = HashSet::new();
-            match self.raw_rx.recv_timeout(RESCAN_INTERVAL) {
-                Ok(event) => collect_paths(&self.dir, event, &mut changed),
+            let mut dir_event = false;
+            let interval = if self.present && !self.unsettled {
+                RESCAN_INTERVAL
+            } else {
+                QUICK_RESCAN_INTERVAL
+            };
+            match self.raw_rx.recv_timeout(interval) {
+                Ok(event) => dir_event |= collect_paths(&self.dir, event, &mut changed),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             // Debounce: gather the rest of a burst.
             while let Ok(event) = self.raw_rx.recv_timeout(DEBOUNCE) {
-                collect_paths(&self.dir, event, &mut changed);
+                dir_event |= collect_paths(&self.dir, event, &mut changed);
             }
-            if last_rescan.elapsed() >= RESCAN_INTERVAL {
+            if dir_event || last_rescan.elapsed() >= interval {
                 last_rescan = std::time::Instant::now();
                 self.rescan(&mut changed);
             }
             let mut paths: Vec<PathBuf> = changed.into_iter().collect();
             paths.sort();
+            if paths.iter().any(|p| !p.exists()) {
+                // `rm -r` of the directory removes its files first: look again a
+                // little later before taking a missing file for a deleted one.
+                std::thread::sleep(DELETE_CONFIRM);
+                if !self.dir.is_dir() {
+                    self.lost();
+                }
+            }
+            if !self.present {
+                continue;
+            }
             if !paths.iter().all(|path| self.reload(path)) {
                 return;
             }
         }
     }
 
-    /// Adds the files whose size or modification time changed, appeared or vanished.
-    fn rescan(&self, changed: &mut HashSet<PathBuf>) {
-        match list_manifests(&self.dir) {
-            Ok(now) => {
-                for (path, stamp) in &now {
-                    if self.stamps.get(path) != Some(stamp) {
-                        changed.insert(path.clone());
-                    }
-                }
-                let gone = self.stamps.keys().filter(|p| !now.contains_key(*p));
-                changed.extend(gone.cloned());
-            }
+    /// Adds the files whose size or modification time changed (and then settled),
+    /// appeared or vanished; notices the directory going away and coming back.
+    fn rescan(&mut self, changed: &mut HashSet<PathBuf>) {
+        let now = match list_manifests(&self.dir) {
+            Ok(now) => now,
             Err(e) => {
-                warn!(dir = %self.dir.display(), error = %e, "cannot rescan manifest directory")
+                if e.kind() == std::io::ErrorKind::NotFound || !self.dir.is_dir() {
+                    self.lost();
+                } else {
+                    warn!(dir = ?self.dir, error = %e, "cannot rescan manifest directory");
+                }
+                return;
             }
+        };
+        if !self.present {
+            self.back();
+        }
+        let settled = |stamp: &Stamp| {
+            stamp
+                .0
+                .and_then(|modified| modified.elapsed().ok())
+                .is_none_or(|age| age >= SETTLE)
+        };
+        self.unsettled = false;
+        for (path, stamp) in &now {
+            if self.stamps.get(path) == Some(stamp) {
+                continue;
+            }
+            if settled(stamp) {
+                changed.insert(path.clone());
+            } else {
+                self.unsettled = true;
+            }
+        }
+        let gone = self.stamps.keys().filter(|p| !now.contains_key(*p));
+        changed.extend(gone.cloned());
+    }
+
+    /// The directory is gone: keep everything until it is back.
+    fn lost(&mut self) {
+        if self.present {
+            warn!(dir = ?self.dir, "manifest directory is gone; keeping what it defined until it is back (a source outage)");
+            self.present = false;
+        }
+    }
+
+    /// The directory is back: watch it again (the old watch went with it).
+    fn back(&mut self) {
+        info!(dir = ?self.dir, "manifest directory is back");
+        self.present = true;
+        let _ = self.watcher.unwatch(&self.dir);
+        if let Err(e) = self.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+            warn!(dir = ?self.dir, error = %e, "cannot watch the manifest directory again; changes are found by the rescan only");
         }
     }
 
     /// Reloads one file and sends what changed; false once the agent has hung up.
     fn reload(&mut self, path: &Path) -> bool {
-        debug!(file = %path.display(), "manifest file changed");
+        debug!(file = ?path, "manifest file changed");
         match std::fs::metadata(path) {
             Ok(meta) => {
                 self.stamps
                     .insert(path.to_owned(), (meta.modified().ok(), meta.len()));
+            }
+            Err(_) if !self.dir.is_dir() => {
+                // Not deleted: the whole directory went away.
+                self.lost();
+                return true;
             }
             Err(_) => {
                 self.stamps.remove(path);
@@ -575,25 +730,39 @@ impl DirectoryWatch {
     }
 }
 
-fn collect_paths(dir: &Path, event: notify::Result<notify::Event>, out: &mut HashSet<PathBuf>) {
-    match event {
-        Ok(event) => {
-            // Our own reads show up as access events; only writes, creations, renames
-            // and removals change what a file defines.
-            use notify::event::{AccessKind, AccessMode, EventKind};
-            if let EventKind::Access(kind) = event.kind
-                && kind != AccessKind::Close(AccessMode::Write)
-            {
-                return;
-            }
-            for path in event.paths {
-                if path.parent() == Some(dir) && is_manifest(&path) {
-                    out.insert(path);
-                }
-            }
+/// Adds the manifest files an event says were written (closed after writing),
+/// renamed or removed; writes still under way are left for the close. Returns
+/// whether the event concerns the directory itself (removed, moved).
+fn collect_paths(
+    dir: &Path,
+    event: notify::Result<notify::Event>,
+    out: &mut HashSet<PathBuf>,
+) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let event = match event {
+        Ok(event) => event,
+        Err(e) => {
+            warn!(error = %e, "file watch error");
+            return false;
         }
-        Err(e) => warn!(error = %e, "file watch error"),
+    };
+    let complete = matches!(
+        event.kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+            | EventKind::Any
+            | EventKind::Other
+    );
+    let mut about_dir = false;
+    for path in event.paths {
+        if path == dir {
+            about_dir = true;
+        } else if complete && path.parent() == Some(dir) && is_manifest(&path) {
+            out.insert(path);
+        }
     }
+    about_dir
 }
 
 #[cfg(test)]
@@ -766,5 +935,108 @@ mod tests {
         assert!(!is_manifest(Path::new("/d/x.yaml.swp")));
         assert!(!is_manifest(Path::new("/d/.x.yaml")));
         assert!(!is_manifest(Path::new("/d/README.md")));
+    }
+
+    #[test]
+    fn byte_order_mark_and_crlf_line_ends_are_accepted() {
+        let text = format!("\u{feff}{SVC}---\n{}", SVC.replace("web", "api")).replace('\n', "\r\n");
+        let docs = parse_manifests("f.yaml", &text);
+        assert_eq!(kinds(&docs), ["object", "object"], "{docs:?}");
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_not_expanded() {
+        let mut bomb = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b}\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n",
+        );
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let docs = parse_manifests("bomb.yaml", &bomb);
+        assert_eq!(kinds(&docs), ["invalid"], "{docs:?}");
+    }
+
+    /// A scratch directory for file-type tests, removed at the end.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = Scratch::new("file-kinds");
+        let path = |name: &str| dir.0.join(name);
+        std::fs::write(path("ok.yaml"), SVC).unwrap();
+        assert_eq!(
+            read_manifest_file(&path("ok.yaml")).unwrap(),
+            SVC.as_bytes()
+        );
+        // A FIFO would block a reader until someone writes to it.
+        nix::unistd::mkfifo(&path("fifo.yaml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", path("zero.yaml")).unwrap();
+        std::os::unix::fs::symlink(path("loop.yaml"), path("loop.yaml")).unwrap();
+        // Sparse: refused by its size, without reading it.
+        let big = std::fs::File::create(path("big.yaml")).unwrap();
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        for name in ["fifo.yaml", "zero.yaml", "loop.yaml", "big.yaml"] {
+            assert!(read_manifest_file(&path(name)).is_err(), "{name}");
+        }
+        let listed = list_manifests(&dir.0).unwrap();
+        assert_eq!(
+            listed.len(),
+            5,
+            "all listed, so each is reported: {listed:?}"
+        );
+    }
+
+    #[test]
+    fn only_finished_writes_renames_and_removals_are_reloaded() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+            RenameMode,
+        };
+        let dir = Path::new("/m");
+        let paths = |kind: EventKind, path: &str| {
+            let mut out = HashSet::new();
+            let event = notify::Event::new(kind).add_path(PathBuf::from(path));
+            let about_dir = collect_paths(dir, Ok(event), &mut out);
+            (out.len(), about_dir)
+        };
+        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert_eq!(paths(written, "/m/a.yaml"), (1, false));
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert_eq!(paths(renamed, "/m/a.yaml"), (1, false));
+        assert_eq!(
+            paths(EventKind::Remove(RemoveKind::File), "/m/a.yaml"),
+            (1, false)
+        );
+        let writing = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert_eq!(
+            paths(writing, "/m/a.yaml"),
+            (0, false),
+            "still being written"
+        );
+        assert_eq!(
+            paths(EventKind::Create(CreateKind::File), "/m/a.yaml"),
+            (0, false)
+        );
+        assert_eq!(paths(written, "/m/a.txt"), (0, false), "not a manifest");
+        assert_eq!(
+            paths(EventKind::Remove(RemoveKind::Folder), "/m"),
+            (0, true)
+        );
     }
 }
