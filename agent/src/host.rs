@@ -4,13 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use tracing::debug;
 
 use crate::model::{HostAddresses, LocalAddress};
 use crate::source::SourceEvent;
+use crate::source::queue::EventSender;
 
 /// Every address configured in this network namespace.
 pub fn local_addresses() -> Vec<LocalAddress> {
@@ -130,7 +130,7 @@ pub fn probe_addresses() -> HostAddresses {
 /// announces an address, link or route change (rtnetlink multicast groups), and
 /// every `period` anyway in case an announcement was lost (a full socket buffer).
 /// The thread ends when the loop hangs up.
-pub fn watch_addresses(initial: HostAddresses, period: Duration, events: Sender<SourceEvent>) {
+pub fn watch_addresses(initial: HostAddresses, period: Duration, events: EventSender) {
     let spawned = std::thread::Builder::new()
         .name("ferry-host".into())
         .spawn(move || {

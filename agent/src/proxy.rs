@@ -5,7 +5,7 @@
 //! metrics.
 
 use std::collections::HashSet;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
@@ -19,6 +19,7 @@ use crate::model::{
 };
 use crate::report::{Report, SyncOutcome, error_chain};
 use crate::service_health::ServiceHealthServers;
+use crate::source::queue::EventReceiver;
 use crate::source::{Object, SourceEvent};
 
 /// After a failed sync, the next attempt (a full sync) waits this long.
@@ -146,7 +147,7 @@ impl ProxyLoop {
     }
 
     /// Runs until the sources hang up.
-    pub fn run(mut self, events: Receiver<SourceEvent>) {
+    pub fn run(mut self, events: EventReceiver) {
         loop {
             match events.recv_timeout(self.next_wakeup()) {
                 Ok(event) => {

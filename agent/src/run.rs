@@ -1,7 +1,6 @@
 //! `ferry run` and `ferry cleanup`: wiring sources, the proxy loop, the data plane and the
 //! HTTP endpoints together.
 
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +28,8 @@ use crate::proxy::{ProxyConfig, ProxyLoop};
 use crate::report::Report;
 use crate::report::error_chain;
 use crate::service_health::ServiceHealthServers;
-use crate::source::{self, SourceEvent, manifests};
+use crate::source::queue::EventSender;
+use crate::source::{self, manifests};
 
 /// IP families this network namespace can program.
 fn families() -> Vec<IpFamily> {
@@ -95,7 +95,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     runtime.spawn(async move {
         exit_on_signal(shutdown).await;
     });
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = crate::source::queue::queue();
     let host = host::probe_addresses();
     host::watch_addresses(host.clone(), HOST_PROBE_PERIOD, tx.clone());
     let _watcher = start_source(&runtime, &config, tx)?;
@@ -316,7 +316,7 @@ fn watch_liveness(
 fn start_source(
     runtime: &tokio::runtime::Runtime,
     config: &RunConfig,
-    tx: Sender<SourceEvent>,
+    tx: EventSender,
 ) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
     match &config.source {
         SourceConfig::Manifests(dir) => Ok(Some(manifests::spawn(dir.clone(), tx)?)),

@@ -10,7 +10,6 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,6 +22,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
+use super::queue::EventSender;
 use super::{Object, SourceEvent};
 use crate::model::{Kind, ObjectRef};
 
@@ -200,7 +200,7 @@ struct KindState {
 }
 
 /// Watches the cluster until the agent stops; sends [`SourceEvent`]s to `tx`.
-pub async fn run(client: Client, server: String, node_name: String, tx: Sender<SourceEvent>) {
+pub async fn run(client: Client, server: String, node_name: String, tx: EventSender) {
     let server: Arc<str> = server.into();
     let services = changes(
         Kind::Service,

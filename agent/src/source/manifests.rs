@@ -8,12 +8,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, SystemTime};
 
 use notify::{RecursiveMode, Watcher as _};
 use tracing::{debug, info, warn};
 
+use super::queue::EventSender;
 use super::{Object, SourceEvent};
 use crate::model::{Kind, ObjectRef};
 
@@ -535,7 +536,7 @@ fn list_manifests(dir: &Path) -> std::io::Result<BTreeMap<PathBuf, Stamp>> {
 /// Starts watching `dir` on a thread of its own: sends everything the directory
 /// defines, then [`SourceEvent::Synced`], then changes as files change. Fails only if
 /// the directory cannot be read or watched at start.
-pub fn spawn(dir: PathBuf, tx: Sender<SourceEvent>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+pub fn spawn(dir: PathBuf, tx: EventSender) -> anyhow::Result<std::thread::JoinHandle<()>> {
     use anyhow::Context as _;
     let stamps = list_manifests(&dir)
         .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
@@ -596,7 +597,7 @@ struct DirectoryWatch {
     stamps: BTreeMap<PathBuf, Stamp>,
     state: ManifestState,
     raw_rx: Receiver<notify::Result<notify::Event>>,
-    tx: Sender<SourceEvent>,
+    tx: EventSender,
     watcher: notify::RecommendedWatcher,
     /// Whether the directory exists. While it does not, that is a source outage:
     /// what it defined stays (as through an API server outage), nothing is deleted.

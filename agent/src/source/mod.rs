@@ -9,6 +9,7 @@ use crate::model::{HostAddresses, Kind, ObjectRef};
 
 pub mod kube;
 pub mod manifests;
+pub mod queue;
 
 /// An object the model consumes.
 #[derive(Clone, Debug, PartialEq)]
