@@ -86,6 +86,8 @@ pub struct Metrics {
     pub invalid_objects: Family<Labels, Counter>,
     /// Service ports not programmed because the kernel lacks their protocol.
     pub skipped_ports: Family<Labels, Counter>,
+    /// Frontends a service port asked for and another one owns, as found.
+    pub frontend_conflicts: Counter,
     pub sync_failures: Counter,
     /// eBPF map updates refused by the kernel (map full), by map.
     pub map_full: Family<Labels, Counter>,
@@ -142,6 +144,7 @@ impl Metrics {
             conntrack_deleted: Family::default(),
             invalid_objects: Family::default(),
             skipped_ports: Family::default(),
+            frontend_conflicts: Counter::default(),
             sync_failures: Counter::default(),
             map_full: Family::default(),
             ebpf_frontends: Gauge::default(),
@@ -309,6 +312,11 @@ impl Metrics {
             "ferry_nftables_elements",
             "Map and set elements in Ferry's nftables tables",
             m.nftables_elements.clone(),
+        );
+        r.register(
+            "ferry_frontend_conflicts",
+            "Frontends (address, port, protocol) a service port asked for and another port owns, counted each time the loser is planned",
+            m.frontend_conflicts.clone(),
         );
         r.register(
             "ferry_ebpf_map_writes",

@@ -363,6 +363,10 @@ impl ProxyLoop {
             warn!(service_port = %port, protocol = %port.protocol, "this kernel has no {} support; the port is not programmed", port.protocol);
             self.report.skipped(port.protocol);
         }
+        for c in &diff.conflicts {
+            warn!(service_port = %c.loser, frontend = %c.frontend, owner = %c.winner, "frontend claimed by another service port, which gets it (the first by namespace, name and port); not programmed for this one");
+            self.report.frontend_conflict();
+        }
         let mut node = NodeNetwork::new(
             self.state.node(),
             &self.host,

@@ -98,6 +98,11 @@ impl Report {
         self.metrics.skipped_ports.get_or_create(&labels).inc();
     }
 
+    /// A service port did not get a frontend another port owns.
+    pub fn frontend_conflict(&self) {
+        self.metrics.frontend_conflicts.inc();
+    }
+
     /// An object was refused (`kind` as the source knew it).
     pub fn invalid(&self, kind: Option<Kind>) {
         self.metrics
@@ -387,6 +392,7 @@ mod tests {
             upserted: vec![],
             removed: plan.iter().cloned().collect(),
             skipped: vec![],
+            conflicts: vec![],
         };
         counts.update(&NodePlan::default(), &removed, false);
         assert_eq!(counts.get("internal", IpFamily::V4), 0);

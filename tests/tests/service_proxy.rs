@@ -1096,6 +1096,59 @@ fn health_and_metrics_endpoints(mode: Mode) {
     }
 }
 
+/// Two services naming the same externalIP and port: every mode sends it to the
+/// first by namespace and name (whatever order they arrived in), the other keeps its
+/// ClusterIP, and gets the externalIP once the first is gone.
+fn an_external_ip_claimed_twice_goes_to_one_service(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let claim = |name: &str, cluster_ip: &str, pod: &str| {
+        docs(&[
+            Service::new(name)
+                .cluster_ip(cluster_ip)
+                .spec("externalIPs: [203.0.113.70]")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                &format!("{name}-1"),
+                name,
+                "IPv4",
+                &p,
+                &[ep(&c.pod(pod).ip)],
+            ),
+        ])
+    };
+    let (a, b) = (
+        claim("a-claim", "10.96.0.90", "a"),
+        claim("b-claim", "10.96.0.91", "b"),
+    );
+    c.write_manifest("a.yaml", &a);
+    c.start_agent();
+    // b-claim arrives last: a data plane that let the latest write win would give
+    // it the externalIP.
+    c.write_manifest("b.yaml", &b);
+    assert!(
+        ferry_tests::cluster::poll(WAIT, || {
+            c.tcp(From::Pod("client"), "10.96.0.91:80", 3).pods() == ["b"]
+        }),
+        "b-claim is programmed, with its ClusterIP"
+    );
+    let r = c.tcp(From::Pod("client"), "203.0.113.70:80", 10);
+    assert_eq!(
+        r.pods(),
+        ["a"],
+        "a-claim sorts first and keeps the externalIP: {r:?}"
+    );
+    assert!(c.metric("ferry_frontend_conflicts_total").unwrap_or(0.0) >= 1.0);
+    c.remove_manifest("a.yaml");
+    assert!(
+        ferry_tests::cluster::poll(WAIT, || {
+            c.tcp(From::Pod("client"), "203.0.113.70:80", 10).pods() == ["b"]
+        }),
+        "b-claim gets it once a-claim is gone"
+    );
+}
+
 ferry_tests::scenarios!(
     clusterip_tcp_from_pod_and_node,
     clusterip_ipv6,
@@ -1125,6 +1178,7 @@ ferry_tests::scenarios!(
     killed_agent_keeps_serving_and_restarts_without_disruption,
     unexposed_port_is_not_delivered,
     cleanup_removes_everything,
+    an_external_ip_claimed_twice_goes_to_one_service,
 );
 
 /// kube-proxy's nftables mode drops traffic to an address of a ServiceCIDR that no

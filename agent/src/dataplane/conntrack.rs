@@ -177,6 +177,7 @@ mod tests {
             upserted: vec![],
             removed: vec![Arc::new(plan(Protocol::Udp, &["10.0.0.2"]))],
             skipped: vec![],
+            conflicts: vec![],
         };
         let empty = NodePlan::default();
         let f = UdpFrontends::of(&empty, &gone, false);

@@ -198,6 +198,7 @@ mod tests {
             }],
             removed: vec![],
             skipped: vec![],
+            conflicts: vec![],
         };
         let empty = NodePlan::default();
         let udp = diff(Protocol::Udp);
@@ -216,6 +217,7 @@ mod tests {
                 }],
                 removed: vec![],
                 skipped: vec![],
+                conflicts: vec![],
             };
             let empty = NodePlan::default();
             let f = UdpFrontends::of(&empty, &diff, false);
@@ -245,6 +247,7 @@ mod tests {
             upserted: vec![],
             removed: vec![Arc::new(plan(Protocol::Udp, &["10.0.0.2"]))],
             skipped: vec![],
+            conflicts: vec![],
         };
         let empty = NodePlan::default();
         let f = UdpFrontends::of(&empty, &gone, false);

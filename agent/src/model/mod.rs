@@ -7,6 +7,7 @@
 
 pub mod domain;
 pub mod endpoints;
+pub mod frontends;
 pub mod health_check;
 pub mod node;
 pub mod plan;
@@ -17,6 +18,7 @@ pub mod types;
 pub mod validate;
 
 pub use domain::ClusterDomain;
+pub use frontends::{Frontend, FrontendConflict};
 pub use health_check::{ServiceHealthCheck, service_health_check};
 pub use node::{
     HostAddresses, LocalAddress, LocalDetection, LocalTraffic, NodeInfo, NodeNetwork,

@@ -2,7 +2,7 @@
 //! and the incremental [`PlanDiff`] between two versions. Backends consume only this;
 //! every Kubernetes rule (which endpoints, REJECT vs DROP) is decided here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use ipnetwork::IpNetwork;
 use serde::Serialize;
 
 use super::endpoints::{Categorized, candidates, categorize};
+use super::frontends::{FrontendClaims, FrontendConflict};
 use super::service::{ServiceInfo, ServicePortSpec};
 use super::store::ClusterState;
 use super::types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
@@ -188,6 +189,8 @@ pub struct PlanDiff {
     /// Ports left unprogrammed because this kernel lacks their protocol (SCTP), so
     /// the caller can say so; never half-programmed.
     pub skipped: Vec<ServicePortName>,
+    /// Frontends a recomputed port asked for and another port owns.
+    pub conflicts: Vec<FrontendConflict>,
 }
 
 impl PlanDiff {
@@ -202,47 +205,76 @@ impl PlanDiff {
 pub struct NodePlan {
     plans: HashMap<PlanKey, Arc<ServicePortPlan>>,
     by_service: HashMap<ServiceName, Vec<PlanKey>>,
+    claims: FrontendClaims,
 }
 
 impl NodePlan {
     /// Recomputes the given services from `state` and returns what changed. Work is
-    /// proportional to the size of those services, not of the cluster.
+    /// proportional to the size of those services, not of the cluster (plus the
+    /// services sharing a frontend with them, whose claim may have changed).
     pub fn update<'a>(
         &mut self,
         state: &ClusterState,
         services: impl IntoIterator<Item = &'a ServiceName>,
     ) -> PlanDiff {
         let mut diff = PlanDiff::default();
+        let mut pending: Vec<ServiceName> = Vec::new();
+        let mut seen = HashSet::new();
         for name in services {
-            let fresh = plan_service(state, name, &mut diff.skipped);
-            let old_keys = self.by_service.remove(name).unwrap_or_default();
-            let mut new_keys = Vec::with_capacity(fresh.len());
-            for plan in fresh {
-                new_keys.push(plan.key.clone());
-                match self.plans.get(&plan.key) {
-                    Some(old) if **old == plan => {}
-                    old => {
-                        let new = Arc::new(plan);
-                        diff.upserted.push(Upsert {
-                            old: old.cloned(),
-                            new: new.clone(),
-                        });
-                        self.plans.insert(new.key.clone(), new);
-                    }
-                }
-            }
-            for key in old_keys {
-                if !new_keys.contains(&key)
-                    && let Some(old) = self.plans.remove(&key)
-                {
-                    diff.removed.push(old);
-                }
-            }
-            if !new_keys.is_empty() {
-                self.by_service.insert(name.clone(), new_keys);
+            if seen.insert(name.clone()) {
+                pending.push(name.clone());
             }
         }
+        let mut fresh_plans = Vec::with_capacity(pending.len());
+        let mut i = 0;
+        while let Some(name) = pending.get(i).cloned() {
+            i += 1;
+            let fresh = plan_service(state, &name, &mut diff.skipped);
+            for other in self.claims.replace_service(&name, &fresh) {
+                if seen.insert(other.clone()) {
+                    pending.push(other);
+                }
+            }
+            fresh_plans.push((name, fresh));
+        }
+        for (name, fresh) in fresh_plans {
+            let resolved: Vec<ServicePortPlan> = fresh
+                .into_iter()
+                .filter_map(|p| self.claims.resolve(p, &mut diff.conflicts))
+                .collect();
+            self.replace(&name, resolved, &mut diff);
+        }
         diff
+    }
+
+    /// Puts the plans of one service in place of its old ones, recording the diff.
+    fn replace(&mut self, name: &ServiceName, fresh: Vec<ServicePortPlan>, diff: &mut PlanDiff) {
+        let old_keys = self.by_service.remove(name).unwrap_or_default();
+        let mut new_keys = Vec::with_capacity(fresh.len());
+        for plan in fresh {
+            new_keys.push(plan.key.clone());
+            match self.plans.get(&plan.key) {
+                Some(old) if **old == plan => {}
+                old => {
+                    let new = Arc::new(plan);
+                    diff.upserted.push(Upsert {
+                        old: old.cloned(),
+                        new: new.clone(),
+                    });
+                    self.plans.insert(new.key.clone(), new);
+                }
+            }
+        }
+        for key in old_keys {
+            if !new_keys.contains(&key)
+                && let Some(old) = self.plans.remove(&key)
+            {
+                diff.removed.push(old);
+            }
+        }
+        if !new_keys.is_empty() {
+            self.by_service.insert(name.clone(), new_keys);
+        }
     }
 
     /// Puts plans in directly (tests of consumers of a plan).
@@ -685,6 +717,76 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
         let diff = plan.update(&st, &changes.services);
         assert_eq!(diff.removed.len(), 1);
         assert_eq!(plan.len(), 1);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
+        let svc = |name: &str, cluster_ip: &str, extra: &str| {
+            format!(
+                "kind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {cluster_ip}, type: NodePort, ports: [{{port: 80, nodePort: 30080}}]{extra}}}"
+            )
+        };
+        // Arrival order does not matter: b first, then a.
+        let mut st = state(&[
+            &svc("b", "10.96.0.2", ", externalIPs: [192.0.2.1, 192.0.2.2]"),
+            &svc("a", "10.96.0.1", ", externalIPs: [192.0.2.1]"),
+            &svc("c", "10.96.0.1", ""),
+        ]);
+        let (mut plan, diff) = plan_all(&mut st);
+        let of = |plan: &NodePlan, name: &str| {
+            plan.get(&key("ns", name, "", Protocol::Tcp, IpFamily::V4))
+                .map(|p| {
+                    (
+                        p.external_ips
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>(),
+                        p.node_port,
+                    )
+                })
+        };
+        assert_eq!(
+            of(&plan, "a"),
+            Some((vec!["192.0.2.1".into()], Some(30080)))
+        );
+        assert_eq!(
+            of(&plan, "b"),
+            Some((vec!["192.0.2.2".into()], None)),
+            "b keeps what a does not claim"
+        );
+        assert_eq!(of(&plan, "c"), None, "c lost its ClusterIP to a");
+        let lost: Vec<String> = diff
+            .conflicts
+            .iter()
+            .map(|c| format!("{} {} {}", c.loser, c.frontend, c.winner))
+            .collect();
+        assert_eq!(
+            lost,
+            [
+                "ns/b 192.0.2.1:80/TCP ns/a",
+                "ns/b NodePort 30080/TCP (IPv4) ns/a",
+                "ns/c 10.96.0.1:80/TCP ns/a",
+            ]
+        );
+
+        // a goes away: b and c get what they asked for, in the same update.
+        st.delete_service(&ServiceName::new("ns", "a"));
+        let changes = st.take_changes();
+        let diff = plan.update(&st, &changes.services);
+        assert_eq!(
+            of(&plan, "b"),
+            Some((vec!["192.0.2.1".into(), "192.0.2.2".into()], Some(30080)))
+        );
+        assert!(of(&plan, "c").is_some());
+        let upserted: Vec<&str> = diff
+            .upserted
+            .iter()
+            .map(|u| u.new.key.port.service.name.as_str())
+            .collect();
+        assert_eq!(upserted, ["b", "c"], "{diff:?}");
+        assert_eq!(diff.removed.len(), 1, "a's plan");
+        // c now shares a NodePort with b; b keeps it.
+        assert_eq!(diff.conflicts.len(), 1, "{:?}", diff.conflicts);
     }
 
     #[test]

@@ -215,7 +215,10 @@ mod tests {
         drop(tx);
         second.send(delete("a")).unwrap();
         drop(second);
-        assert!(rx.recv_timeout(Duration::from_secs(1)).is_ok(), "queued first");
+        assert!(
+            rx.recv_timeout(Duration::from_secs(1)).is_ok(),
+            "queued first"
+        );
         assert!(matches!(
             rx.recv_timeout(Duration::from_secs(1)),
             Err(RecvTimeoutError::Disconnected)
