@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
+use crate::dataplane::command;
 use crate::dataplane::iptables::IptablesDataPlane;
 use crate::health::SERVER;
 use crate::model::IpFamily;
@@ -111,13 +112,16 @@ fn delete_nft_table(family: IpFamily) -> Result<(), String> {
         IpFamily::V4 => "ip",
         IpFamily::V6 => "ip6",
     };
-    let exists = Command::new("nft")
-        .args(["list", "table", nft_family, "kube-proxy"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let exists = command::run(
+        Command::new("nft")
+            .args(["list", "table", nft_family, "kube-proxy"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+        command::WHOLE_TABLE,
+        |_, _| {},
+    );
     match exists {
-        Ok(s) if s.success() => {}
+        Ok(f) if f.status.success() => {}
         Ok(_) => return Ok(()),
         Err(e) => {
             debug!(error = %e, "nft not installed; no nftables leftovers to remove");
@@ -192,11 +196,15 @@ fn delete_link(index: u32) -> std::io::Result<()> {
 }
 
 fn run(tool: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(tool)
-        .args(args)
-        .stdout(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+    let out = command::run(
+        Command::new(tool)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+        command::WHOLE_TABLE,
+        |_, _| {},
+    )
+    .map_err(|e| format!("cannot run {tool}: {e}"))?;
     if out.status.success() {
         return Ok(());
     }

@@ -2,7 +2,6 @@
 //! then nftables, then iptables; an explicit mode the kernel cannot run fails with
 //! what is missing and how to fix it.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -12,6 +11,7 @@ use aya::sys::{BpfHelper, is_helper_supported, is_program_supported};
 use tracing::info;
 
 use crate::cli::Mode;
+use crate::dataplane::command;
 use crate::dataplane::ebpf::loader::cgroup2_root;
 
 /// Minimum kernels, as README lists them: eBPF mode needs `bpf_set_retval` in
@@ -54,18 +54,16 @@ pub fn ebpf_missing(cgroup: Option<&Path>) -> Vec<String> {
 /// kernel must accept a table (checked with `nft -c`, which commits nothing; `nft list
 /// tables` would read the whole ruleset first, seconds on a big node).
 pub fn nftables_missing() -> Option<String> {
-    let child = Command::new("nft")
-        .args(["-c", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
-    let output = child.and_then(|mut child| {
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(b"add table ip ferry-probe\n")?;
-        }
-        child.wait_with_output()
-    });
+    let mut written = None;
+    let output = command::run(
+        Command::new("nft")
+            .args(["-c", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null()),
+        command::SMALL,
+        |stdin, _| written = command::feed(stdin, |w| w.write_all(b"add table ip ferry-probe\n")),
+    )
+    .and_then(|o| written.map_or(Ok(o), Err));
     match output {
         Err(e) => Some(format!(
             "cannot run nft ({e}; install the nftables package)"

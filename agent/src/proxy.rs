@@ -24,6 +24,16 @@ use crate::source::{Object, SourceEvent};
 
 /// After a failed sync, the next attempt (a full sync) waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest wait between retries of a sync that keeps failing (the wait doubles
+/// from [`RETRY_AFTER`] with each failure in a row).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How long to wait before retrying after `failures` failed syncs in a row.
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_AFTER
+        .saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(MAX_RETRY_AFTER)
+}
 
 /// Settings of the loop.
 pub struct ProxyConfig {
@@ -78,6 +88,8 @@ pub struct ProxyLoop {
     source_synced: bool,
     needs_full_sync: bool,
     retry_at: Option<Instant>,
+    /// Failed syncs in a row (the retry backs off with them).
+    failures: u32,
     /// Stale UDP conntrack entries, deleted after syncs.
     conntrack: conntrack::Reconciler,
     /// When the last sync (attempt) started, for `min_sync_period`.
@@ -110,6 +122,7 @@ impl ProxyLoop {
             source_synced: false,
             needs_full_sync: true,
             retry_at: None,
+            failures: 0,
             conntrack: conntrack::Reconciler::default(),
             last_sync: None,
             last_check: Instant::now(),
@@ -396,6 +409,7 @@ impl ProxyLoop {
                 }
                 self.needs_full_sync = false;
                 self.retry_at = None;
+                self.failures = 0;
                 self.report.synced(&SyncOutcome {
                     data_plane: self.data_plane.name(),
                     plan: &self.plan,
@@ -406,10 +420,12 @@ impl ProxyLoop {
                 });
             }
             Err(err) => {
-                error!(data_plane = self.data_plane.name(), error = %error_chain(&err), "sync failed; retrying with a full sync");
+                self.failures = self.failures.saturating_add(1);
+                let delay = retry_delay(self.failures);
+                error!(data_plane = self.data_plane.name(), error = %error_chain(&err), retry_in_s = delay.as_secs(), failures_in_a_row = self.failures, "sync failed; retrying with a full sync");
                 self.report.sync_failed(&err);
                 self.needs_full_sync = true;
-                self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                self.retry_at = Some(Instant::now() + delay);
             }
         }
     }

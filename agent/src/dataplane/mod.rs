@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 pub use crate::model::NodeNetwork;
 use crate::model::{IpFamily, NodePlan, PlanDiff, Protocol};
 
+pub mod command;
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;

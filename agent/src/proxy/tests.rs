@@ -235,6 +235,28 @@ fn a_failed_sync_is_retried_as_a_full_sync() {
 }
 
 #[test]
+fn retries_of_a_sync_that_keeps_failing_back_off() {
+    let delays: Vec<u64> = (1..=8).map(|n| super::retry_delay(n).as_secs()).collect();
+    assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+    let mut h = harness();
+    *h.fake.fail.lock().unwrap() = 3;
+    h.feed([service(WEB), SourceEvent::Synced]);
+    for _ in 0..2 {
+        h.proxy.retry_at = Some(Instant::now());
+        h.feed([]);
+    }
+    assert_eq!(h.calls().len(), 3);
+    let wait = h.proxy.retry_at.expect("retry planned") - Instant::now();
+    assert!(
+        wait > Duration::from_secs(3),
+        "the third failure waits ~4 s: {wait:?}"
+    );
+    h.proxy.retry_at = Some(Instant::now());
+    h.feed([]);
+    assert_eq!(h.proxy.failures, 0, "a success resets the back-off");
+}
+
+#[test]
 fn a_host_address_change_reprograms_nodeport_addresses() {
     let mut h = harness();
     h.feed([service(WEB), SourceEvent::Synced]);

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use crate::dataplane::command;
 use crate::model::IpFamily;
 
 /// Failure of an iptables tool.
@@ -123,6 +124,10 @@ impl Tools {
     }
 }
 
+/// How long iptables waits for the xtables lock another program holds (kube-proxy's
+/// `--wait=5`), instead of forever.
+const LOCK_WAIT_SECONDS: &str = "5";
+
 /// The sysctl [`Runner::enable_route_localnet`] sets.
 pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
@@ -135,27 +140,22 @@ impl Runner for Tools {
         &self,
         write: &dyn Fn(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), ExecError> {
-        let mut child = Command::new(self.restore)
-            .args(["-w", "--noflush"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| ExecError::Spawn {
-                tool: self.restore,
-                source,
-            })?;
-        if let Some(stdin) = child.stdin.take() {
-            let mut input = std::io::BufWriter::with_capacity(1 << 16, stdin);
-            // A write error shows up as a failed exit status below.
-            let _ = write(&mut input).and_then(|()| input.flush());
-        }
-        let output = child
-            .wait_with_output()
-            .map_err(|source| ExecError::Spawn {
-                tool: self.restore,
-                source,
-            })?;
+        let spawn_error = |source| ExecError::Spawn {
+            tool: self.restore,
+            source,
+        };
+        let output = command::run(
+            Command::new(self.restore)
+                .args(["-w", LOCK_WAIT_SECONDS, "--noflush"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null()),
+            command::WHOLE_TABLE,
+            |stdin, _| {
+                // A write error shows up as a failed exit status below.
+                let _ = command::feed(stdin, write);
+            },
+        )
+        .map_err(spawn_error)?;
         if output.status.success() {
             return Ok(());
         }
@@ -181,31 +181,28 @@ impl Runner for Tools {
     /// Streams `iptables-save` (~100 MB at 10,000 services) instead of buffering it.
     fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError> {
         use std::io::BufRead as _;
-        let mut child = Command::new(self.save)
-            .args(["-t", table])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| ExecError::Spawn {
-                tool: self.save,
-                source,
-            })?;
         let mut summary = SaveSummary::default();
-        if let Some(stdout) = child.stdout.take() {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                summary.add_line(line);
-            }
-        }
-        let output = child
-            .wait_with_output()
-            .map_err(|source| ExecError::Spawn {
-                tool: self.save,
-                source,
-            })?;
+        let output = command::run(
+            Command::new(self.save)
+                .args(["-t", table])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped()),
+            command::WHOLE_TABLE,
+            |_, stdout| {
+                if let Some(stdout) = stdout {
+                    for line in std::io::BufReader::new(stdout)
+                        .lines()
+                        .map_while(Result::ok)
+                    {
+                        summary.add_line(line);
+                    }
+                }
+            },
+        )
+        .map_err(|source| ExecError::Spawn {
+            tool: self.save,
+            source,
+        })?;
         if !output.status.success() {
             return Err(ExecError::Failed {
                 tool: self.save,
@@ -219,12 +216,15 @@ impl Runner for Tools {
 
     /// `iptables -S CHAIN`.
     fn chain_exists(&self, table: &str, chain: &str) -> bool {
-        Command::new(self.iptables)
-            .args(["-w", "-t", table, "-S", chain])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        command::run(
+            Command::new(self.iptables)
+                .args(["-w", LOCK_WAIT_SECONDS, "-t", table, "-S", chain])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+            command::SMALL,
+            |_, _| {},
+        )
+        .is_ok_and(|f| f.status.success())
     }
 
     fn enable_route_localnet(&self) -> std::io::Result<()> {

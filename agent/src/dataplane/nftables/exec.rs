@@ -2,12 +2,13 @@
 //! [`libnftables`](super::libnftables) where the host has it, else one `nft -f -`
 //! each; reads always run the binary.
 
-use std::io::Write;
+use std::io::Read as _;
 use std::process::{Command, Stdio};
 
 use tracing::info;
 
 use super::libnftables::Libnftables;
+use crate::dataplane::command;
 
 /// Failure of `nft`.
 #[derive(Debug, thiserror::Error)]
@@ -117,38 +118,45 @@ impl Runner for Session {
 
 impl Runner for Nft {
     fn apply(&self, script: &str) -> Result<(), NftError> {
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(NftError::Spawn)?;
-        let written = child
-            .stdin
-            .take()
-            .map(|mut stdin| stdin.write_all(script.as_bytes()));
-        let output = child.wait_with_output().map_err(NftError::Spawn)?;
+        let mut written = None;
+        let output = command::run(
+            Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null()),
+            command::WHOLE_TABLE,
+            |stdin, _| written = command::feed(stdin, |w| w.write_all(script.as_bytes())),
+        )
+        .map_err(NftError::Spawn)?;
         if !output.status.success() {
             return Err(failed(output.status, &output.stderr));
         }
         // nft read all of its input if it succeeded; a write error means it did not.
-        if let Some(Err(e)) = written {
+        if let Some(e) = written {
             return Err(NftError::Spawn(e));
         }
         Ok(())
     }
 
     fn read(&self, args: &[&str]) -> Result<String, NftError> {
-        let output = Command::new("nft")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(NftError::Spawn)?;
+        let mut stdout = Vec::new();
+        let output = command::run(
+            Command::new("nft")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped()),
+            command::WHOLE_TABLE,
+            |_, out| {
+                if let Some(mut out) = out {
+                    let _ = out.read_to_end(&mut stdout);
+                }
+            },
+        )
+        .map_err(NftError::Spawn)?;
         if !output.status.success() {
             return Err(failed(output.status, &output.stderr));
         }
-        String::from_utf8(output.stdout).map_err(|e| NftError::Output(e.to_string()))
+        String::from_utf8(stdout).map_err(|e| NftError::Output(e.to_string()))
     }
 }
 
