@@ -158,3 +158,53 @@ fn full_maps_are_counted_not_fatal() {
     assert!(c.agent_alive());
     assert!(c.agent_log().contains("eBPF map full"), "and logged");
 }
+
+/// A frontend whose backends find no room refuses connections (never lets them
+/// through untranslated), and a restart with larger `--bpf-max-*` sizes applies them
+/// to the maps the first agent pinned.
+#[test]
+fn a_frontend_without_room_refuses_and_bigger_sizes_apply_on_restart() {
+    let mut c = Cluster::new(Mode::Ebpf, &["a", "b", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let mut parts = Vec::new();
+    for (i, pod) in ["a", "b"].iter().enumerate() {
+        let name = format!("s{i}");
+        parts.push(
+            Service::new(&name)
+                .cluster_ip(&format!("10.96.2.{i}"))
+                .port(port("http", "TCP", 80))
+                .yaml(),
+        );
+        parts.push(slice(
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            &p,
+            &[ep(&c.pod(pod).ip)],
+        ));
+    }
+    c.write_manifest("svc.yaml", &docs(&parts));
+    // Room for one backend only: s0's pod a, or s1's pod b, not both.
+    c.start_agent_with(&["--bpf-max-backends", "1"]);
+    let reports: Vec<_> = (0..2)
+        .map(|i| c.tcp_with(From::Pod("client"), &format!("10.96.2.{i}:80"), 1, 2000, 0))
+        .collect();
+    let served = reports.iter().filter(|r| r.successes() == 1).count();
+    let refused = reports.iter().filter(|r| r.error("refused") == 1).count();
+    assert_eq!(
+        (served, refused),
+        (1, 1),
+        "one fits, the other refuses: {reports:?}"
+    );
+
+    c.kill_agent();
+    c.start_agent();
+    for i in 0..2 {
+        let r = c.tcp(From::Pod("client"), &format!("10.96.2.{i}:80"), 2);
+        assert_eq!(r.successes(), 2, "10.96.2.{i} after the resize: {r:?}");
+    }
+    assert!(
+        c.agent_log().contains("eBPF map resized"),
+        "the resize is logged"
+    );
+}

@@ -16,7 +16,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use ferry_common::programs::ProgramSpec;
 use ferry_common::{MapSpec, list_max_entries, maps, programs};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// The compiled eBPF object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry"));
@@ -189,6 +189,7 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result
     std::fs::create_dir_all(&links_dir).map_err(io("creating", &links_dir))?;
     let cgroup_file = File::open(cgroup).map_err(io("opening cgroup", cgroup))?;
 
+    drop_resized_pins(pin_dir, sizes);
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
     for (spec, max_entries) in sizes.max_entries() {
@@ -214,6 +215,38 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, sizes: MapSizes) -> Result
         "eBPF socket load balancing attached"
     );
     Ok(())
+}
+
+/// Makes the `--bpf-max-*` flags apply to maps an earlier agent pinned at other
+/// sizes (the loader would reuse a pinned map as it is): such pins are removed, so
+/// the load creates the maps at the new sizes. The programs still attached keep
+/// their old maps until the new ones replace them; the first full sync fills the new
+/// frontends and backends, while ClientIP affinity and the remembered socket
+/// translations of resized maps start empty (said in the log).
+fn drop_resized_pins(pin_dir: &Path, sizes: MapSizes) {
+    for (spec, wanted) in sizes.max_entries() {
+        let pin = pin_dir.join(spec.name);
+        let Ok(pinned) = aya::maps::MapData::from_pin(&pin) else {
+            continue;
+        };
+        let Ok(have) = pinned.info().map(|i| i.max_entries()) else {
+            continue;
+        };
+        if have == wanted {
+            continue;
+        }
+        match std::fs::remove_file(&pin) {
+            Ok(()) => warn!(
+                map = spec.name,
+                pinned = have,
+                wanted,
+                "eBPF map resized: recreated at the size the flags ask for"
+            ),
+            Err(e) => {
+                warn!(map = spec.name, error = %e, "cannot remove a pinned map of another size; it keeps its size")
+            }
+        }
+    }
 }
 
 /// Attaches every program, pinning each link under a name no earlier run used.

@@ -84,11 +84,21 @@ impl EbpfDataPlane {
     ) -> Result<(), MapError> {
         match prog.upsert(&mut self.maps, desired) {
             Err(MapError::Full { map }) => {
-                error!(service = %plan.key.port, map, "eBPF map full: this frontend is not programmed");
                 self.metrics
                     .map_full
                     .get_or_create(&vec![("map".to_owned(), map.to_owned())])
                     .inc();
+                let new = !prog.keys().any(|k| *k == desired.key);
+                if new && map != ferry_common::maps::FRONTENDS.name {
+                    // No room for its backends: refuse its connections rather than
+                    // let them through untranslated.
+                    error!(service = %plan.key.port, map, "eBPF map full: this frontend refuses connections until there is room");
+                    return match prog.upsert(&mut self.maps, &refusing(desired)) {
+                        Err(MapError::Full { .. }) => Ok(()),
+                        other => other,
+                    };
+                }
+                error!(service = %plan.key.port, map, "eBPF map full: this frontend is not programmed");
                 Ok(())
             }
             other => other,
@@ -141,6 +151,17 @@ impl EbpfDataPlane {
             }
         }
         Ok(())
+    }
+}
+
+/// `desired` refusing connections: the same frontend, with no backends.
+fn refusing(desired: &DesiredFrontend) -> DesiredFrontend {
+    use ferry_common::flags;
+    DesiredFrontend {
+        key: desired.key,
+        flags: flags::ACTION_REJECT | (desired.flags & flags::CLUSTER_IP),
+        affinity_timeout: 0,
+        backends: Vec::new(),
     }
 }
 
