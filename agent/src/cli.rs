@@ -36,6 +36,16 @@ pub enum Command {
         #[command(subcommand)]
         what: InspectWhat,
     },
+    /// What the running agent is doing: mode and why, source, syncs, what is
+    /// programmed, DNS, warnings (asked from its metrics address).
+    Status {
+        /// Print the agent's JSON as it is.
+        #[arg(long)]
+        json: bool,
+        /// The agent's --metrics-bind-address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        address: std::net::SocketAddr,
+    },
     /// Print the version.
     Version,
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use ipnetwork::IpNetwork;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::cli::{
     DetectLocalMode, Mode, RunArgs, parse_bind, parse_nodeport_addresses, parse_upstreams,
@@ -52,6 +52,8 @@ pub enum SourceConfig {
 /// Validated settings of `ferry run`.
 #[derive(Debug)]
 pub struct RunConfig {
+    /// How the data plane was chosen (`ferry status` shows it).
+    pub mode_reason: String,
     pub source: SourceConfig,
     pub data_plane: DataPlaneConfig,
     pub node_name: String,
@@ -84,9 +86,14 @@ impl RunConfig {
                 warn!(config = %path.display(), "{warning}");
             }
         }
-        if args.mode == Mode::Auto {
-            args.mode = crate::probe::resolve(Mode::Auto, args.cgroup.as_deref())?;
-        }
+        let mode_reason = if args.mode == Mode::Auto {
+            let (mode, why) = crate::probe::auto_choice(args.cgroup.as_deref());
+            info!(?mode, "--mode auto: {why}");
+            args.mode = mode;
+            format!("--mode auto: {why}")
+        } else {
+            format!("--mode {:?}", args.mode).to_lowercase()
+        };
         if args.masquerade_all && args.mode == Mode::Ebpf {
             warn!(
                 "--masquerade-all has no effect in eBPF mode: connections are balanced at the socket and nothing is NATed"
@@ -95,6 +102,7 @@ impl RunConfig {
         let domain = ClusterDomain::new(&args.cluster_domain)
             .map_err(|e| anyhow!("--cluster-domain: {e}"))?;
         Ok(RunConfig {
+            mode_reason,
             source: source(&args)?,
             dns: match args.dns_listen.is_empty() {
                 false => Some(dns(&args, domain)?),

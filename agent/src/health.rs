@@ -249,8 +249,14 @@ pub async fn serve_metrics(
         .route("/metrics", get(self::metrics))
         .route("/healthz", get(move || async move { text("ok") }))
         .route("/proxyMode", get(move || async move { text(mode) }))
+        .route("/status", get(status))
         .with_state(metrics);
     serve(addr, app, "metrics", hard_fail).await;
+}
+
+/// `ferry status`'s JSON.
+async fn status(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    axum::Json(metrics.status.snapshot())
 }
 
 async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -2,7 +2,7 @@
 //! load balancing (eBPF or iptables) and cluster DNS.
 //!
 //! Data flows one way: [`source`] -> [`model`] -> [`dataplane`]. The [`proxy`] loop
-//! drives it and [`report`] tells operators about it; [`health`] and [`metrics`] serve
+//! drives it and [`report`] tells operators about it (and [`status`] what `ferry status` shows); [`health`] and [`metrics`] serve
 //! that; [`service_health`] answers load balancers' health checks; [`host`] probes the
 //! node's addresses; [`cli`] parses flags, [`kube_proxy_config`] reads kube-proxy's configuration
 //! file and [`config`] resolves both; [`node_settings`] applies kube-proxy's process and
@@ -25,3 +25,4 @@ pub mod report;
 pub mod run;
 pub mod service_health;
 pub mod source;
+pub mod status;

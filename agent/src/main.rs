@@ -38,6 +38,14 @@ fn main() -> ExitCode {
         Command::Inspect {
             what: InspectWhat::Services { json, bpf },
         } => ferry::run::inspect_services(&bpf.bpf_pin_path, json),
+        Command::Status { json, address } => ferry::status::fetch(address).and_then(|s| {
+            let text = match json {
+                true => serde_json::to_string_pretty(&s)?,
+                false => ferry::status::render(&s, std::time::SystemTime::now()),
+            };
+            println!("{text}");
+            Ok(())
+        }),
         Command::Version => {
             println!("ferry {}", env!("CARGO_PKG_VERSION"));
             Ok(())

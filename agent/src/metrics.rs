@@ -64,6 +64,8 @@ pub fn ip_family(family: IpFamily) -> Labels {
 /// All metrics the agent exports. Cheap to update from any thread.
 pub struct Metrics {
     registry: Registry,
+    /// What `ferry status` shows (served at `/status` beside `/metrics`).
+    pub status: crate::status::StatusBoard,
     pub sync_duration: HistogramFamily,
     pub sync_full_duration: HistogramFamily,
     pub sync_partial_duration: HistogramFamily,
@@ -158,6 +160,7 @@ impl Metrics {
             datapath_pins: Arc::default(),
             dns: Arc::default(),
             registry: Registry::default(),
+            status: crate::status::StatusBoard::default(),
         };
         let mut registry = Registry::default();
         m.register_kube_proxy(&mut registry);

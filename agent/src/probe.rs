@@ -97,23 +97,29 @@ pub fn resolve(requested: Mode, cgroup: Option<&Path>) -> anyhow::Result<Mode> {
 
 /// eBPF, else nftables, else iptables; logs the choice and why the others lost.
 fn auto(cgroup: Option<&Path>) -> Mode {
+    let (mode, why) = auto_choice(cgroup);
+    info!(?mode, "--mode auto: {why}");
+    mode
+}
+
+/// What `--mode auto` picks here, and why (the reason `ferry status` shows).
+pub fn auto_choice(cgroup: Option<&Path>) -> (Mode, String) {
     let ebpf = ebpf_missing(cgroup);
     if ebpf.is_empty() {
-        info!(
-            mode = "ebpf",
-            "--mode auto: the kernel has everything eBPF mode needs"
+        return (
+            Mode::Ebpf,
+            "the kernel has everything eBPF mode needs".into(),
         );
-        return Mode::Ebpf;
     }
     let ebpf = ebpf.join("; ");
     match nftables_missing() {
-        None => {
-            info!(mode = "nftables", ebpf = %format!("lacks {ebpf}"), "--mode auto: chose nftables");
-            Mode::Nftables
-        }
-        Some(nftables) => {
-            info!(mode = "iptables", ebpf = %format!("lacks {ebpf}"), %nftables, "--mode auto: chose iptables");
-            Mode::Iptables
-        }
+        None => (
+            Mode::Nftables,
+            format!("chose nftables: eBPF mode lacks {ebpf}"),
+        ),
+        Some(nftables) => (
+            Mode::Iptables,
+            format!("chose iptables: eBPF mode lacks {ebpf}; nftables: {nftables}"),
+        ),
     }
 }

@@ -273,6 +273,9 @@ impl ProxyLoop {
     }
 
     fn handle(&mut self, event: SourceEvent) {
+        if matches!(event, SourceEvent::Apply { .. } | SourceEvent::Delete(_)) {
+            self.report.source_event();
+        }
         match event {
             SourceEvent::Apply { object, origin } => self.apply(object, &origin),
             SourceEvent::Delete(r) => {
@@ -296,6 +299,7 @@ impl ProxyLoop {
             SourceEvent::Synced => {
                 if !self.source_synced {
                     info!("source delivered a complete view; programming starts");
+                    self.report.source_synced();
                     self.source_synced = true;
                     self.needs_full_sync = true;
                 }

@@ -98,15 +98,30 @@ impl Report {
         self.metrics.skipped_ports.get_or_create(&labels).inc();
     }
 
+    /// An object event arrived from the source.
+    pub fn source_event(&self) {
+        let now = crate::status::unix_ms(std::time::SystemTime::now());
+        self.metrics
+            .status
+            .update(|s| s.last_event_unix_ms = Some(now));
+    }
+
+    /// The source delivered its first complete view.
+    pub fn source_synced(&self) {
+        self.metrics.status.update(|s| s.source_synced = true);
+    }
+
     /// A service port did not get a frontend another port owns.
     pub fn frontend_conflict(&self) {
         self.metrics.frontend_conflicts.inc();
+        self.metrics.status.update(|s| s.frontend_conflicts += 1);
     }
 
     /// An object was refused (`kind` as the source knew it).
     pub fn invalid(&self, kind: Option<Kind>) {
         self.metrics
             .invalid_object(kind.map(Kind::as_str).unwrap_or("Unknown"));
+        self.metrics.status.update(|s| s.invalid_objects += 1);
     }
 
     /// DNS now answers for `services` changed services.
@@ -164,6 +179,20 @@ impl Report {
             );
         }
         self.programmed(&sync.stats.programmed);
+        let record = crate::status::SyncRecord::now(sync.took);
+        let programmed: Vec<String> = sync.stats.programmed.iter().filter_map(describe).collect();
+        let (plans, full) = (sync.plan.len(), sync.full);
+        self.metrics.status.update(|s| {
+            s.plans = plans;
+            s.failures_in_a_row = 0;
+            s.last_error = None;
+            s.programmed = programmed;
+            if full {
+                s.last_full_sync = Some(record);
+            } else {
+                s.last_partial_sync = Some(record);
+            }
+        });
         self.no_local.update(sync.plan, sync.diff, sync.full);
         self.no_local.export(&self.metrics);
         self.observe_triggers();
@@ -241,6 +270,11 @@ impl Report {
     /// pending: the retry is what programs them.
     pub fn sync_failed(&self, err: &SyncError) {
         self.metrics.sync_failures.inc();
+        let message = error_chain(err);
+        self.metrics.status.update(|s| {
+            s.failures_in_a_row += 1;
+            s.last_error = Some(message);
+        });
         if let SyncError::Iptables {
             family, partial, ..
         } = err
@@ -362,6 +396,27 @@ impl NoLocalEndpoints {
             metrics.no_local_endpoints.get_or_create(&labels).set(*n);
         }
     }
+}
+
+/// One line of what a data plane holds, for `ferry status`.
+fn describe(p: &ProgrammedCount) -> Option<String> {
+    Some(match p {
+        ProgrammedCount::IptablesRules {
+            family,
+            table,
+            rules,
+        } => format!("iptables {family} {table}: {rules} rules"),
+        ProgrammedCount::IptablesRulesWritten { .. } => return None,
+        ProgrammedCount::EbpfEntries {
+            frontends,
+            backends,
+        } => format!("eBPF maps: {frontends} frontends, {backends} backends"),
+        ProgrammedCount::NftablesObjects {
+            family,
+            chains,
+            elements,
+        } => format!("nftables {family}: {chains} chains, {elements} elements"),
+    })
 }
 
 #[cfg(test)]

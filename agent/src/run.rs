@@ -64,6 +64,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    metrics.status.update(|s| *s = initial_status(&config));
     let hard_fail = config.bind_address_hard_fail;
     if let Some(addr) = config.healthz {
         runtime.spawn(serve_health(
@@ -126,6 +127,35 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     proxy.run(rx);
     Ok(())
+}
+
+/// What `ferry status` shows before anything happened.
+fn initial_status(config: &RunConfig) -> crate::status::AgentStatus {
+    let (cgroup, pin_dir) = match &config.data_plane {
+        DataPlaneConfig::Ebpf(e) => (
+            Some(e.cgroup.display().to_string()),
+            Some(e.pin_dir.display().to_string()),
+        ),
+        _ => (None, None),
+    };
+    crate::status::AgentStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node: config.node_name.clone(),
+        mode: config.data_plane.mode_name().into(),
+        mode_reason: config.mode_reason.clone(),
+        source: match &config.source {
+            SourceConfig::Manifests(dir) => format!("manifests in {}", dir.display()),
+            SourceConfig::Cluster(_) => "the Kubernetes API server".into(),
+        },
+        cgroup,
+        pin_dir,
+        dns_listen: config
+            .dns
+            .iter()
+            .flat_map(|d| d.listen.iter().map(|a| a.to_string()))
+            .collect(),
+        ..Default::default()
+    }
 }
 
 fn start_data_plane(

@@ -1149,6 +1149,61 @@ fn an_external_ip_claimed_twice_goes_to_one_service(mode: Mode) {
     );
 }
 
+/// `ferry status` tells what the agent does, read from the running agent: its mode
+/// and why, its source, the syncs, what the data plane holds, warnings.
+fn status_reports_the_running_agent(mode: Mode) {
+    let c = web_cluster(mode);
+    c.write_manifest("broken.yaml", "kind: [not yaml\n");
+    let status = |args: &[&str]| {
+        let out = c
+            .node_command(c.bin("ferry"))
+            .arg("status")
+            .args(args)
+            .output()
+            .expect("ferry status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let invalid = || -> u64 {
+        let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).expect("JSON");
+        json["invalid_objects"].as_u64().unwrap_or(0)
+    };
+    assert!(
+        ferry_tests::cluster::poll(WAIT, || invalid() >= 1),
+        "the broken file is counted"
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).expect("JSON");
+    assert_eq!(json["mode"], mode.flag(), "{json}");
+    assert_eq!(
+        json["mode_reason"],
+        format!("--mode {}", mode.flag()),
+        "{json}"
+    );
+    assert_eq!(json["source_synced"], true, "{json}");
+    // web: http and dns, in two families.
+    assert_eq!(json["plans"], 4, "{json}");
+    assert!(
+        json["last_full_sync"]["took_ms"].as_f64().is_some(),
+        "{json}"
+    );
+    assert_eq!(json["failures_in_a_row"], 0, "{json}");
+    let text = status(&[]);
+    assert!(
+        text.contains(&format!("mode:            {}", mode.flag())),
+        "{text}"
+    );
+    assert!(text.contains("(synced)"), "{text}");
+    assert!(text.contains("programmed:"), "{text}");
+    assert!(text.contains("invalid objects skipped"), "{text}");
+    if mode == Mode::Ebpf {
+        assert!(text.contains("eBPF maps: "), "{text}");
+    }
+}
+
 ferry_tests::scenarios!(
     clusterip_tcp_from_pod_and_node,
     clusterip_ipv6,
@@ -1179,6 +1234,7 @@ ferry_tests::scenarios!(
     unexposed_port_is_not_delivered,
     cleanup_removes_everything,
     an_external_ip_claimed_twice_goes_to_one_service,
+    status_reports_the_running_agent,
 );
 
 /// kube-proxy's nftables mode drops traffic to an address of a ServiceCIDR that no
