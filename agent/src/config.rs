@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use ipnetwork::IpNetwork;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::cli::{
     DetectLocalMode, Mode, RunArgs, parse_bind, parse_nodeport_addresses, parse_upstreams,
@@ -87,8 +87,7 @@ impl RunConfig {
             }
         }
         let mode_reason = if args.mode == Mode::Auto {
-            let (mode, why) = crate::probe::auto_choice(args.cgroup.as_deref());
-            info!(?mode, "--mode auto: {why}");
+            let (mode, why) = crate::probe::auto(args.cgroup.as_deref());
             args.mode = mode;
             format!("--mode auto: {why}")
         } else {

@@ -91,19 +91,19 @@ pub fn resolve(requested: Mode, cgroup: Option<&Path>) -> anyhow::Result<Mode> {
             None => Ok(Mode::Nftables),
         },
         Mode::Iptables => Ok(Mode::Iptables),
-        Mode::Auto => Ok(auto(cgroup)),
+        Mode::Auto => Ok(auto(cgroup).0),
     }
 }
 
 /// eBPF, else nftables, else iptables; logs the choice and why the others lost.
-fn auto(cgroup: Option<&Path>) -> Mode {
+pub fn auto(cgroup: Option<&Path>) -> (Mode, String) {
     let (mode, why) = auto_choice(cgroup);
     info!(?mode, "--mode auto: {why}");
-    mode
+    (mode, why)
 }
 
 /// What `--mode auto` picks here, and why (the reason `ferry status` shows).
-pub fn auto_choice(cgroup: Option<&Path>) -> (Mode, String) {
+fn auto_choice(cgroup: Option<&Path>) -> (Mode, String) {
     let ebpf = ebpf_missing(cgroup);
     if ebpf.is_empty() {
         return (

@@ -117,16 +117,16 @@ fn dual_stack_socket_reaches_ipv4_service() {
     );
 }
 
-#[test]
-fn full_maps_are_counted_not_fatal() {
-    let mut c = Cluster::new(Mode::Ebpf, &["a", "client"]);
+/// Services `s0`, `s1`... on `PREFIX.0`, `PREFIX.1`...:80, each backed by one pod
+/// of `pods` (in order) on 8080.
+fn services_s0_up(c: &Cluster, prefix: &str, pods: &[&str]) -> String {
     let p = [port("http", "TCP", 8080)];
     let mut parts = Vec::new();
-    for i in 0..4 {
+    for (i, pod) in pods.iter().enumerate() {
         let name = format!("s{i}");
         parts.push(
             Service::new(&name)
-                .cluster_ip(&format!("10.96.1.{i}"))
+                .cluster_ip(&format!("{prefix}.{i}"))
                 .port(port("http", "TCP", 80))
                 .yaml(),
         );
@@ -135,10 +135,17 @@ fn full_maps_are_counted_not_fatal() {
             &name,
             "IPv4",
             &p,
-            &[ep(&c.pod("a").ip)],
+            &[ep(&c.pod(pod).ip)],
         ));
     }
-    c.write_manifest("svc.yaml", &docs(&parts));
+    docs(&parts)
+}
+
+#[test]
+fn full_maps_are_counted_not_fatal() {
+    let mut c = Cluster::new(Mode::Ebpf, &["a", "client"]);
+    let pods = ["a"; 4];
+    c.write_manifest("svc.yaml", &services_s0_up(&c, "10.96.1", &pods));
     // Room for two frontends only.
     c.start_agent_with(&["--bpf-max-frontends", "2"]);
     let served = (0..4)
@@ -165,25 +172,7 @@ fn full_maps_are_counted_not_fatal() {
 #[test]
 fn a_frontend_without_room_refuses_and_bigger_sizes_apply_on_restart() {
     let mut c = Cluster::new(Mode::Ebpf, &["a", "b", "client"]);
-    let p = [port("http", "TCP", 8080)];
-    let mut parts = Vec::new();
-    for (i, pod) in ["a", "b"].iter().enumerate() {
-        let name = format!("s{i}");
-        parts.push(
-            Service::new(&name)
-                .cluster_ip(&format!("10.96.2.{i}"))
-                .port(port("http", "TCP", 80))
-                .yaml(),
-        );
-        parts.push(slice(
-            &format!("{name}-1"),
-            &name,
-            "IPv4",
-            &p,
-            &[ep(&c.pod(pod).ip)],
-        ));
-    }
-    c.write_manifest("svc.yaml", &docs(&parts));
+    c.write_manifest("svc.yaml", &services_s0_up(&c, "10.96.2", &["a", "b"]));
     // Room for one backend only: s0's pod a, or s1's pod b, not both.
     c.start_agent_with(&["--bpf-max-backends", "1"]);
     let reports: Vec<_> = (0..2)
