@@ -98,7 +98,8 @@ pub fn resolve(requested: Mode, cgroup: Option<&Path>) -> anyhow::Result<Mode> {
 /// eBPF, else nftables, else iptables; logs the choice and why the others lost.
 pub fn auto(cgroup: Option<&Path>) -> (Mode, String) {
     let (mode, why) = auto_choice(cgroup);
-    info!(?mode, "--mode auto: {why}");
+    let name = format!("{mode:?}").to_lowercase();
+    info!(mode = name.as_str(), "--mode auto: {why}");
     (mode, why)
 }
 
