@@ -755,11 +755,12 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
             "b keeps what a does not claim"
         );
         assert_eq!(of(&plan, "c"), None, "c lost its ClusterIP to a");
-        let lost: Vec<String> = diff
+        let mut lost: Vec<String> = diff
             .conflicts
             .iter()
             .map(|c| format!("{} {} {}", c.loser, c.frontend, c.winner))
             .collect();
+        lost.sort();
         assert_eq!(
             lost,
             [
@@ -778,11 +779,12 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
             Some((vec!["192.0.2.1".into(), "192.0.2.2".into()], Some(30080)))
         );
         assert!(of(&plan, "c").is_some());
-        let upserted: Vec<&str> = diff
+        let mut upserted: Vec<&str> = diff
             .upserted
             .iter()
             .map(|u| u.new.key.port.service.name.as_str())
             .collect();
+        upserted.sort();
         assert_eq!(upserted, ["b", "c"], "{diff:?}");
         assert_eq!(diff.removed.len(), 1, "a's plan");
         // c now shares a NodePort with b; b keeps it.
