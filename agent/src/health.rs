@@ -309,9 +309,7 @@ async fn serve(addr: SocketAddr, app: Router, what: &str, hard_fail: bool) {
         None => return,
     };
     info!(%addr, "serving {what}");
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(%addr, error = %e, "{what} server stopped");
-    }
+    crate::http_server::serve(listener, app).await;
 }
 
 /// Binds, retrying with a growing wait (one warning, then one every minute) until it

@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod health;
 pub mod host;
+pub mod http_server;
 pub mod kube_proxy;
 pub mod kube_proxy_config;
 pub mod metrics;

@@ -46,11 +46,7 @@ impl Server {
                 let app = Router::new()
                     .fallback(answer)
                     .with_state(self.served.clone());
-                let task = runtime.spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        warn!(%addr, error = %e, "service health server stopped");
-                    }
-                });
+                let task = runtime.spawn(crate::http_server::serve(listener, app));
                 self.listeners.insert(ip, task);
             }
             Err(e) => {

@@ -415,3 +415,50 @@ ferry_tests::scenarios!(
     busy_health_port_is_retried_until_free,
     leftover_kube_proxy_rules_are_taken_over,
 );
+
+/// Clients that open connections and never finish their request (slowloris) are
+/// dropped by the health server after its header timeout, so they cannot hold it:
+/// every one of them sees its connection closed, and `/healthz` still answers. The
+/// HTTP servers are the same in every mode.
+#[test]
+fn slow_clients_cannot_hold_the_health_server() {
+    let mut c = Cluster::new(Mode::Ebpf, &["a"]);
+    c.write_manifest("web.yaml", &web(&c, &["a"]));
+    c.start_agent();
+    let (closed, total) = c.in_node(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let slow: Vec<std::net::TcpStream> = (0..100)
+            .filter_map(|_| {
+                let mut s = std::net::TcpStream::connect("127.0.0.1:10256").ok()?;
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n")
+                    .ok()?;
+                Some(s)
+            })
+            .collect();
+        let total = slow.len();
+        let closed = slow
+            .into_iter()
+            .filter(|mut s| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+                let mut buf = [0u8; 512];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => return true,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            return !matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            );
+                        }
+                    }
+                }
+            })
+            .count();
+        (closed, total)
+    });
+    assert_eq!(total, 100, "every connection was accepted by the kernel");
+    assert_eq!(closed, total, "the server closed every unfinished request");
+    assert_eq!(c.healthz(), Some(200));
+}
