@@ -1,6 +1,6 @@
 //! Process and kernel settings applied once at start, as kube-proxy applies them: the
 //! agent's `oom_score_adj`, the locked-memory limit eBPF maps need on kernels before
-//! 5.11, and the conntrack table size and timeouts (`/proc/sys/net/netfilter`).
+//! 5.11, the open-files limit (up to its hard limit), and the conntrack table size and timeouts (`/proc/sys/net/netfilter`).
 //! A setting the kernel refuses is a warning, never a reason not to start.
 
 use std::path::Path;
@@ -79,6 +79,7 @@ impl NodeSettings {
         if self.unlimited_memlock {
             raise_memlock();
         }
+        raise_open_files();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         if let Some(max) = self.conntrack.max(cpus) {
             set_conntrack_max(max);
@@ -86,6 +87,22 @@ impl NodeSettings {
         for (name, value) in self.conntrack.sysctls() {
             set_if_different(&Path::new(NETFILTER).join(name), value);
         }
+    }
+}
+
+/// The file-descriptor limit up to its hard limit: the soft default (often 1024) is
+/// far below what DNS sockets, upstream queries, HTTP connections and netlink use at
+/// scale, while the hard limit is what the node allows the agent.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
     }
 }
 
@@ -159,6 +176,18 @@ fn set_if_different(path: &Path, value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_goes_up_to_its_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // Lowered far enough to show the raise, not so far that the other tests of
+        // this process run out of descriptors meanwhile.
+        let low = hard.min(4096) / 2;
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        raise_open_files();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 
     fn defaults() -> ConntrackSettings {
         ConntrackSettings {
