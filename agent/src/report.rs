@@ -444,10 +444,8 @@ mod tests {
         assert_eq!(counts.get("external", IpFamily::V6), 0);
         // The same plan removed, applied as a partial diff, brings both back to zero.
         let removed = PlanDiff {
-            upserted: vec![],
             removed: plan.iter().cloned().collect(),
-            skipped: vec![],
-            conflicts: vec![],
+            ..PlanDiff::default()
         };
         counts.update(&NodePlan::default(), &removed, false);
         assert_eq!(counts.get("internal", IpFamily::V4), 0);

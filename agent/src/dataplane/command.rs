@@ -36,18 +36,18 @@ pub fn run(
     let mut child = command.stderr(Stdio::piped()).spawn()?;
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let child = Mutex::new(child);
-    let killed = AtomicBool::new(false);
+    let (exited, killed) = (AtomicBool::new(false), AtomicBool::new(false));
     let (done, finished) = mpsc::channel::<()>();
     let (status, stderr) = std::thread::scope(|s| {
-        let (child, killed) = (&child, &killed);
+        let (child, exited, killed) = (&child, &exited, &killed);
         s.spawn(move || {
             if finished.recv_timeout(deadline) == Err(mpsc::RecvTimeoutError::Timeout) {
-                kill_if_running(child, killed);
+                kill_if_running(child, exited, killed);
             }
         });
         let stderr = s.spawn(move || read_stderr(stderr));
         io(stdin, stdout);
-        let status = wait(child);
+        let status = wait(child, exited);
         drop(done);
         (status, stderr.join().unwrap_or_default())
     });
@@ -73,26 +73,34 @@ fn read_stderr(stderr: Option<std::process::ChildStderr>) -> Vec<u8> {
     kept
 }
 
-/// Kills the child unless it has exited (and been reaped) already: both happen
-/// under the lock, so a reaped child's process ID is never signalled.
-fn kill_if_running(child: &Mutex<Child>, killed: &AtomicBool) {
+/// Kills the child unless it has exited: the exit is noted under the lock before
+/// the child is reaped, and until it is reaped its process ID stays its own (a
+/// zombie), so no other process is ever signalled.
+fn kill_if_running(child: &Mutex<Child>, exited: &AtomicBool, killed: &AtomicBool) {
     let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
-    if let Ok(None) = child.try_wait() {
+    if !exited.load(Ordering::Acquire) {
         let _ = child.kill();
         killed.store(true, Ordering::Release);
     }
 }
 
-/// Waits for the child to exit, without holding the lock while it runs.
-fn wait(child: &Mutex<Child>) -> std::io::Result<ExitStatus> {
-    let mut pause = Duration::from_micros(200);
+/// Waits for the child to exit (without holding the lock while it runs), then
+/// reaps it.
+fn wait(child: &Mutex<Child>, exited: &AtomicBool) -> std::io::Result<ExitStatus> {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let pid = child.lock().unwrap_or_else(|e| e.into_inner()).id();
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    // WNOWAIT: told of the exit, the child stays unreaped (see `kill_if_running`).
     loop {
-        if let Some(status) = child.lock().unwrap_or_else(|e| e.into_inner()).try_wait()? {
-            return Ok(status);
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => break,
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
     }
+    let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
+    exited.store(true, Ordering::Release);
+    child.wait()
 }
 
 /// Writes `input` to the child's stdin, if it has one, and closes it; the error,

@@ -118,10 +118,8 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::dataplane::udp_frontends::test_support::{all, node_plan, plan};
+    use crate::dataplane::udp_frontends::test_support::{all, dns_removed, node_plan, plan};
     use crate::model::Protocol;
 
     fn flow(dst: &str, dport: u16, reply_src: &str, reply_sport: u16) -> UdpFlow {
@@ -173,12 +171,7 @@ mod tests {
 
     #[test]
     fn flows_of_a_removed_service_are_stale() {
-        let gone = PlanDiff {
-            upserted: vec![],
-            removed: vec![Arc::new(plan(Protocol::Udp, &["10.0.0.2"]))],
-            skipped: vec![],
-            conflicts: vec![],
-        };
+        let gone = dns_removed();
         let empty = NodePlan::default();
         let f = UdpFrontends::of(&empty, &gone, false);
         assert!(is_stale(&f, &flow("10.96.0.10", 53, "10.0.0.2", 5353)));

@@ -142,6 +142,14 @@ pub mod test_support {
         node
     }
 
+    /// The diff that removes the UDP `dns` service (served by 10.0.0.2).
+    pub fn dns_removed() -> PlanDiff {
+        PlanDiff {
+            removed: vec![std::sync::Arc::new(plan(Protocol::Udp, &["10.0.0.2"]))],
+            ..PlanDiff::default()
+        }
+    }
+
     /// Every frontend of a plan, as a full sync reconciles them.
     pub fn all(node: &NodePlan) -> UdpFrontends<'_> {
         static NO_DIFF: std::sync::LazyLock<PlanDiff> = std::sync::LazyLock::new(PlanDiff::default);
@@ -196,9 +204,7 @@ mod tests {
                 old: None,
                 new: Arc::new(plan(p, &["10.0.0.2"])),
             }],
-            removed: vec![],
-            skipped: vec![],
-            conflicts: vec![],
+            ..PlanDiff::default()
         };
         let empty = NodePlan::default();
         let udp = diff(Protocol::Udp);
@@ -215,9 +221,7 @@ mod tests {
                     old: Some(Arc::new(plan(Protocol::Udp, old))),
                     new: Arc::new(plan(Protocol::Udp, new)),
                 }],
-                removed: vec![],
-                skipped: vec![],
-                conflicts: vec![],
+                ..PlanDiff::default()
             };
             let empty = NodePlan::default();
             let f = UdpFrontends::of(&empty, &diff, false);
@@ -243,12 +247,7 @@ mod tests {
 
     #[test]
     fn nothing_serves_a_removed_service() {
-        let gone = PlanDiff {
-            upserted: vec![],
-            removed: vec![Arc::new(plan(Protocol::Udp, &["10.0.0.2"]))],
-            skipped: vec![],
-            conflicts: vec![],
-        };
+        let gone = dns_removed();
         let empty = NodePlan::default();
         let f = UdpFrontends::of(&empty, &gone, false);
         let cluster_ip = "10.96.0.10".parse().unwrap();

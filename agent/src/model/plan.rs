@@ -225,11 +225,18 @@ impl NodePlan {
                 pending.push(name.clone());
             }
         }
+        let changed = pending.len();
         let mut fresh_plans = Vec::with_capacity(pending.len());
         let mut i = 0;
         while let Some(name) = pending.get(i).cloned() {
             i += 1;
-            let fresh = plan_service(state, &name, &mut diff.skipped);
+            // Services only recomputed for a claim have reported their skipped ports.
+            let mut unchanged_skips = Vec::new();
+            let skipped = match i <= changed {
+                true => &mut diff.skipped,
+                false => &mut unchanged_skips,
+            };
+            let fresh = plan_service(state, &name, skipped);
             for other in self.claims.replace_service(&name, &fresh) {
                 if seen.insert(other.clone()) {
                     pending.push(other);
