@@ -46,6 +46,22 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:10249")]
         address: std::net::SocketAddr,
     },
+    /// Why this node does what it does with one service: every endpoint and
+    /// whether it is used (and why not), the REJECT/DROP decisions, what is
+    /// programmed (asked from the running agent's metrics address).
+    Explain {
+        /// NAMESPACE/NAME (a bare NAME is in `default`).
+        service: String,
+        /// Only the port with this name or number.
+        #[arg(long)]
+        port: Option<String>,
+        /// Print the agent's JSON as it is.
+        #[arg(long)]
+        json: bool,
+        /// The agent's --metrics-bind-address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        address: std::net::SocketAddr,
+    },
     /// Print the version.
     Version,
 }

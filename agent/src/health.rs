@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::model::IpFamily;
+use crate::source::queue::Asker;
 
 /// The `Server` header of every answer, so an operator (or Ferry itself, before
 /// taking a port over) can tell Ferry's endpoints from kube-proxy's.
@@ -228,11 +229,20 @@ pub async fn serve_health(
     serve(addr, app, "healthz", hard_fail).await;
 }
 
-/// Serves `/metrics`, `/healthz` ("ok": the metrics server is up) and `/proxyMode`
-/// (the data plane's name, as kube-proxy's e2e tests read it).
+/// What the metrics server reads: the metrics (and status), and the way to ask the
+/// proxy loop (`/explain`).
+#[derive(Clone)]
+struct MetricsState {
+    metrics: Arc<Metrics>,
+    asker: Asker,
+}
+
+/// Serves `/metrics`, `/healthz` ("ok": the metrics server is up), `/proxyMode`
+/// (the data plane's name, as kube-proxy's e2e tests read it), `/status` and
+/// `/explain` (`ferry status` and `ferry explain`).
 pub async fn serve_metrics(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
+    (metrics, asker): (Arc<Metrics>, Asker),
     mode: &'static str,
     hard_fail: bool,
 ) {
@@ -250,22 +260,71 @@ pub async fn serve_metrics(
         .route("/healthz", get(move || async move { text("ok") }))
         .route("/proxyMode", get(move || async move { text(mode) }))
         .route("/status", get(status))
-        .with_state(metrics);
+        .route("/explain", get(explain))
+        .with_state(MetricsState { metrics, asker });
     serve(addr, app, "metrics", hard_fail).await;
 }
 
 /// `ferry status`'s JSON.
-async fn status(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    axum::Json(metrics.status.snapshot())
+async fn status(State(state): State<MetricsState>) -> impl IntoResponse {
+    axum::Json(state.metrics.status.snapshot())
 }
 
-async fn metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+/// `/explain?service=NAMESPACE/NAME[&port=P]`.
+#[derive(serde::Deserialize)]
+struct ExplainQuery {
+    service: String,
+    port: Option<String>,
+}
+
+/// How long `/explain` waits for the proxy loop (busy while a sync runs).
+const EXPLAIN_WAIT: Duration = Duration::from_secs(8);
+
+/// `ferry explain`'s JSON, answered by the proxy loop between batches.
+async fn explain(
+    State(state): State<MetricsState>,
+    axum::extract::Query(q): axum::extract::Query<ExplainQuery>,
+) -> Response {
+    let service = match crate::explain::parse_service(&q.service) {
+        Ok(s) => s,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let question = crate::explain::Question {
+        service: service.clone(),
+        port: q.port,
+        reply,
+    };
+    if state.asker.ask(question).is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy loop has stopped",
+        )
+            .into_response();
+    }
+    let waited = tokio::task::spawn_blocking(move || answer.recv_timeout(EXPLAIN_WAIT)).await;
+    match waited {
+        Ok(Ok(Some(explanation))) => axum::Json(explanation).into_response(),
+        Ok(Ok(None)) => (
+            StatusCode::NOT_FOUND,
+            format!("no service {service} in this agent's model"),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy loop did not answer in time (a long sync is running); try again",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<MetricsState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.encode(),
+        state.metrics.encode(),
     )
 }
 

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod explain;
 pub mod health;
 pub mod host;
 pub mod http_server;

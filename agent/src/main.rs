@@ -46,6 +46,12 @@ fn main() -> ExitCode {
             println!("{text}");
             Ok(())
         }),
+        Command::Explain {
+            service,
+            port,
+            json,
+            address,
+        } => explain(&service, port.as_deref(), json, address),
         Command::Version => {
             println!("ferry {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -58,6 +64,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ferry explain`: asks the agent, prints its answer.
+fn explain(
+    service: &str,
+    port: Option<&str>,
+    json: bool,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let service = ferry::explain::parse_service(service).map_err(anyhow::Error::msg)?;
+    let explanation = ferry::explain::fetch(address, &service, port)?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&explanation)?),
+        false => print!("{}", ferry::explain::render(&explanation)),
+    }
+    Ok(())
 }
 
 /// `ferry run`, or kube-proxy's `--cleanup` / `--init-only` variants of it.

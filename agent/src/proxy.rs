@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 use self::node_local_dns::NodeLocalDnsSteering;
 use crate::dataplane::{DataPlane, conntrack};
 use crate::dns::ClusterDns;
+use crate::model::explain::explain;
 use crate::model::{
     Applied, ClusterState, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork, NodePlan,
     NodePortAddresses, Protocol, ServiceName, last_change_trigger_time, service_health_check,
@@ -304,6 +305,7 @@ impl ProxyLoop {
                     self.needs_full_sync = true;
                 }
             }
+            SourceEvent::Question(question) => self.answer(question),
             SourceEvent::HostAddresses(host) => {
                 if host != self.host {
                     info!("host addresses changed; reprogramming NodePort addresses");
@@ -313,6 +315,20 @@ impl ProxyLoop {
                 }
             }
         }
+    }
+
+    /// Answers `ferry explain` from the model, with what the data plane holds for
+    /// each port.
+    fn answer(&self, question: crate::explain::Question) {
+        let port = question.port.as_deref();
+        let mut explanation = explain(&self.state, &self.plan, &question.service, port);
+        for p in explanation.iter_mut().flat_map(|e| &mut e.ports) {
+            if let Some(plan) = p.key.as_ref().and_then(|k| self.plan.get(k)) {
+                p.programmed = self.data_plane.describe(plan);
+            }
+        }
+        // The asker may have given up waiting; nothing to do then.
+        let _ = question.reply.try_send(explanation);
     }
 
     /// Puts back DNS listen addresses someone removed from the host (the sockets

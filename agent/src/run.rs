@@ -75,9 +75,11 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             hard_fail,
         ));
     }
+    let (tx, rx) = crate::source::queue::queue();
     if let Some(addr) = config.metrics {
         let mode = config.data_plane.mode_name();
-        runtime.spawn(serve_metrics(addr, metrics.clone(), mode, hard_fail));
+        let served = (metrics.clone(), tx.asker());
+        runtime.spawn(serve_metrics(addr, served, mode, hard_fail));
     }
     let data_plane = start_data_plane(&config.data_plane, &metrics)?;
     let dns = match config.dns.clone() {
@@ -96,7 +98,6 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     runtime.spawn(async move {
         exit_on_signal(shutdown).await;
     });
-    let (tx, rx) = crate::source::queue::queue();
     let host = host::probe_addresses();
     host::watch_addresses(host.clone(), HOST_PROBE_PERIOD, tx.clone());
     let _watcher = start_source(&runtime, &config, tx)?;

@@ -90,14 +90,23 @@ impl StatusBoard {
 
 /// Fetches the status from an agent's metrics address.
 pub fn fetch(address: SocketAddr) -> anyhow::Result<AgentStatus> {
+    get_json(address, "/status")
+}
+
+/// GETs `path` from an agent's metrics address and decodes its JSON; an answer
+/// other than 200 becomes an error carrying the agent's words.
+pub fn get_json<T: serde::de::DeserializeOwned>(
+    address: SocketAddr,
+    path: &str,
+) -> anyhow::Result<T> {
     use anyhow::Context as _;
-    let timeout = Duration::from_secs(5);
+    let timeout = Duration::from_secs(10);
     let mut stream = TcpStream::connect_timeout(&address, timeout)
         .with_context(|| format!("no agent answers on {address} (its --metrics-bind-address)"))?;
     stream.set_read_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET /status HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = Vec::new();
     stream.take(16 << 20).read_to_end(&mut response)?;
@@ -106,12 +115,11 @@ pub fn fetch(address: SocketAddr) -> anyhow::Result<AgentStatus> {
         .split_once("\r\n\r\n")
         .context("malformed HTTP response")?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        anyhow::bail!(
-            "{address}/status: {}",
-            head.lines().next().unwrap_or_default()
-        );
+        let status = head.lines().next().unwrap_or_default();
+        anyhow::bail!("{address}{path}: {status}: {}", body.trim());
     }
-    serde_json::from_str(body).context("the agent's /status is not a status")
+    serde_json::from_str(body)
+        .with_context(|| format!("the agent's answer to {path} is not what ferry expects"))
 }
 
 /// The status for people: one fact per line.

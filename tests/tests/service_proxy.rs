@@ -1204,6 +1204,93 @@ fn status_reports_the_running_agent(mode: Mode) {
     }
 }
 
+/// `ferry explain` tells, from the running agent, which endpoints a port uses and
+/// why the others are left out, and what the data plane holds for it; the traffic
+/// agrees with it.
+fn explain_names_each_endpoints_fate(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "c", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let not_ready = ep(&c.pod("b").ip).conditions(false, false, false);
+    let draining = ep(&c.pod("c").ip).conditions(false, true, true);
+    c.write_manifest(
+        "web.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.30")
+                .port(port("http", "TCP", 80))
+                .port(port("admin", "TCP", 9000))
+                .yaml(),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &p,
+                &[ep(&c.pod("a").ip), not_ready, draining],
+            ),
+        ]),
+    );
+    c.start_agent();
+    let r = c.tcp(From::Pod("client"), "10.96.0.30:80", 10);
+    assert_eq!(r.pods(), ["a"], "only the ready endpoint serves: {r:?}");
+    let explain = |args: &[&str]| {
+        c.node_command(c.bin("ferry"))
+            .arg("explain")
+            .args(args)
+            .output()
+            .expect("ferry explain")
+    };
+    let out = explain(&["default/web", "--port", "http"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = format!("{}:8080 on node-a: not ready", c.pod("b").ip);
+    let c_ep = format!("{}:8080 on node-a: serving, terminating", c.pod("c").ip);
+    for wanted in [
+        "port default/web:http TCP IPv4",
+        "frontend       ClusterIP 10.96.0.30:80/TCP",
+        "ClusterIP      FORWARD (Cluster policy): balanced across 1 endpoint(s)",
+        &b,
+        &c_ep,
+        "NOT used: terminating: used only when no endpoint is ready",
+    ] {
+        assert!(text.contains(wanted), "{wanted:?} missing in\n{text}");
+    }
+    assert!(
+        !text.contains("default/web:admin"),
+        "--port keeps one port:\n{text}"
+    );
+    let programmed = match mode {
+        Mode::Ebpf => {
+            "programmed     eBPF frontend 10.96.0.30:80 protocol 6: forward to 1 backend(s)"
+        }
+        Mode::Iptables => "programmed     iptables nat chains: KUBE-SVC-",
+        Mode::Nftables => "programmed     ip ferry map service-ips: 10.96.0.30 . tcp . 80",
+    };
+    assert!(
+        text.contains(programmed),
+        "{programmed:?} missing in\n{text}"
+    );
+
+    let out = explain(&["default/web", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let admin = &json["ports"][1];
+    assert_eq!(admin["port"], "default/web:admin", "{json}");
+    assert_eq!(
+        admin["internal"]["action"], "reject",
+        "no endpoint has the admin port: {json}"
+    );
+    let r = c.tcp_with(From::Pod("client"), "10.96.0.30:9000", 1, 1000, 0);
+    assert_eq!(r.error("refused"), 1, "and the kernel refuses it: {r:?}");
+
+    let out = explain(&["default/nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no service default/nope"), "{err}");
+}
+
 ferry_tests::scenarios!(
     clusterip_tcp_from_pod_and_node,
     clusterip_ipv6,
@@ -1235,6 +1322,7 @@ ferry_tests::scenarios!(
     cleanup_removes_everything,
     an_external_ip_claimed_twice_goes_to_one_service,
     status_reports_the_running_agent,
+    explain_names_each_endpoints_fate,
 );
 
 /// kube-proxy's nftables mode drops traffic to an address of a ServiceCIDR that no

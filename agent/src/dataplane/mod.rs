@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 pub use crate::model::NodeNetwork;
-use crate::model::{IpFamily, NodePlan, PlanDiff, Protocol};
+use crate::model::{IpFamily, NodePlan, PlanDiff, Protocol, ServicePortPlan};
 
 pub mod command;
 pub mod conntrack;
@@ -117,6 +117,11 @@ pub trait DataPlane: Send {
         let _ = frontends;
         Ok(())
     }
+
+    /// What this data plane holds for `plan`, in its own words (chain names, map
+    /// entries), for `ferry explain`: the names an operator greps `iptables-save`,
+    /// `nft list` or `ferry inspect` for.
+    fn describe(&self, plan: &ServicePortPlan) -> Vec<String>;
 
     /// Cheap check for outside tampering; `true` means a full sync is due.
     fn needs_full_sync(&mut self) -> bool {

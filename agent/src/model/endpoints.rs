@@ -188,14 +188,15 @@ fn pick(endpoints: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Vec<Endpo
 
 /// Which hints narrow the cluster-wide set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TopologyMode {
+pub enum TopologyMode {
     None,
     Node,
     Zone,
 }
 
 impl TopologyMode {
-    fn allows(self, ep: &Candidate, node: &NodeInfo) -> bool {
+    /// Whether `ep` may be in the cluster-wide set under this mode.
+    pub fn allows(self, ep: &Candidate, node: &NodeInfo) -> bool {
         match self {
             Self::None => true,
             Self::Node => ep.node_hints.contains(&node.name),
@@ -210,7 +211,7 @@ impl TopologyMode {
 /// Hints are used only when every ready endpoint carries them and at least one names
 /// this node (or zone); otherwise they are ignored entirely, so hints never leave a
 /// node with nothing.
-fn topology_mode(endpoints: &[Candidate], node: &NodeInfo) -> TopologyMode {
+pub fn topology_mode(endpoints: &[Candidate], node: &NodeInfo) -> TopologyMode {
     let mut all_node_hints = true;
     let mut has_for_node = false;
     let mut all_zone_hints = true;

@@ -142,6 +142,27 @@ impl FrontendClaims {
         Some(plan)
     }
 
+    /// The frontends the port `key` asked for and another port got (`ferry explain`).
+    pub fn losses(&self, key: &PlanKey) -> Vec<FrontendConflict> {
+        let asked = self
+            .by_service
+            .get(&key.port.service)
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k == key)
+            .flat_map(|(_, frontends)| frontends);
+        asked
+            .filter_map(|frontend| match self.winner(frontend) {
+                Some(winner) if winner != key => Some(FrontendConflict {
+                    loser: key.port.clone(),
+                    frontend: frontend.clone(),
+                    winner: winner.port.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn winner(&self, frontend: &Frontend) -> Option<&PlanKey> {
         self.claims.get(frontend).and_then(|c| c.first())
     }

@@ -7,6 +7,7 @@
 
 pub mod domain;
 pub mod endpoints;
+pub mod explain;
 pub mod frontends;
 pub mod health_check;
 pub mod node;

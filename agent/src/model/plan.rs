@@ -306,6 +306,11 @@ impl NodePlan {
         self.plans.values()
     }
 
+    /// The frontends the port `key` asked for and another port got.
+    pub fn frontend_losses(&self, key: &PlanKey) -> Vec<FrontendConflict> {
+        self.claims.losses(key)
+    }
+
     /// Number of plans.
     pub fn len(&self) -> usize {
         self.plans.len()
@@ -330,10 +335,7 @@ fn plan_service(
     if !svc.is_proxied() {
         return Vec::new();
     }
-    // Even with a Local external policy, cluster-wide endpoints are needed for the
-    // short-circuit of traffic from pods and the node to external destinations.
-    let uses_cluster = !svc.internal_policy_local || svc.is_externally_accessible();
-    let uses_local = svc.internal_policy_local || svc.external_policy_local;
+    let (uses_cluster, uses_local) = (svc.uses_cluster_endpoints(), svc.uses_local_endpoints());
     let mut plans = Vec::with_capacity(svc.cluster_ips.len() * svc.ports.len());
     for port in svc.ports.iter().filter(|p| !state.supports(p.protocol)) {
         skipped.push(ServicePortName {

@@ -130,6 +130,19 @@ impl ServiceInfo {
         is_externally_accessible(&self.service_type, &self.external_ips)
     }
 
+    /// Whether some traffic of this service balances across the cluster-wide
+    /// endpoint set: a `Cluster` internal policy, or any external access (even with a
+    /// Local external policy, traffic from pods and the node to an external address
+    /// short-circuits to the cluster-wide set).
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_policy_local || self.is_externally_accessible()
+    }
+
+    /// Whether some traffic of this service uses only this node's endpoints.
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_policy_local || self.external_policy_local
+    }
+
     /// The ClusterIP of one family, if the service has one.
     pub fn cluster_ip(&self, family: IpFamily) -> Option<IpAddr> {
         self.cluster_ips

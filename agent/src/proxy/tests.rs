@@ -37,6 +37,10 @@ impl DataPlane for FakeDataPlane {
         "fake"
     }
 
+    fn describe(&self, plan: &ServicePortPlan) -> Vec<String> {
+        vec![format!("fake entry for {}", plan.key.port)]
+    }
+
     fn sync(
         &mut self,
         plan: &NodePlan,

@@ -849,6 +849,7 @@ mod tests {
                 SourceEvent::Rejected { origin, .. } => format!("rejected {origin}"),
                 SourceEvent::Synced => "synced".into(),
                 SourceEvent::HostAddresses(_) => "host addresses".into(),
+                SourceEvent::Question(_) => "question".into(),
             })
             .collect()
     }

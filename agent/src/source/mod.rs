@@ -58,4 +58,7 @@ pub enum SourceEvent {
     /// The host's addresses changed (from [`crate::host::watch_addresses`], not a
     /// Kubernetes source): NodePort addresses may have to follow.
     HostAddresses(HostAddresses),
+    /// Not a change: an operator's question (`ferry explain`), answered from the
+    /// model between batches. Never coalesced with another.
+    Question(crate::explain::Question),
 }

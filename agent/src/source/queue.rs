@@ -21,16 +21,21 @@ enum Key {
     Synced,
     Rejected(String),
     HostAddresses,
+    Question(u64),
 }
 
 impl Key {
-    fn of(event: &SourceEvent) -> Self {
+    fn of(event: &SourceEvent, pending: &mut Pending) -> Self {
         match event {
             SourceEvent::Apply { object, .. } => Self::Object(object.object_ref()),
             SourceEvent::Delete(r) => Self::Object(r.clone()),
             SourceEvent::Synced => Self::Synced,
             SourceEvent::Rejected { origin, .. } => Self::Rejected(origin.clone()),
             SourceEvent::HostAddresses(_) => Self::HostAddresses,
+            SourceEvent::Question(_) => {
+                pending.questions += 1;
+                Self::Question(pending.questions)
+            }
         }
     }
 }
@@ -41,6 +46,8 @@ struct Pending {
     latest: HashMap<Key, SourceEvent>,
     senders: usize,
     receiver_gone: bool,
+    /// Questions asked so far (each gets a key of its own).
+    questions: u64,
 }
 
 #[derive(Default)]
@@ -76,17 +83,38 @@ pub fn queue() -> (EventSender, EventReceiver) {
 impl EventSender {
     /// Queues `event`, replacing a queued one about the same object.
     pub fn send(&self, event: SourceEvent) -> Result<(), Closed> {
-        let mut pending = self.0.lock();
-        if pending.receiver_gone {
-            return Err(Closed);
-        }
-        let key = Key::of(&event);
-        if pending.latest.insert(key.clone(), event).is_none() {
-            pending.order.push_back(key);
-        }
-        drop(pending);
-        self.0.ready.notify_one();
-        Ok(())
+        send(&self.0, event)
+    }
+
+    /// A handle that asks the loop questions through this queue without counting as
+    /// a source: the loop still ends when the last source hangs up.
+    pub fn asker(&self) -> Asker {
+        Asker(self.0.clone())
+    }
+}
+
+fn send(shared: &Shared, event: SourceEvent) -> Result<(), Closed> {
+    let mut pending = shared.lock();
+    if pending.receiver_gone {
+        return Err(Closed);
+    }
+    let key = Key::of(&event, &mut pending);
+    if pending.latest.insert(key.clone(), event).is_none() {
+        pending.order.push_back(key);
+    }
+    drop(pending);
+    shared.ready.notify_one();
+    Ok(())
+}
+
+/// Puts operator questions ([`SourceEvent::Question`]) in the queue.
+#[derive(Clone)]
+pub struct Asker(Arc<Shared>);
+
+impl Asker {
+    /// Queues `question` behind the events already waiting.
+    pub fn ask(&self, question: crate::explain::Question) -> Result<(), Closed> {
+        send(&self.0, SourceEvent::Question(question))
     }
 }
 

@@ -42,6 +42,34 @@ pub struct EbpfConfig {
     pub sizes: MapSizes,
 }
 
+/// One frontend's entry in the maps, for `ferry explain`.
+fn describe_frontend(
+    key: &ferry_common::FrontendKey,
+    entry: Option<(&ferry_common::Frontend, usize)>,
+) -> String {
+    let address = std::net::SocketAddr::new(
+        layout::words_addr(key.addr, key.family),
+        u16::from_be(key.port),
+    );
+    let what = match entry {
+        None => "not in the maps (see the map-full errors in the log)".to_string(),
+        Some((fe, _))
+            if fe.flags & ferry_common::flags::ACTION_MASK
+                == ferry_common::flags::ACTION_REJECT =>
+        {
+            "reject".into()
+        }
+        Some((fe, n))
+            if fe.flags & ferry_common::flags::ACTION_MASK
+                == ferry_common::flags::ACTION_FORWARD =>
+        {
+            format!("forward to {n} backend(s) (list #{})", fe.id)
+        }
+        Some(_) => "drop".into(),
+    };
+    format!("eBPF frontend {address} protocol {}: {what}", key.proto)
+}
+
 /// Socket-LB maps plus iptables for traffic entering the node.
 pub struct EbpfDataPlane {
     maps: KernelMaps,
@@ -204,6 +232,18 @@ impl DataPlane for EbpfDataPlane {
             });
         }
         Ok(stats)
+    }
+
+    fn describe(&self, plan: &ServicePortPlan) -> Vec<String> {
+        let Some(prog) = &self.programmed else {
+            return vec!["eBPF maps: not adopted yet (no successful sync)".into()];
+        };
+        let mut out: Vec<String> = frontends(plan)
+            .iter()
+            .map(|d| describe_frontend(&d.key, prog.frontend(&d.key)))
+            .collect();
+        out.extend(self.external.describe(plan));
+        out
     }
 
     fn needs_full_sync(&mut self) -> bool {

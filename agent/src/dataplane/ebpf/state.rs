@@ -280,6 +280,13 @@ impl Programmed {
         self.frontends.keys()
     }
 
+    /// The programmed value of one frontend and how many backends its list holds.
+    pub fn frontend(&self, key: &FrontendKey) -> Option<(&Frontend, usize)> {
+        self.frontends
+            .get(key)
+            .map(|e| (&e.value, e.backends.len()))
+    }
+
     /// Number of frontends and backends programmed.
     pub fn counts(&self) -> (usize, usize) {
         (self.frontends.len(), self.backends.len())

@@ -75,6 +75,27 @@ impl Rendered {
         (rendered, rules.chains)
     }
 
+    /// Where its rules are, for `ferry explain` (`tool`: `iptables` or `ip6tables`).
+    fn describe(&self, tool: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.nat_shared.is_empty() {
+            out.push(format!(
+                "{tool} nat: {} rule(s) in KUBE-SERVICES / KUBE-NODEPORTS",
+                self.nat_shared.len()
+            ));
+        }
+        if !self.filter_shared.is_empty() {
+            out.push(format!(
+                "{tool} filter: {} rule(s) in KUBE-SERVICES / KUBE-EXTERNAL-SERVICES / KUBE-PROXY-FIREWALL",
+                self.filter_shared.len()
+            ));
+        }
+        if !self.chains.is_empty() {
+            out.push(format!("{tool} nat chains: {}", self.chains.join(", ")));
+        }
+        out
+    }
+
     /// Its rules in the shared chains of `table`.
     fn shared(&self, table: Table) -> &[Rule] {
         match table {
@@ -210,6 +231,19 @@ impl<R: Runner + Send> DataPlane for IptablesDataPlane<R> {
     /// needs them).
     fn nats_through_conntrack(&self) -> bool {
         self.programmed
+    }
+
+    fn describe(&self, plan: &ServicePortPlan) -> Vec<String> {
+        let tool = match plan.key.family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        let state = self.families.iter().find(|f| f.family == plan.key.family);
+        match state.and_then(|f| f.rendered.get(&plan.key)) {
+            Some(rendered) => rendered.describe(tool),
+            None if self.scope == Scope::ExternalOnly => Vec::new(),
+            None => vec![format!("{tool}: no rules written for it yet")],
+        }
     }
 
     fn needs_full_sync(&mut self) -> bool {

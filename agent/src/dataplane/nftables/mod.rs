@@ -318,6 +318,41 @@ impl<R: Runner + Send> DataPlane for NftablesDataPlane<R> {
     fn nats_through_conntrack(&self) -> bool {
         true
     }
+
+    fn describe(&self, plan: &ServicePortPlan) -> Vec<String> {
+        let state = self.families.iter().find(|f| f.family == plan.key.family);
+        let Some(ctx) = state.and_then(|f| f.ctx.as_ref()) else {
+            return vec!["nftables: the table is not written yet".into()];
+        };
+        let objects = render_service(plan, ctx);
+        let af = Words::of(plan.key.family).af;
+        let mut out: Vec<String> = objects
+            .elements
+            .iter()
+            .map(|e| match e.value.is_empty() {
+                true => format!("{af} {TABLE} set {}: {}", e.collection.name(), e.key),
+                false => format!(
+                    "{af} {TABLE} map {}: {} : {}",
+                    e.collection.name(),
+                    e.key,
+                    e.value
+                ),
+            })
+            .collect();
+        out.extend(
+            objects
+                .chains
+                .iter()
+                .map(|c| format!("{af} {TABLE} chain {}: {} rule(s)", c.name, c.rules.len())),
+        );
+        out.extend(objects.balancers.iter().map(|b| {
+            format!(
+                "{af} {TABLE} shared chain {} (endpoints in its map)",
+                b.name()
+            )
+        }));
+        out
+    }
 }
 
 impl FamilyState {
