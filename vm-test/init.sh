@@ -15,13 +15,17 @@ hostname ferry-vm
 ip link set lo up
 echo "ferry-vm: kernel $(uname -r)"
 
+# The build staged by `cargo xtask vm` (xtask/src/vm.rs): tests find the agent and
+# the repository files they read here, not at the host's paths.
+export FERRY_BIN_DIR=/ferry-vm/bin FERRY_REPO_ROOT=/ferry-vm/repo
+cd /ferry-vm/repo || exit 1
 rc=0
 args=$(cat /ferry-vm/test-args)
 while read -r t; do
     echo "ferry-vm: running $t"
     # shellcheck disable=SC2086 # the arguments are split on purpose
     "$t" --test-threads=2 $args || rc=1
-done < /ferry-vm/tests
+done < /ferry-vm/tests.list
 echo "FERRY-VM-RESULT: $rc"
 sync
 echo o > /proc/sysrq-trigger

@@ -180,6 +180,17 @@ pub struct RunArgs {
         env = "FERRY_CLUSTER_CIDR"
     )]
     pub cluster_cidr: Vec<IpNetwork>,
+    /// The ranges ClusterIPs are allocated from (the API server's
+    /// `--service-cluster-ip-range`): a Service whose ClusterIP lies outside is
+    /// skipped as invalid, as the API server would refuse it (for manifests no API
+    /// server checked). Also serves as a ServiceCIDR for nftables mode.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CIDR",
+        env = "FERRY_SERVICE_CLUSTER_IP_RANGE"
+    )]
+    pub service_cluster_ip_range: Vec<IpNetwork>,
     /// How pod traffic is recognised (kube-proxy's `--detect-local-mode`): ClusterCIDR
     /// (--cluster-cidr), NodeCIDR (the Node's spec.podCIDRs), BridgeInterface
     /// (--pod-bridge-interface) or InterfaceNamePrefix (--pod-interface-name-prefix).

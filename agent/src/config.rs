@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub data_plane: DataPlaneConfig,
     pub node_name: String,
     pub cluster_cidrs: Vec<IpNetwork>,
+    /// `--service-cluster-ip-range`: ClusterIPs outside are invalid.
+    pub service_cluster_ip_ranges: Vec<IpNetwork>,
     /// How pod traffic is recognised.
     pub local_detection: LocalDetection,
     pub nodeport_addresses: NodePortAddresses,
@@ -118,6 +120,7 @@ impl RunConfig {
             bind_address_hard_fail: args.bind_address_hard_fail,
             node_settings: node_settings(&args),
             cluster_cidrs: args.cluster_cidr.clone(),
+            service_cluster_ip_ranges: args.service_cluster_ip_range.clone(),
             local_detection: local_detection(&args)?,
             data_plane: data_plane(args)?,
         })

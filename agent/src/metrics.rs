@@ -91,6 +91,8 @@ pub struct Metrics {
     /// Frontends a service port asked for and another one owns, as found.
     pub frontend_conflicts: Counter,
     pub sync_failures: Counter,
+    /// Service ports held out of the kernel because it refused them.
+    pub quarantined: Gauge,
     /// eBPF map updates refused by the kernel (map full), by map.
     pub map_full: Family<Labels, Counter>,
     pub ebpf_frontends: Gauge,
@@ -147,6 +149,7 @@ impl Metrics {
             invalid_objects: Family::default(),
             skipped_ports: Family::default(),
             frontend_conflicts: Counter::default(),
+            quarantined: Gauge::default(),
             sync_failures: Counter::default(),
             map_full: Family::default(),
             ebpf_frontends: Gauge::default(),
@@ -290,6 +293,11 @@ impl Metrics {
             "ferry_sync_failures",
             "Syncs that failed and were retried as full syncs",
             m.sync_failures.clone(),
+        );
+        r.register(
+            "ferry_quarantined_service_ports",
+            "Service ports (per IP family) the kernel refused, held out of the data plane and retried with backoff",
+            m.quarantined.clone(),
         );
         r.register(
             "ferry_ebpf_map_full_errors",

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use self::node_local_dns::NodeLocalDnsSteering;
-use crate::dataplane::{DataPlane, conntrack};
+use self::quarantine::{AfterFailure, Quarantine};
+use crate::dataplane::{DataPlane, SyncError, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::explain::explain;
 use crate::model::{
     Applied, ClusterState, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork, NodePlan,
-    NodePortAddresses, Protocol, ServiceName, last_change_trigger_time, service_health_check,
+    NodePortAddresses, PlanDiff, Protocol, ServiceName, last_change_trigger_time,
+    service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
 use crate::service_health::ServiceHealthServers;
@@ -50,6 +52,8 @@ pub struct ProxyConfig {
     pub min_sync_period: Duration,
     /// Protocols the kernel cannot carry: their service ports are skipped.
     pub unsupported_protocols: Vec<Protocol>,
+    /// `--service-cluster-ip-range`: Services with a ClusterIP outside are invalid.
+    pub service_cluster_ip_ranges: Vec<ipnetwork::IpNetwork>,
     /// The IP families the data plane programs (conntrack is reconciled in each).
     pub families: Vec<IpFamily>,
     /// Full resync at least this often even without tampering.
@@ -91,6 +95,8 @@ pub struct ProxyLoop {
     retry_at: Option<Instant>,
     /// Failed syncs in a row (the retry backs off with them).
     failures: u32,
+    /// Service ports the kernel refuses, held out of the data plane.
+    quarantine: Quarantine,
     /// Stale UDP conntrack entries, deleted after syncs.
     conntrack: conntrack::Reconciler,
     /// When the last sync (attempt) started, for `min_sync_period`.
@@ -110,6 +116,7 @@ impl ProxyLoop {
     ) -> Self {
         let mut state = ClusterState::new(config.node_name.clone());
         state.set_unsupported_protocols(config.unsupported_protocols.clone());
+        state.set_service_cluster_ip_ranges(config.service_cluster_ip_ranges.clone());
         Self {
             state,
             config,
@@ -124,6 +131,7 @@ impl ProxyLoop {
             needs_full_sync: true,
             retry_at: None,
             failures: 0,
+            quarantine: Quarantine::default(),
             conntrack: conntrack::Reconciler::default(),
             last_sync: None,
             last_check: Instant::now(),
@@ -224,10 +232,10 @@ impl ProxyLoop {
             .config
             .sync_period
             .saturating_sub(self.last_check.elapsed());
-        if let Some(t) = self.retry_at {
+        for t in self.retry_at.iter().chain(&self.quarantine.next_probe()) {
             wait = wait.min(t.saturating_duration_since(Instant::now()));
         }
-        if (self.state.has_changes() || self.needs_full_sync)
+        if (self.state.has_changes() || self.needs_full_sync || self.quarantine.wants_full_sync())
             && let Some(t) = self.earliest_sync()
         {
             wait = wait.min(t.saturating_duration_since(Instant::now()));
@@ -323,7 +331,10 @@ impl ProxyLoop {
         let port = question.port.as_deref();
         let mut explanation = explain(&self.state, &self.plan, &question.service, port);
         for p in explanation.iter_mut().flat_map(|e| &mut e.ports) {
-            if let Some(plan) = p.key.as_ref().and_then(|k| self.plan.get(k)) {
+            let Some(key) = &p.key else { continue };
+            if let Some(error) = self.quarantine.reason(key) {
+                p.not_programmed = Some(format!("the kernel refused it (quarantined): {error}"));
+            } else if let Some(plan) = self.plan.get(key) {
                 p.programmed = self.data_plane.describe(plan);
             }
         }
@@ -383,12 +394,15 @@ impl ProxyLoop {
     /// Programs what changed (everything, when a full sync is due).
     fn sync(&mut self) {
         let changes = self.state.take_changes();
-        let full = self.needs_full_sync;
+        let full = self.needs_full_sync || self.quarantine.wants_full_sync();
         if changes.services.is_empty() && !full {
             return;
         }
         self.last_sync = Some(Instant::now());
-        let diff = self.plan.update(&self.state, &changes.services);
+        let mut diff = self.plan.update(&self.state, &changes.services);
+        if self.quarantine.filter(&mut diff) {
+            self.report.quarantined(self.quarantine.held());
+        }
         if let Some(steering) = &mut self.node_local_dns {
             steering.track(&diff);
         }
@@ -413,12 +427,23 @@ impl ProxyLoop {
             self.report.finish_pending();
             return;
         }
+        let excluded = self.quarantine.excluded();
+        let without_excluded;
+        let plan = match excluded.is_empty() {
+            true => &self.plan,
+            false => {
+                without_excluded = self.plan.without(&excluded);
+                &without_excluded
+            }
+        };
         let started = Instant::now();
-        match self.data_plane.sync(&self.plan, &diff, &node, full) {
+        match self.data_plane.sync(plan, &diff, &node, full) {
             Ok(stats) => {
+                self.quarantine.succeeded();
+                self.report.quarantined(self.quarantine.held());
                 if self.data_plane.nats_through_conntrack() {
                     let families = &self.config.families;
-                    let cleared = self.conntrack.reconcile(&self.plan, &diff, full, families);
+                    let cleared = self.conntrack.reconcile(plan, &diff, full, families);
                     self.report.conntrack_cleared(&cleared);
                 }
                 if full {
@@ -432,22 +457,33 @@ impl ProxyLoop {
                 self.failures = 0;
                 self.report.synced(&SyncOutcome {
                     data_plane: self.data_plane.name(),
-                    plan: &self.plan,
+                    plan,
                     diff: &diff,
                     stats: &stats,
                     full,
                     took: started.elapsed(),
                 });
             }
-            Err(err) => {
-                self.failures = self.failures.saturating_add(1);
-                let delay = retry_delay(self.failures);
-                error!(data_plane = self.data_plane.name(), error = %error_chain(&err), retry_in_s = delay.as_secs(), failures_in_a_row = self.failures, "sync failed; retrying with a full sync");
-                self.report.sync_failed(&err);
-                self.needs_full_sync = true;
-                self.retry_at = Some(Instant::now() + delay);
-            }
+            Err(err) => self.sync_failed(&err, &diff, full),
         }
+    }
+
+    /// After a failed sync: the next step of the quarantine's search at once, or a
+    /// full sync retried with backoff.
+    fn sync_failed(&mut self, err: &SyncError, diff: &PlanDiff, full: bool) {
+        self.report.sync_failed(err);
+        self.needs_full_sync = true;
+        self.failures = self.failures.saturating_add(1);
+        let message = error_chain(err);
+        if self.quarantine.failed(&self.plan, diff, full, &message) == AfterFailure::Continue {
+            info!(error = %message, "sync failed; the next step follows at once");
+            self.retry_at = None;
+            self.report.quarantined(self.quarantine.held());
+            return;
+        }
+        let delay = retry_delay(self.failures);
+        error!(data_plane = self.data_plane.name(), error = %message, retry_in_s = delay.as_secs(), failures_in_a_row = self.failures, "sync failed; retrying with a full sync");
+        self.retry_at = Some(Instant::now() + delay);
     }
 
     /// Health servers follow the services that changed; on a full sync (`full_sync`:
@@ -478,5 +514,6 @@ impl ProxyLoop {
 }
 
 pub mod node_local_dns;
+mod quarantine;
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,7 @@ use crate::dataplane::conntrack::Cleared;
 use crate::dataplane::{ProgrammedCount, SyncError, SyncStats};
 use crate::health::Health;
 use crate::metrics::{Metrics, ip_family, unix_now};
-use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, Protocol, ServicePortPlan};
+use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, PlanKey, Protocol, ServicePortPlan};
 
 /// Trigger times kept for the next sync at most (a bound on memory when a sync is
 /// slow and every endpoint churns); later ones are not measured.
@@ -288,6 +288,16 @@ impl Report {
                     .inc();
             }
         }
+    }
+
+    /// The service ports held out of the kernel because it refused them, with its
+    /// error (gauge and `ferry status`).
+    pub fn quarantined<'a>(&self, held: impl Iterator<Item = (&'a PlanKey, &'a str)>) {
+        let held: Vec<String> = held
+            .map(|(key, error)| format!("{} ({}): {error}", key.port, key.family))
+            .collect();
+        self.metrics.quarantined.set(held.len() as i64);
+        self.metrics.status.update(|s| s.quarantined = held);
     }
 
     /// Stale conntrack entries were deleted after a sync.

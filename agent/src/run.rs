@@ -110,6 +110,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             sync_period: config.sync_period,
             min_sync_period: config.min_sync_period,
             unsupported_protocols: host::unsupported_protocols(),
+            service_cluster_ip_ranges: config.service_cluster_ip_ranges,
             families: families(),
             full_sync_period: config.full_sync_period,
         },

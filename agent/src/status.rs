@@ -65,6 +65,9 @@ pub struct AgentStatus {
     /// Counts of things that were refused or left out, by what they were.
     pub invalid_objects: u64,
     pub frontend_conflicts: u64,
+    /// Service ports the kernel refused, held out of the data plane, with its error.
+    #[serde(default)]
+    pub quarantined: Vec<String>,
 }
 
 /// The agent's status, shared by whoever updates it and the HTTP server.
@@ -182,6 +185,9 @@ pub fn render(s: &AgentStatus, now: SystemTime) -> String {
             s.frontend_conflicts
         ));
     }
+    for q in &s.quarantined {
+        out.push(format!("WARNING: quarantined (the kernel refused it): {q}"));
+    }
     out.join("\n")
 }
 
@@ -220,5 +226,11 @@ mod tests {
         s.failures_in_a_row = 2;
         s.last_error = Some("nft: boom".into());
         assert!(render(&s, now).contains("WARNING: the last 2 syncs failed: nft: boom"));
+        s.quarantined = vec!["ns/web:sctp (IPv4): iptables-restore: no sctp".into()];
+        assert!(
+            render(&s, now).contains(
+                "WARNING: quarantined (the kernel refused it): ns/web:sctp (IPv4): iptables-restore: no sctp"
+            )
+        );
     }
 }

@@ -54,3 +54,13 @@ pub fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
     options.strict_booleans = true;
     serde_saphyr::from_multiple_with_options(text, options).expect("valid YAML")
 }
+
+/// The repository checkout the tests read files from (`deploy/`): `$FERRY_REPO_ROOT`
+/// (the VM of `cargo xtask vm` puts a copy at a fixed path), else the checkout these
+/// tests were built from.
+pub fn repo_root() -> std::path::PathBuf {
+    match std::env::var_os("FERRY_REPO_ROOT") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    }
+}

@@ -5,7 +5,7 @@
 //! a live agent in `kube_api.rs`.)
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use ferry_tests::netns::Netns;
@@ -19,7 +19,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 const OVERLAYS: [&str; 4] = ["ebpf", "nftables", "iptables", "kube-proxy-config"];
 
 fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+    ferry_tests::repo_root().join("deploy")
 }
 
 /// The documents `kubectl kustomize` renders for an overlay.

@@ -248,11 +248,8 @@ fn rbac_in_deploy_matches_the_requests_made() {
     let ours = format!("ferry/{}", env!("CARGO_PKG_VERSION"));
     assert!(agents.iter().all(|a| *a == ours), "{agents:?}");
     assert!(!agents.is_empty());
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/base/rbac.yaml"
-    ))
-    .expect("deploy/base/rbac.yaml");
+    let text = std::fs::read_to_string(ferry_tests::repo_root().join("deploy/base/rbac.yaml"))
+        .expect("deploy/base/rbac.yaml");
     let mut granted = std::collections::BTreeSet::new();
     for value in ferry_tests::yaml_documents(&text) {
         if value["kind"].as_str() != Some("ClusterRole") {

@@ -5,9 +5,9 @@
 //! hosts), so the eBPF programs are verified and run on a distribution kernel users
 //! really have, and nothing a test does can touch the host's network. The root
 //! filesystem is made once with debootstrap and cached; every run copies the freshly
-//! built agent and test executables into it at the same absolute paths they have on
-//! the host (the tests find `ferry` and the deploy manifests there), boots it, and
-//! reads the result line `vm-test/init.sh` prints before powering off.
+//! built agent, the test executables and the files they read into it under
+//! `/ferry-vm` (a fixed path, whatever the checkout's), boots it, and reads the result
+//! line `vm-test/init.sh` prints before powering off.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -153,59 +153,59 @@ fn build_test_executables() -> anyhow::Result<Vec<PathBuf>> {
     Ok(executables)
 }
 
-/// Copies `host_path` into the root filesystem at the same absolute path.
-fn copy_into(rootfs: &Path, host_path: &Path) -> anyhow::Result<()> {
-    let relative = host_path
-        .strip_prefix("/")
-        .with_context(|| format!("{} is not absolute", host_path.display()))?;
-    let target = rootfs.join(relative);
-    if let Some(parent) = target.parent() {
+/// Where the build goes in the VM's filesystem: a fixed path, so the VM works from
+/// any checkout (`init.sh` mounts a tmpfs over `/tmp`, where a clone may live).
+const STAGE: &str = "ferry-vm";
+
+/// Copies `from` (a file or directory) to `to`, making `to`'s parent.
+fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let status = Command::new("cp")
         .args(["-a", "--"])
-        .arg(host_path)
-        .arg(&target)
+        .arg(from)
+        .arg(to)
         .status()
         .context("running cp")?;
     if !status.success() {
-        bail!("copying {} into the VM image failed", host_path.display());
+        bail!("copying {} into the VM image failed", from.display());
     }
     Ok(())
 }
 
-/// Puts this run's build into the root filesystem, replacing the previous run's.
+/// Puts this run's build into the root filesystem under `/ferry-vm`, replacing the
+/// previous run's: `bin/` (`ferry`, `ferry-probe`: `$FERRY_BIN_DIR`), `tests/` (the
+/// test executables) and `repo/` (the files tests read: `$FERRY_REPO_ROOT`).
 fn stage(
     root: &Path,
     rootfs: &Path,
     tests: &[PathBuf],
     test_args: &[String],
 ) -> anyhow::Result<()> {
-    let staged = rootfs.join("ferry-vm");
-    let host_tree = rootfs.join(root.strip_prefix("/").context("workspace path")?);
-    for old in [&staged, &host_tree] {
-        if old.exists() {
-            std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
-        }
+    let staged = rootfs.join(STAGE);
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged)
+            .with_context(|| format!("removing {}", staged.display()))?;
     }
-    std::fs::create_dir_all(&staged)?;
     // Test executables live in `<target>/debug/deps`, the binaries in `<target>/debug`.
     let bin_dir = tests[0]
         .parent()
         .and_then(Path::parent)
         .context("test executable directory")?;
-    copy_into(rootfs, &root.join("deploy"))?;
-    // The tests name the manifests as `<root>/tests/../deploy`: the kernel resolves
-    // `..` only through a directory that exists.
-    std::fs::create_dir_all(host_tree.join("tests"))?;
     for bin in ["ferry", "ferry-probe"] {
-        copy_into(rootfs, &bin_dir.join(bin))?;
+        copy(&bin_dir.join(bin), &staged.join("bin").join(bin))?;
     }
+    for data in ["deploy", "agent/src/dataplane/iptables/testdata"] {
+        copy(&root.join(data), &staged.join("repo").join(data))?;
+    }
+    let mut list = String::new();
     for test in tests {
-        copy_into(rootfs, test)?;
+        let name = test.file_name().context("test executable name")?;
+        copy(test, &staged.join("tests").join(name))?;
+        list += &format!("/{STAGE}/tests/{}\n", name.to_string_lossy());
     }
-    let list: String = tests.iter().map(|t| format!("{}\n", t.display())).collect();
-    std::fs::write(staged.join("tests"), list)?;
+    std::fs::write(staged.join("tests.list"), list)?;
     std::fs::write(staged.join("test-args"), test_args.join(" "))?;
     let init = staged.join("init.sh");
     std::fs::copy(root.join("vm-test/init.sh"), &init).context("copying vm-test/init.sh")?;

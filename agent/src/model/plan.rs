@@ -296,6 +296,26 @@ impl NodePlan {
         }
     }
 
+    /// This plan without the plans of `excluded`: what the data plane programs while
+    /// the kernel refuses those (the proxy loop's quarantine). Only the plans are
+    /// kept, not the bookkeeping [`Self::update`] needs: data planes read only them.
+    pub fn without(&self, excluded: &HashSet<PlanKey>) -> NodePlan {
+        NodePlan {
+            plans: (self.plans.iter())
+                .filter(|(key, _)| !excluded.contains(key))
+                .map(|(key, plan)| (key.clone(), plan.clone()))
+                .collect(),
+            ..NodePlan::default()
+        }
+    }
+
+    /// Every plan's key, sorted.
+    pub fn keys_sorted(&self) -> Vec<PlanKey> {
+        let mut keys: Vec<PlanKey> = self.plans.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
     /// One plan.
     pub fn get(&self, key: &PlanKey) -> Option<&Arc<ServicePortPlan>> {
         self.plans.get(key)

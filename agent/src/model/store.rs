@@ -91,6 +91,8 @@ pub struct ClusterState {
     node_changed: bool,
     /// Each ServiceCIDR's ranges, by name.
     service_cidrs: BTreeMap<String, Vec<ipnetwork::IpNetwork>>,
+    /// `--service-cluster-ip-range` (see [`Self::set_service_cluster_ip_ranges`]).
+    service_cluster_ip_ranges: Vec<ipnetwork::IpNetwork>,
     /// Services whose DNS records may have changed (tracked only when DNS is on).
     dns_dirty: HashSet<ServiceName>,
     track_dns: bool,
@@ -127,6 +129,7 @@ impl ClusterState {
             },
             reason,
         })?;
+        self.check_cluster_ips(&info)?;
         if self
             .services
             .get(&info.name)
@@ -328,6 +331,45 @@ impl ClusterState {
         match self.service_cidrs.remove(name) {
             Some(_) => Applied::Changed,
             None => Applied::Unchanged,
+        }
+    }
+
+    /// Checks ClusterIPs against `--service-cluster-ip-range` (as the API server does
+    /// at admission) from now on; the ranges also count as a ServiceCIDR.
+    pub fn set_service_cluster_ip_ranges(&mut self, ranges: Vec<ipnetwork::IpNetwork>) {
+        if !ranges.is_empty() {
+            let name = "--service-cluster-ip-range".to_owned();
+            self.service_cidrs.insert(name, ranges.clone());
+        }
+        self.service_cluster_ip_ranges = ranges;
+    }
+
+    /// A ClusterIP outside `--service-cluster-ip-range` (when given) makes the
+    /// Service invalid.
+    fn check_cluster_ips(&self, info: &ServiceInfo) -> Result<(), InvalidObject> {
+        let ranges = &self.service_cluster_ip_ranges;
+        let outside = (info.cluster_ips.iter())
+            .find(|ip| !ranges.is_empty() && !ranges.iter().any(|r| r.contains(**ip)));
+        match outside {
+            None => Ok(()),
+            Some(ip) => Err(InvalidObject {
+                object: ObjectRef {
+                    kind: Kind::Service,
+                    namespace: info.name.namespace.clone(),
+                    name: info.name.name.clone(),
+                },
+                reason: ValidationError::invalid(
+                    "spec.clusterIPs",
+                    format!(
+                        "{ip} is not in --service-cluster-ip-range ({})",
+                        ranges
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+            }),
         }
     }
 
@@ -541,6 +583,44 @@ mod tests {
         assert_eq!(state.delete_service_cidr("extra"), Applied::Changed);
         assert_eq!(state.delete_service_cidr("extra"), Applied::Unchanged);
         assert_eq!(state.service_cidrs().len(), 2);
+    }
+
+    #[test]
+    fn cluster_ips_outside_the_service_cluster_ip_range_are_invalid() {
+        let mut state = ClusterState::new("n1");
+        let svc = |ip: &str| {
+            service(&format!(
+                "metadata: {{name: web, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
+            ))
+        };
+        // Without the flag, any (non-special) address is taken.
+        assert_eq!(
+            state.apply_service(&svc("192.168.7.7")),
+            Ok(Applied::Changed)
+        );
+        let mut state = ClusterState::new("n1");
+        state.set_service_cluster_ip_ranges(vec!["10.96.0.0/16".parse().unwrap()]);
+        assert_eq!(
+            state.apply_service(&svc("10.96.0.10")),
+            Ok(Applied::Changed)
+        );
+        let bad = state.apply_service(&svc("192.168.7.7")).unwrap_err();
+        assert_eq!(bad.object.to_string(), "Service ns/web");
+        assert_eq!(
+            bad.reason.to_string(),
+            "spec.clusterIPs: 192.168.7.7 is not in --service-cluster-ip-range (10.96.0.0/16)"
+        );
+        let kept = state.service(&ServiceName::new("ns", "web")).unwrap();
+        assert_eq!(
+            kept.cluster_ips[0].to_string(),
+            "10.96.0.10",
+            "the last good version stays"
+        );
+        assert_eq!(
+            state.service_cidrs().len(),
+            1,
+            "the range is a ServiceCIDR too"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ use crate::model::{LocalAddress, PlanDiff, PlanKey, ServicePortPlan};
 struct Call {
     full: bool,
     plans: usize,
+    /// The services in the plan, sorted.
+    services: Vec<String>,
     upserted: Vec<PlanKey>,
     removed: Vec<PlanKey>,
     nodeport_ips: Vec<std::net::IpAddr>,
@@ -23,11 +25,13 @@ struct Call {
     name_resolved: Option<bool>,
 }
 
-/// Records every sync; fails the next `fail` of them.
+/// Records every sync; fails the next `fail` of them, and every one whose plan holds
+/// a service named in `refuse` (as a kernel refuses a rule it cannot load).
 #[derive(Clone, Default)]
 struct FakeDataPlane {
     calls: Arc<Mutex<Vec<Call>>>,
     fail: Arc<Mutex<usize>>,
+    refuse: Arc<Mutex<std::collections::HashSet<String>>>,
     /// A name to look up in cluster DNS at each sync.
     watched_name: Arc<Mutex<Option<(crate::dns::ClusterDns, String)>>>,
 }
@@ -51,9 +55,19 @@ impl DataPlane for FakeDataPlane {
         let keys = |plans: &mut dyn Iterator<Item = &ServicePortPlan>| -> Vec<PlanKey> {
             plans.map(|p| p.key.clone()).collect()
         };
+        let mut services: Vec<String> = plan
+            .iter()
+            .map(|p| p.key.port.service.to_string())
+            .collect();
+        services.sort();
+        services.dedup();
+        let refused = services
+            .iter()
+            .any(|s| self.refuse.lock().unwrap().contains(s));
         self.calls.lock().unwrap().push(Call {
             full,
             plans: plan.len(),
+            services,
             upserted: keys(&mut diff.upserted.iter().map(|u| u.new.as_ref())),
             removed: keys(&mut diff.removed.iter().map(|p| p.as_ref())),
             nodeport_ips: node.nodeport_ips.clone(),
@@ -70,8 +84,8 @@ impl DataPlane for FakeDataPlane {
                 }),
         });
         let mut fail = self.fail.lock().unwrap();
-        if *fail > 0 {
-            *fail -= 1;
+        if *fail > 0 || refused {
+            *fail = fail.saturating_sub(1);
             return Err(SyncError::Iptables {
                 family: crate::model::IpFamily::V4,
                 partial: !full,
@@ -108,6 +122,7 @@ fn harness_with_dns(dns: Option<crate::dns::ClusterDns>) -> Harness {
         masquerade_all: false,
         min_sync_period: Duration::ZERO,
         unsupported_protocols: vec![],
+        service_cluster_ip_ranges: vec![],
         families: vec![crate::model::IpFamily::V4],
         sync_period: Duration::from_secs(3600),
         full_sync_period: Duration::from_secs(3600),
@@ -388,4 +403,197 @@ fn dns_publishes_a_service_once_programmed_and_withdraws_it_before_removal() {
         [Some(false), Some(false)],
         "not resolvable while its frontend is being programmed, nor while it is being removed"
     );
+}
+
+const BAD: &str =
+    "metadata: {name: bad, namespace: ns}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}";
+const WORSE: &str =
+    "metadata: {name: worse, namespace: ns}\nspec: {clusterIP: 10.96.0.13, ports: [{port: 80}]}";
+
+impl Harness {
+    /// The kernel refuses any plan holding these services.
+    fn refuse(&self, services: &[&str]) {
+        let mut refuse = self.fake.refuse.lock().unwrap();
+        refuse.clear();
+        refuse.extend(services.iter().map(|s| s.to_string()));
+    }
+
+    /// Runs the loop, retries without their wait, until no sync is due; returns how
+    /// many syncs that took.
+    fn settle(&mut self) -> usize {
+        let before = self.calls().len();
+        for _ in 0..64 {
+            if !self.proxy.needs_full_sync && !self.proxy.quarantine.wants_full_sync() {
+                break;
+            }
+            if self.proxy.retry_at.is_some() {
+                self.proxy.retry_at = Some(Instant::now());
+            }
+            self.feed([]);
+        }
+        self.calls().len() - before
+    }
+
+    fn quarantined(&self) -> Vec<String> {
+        self.metrics.status.snapshot().quarantined
+    }
+}
+
+#[test]
+fn a_refused_service_port_at_start_is_quarantined_and_the_rest_programmed() {
+    let mut h = harness();
+    h.refuse(&["ns/bad"]);
+    h.feed([
+        service(WEB),
+        service(BAD),
+        service(API),
+        SourceEvent::Synced,
+    ]);
+    let steps = h.settle();
+    assert!(steps <= 6, "a bisection, not one sync per port: {steps}");
+    let last = h.calls().last().cloned().unwrap();
+    assert_eq!(last.services, ["ns/api", "ns/web"]);
+    assert!(h.proxy.retry_at.is_none(), "nothing left to retry");
+    assert_eq!(h.quarantined().len(), 1);
+    assert!(
+        h.quarantined()[0].starts_with("ns/bad (IPv4): "),
+        "{:?}",
+        h.quarantined()
+    );
+    assert!(h.quarantined()[0].contains("fake failure"));
+    assert!(
+        h.metrics
+            .encode()
+            .contains("ferry_quarantined_service_ports 1"),
+    );
+    // `ferry explain` says why it is not programmed.
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    h.feed([SourceEvent::Question(crate::explain::Question {
+        service: ServiceName::new("ns", "bad"),
+        port: None,
+        reply,
+    })]);
+    let explained = answer.try_recv().unwrap().expect("the service is known");
+    let why = explained.ports[0]
+        .not_programmed
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        why.starts_with("the kernel refused it (quarantined): IPv4 rules"),
+        "{why}"
+    );
+    assert!(explained.ports[0].programmed.is_empty());
+    // A change elsewhere is a partial sync again, which leaves the held port out.
+    h.feed([slice(WEB_SLICE)]);
+    let last = h.calls().last().cloned().unwrap();
+    assert!(!last.full);
+    assert_eq!(last.services, ["ns/api", "ns/web"]);
+    assert_eq!(last.upserted.len(), 1);
+}
+
+#[test]
+fn a_refused_change_is_found_among_the_changed_ports_first() {
+    let mut h = harness();
+    h.feed([service(WEB), service(API), SourceEvent::Synced]);
+    h.refuse(&["ns/bad"]);
+    h.feed([service(BAD)]);
+    assert!(
+        h.proxy.retry_at.is_some(),
+        "a failed partial sync is retried"
+    );
+    h.settle();
+    let calls = h.calls();
+    assert_eq!(
+        calls.len(),
+        5,
+        "initial, partial, retry, without the change, the rest: {calls:#?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.services.contains(&"ns/web".to_owned())),
+        "the other services stay programmed throughout"
+    );
+    assert_eq!(calls.last().unwrap().services, ["ns/api", "ns/web"]);
+    assert_eq!(h.quarantined().len(), 1);
+}
+
+#[test]
+fn two_refused_ports_are_both_quarantined() {
+    let mut h = harness();
+    h.refuse(&["ns/bad", "ns/worse"]);
+    let events = [WEB, BAD, API, WORSE].map(service);
+    h.feed(events.into_iter().chain([SourceEvent::Synced]));
+    h.settle();
+    assert_eq!(h.calls().last().unwrap().services, ["ns/api", "ns/web"]);
+    let held = h.quarantined();
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(held[0].starts_with("ns/bad ") && held[1].starts_with("ns/worse "));
+}
+
+#[test]
+fn a_quarantined_port_is_retried_later_and_released_when_its_service_goes() {
+    let mut h = harness();
+    h.refuse(&["ns/bad", "ns/worse"]);
+    let events = [WEB, BAD, WORSE].map(service);
+    h.feed(events.into_iter().chain([SourceEvent::Synced]));
+    h.settle();
+    assert_eq!(h.quarantined().len(), 2);
+    // Deleting the service releases its port.
+    h.feed([SourceEvent::Delete(crate::model::ObjectRef {
+        kind: Kind::Service,
+        namespace: "ns".into(),
+        name: "worse".into(),
+    })]);
+    h.settle();
+    assert_eq!(h.quarantined().len(), 1);
+    // The retry while the kernel still refuses: held still, the rest put back at once.
+    let probe = h.proxy.quarantine.next_probe().expect("a retry is planned");
+    assert!(probe > Instant::now() + Duration::from_secs(10));
+    h.proxy.quarantine.probe_now();
+    h.feed([]);
+    h.settle();
+    let calls = h.calls();
+    let (probe, after) = (&calls[calls.len() - 2], &calls[calls.len() - 1]);
+    assert_eq!(probe.services, ["ns/bad", "ns/web"]);
+    assert_eq!(after.services, ["ns/web"]);
+    assert_eq!(h.quarantined().len(), 1);
+    // Once the kernel takes it, the retry programs it.
+    h.refuse(&[]);
+    h.proxy.quarantine.probe_now();
+    h.feed([]);
+    h.settle();
+    assert_eq!(h.calls().last().unwrap().services, ["ns/bad", "ns/web"]);
+    assert!(h.quarantined().is_empty());
+    assert!(
+        h.metrics
+            .encode()
+            .contains("ferry_quarantined_service_ports 0")
+    );
+}
+
+#[test]
+fn a_failure_no_port_explains_quarantines_nothing_and_backs_off() {
+    let mut h = harness();
+    *h.fake.fail.lock().unwrap() = usize::MAX;
+    h.feed([service(WEB), service(API), SourceEvent::Synced]);
+    for _ in 0..2 {
+        h.proxy.retry_at = Some(Instant::now());
+        h.feed([]);
+    }
+    let calls = h.calls();
+    assert_eq!(
+        calls.len(),
+        3,
+        "the first sync, its retry, the one without any port"
+    );
+    assert!(calls[2].services.is_empty());
+    assert!(h.quarantined().is_empty());
+    assert!(h.proxy.retry_at.is_some(), "plain retries with backoff");
+    let tries = calls.len();
+    // Retries do not start another search.
+    h.proxy.retry_at = Some(Instant::now());
+    h.feed([]);
+    assert_eq!(h.calls().len(), tries + 1);
+    assert!(h.proxy.retry_at.is_some());
 }

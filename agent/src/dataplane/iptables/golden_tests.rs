@@ -226,10 +226,12 @@ fn canonical(text: &str) -> String {
 /// Compares a transcript with `testdata/<name>.txt` (or rewrites that file when
 /// `FERRY_UPDATE_GOLDEN` is set).
 fn check_golden(name: &str, actual: &str) {
-    let path = format!(
-        "{}/src/dataplane/iptables/testdata/{name}.txt",
-        env!("CARGO_MANIFEST_DIR")
+    // `$FERRY_REPO_ROOT`: the checkout copy inside the VM of `cargo xtask vm`.
+    let agent = std::env::var("FERRY_REPO_ROOT").map_or_else(
+        |_| env!("CARGO_MANIFEST_DIR").to_owned(),
+        |root| format!("{root}/agent"),
     );
+    let path = format!("{agent}/src/dataplane/iptables/testdata/{name}.txt");
     if std::env::var_os("FERRY_UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).expect("writing golden file");
         return;
