@@ -20,9 +20,9 @@ echo "ferry-vm: kernel $(uname -r)"
 export FERRY_BIN_DIR=/ferry-vm/bin FERRY_REPO_ROOT=/ferry-vm/repo
 cd /ferry-vm/repo || exit 1
 rc=0
-args=$(cat /ferry-vm/test-args)
-while read -r t; do
-    echo "ferry-vm: running $t"
+# Each line: a test executable and its arguments (test name filters).
+while read -r t args; do
+    echo "ferry-vm: running $t $args"
     # shellcheck disable=SC2086 # the arguments are split on purpose
     "$t" --test-threads=2 $args || rc=1
 done < /ferry-vm/tests.list

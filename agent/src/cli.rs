@@ -77,6 +77,22 @@ pub enum InspectWhat {
         #[command(flatten)]
         bpf: BpfArgs,
     },
+    /// What the node's DNS server answers for a name, and whether it comes from the
+    /// cluster zone or the forwarding cache (asked from the running agent; never
+    /// forwarded upstream).
+    Dns {
+        /// A fully qualified name, e.g. `web.default.svc.cluster.local`.
+        name: String,
+        /// The record type.
+        #[arg(long = "type", default_value = "A")]
+        record_type: String,
+        /// Print the agent's JSON as it is.
+        #[arg(long)]
+        json: bool,
+        /// The agent's --metrics-bind-address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        address: std::net::SocketAddr,
+    },
 }
 
 /// Where the eBPF state lives.

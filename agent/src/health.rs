@@ -229,20 +229,24 @@ pub async fn serve_health(
     serve(addr, app, "healthz", hard_fail).await;
 }
 
-/// What the metrics server reads: the metrics (and status), and the way to ask the
-/// proxy loop (`/explain`).
+/// The DNS server, once it runs, for `/dns` (the metrics server starts first).
+pub type DnsSlot = Arc<std::sync::OnceLock<Arc<crate::dns::Answerer>>>;
+
+/// What the metrics server reads: the metrics (and status), the way to ask the
+/// proxy loop (`/explain`) and the DNS server (`/dns`).
 #[derive(Clone)]
-struct MetricsState {
-    metrics: Arc<Metrics>,
-    asker: Asker,
+pub struct MetricsState {
+    pub metrics: Arc<Metrics>,
+    pub asker: Asker,
+    pub dns: DnsSlot,
 }
 
 /// Serves `/metrics`, `/healthz` ("ok": the metrics server is up), `/proxyMode`
-/// (the data plane's name, as kube-proxy's e2e tests read it), `/status` and
-/// `/explain` (`ferry status` and `ferry explain`).
+/// (the data plane's name, as kube-proxy's e2e tests read it), `/status`,
+/// `/explain` and `/dns` (`ferry status`, `ferry explain`, `ferry inspect dns`).
 pub async fn serve_metrics(
     addr: SocketAddr,
-    (metrics, asker): (Arc<Metrics>, Asker),
+    state: MetricsState,
     mode: &'static str,
     hard_fail: bool,
 ) {
@@ -261,7 +265,8 @@ pub async fn serve_metrics(
         .route("/proxyMode", get(move || async move { text(mode) }))
         .route("/status", get(status))
         .route("/explain", get(explain))
-        .with_state(MetricsState { metrics, asker });
+        .route("/dns", get(dns))
+        .with_state(state);
     serve(addr, app, "metrics", hard_fail).await;
 }
 
@@ -315,6 +320,32 @@ async fn explain(
             "the proxy loop did not answer in time (a long sync is running); try again",
         )
             .into_response(),
+    }
+}
+
+/// `/dns?name=NAME[&type=TYPE]`.
+#[derive(serde::Deserialize)]
+struct DnsQuery {
+    name: String,
+    #[serde(rename = "type")]
+    record_type: Option<String>,
+}
+
+/// `ferry inspect dns`'s JSON: the DNS server's answer and its source.
+async fn dns(
+    State(state): State<MetricsState>,
+    axum::extract::Query(q): axum::extract::Query<DnsQuery>,
+) -> Response {
+    let Some(answerer) = state.dns.get() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "DNS is off on this agent (no --dns-listen)",
+        )
+            .into_response();
+    };
+    match answerer.inspect(&q.name, q.record_type.as_deref().unwrap_or("A")) {
+        Ok(inspection) => axum::Json(inspection).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e).into_response(),
     }
 }
 

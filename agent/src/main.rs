@@ -38,6 +38,22 @@ fn main() -> ExitCode {
         Command::Inspect {
             what: InspectWhat::Services { json, bpf },
         } => ferry::run::inspect_services(&bpf.bpf_pin_path, json),
+        Command::Inspect {
+            what:
+                InspectWhat::Dns {
+                    name,
+                    record_type,
+                    json,
+                    address,
+                },
+        } => ferry::dns::inspect::fetch(address, &name, &record_type).and_then(|i| {
+            let text = match json {
+                true => serde_json::to_string_pretty(&i)?,
+                false => ferry::dns::inspect::render(&i),
+            };
+            println!("{text}");
+            Ok(())
+        }),
         Command::Status { json, address } => ferry::status::fetch(address).and_then(|s| {
             let text = match json {
                 true => serde_json::to_string_pretty(&s)?,

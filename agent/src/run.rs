@@ -17,7 +17,7 @@ use crate::dataplane::iptables::render::Scope;
 use crate::dataplane::nftables::{self, NftablesDataPlane};
 use crate::dns::listeners::DnsServer;
 use crate::dns::{self, ClusterDns, DnsConfig};
-use crate::health::{Health, serve_health, serve_metrics};
+use crate::health::{DnsSlot, Health, MetricsState, serve_health, serve_metrics};
 use crate::host;
 use crate::kube_proxy;
 use crate::metrics::Metrics;
@@ -76,9 +76,14 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         ));
     }
     let (tx, rx) = crate::source::queue::queue();
+    let dns_slot = DnsSlot::default();
     if let Some(addr) = config.metrics {
         let mode = config.data_plane.mode_name();
-        let served = (metrics.clone(), tx.asker());
+        let served = MetricsState {
+            metrics: metrics.clone(),
+            asker: tx.asker(),
+            dns: dns_slot.clone(),
+        };
         runtime.spawn(serve_metrics(addr, served, mode, hard_fail));
     }
     let data_plane = start_data_plane(&config.data_plane, &metrics)?;
@@ -92,6 +97,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    if let Some(dns) = &dns {
+        let _ = dns_slot.set(dns.server.answerer().clone());
+    }
     let shutdown = Shutdown {
         dns: dns.as_ref().map(|d| (d.server.clone(), d.lease.clone())),
     };

@@ -303,3 +303,57 @@ fn a_client_over_its_rate_limit_is_not_answered() {
     assert!(lost >= 5, "questions beyond the limit are dropped: {tally}");
     assert_eq!(answered + lost, 30, "{tally}");
 }
+
+/// `ferry inspect dns` tells where an answer comes from: the cluster zone, the
+/// forwarding cache once a pod asked, or upstream while nothing is cached; and
+/// inspecting never asks upstream itself.
+#[test]
+fn inspect_dns_tells_zone_cache_and_upstream() {
+    use ferry_tests::manifests::{Service, docs, port};
+    let mut n = Node::new();
+    let main = n.upstream(53, "www.outside.test=192.0.2.80");
+    n.c.write_manifest(
+        "web.yaml",
+        &docs(&[Service::new("web")
+            .cluster_ip("10.96.0.44")
+            .port(port("http", "TCP", 80))
+            .yaml()]),
+    );
+    n.start_agent(&["--dns-upstream", &format!("{EXT_IP}:53")]);
+    let inspect = |args: &[&str]| {
+        let out =
+            n.c.node_command(n.c.bin("ferry"))
+                .args(["inspect", "dns"])
+                .args(args)
+                .output()
+                .expect("ferry inspect dns");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let zone = inspect(&["web.default.svc.cluster.local"]);
+    assert!(zone.contains("from the cluster zone"), "{zone}");
+    assert!(zone.contains("status: NOERROR"), "{zone}");
+    assert!(zone.contains("IN A 10.96.0.44"), "{zone}");
+    let missing = inspect(&["nope.default.svc.cluster.local", "--type", "aaaa"]);
+    assert!(missing.contains("status: NXDOMAIN"), "{missing}");
+
+    let before = inspect(&["www.outside.test"]);
+    assert!(before.contains("from upstream: nothing cached"), "{before}");
+    assert_eq!(
+        asked(&main, "www.outside.test."),
+        0,
+        "inspecting forwards nothing"
+    );
+    assert_eq!(n.dig("www.outside.test").data("A"), ["192.0.2.80"]);
+    let cached = inspect(&["www.outside.test", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&cached).expect("JSON");
+    assert_eq!(json["source"], "cache", "{json}");
+    assert!(
+        json["expires_in_s"].as_u64().is_some_and(|s| s <= 60),
+        "{json}"
+    );
+    let answer = json["answers"][0].as_str().unwrap_or_default();
+    assert!(answer.contains("192.0.2.80"), "{json}");
+    assert_eq!(asked(&main, "www.outside.test."), 1);
+}

@@ -76,6 +76,10 @@ enum Task {
         /// Stop the VM and fail after this many minutes.
         #[arg(long, default_value_t = 45)]
         timeout_minutes: u64,
+        /// Only the eBPF tests: the `ebpf` test executable and every eBPF-mode test
+        /// (what proves the programs on this kernel; CI runs this).
+        #[arg(long)]
+        ebpf_only: bool,
         /// Extra arguments for every test executable (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -130,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             cache,
             mirror,
             timeout_minutes,
+            ebpf_only,
             args,
         } => {
             require_root()?;
@@ -138,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                 mirror,
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
                 test_args: args,
+                ebpf_only,
             };
             vm::run(&root, &options)
         }

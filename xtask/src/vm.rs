@@ -37,6 +37,9 @@ pub struct Options {
     pub timeout: Duration,
     /// Extra arguments for every test executable (e.g. a test name filter).
     pub test_args: Vec<String>,
+    /// Only what proves the eBPF programs on this kernel: the `ebpf` test executable
+    /// and every eBPF-mode test of the others (CI's run).
+    pub ebpf_only: bool,
 }
 
 /// Builds everything, boots the VM and fails unless every test passed in it.
@@ -44,7 +47,7 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
     require_host_tools()?;
     let rootfs = ensure_rootfs(&options.cache, &options.mirror)?;
     let tests = build_test_executables()?;
-    stage(root, &rootfs, &tests, &options.test_args)?;
+    stage(root, &rootfs, &tests, options)?;
     let image = options.cache.join("disk.ext4");
     make_image(&rootfs, &image)?;
     let (kernel, initrd) = kernel_files(&rootfs)?;
@@ -176,13 +179,9 @@ fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Puts this run's build into the root filesystem under `/ferry-vm`, replacing the
 /// previous run's: `bin/` (`ferry`, `ferry-probe`: `$FERRY_BIN_DIR`), `tests/` (the
-/// test executables) and `repo/` (the files tests read: `$FERRY_REPO_ROOT`).
-fn stage(
-    root: &Path,
-    rootfs: &Path,
-    tests: &[PathBuf],
-    test_args: &[String],
-) -> anyhow::Result<()> {
+/// test executables, listed with their arguments in `tests.list`) and `repo/` (the
+/// files tests read: `$FERRY_REPO_ROOT`).
+fn stage(root: &Path, rootfs: &Path, tests: &[PathBuf], options: &Options) -> anyhow::Result<()> {
     let staged = rootfs.join(STAGE);
     if staged.exists() {
         std::fs::remove_dir_all(&staged)
@@ -202,11 +201,16 @@ fn stage(
     let mut list = String::new();
     for test in tests {
         let name = test.file_name().context("test executable name")?;
-        copy(test, &staged.join("tests").join(name))?;
-        list += &format!("/{STAGE}/tests/{}\n", name.to_string_lossy());
+        let name = name.to_string_lossy();
+        let mut args = options.test_args.clone();
+        if options.ebpf_only && !name.starts_with("ebpf-") {
+            // Every eBPF-mode test lives in a module named `ebpf`.
+            args.push("ebpf::".into());
+        }
+        copy(test, &staged.join("tests").join(&*name))?;
+        list += &format!("/{STAGE}/tests/{name} {}\n", args.join(" "));
     }
     std::fs::write(staged.join("tests.list"), list)?;
-    std::fs::write(staged.join("test-args"), test_args.join(" "))?;
     let init = staged.join("init.sh");
     std::fs::copy(root.join("vm-test/init.sh"), &init).context("copying vm-test/init.sh")?;
     Ok(())

@@ -114,6 +114,11 @@ impl DnsServer {
         })
     }
 
+    /// What the server answers with (`ferry inspect dns` asks it too).
+    pub fn answerer(&self) -> &Arc<Answerer> {
+        &self.answerer
+    }
+
     /// Serves `addr` on freshly bound sockets, unless it is served already (or the
     /// sockets went to a successor).
     pub fn listen(&self, addr: SocketAddr) -> std::io::Result<()> {

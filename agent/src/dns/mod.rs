@@ -9,6 +9,7 @@ pub mod addresses;
 pub mod external_name;
 pub mod forward;
 pub mod handover;
+pub mod inspect;
 pub mod listeners;
 pub mod liveness;
 pub mod metrics;
