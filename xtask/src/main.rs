@@ -2,7 +2,8 @@
 //!
 //! - `run`: the demo. Builds a node out of network namespaces (pods serving the
 //!   `examples/` manifests), runs Ferry in it and prints how to reach the services.
-//!   `--host` programs the real host instead (explicitly).
+//!   `--host` programs the real host instead (explicitly); `--vm` runs the demo
+//!   inside the test VM.
 //! - `exec POD -- CMD`: runs a command inside a demo pod.
 //! - `test`: format check, clippy, unit tests and the netns integration tests.
 //! - `bench`: performance against the baselines, written to `bench/results/`.
@@ -48,8 +49,20 @@ enum Task {
         #[arg(long, default_value = "examples")]
         manifests: PathBuf,
         /// Program THIS host (its own network namespace) instead of a demo node.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "vm")]
         host: bool,
+        /// Run the demo inside the test VM (Debian's 6.1 kernel; see vm-test/) with a
+        /// shell on its console, leaving this machine's kernel alone. Needs what
+        /// `cargo xtask vm` needs.
+        #[arg(long)]
+        vm: bool,
+        /// With --vm: run this shell command in the VM once the demo is up, print its
+        /// output and power off (failing when it fails), instead of a shell.
+        #[arg(long, requires = "vm", value_name = "COMMAND")]
+        vm_command: Option<String>,
+        /// Use the binaries already built (how the demo starts inside the VM).
+        #[arg(long, hide = true)]
+        prebuilt: bool,
     },
     /// Run a command inside a pod of the running demo, e.g.
     /// `cargo xtask exec client -- curl -s http://10.96.0.10/`.
@@ -68,10 +81,10 @@ enum Task {
     /// (needs root, qemu-system-x86 and debootstrap; KVM when the CPU offers it).
     Vm {
         /// Where the VM's root filesystem and disk image are cached.
-        #[arg(long, default_value = "/var/tmp/ferry-vm")]
+        #[arg(long, default_value = vm::DEFAULT_CACHE)]
         cache: PathBuf,
         /// Debian mirror for the root filesystem.
-        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        #[arg(long, default_value = vm::DEFAULT_MIRROR)]
         mirror: String,
         /// Stop the VM and fail after this many minutes.
         #[arg(long, default_value_t = 45)]
@@ -116,9 +129,23 @@ fn main() -> anyhow::Result<()> {
             mode,
             manifests,
             host,
+            vm,
+            vm_command,
+            prebuilt,
         } => {
-            build(false)?;
-            if host {
+            if !prebuilt {
+                build(false)?;
+            }
+            if vm {
+                require_root()?;
+                parse_mode(&mode)?;
+                let demo = vm::Demo {
+                    mode,
+                    manifests: root.join(manifests),
+                    command: vm_command,
+                };
+                vm::run_demo(&root, &demo)
+            } else if host {
                 run_on_host(&mode, &manifests)
             } else {
                 run_demo(&mode, &root.join(manifests))
@@ -175,7 +202,12 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The checkout: `$FERRY_REPO_ROOT` (the copy inside the VM), else the one xtask
+/// was built from.
 fn workspace_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("FERRY_REPO_ROOT") {
+        return root.into();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)

@@ -16,11 +16,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages the tests run inside the VM, besides the kernel and its initramfs.
-/// (ca-certificates: the Kubernetes client reads the system trust store when a
-/// kubeconfig names no CA, as the tests' plain-HTTP API server's does.)
+/// Debian packages the tests (and the demo's hints) run inside the VM, besides the
+/// kernel and its initramfs. (ca-certificates: the Kubernetes client reads the system
+/// trust store when a kubeconfig names no CA, as the tests' plain-HTTP API server's
+/// does.)
 const PACKAGES: &str = "linux-image-amd64,initramfs-tools,iproute2,iptables,nftables,\
-conntrack,dnsutils,kmod,procps,ca-certificates";
+conntrack,dnsutils,kmod,procps,ca-certificates,curl";
+/// Where the root filesystem and disk image are cached unless told otherwise.
+pub const DEFAULT_CACHE: &str = "/var/tmp/ferry-vm";
+/// The Debian mirror debootstrap downloads from unless told otherwise.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// Line the VM's init prints with the suite's exit status.
 const RESULT_MARKER: &str = "FERRY-VM-RESULT: ";
 /// Marks a finished root filesystem and holds its package list; a debootstrap cut off
@@ -51,7 +56,81 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
     let image = options.cache.join("disk.ext4");
     make_image(&rootfs, &image)?;
     let (kernel, initrd) = kernel_files(&rootfs)?;
-    boot(&kernel, &initrd, &image, options.timeout, &options.cache)
+    let console = Console::Watched(options.timeout);
+    boot(&kernel, &initrd, &image, console, &options.cache)
+}
+
+/// What `cargo xtask run --vm` was asked for.
+pub struct Demo {
+    pub mode: String,
+    pub manifests: PathBuf,
+    /// Run this instead of a shell, then power off.
+    pub command: Option<String>,
+}
+
+/// How long a demo command may take, VM boot included.
+const DEMO_COMMAND_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// The demo of `cargo xtask run`, inside the VM: `xtask run` starts at boot with the
+/// binaries built here; then a shell on the console (or `demo.command`).
+pub fn run_demo(root: &Path, demo: &Demo) -> anyhow::Result<()> {
+    require_host_tools()?;
+    let cache = Path::new(DEFAULT_CACHE);
+    let rootfs = ensure_rootfs(cache, DEFAULT_MIRROR)?;
+    let staged = fresh_stage(&rootfs)?;
+    let bin_dir = root.join("target/debug");
+    for bin in ["ferry", "ferry-probe"] {
+        copy(&bin_dir.join(bin), &staged.join("bin").join(bin))?;
+    }
+    let xtask = std::env::current_exe().context("the xtask executable")?;
+    copy(&xtask, &staged.join("bin/xtask"))?;
+    copy(&demo.manifests, &staged.join("repo/examples"))?;
+    copy(&root.join("deploy"), &staged.join("repo/deploy"))?;
+    // The demo's hints say `./dev.sh exec ...` and `sudo ...`: both work in the VM.
+    write_script(
+        &staged.join("repo/dev.sh"),
+        "exec /ferry-vm/bin/xtask \"$@\"",
+    )?;
+    write_script(&staged.join("bin/sudo"), "exec \"$@\"")?;
+    std::fs::write(staged.join("demo"), &demo.mode)?;
+    if let Some(command) = &demo.command {
+        std::fs::write(staged.join("demo-command"), command)?;
+    }
+    std::fs::copy(root.join("vm-test/init.sh"), staged.join("init.sh"))
+        .context("copying vm-test/init.sh")?;
+    let image = cache.join("disk.ext4");
+    make_image(&rootfs, &image)?;
+    let (kernel, initrd) = kernel_files(&rootfs)?;
+    let console = match demo.command {
+        Some(_) => Console::Watched(DEMO_COMMAND_TIMEOUT),
+        None => {
+            println!("ferry-vm: the demo starts in the VM; `poweroff` (or Ctrl-A X) leaves it");
+            Console::Interactive
+        }
+    };
+    boot(&kernel, &initrd, &image, console, cache)
+}
+
+/// An executable shell script.
+fn write_script(path: &Path, body: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// `/ferry-vm` in the root filesystem, emptied of the previous run's files.
+fn fresh_stage(rootfs: &Path) -> anyhow::Result<PathBuf> {
+    let staged = rootfs.join(STAGE);
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged)
+            .with_context(|| format!("removing {}", staged.display()))?;
+    }
+    std::fs::create_dir_all(&staged)?;
+    Ok(staged)
 }
 
 /// QEMU's accelerator and CPU model: KVM when the CPU offers hardware virtualisation,
@@ -182,11 +261,7 @@ fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// test executables, listed with their arguments in `tests.list`) and `repo/` (the
 /// files tests read: `$FERRY_REPO_ROOT`).
 fn stage(root: &Path, rootfs: &Path, tests: &[PathBuf], options: &Options) -> anyhow::Result<()> {
-    let staged = rootfs.join(STAGE);
-    if staged.exists() {
-        std::fs::remove_dir_all(&staged)
-            .with_context(|| format!("removing {}", staged.display()))?;
-    }
+    let staged = fresh_stage(rootfs)?;
     // Test executables live in `<target>/debug/deps`, the binaries in `<target>/debug`.
     let bin_dir = tests[0]
         .parent()
@@ -258,17 +333,26 @@ fn kernel_files(rootfs: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((kernel, initrd))
 }
 
-/// Boots the VM, echoes its console and returns the suite's verdict.
+/// How the host talks to the VM's console.
+#[derive(Clone, Copy)]
+enum Console {
+    /// Echoed and watched for the result line; the VM is stopped after this long.
+    Watched(Duration),
+    /// The user's terminal, until the VM powers off.
+    Interactive,
+}
+
+/// Boots the VM and, for a watched console, echoes it and returns the verdict.
 fn boot(
     kernel: &Path,
     initrd: &Path,
     image: &Path,
-    timeout: Duration,
+    console: Console,
     cache: &Path,
 ) -> anyhow::Result<()> {
     let log_path = cache.join("console.log");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(accelerator())
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(accelerator())
         .args(["-m", "4096", "-smp", "2"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
@@ -280,7 +364,18 @@ fn boot(
         .args([
             "-append",
             "root=/dev/vda rw console=ttyS0 init=/ferry-vm/init.sh panic=-1 quiet",
-        ])
+        ]);
+    let timeout = match console {
+        Console::Interactive => {
+            let status = qemu.status().context("starting qemu-system-x86_64")?;
+            if !status.success() {
+                bail!("qemu-system-x86_64 exited with {status}");
+            }
+            return Ok(());
+        }
+        Console::Watched(timeout) => timeout,
+    };
+    let mut child = qemu
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -311,14 +406,14 @@ fn boot(
     match verdict {
         Some(true) => {
             println!(
-                "ferry-vm: every test passed in the VM ({:.0?}); console log in {}",
+                "ferry-vm: the VM's run succeeded ({:.0?}); console log in {}",
                 started.elapsed(),
                 log_path.display()
             );
             Ok(())
         }
         Some(false) => bail!(
-            "tests failed in the VM; console log in {}",
+            "the VM's run failed (a test, or the demo command); console log in {}",
             log_path.display()
         ),
         None => bail!(
