@@ -53,11 +53,18 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<()> {
     let rootfs = ensure_rootfs(&options.cache, &options.mirror)?;
     let tests = build_test_executables()?;
     stage(root, &rootfs, &tests, options)?;
-    let image = options.cache.join("disk.ext4");
-    make_image(&rootfs, &image)?;
-    let (kernel, initrd) = kernel_files(&rootfs)?;
     let console = Console::Watched(options.timeout);
-    boot(&kernel, &initrd, &image, console, &options.cache)
+    boot_staged(root, &rootfs, &options.cache, console)
+}
+
+/// Adds `init.sh` to the staged build, makes the disk image and boots it.
+fn boot_staged(root: &Path, rootfs: &Path, cache: &Path, console: Console) -> anyhow::Result<()> {
+    let init = rootfs.join(STAGE).join("init.sh");
+    std::fs::copy(root.join("vm-test/init.sh"), init).context("copying vm-test/init.sh")?;
+    let image = cache.join("disk.ext4");
+    make_image(rootfs, &image)?;
+    let (kernel, initrd) = kernel_files(rootfs)?;
+    boot(&kernel, &initrd, &image, console, cache)
 }
 
 /// What `cargo xtask run --vm` was asked for.
@@ -77,15 +84,10 @@ pub fn run_demo(root: &Path, demo: &Demo) -> anyhow::Result<()> {
     require_host_tools()?;
     let cache = Path::new(DEFAULT_CACHE);
     let rootfs = ensure_rootfs(cache, DEFAULT_MIRROR)?;
-    let staged = fresh_stage(&rootfs)?;
-    let bin_dir = root.join("target/debug");
-    for bin in ["ferry", "ferry-probe"] {
-        copy(&bin_dir.join(bin), &staged.join("bin").join(bin))?;
-    }
+    let staged = stage_build(root, &rootfs, &root.join("target/debug"))?;
     let xtask = std::env::current_exe().context("the xtask executable")?;
     copy(&xtask, &staged.join("bin/xtask"))?;
     copy(&demo.manifests, &staged.join("repo/examples"))?;
-    copy(&root.join("deploy"), &staged.join("repo/deploy"))?;
     // The demo's hints say `./dev.sh exec ...` and `sudo ...`: both work in the VM.
     write_script(
         &staged.join("repo/dev.sh"),
@@ -96,19 +98,14 @@ pub fn run_demo(root: &Path, demo: &Demo) -> anyhow::Result<()> {
     if let Some(command) = &demo.command {
         std::fs::write(staged.join("demo-command"), command)?;
     }
-    std::fs::copy(root.join("vm-test/init.sh"), staged.join("init.sh"))
-        .context("copying vm-test/init.sh")?;
-    let image = cache.join("disk.ext4");
-    make_image(&rootfs, &image)?;
-    let (kernel, initrd) = kernel_files(&rootfs)?;
     let console = match demo.command {
         Some(_) => Console::Watched(DEMO_COMMAND_TIMEOUT),
         None => {
-            println!("ferry-vm: the demo starts in the VM; `poweroff` (or Ctrl-A X) leaves it");
+            println!("ferry-vm: the demo starts in the VM; `exit` (or Ctrl-A X) leaves it");
             Console::Interactive
         }
     };
-    boot(&kernel, &initrd, &image, console, cache)
+    boot_staged(root, &rootfs, cache, console)
 }
 
 /// An executable shell script.
@@ -122,14 +119,19 @@ fn write_script(path: &Path, body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `/ferry-vm` in the root filesystem, emptied of the previous run's files.
-fn fresh_stage(rootfs: &Path) -> anyhow::Result<PathBuf> {
+/// `/ferry-vm` in the root filesystem, emptied of the previous run's files, with what
+/// both the tests and the demo use: `bin/` (`ferry`, `ferry-probe` from `bin_dir`:
+/// `$FERRY_BIN_DIR`) and `repo/deploy` (in `$FERRY_REPO_ROOT`).
+fn stage_build(root: &Path, rootfs: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
     let staged = rootfs.join(STAGE);
     if staged.exists() {
         std::fs::remove_dir_all(&staged)
             .with_context(|| format!("removing {}", staged.display()))?;
     }
-    std::fs::create_dir_all(&staged)?;
+    for bin in ["ferry", "ferry-probe"] {
+        copy(&bin_dir.join(bin), &staged.join("bin").join(bin))?;
+    }
+    copy(&root.join("deploy"), &staged.join("repo/deploy"))?;
     Ok(staged)
 }
 
@@ -261,18 +263,14 @@ fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// test executables, listed with their arguments in `tests.list`) and `repo/` (the
 /// files tests read: `$FERRY_REPO_ROOT`).
 fn stage(root: &Path, rootfs: &Path, tests: &[PathBuf], options: &Options) -> anyhow::Result<()> {
-    let staged = fresh_stage(rootfs)?;
     // Test executables live in `<target>/debug/deps`, the binaries in `<target>/debug`.
     let bin_dir = tests[0]
         .parent()
         .and_then(Path::parent)
         .context("test executable directory")?;
-    for bin in ["ferry", "ferry-probe"] {
-        copy(&bin_dir.join(bin), &staged.join("bin").join(bin))?;
-    }
-    for data in ["deploy", "agent/src/dataplane/iptables/testdata"] {
-        copy(&root.join(data), &staged.join("repo").join(data))?;
-    }
+    let staged = stage_build(root, rootfs, bin_dir)?;
+    let testdata = "agent/src/dataplane/iptables/testdata";
+    copy(&root.join(testdata), &staged.join("repo").join(testdata))?;
     let mut list = String::new();
     for test in tests {
         let name = test.file_name().context("test executable name")?;
@@ -286,8 +284,6 @@ fn stage(root: &Path, rootfs: &Path, tests: &[PathBuf], options: &Options) -> an
         list += &format!("/{STAGE}/tests/{name} {}\n", args.join(" "));
     }
     std::fs::write(staged.join("tests.list"), list)?;
-    let init = staged.join("init.sh");
-    std::fs::copy(root.join("vm-test/init.sh"), &init).context("copying vm-test/init.sh")?;
     Ok(())
 }
 
