@@ -81,12 +81,27 @@ impl NodeSettings {
         }
         raise_open_files();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        if let Some(max) = self.conntrack.max(cpus) {
+        let max = self.conntrack.max(cpus);
+        let sysctls = self.conntrack.sysctls();
+        if max.is_some() || !sysctls.is_empty() {
+            ensure_conntrack_loaded();
+        }
+        if let Some(max) = max {
             set_conntrack_max(max);
         }
-        for (name, value) in self.conntrack.sysctls() {
+        for (name, value) in sysctls {
             set_if_different(&Path::new(NETFILTER).join(name), value);
         }
+    }
+}
+
+/// The conntrack sysctls exist only once the kernel has conntrack loaded.
+fn ensure_conntrack_loaded() {
+    if Path::new(NETFILTER).join("nf_conntrack_max").exists() {
+        return;
+    }
+    if let Err(e) = crate::dataplane::conntrack::load_kernel_modules() {
+        warn!(error = %e, "cannot have the kernel load conntrack; its settings may not apply");
     }
 }
 

@@ -42,6 +42,14 @@ fn is_stale(frontends: &UdpFrontends, flow: &UdpFlow) -> bool {
         .is_some_and(|f| !f.gone && !f.plan.serving_endpoints.is_empty())
 }
 
+/// Has the kernel load conntrack (nf_conntrack_netlink, and nf_conntrack with it) when
+/// nothing has yet: the first ctnetlink request does, through the kernel's own module
+/// autoloading, which also works from a container without `/lib/modules`. Until then
+/// the conntrack sysctls do not exist, e.g. in eBPF mode before any NAT rule.
+pub fn load_kernel_modules() -> std::io::Result<()> {
+    Ctnetlink::open()?.udp_flows(IpFamily::V4).map(drop)
+}
+
 /// Keeps the ctnetlink socket between syncs.
 #[derive(Default)]
 pub struct Reconciler {
