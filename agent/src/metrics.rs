@@ -86,7 +86,7 @@ pub struct Metrics {
     pub conntrack_cleanup_duration: HistogramFamily,
     pub conntrack_deleted: Family<Labels, Counter>,
     pub invalid_objects: Family<Labels, Counter>,
-    /// Service ports not programmed because the kernel lacks their protocol.
+    /// Service ports not programmed, by protocol and reason.
     pub skipped_ports: Family<Labels, Counter>,
     /// Frontends a service port asked for and another one owns, as found.
     pub frontend_conflicts: Counter,
@@ -286,7 +286,7 @@ impl Metrics {
         );
         r.register(
             "ferry_skipped_service_ports",
-            "Service port recomputations left unprogrammed because the kernel lacks the protocol, by protocol",
+            "Service port recomputations left unprogrammed, by protocol and reason (unsupported_protocol: the kernel lacks it; node_address: the ClusterIP is the node's own)",
             m.skipped_ports.clone(),
         );
         r.register(

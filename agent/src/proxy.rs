@@ -17,7 +17,7 @@ use crate::dns::ClusterDns;
 use crate::model::explain::explain;
 use crate::model::{
     Applied, ClusterState, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork, NodePlan,
-    NodePortAddresses, PlanDiff, Protocol, ServiceName, last_change_trigger_time,
+    NodePortAddresses, PlanDiff, Protocol, ServiceName, SkipReason, last_change_trigger_time,
     service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
@@ -406,9 +406,17 @@ impl ProxyLoop {
         if let Some(steering) = &mut self.node_local_dns {
             steering.track(&diff);
         }
-        for port in &diff.skipped {
-            warn!(service_port = %port, protocol = %port.protocol, "this kernel has no {} support; the port is not programmed", port.protocol);
-            self.report.skipped(port.protocol);
+        for skipped in &diff.skipped {
+            let (port, protocol) = (&skipped.port, skipped.port.protocol);
+            match skipped.reason {
+                SkipReason::UnsupportedProtocol => {
+                    warn!(service_port = %port, %protocol, "this kernel has no {protocol} support; the port is not programmed")
+                }
+                SkipReason::ClusterIpIsNodeAddress(ip) => {
+                    warn!(service_port = %port, cluster_ip = %ip, "the ClusterIP is one of this node's own addresses; not programmed (it would capture the node's own traffic)")
+                }
+            }
+            self.report.skipped(skipped);
         }
         for c in &diff.conflicts {
             warn!(service_port = %c.loser, frontend = %c.frontend, owner = %c.winner, "frontend claimed by another service port, which gets it (the first by namespace, name and port); not programmed for this one");

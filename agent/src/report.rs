@@ -13,7 +13,7 @@ use crate::dataplane::conntrack::Cleared;
 use crate::dataplane::{ProgrammedCount, SyncError, SyncStats};
 use crate::health::Health;
 use crate::metrics::{Metrics, ip_family, unix_now};
-use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, PlanKey, Protocol, ServicePortPlan};
+use crate::model::{IpFamily, Kind, NodePlan, PlanDiff, PlanKey, ServicePortPlan, SkippedPort};
 
 /// Trigger times kept for the next sync at most (a bound on memory when a sync is
 /// slow and every endpoint churns); later ones are not measured.
@@ -92,9 +92,13 @@ impl Report {
         self.health.node_eligible(!leaving);
     }
 
-    /// A service port was not programmed: the kernel lacks its protocol.
-    pub fn skipped(&self, protocol: Protocol) {
-        let labels = vec![("protocol".to_owned(), protocol.to_string())];
+    /// A service port was not programmed (the kernel lacks its protocol, or its
+    /// ClusterIP is the node's own address).
+    pub fn skipped(&self, skipped: &SkippedPort) {
+        let labels = vec![
+            ("protocol".to_owned(), skipped.port.protocol.to_string()),
+            ("reason".to_owned(), skipped.reason.label().to_owned()),
+        ];
         self.metrics.skipped_ports.get_or_create(&labels).inc();
     }
 

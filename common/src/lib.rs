@@ -107,8 +107,9 @@ pub const fn list_max_entries(class: usize, frontends: u32) -> u32 {
 /// The maps, pinned under the agent's bpffs directory by name.
 pub mod maps {
     use super::{
-        AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
-        MapKind, MapSpec, ReverseKey, ReverseValue, VipKey, list_max_entries, stats,
+        AffinityBackend, AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend,
+        FrontendKey, LIST_CAPACITY, MapKind, MapSpec, ReverseKey, ReverseValue, VipKey,
+        list_max_entries, stats,
     };
 
     /// The DNS port, in network byte order as the hooks see it: only frontends on it
@@ -149,6 +150,13 @@ pub mod maps {
     /// [`AffinityKey`] -> [`AffinityValue`] (LRU).
     pub const AFFINITY: MapSpec =
         MapSpec::new::<AffinityKey, AffinityValue>("ferry_aff_v1", MapKind::LruHash, 65_536, 0);
+    /// [`AffinityBackend`] -> `u32` (1): the backends of each ClientIP-affinity
+    /// frontend, so a sticky entry is checked against its frontend's current backends
+    /// in one lookup, and the agent never has to walk [`AFFINITY`] when a backend
+    /// goes. Sized like [`BACKENDS`] (`--bpf-max-backends`); only affinity frontends
+    /// have entries.
+    pub const AFFINITY_BACKENDS: MapSpec =
+        MapSpec::new::<AffinityBackend, u32>("ferry_affbe_v1", MapKind::Hash, 262_144, NO_PREALLOC);
     /// [`ReverseKey`] -> [`ReverseValue`] (LRU): what a socket connected to.
     pub const REVERSE: MapSpec =
         MapSpec::new::<ReverseKey, ReverseValue>("ferry_rev_v1", MapKind::LruHash, 262_144, 0);
@@ -346,6 +354,16 @@ pub struct AffinityKey {
     pub _pad: u32,
 }
 
+/// One backend of one ClientIP-affinity frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityBackend {
+    /// [`Frontend::id`].
+    pub frontend_id: u32,
+    /// The backend id.
+    pub backend_id: u32,
+}
+
 /// The backend a client stuck to, and when it last used it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -399,6 +417,7 @@ mod pod {
     unsafe impl<const N: usize> aya::Pod for BackendList<N> {}
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityBackend {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for ReverseValue {}
@@ -415,6 +434,7 @@ const _: () = {
     assert!(offset_of!(BackendList<16>, ids) == 8);
     assert!(size_of::<VipKey>() == 20);
     assert!(size_of::<AffinityKey>() == 16);
+    assert!(size_of::<AffinityBackend>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<ReverseKey>() == 32);
     assert!(offset_of!(ReverseKey, addr) == 8);

@@ -7,13 +7,13 @@ use aya_ebpf::helpers::generated::{
 };
 use aya_ebpf::programs::SockAddrContext;
 use ferry_common::{
-    AffinityKey, AffinityValue, BackendList, FAMILY_V4, FAMILY_V6, Frontend, FrontendKey,
-    ReverseKey, ReverseValue, VipKey, flags, stats,
+    AffinityBackend, AffinityKey, AffinityValue, BackendList, FAMILY_V4, FAMILY_V6, Frontend,
+    FrontendKey, ReverseKey, ReverseValue, VipKey, flags, stats,
 };
 
 use crate::maps::{
-    AFFINITY, BACKENDS, DNS_ALIVE, FRONTENDS, LIST4K, LIST16, LIST64K, LIST256, NODE_LOCAL_DNS,
-    REVERSE, VIPS, count,
+    AFFINITY, AFFINITY_BACKENDS, BACKENDS, DNS_ALIVE, FRONTENDS, LIST4K, LIST16, LIST64K, LIST256,
+    NODE_LOCAL_DNS, REVERSE, VIPS, count,
 };
 
 /// Why a connection is refused; the errno the application gets.
@@ -205,12 +205,13 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Option<u32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(fe.affinity_timeout) * 1_000_000_000;
     // SAFETY: map value references live until the program returns; the affinity
-    // entry is copied out at once, the backend only checked for presence.
+    // entry is copied out at once, the membership only checked for presence.
     let sticky = (unsafe { AFFINITY.get(&key) })
         .copied()
         .filter(|v| now.wrapping_sub(v.last_used_ns) < timeout_ns)
-        // The agent purges entries of removed backends; this catches the rest.
-        .filter(|v| unsafe { BACKENDS.get(&v.backend_id) }.is_some())
+        // Still one of this frontend's backends: entries of removed backends are
+        // never deleted one by one, they fail this check and age out of the LRU.
+        .filter(|v| is_affinity_backend(fe.id, v.backend_id))
         .map(|v| v.backend_id);
     let id = match sticky {
         Some(id) => id,
@@ -223,6 +224,17 @@ fn choose(ctx: &SockAddrContext, fe: &Frontend) -> Option<u32> {
     };
     let _ = AFFINITY.insert(&key, &value, 0);
     Some(id)
+}
+
+/// Whether `backend_id` is in affinity frontend `frontend_id`'s current backends.
+#[inline(always)]
+fn is_affinity_backend(frontend_id: u32, backend_id: u32) -> bool {
+    let member = AffinityBackend {
+        frontend_id,
+        backend_id,
+    };
+    // SAFETY: the value is only checked for presence, no reference is kept.
+    unsafe { AFFINITY_BACKENDS.get(&member) }.is_some()
 }
 
 /// One backend id drawn uniformly at random from the frontend's list.

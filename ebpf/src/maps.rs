@@ -5,8 +5,8 @@
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use ferry_common::{
-    AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
-    ReverseKey, ReverseValue, VipKey, maps,
+    AffinityBackend, AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey,
+    LIST_CAPACITY, ReverseKey, ReverseValue, VipKey, maps,
 };
 
 /// Declares a pinned map from its `ferry_common::maps` spec. `#[map]` needs the name
@@ -40,6 +40,8 @@ pinned_map!("ferry_ls64k_v1" =>
     LIST64K: HashMap<u32, BackendList<{ LIST_CAPACITY[3] }>> = maps::LISTS[3]);
 pinned_map!("ferry_vip_v1" => VIPS: HashMap<VipKey, u32> = maps::VIPS);
 pinned_map!("ferry_aff_v1" => AFFINITY: LruHashMap<AffinityKey, AffinityValue> = maps::AFFINITY);
+pinned_map!("ferry_affbe_v1" =>
+    AFFINITY_BACKENDS: HashMap<AffinityBackend, u32> = maps::AFFINITY_BACKENDS);
 pinned_map!("ferry_rev_v1" => REVERSE: LruHashMap<ReverseKey, ReverseValue> = maps::REVERSE);
 pinned_map!("ferry_stats_v1" => STATS: PerCpuArray<u64> = maps::STATS);
 pinned_map!("ferry_ldns_v1" => NODE_LOCAL_DNS: HashMap<FrontendKey, BackendAddr> = maps::NODE_LOCAL_DNS);

@@ -960,6 +960,63 @@ fn local_internal_policy_without_local_endpoints_drops(mode: Mode) {
     );
 }
 
+/// A client stuck to a backend that leaves the service goes to one that remains, even
+/// while that backend still serves another service (so it is still a backend of the
+/// node), and then sticks there.
+fn session_affinity_moves_off_a_removed_backend(mode: Mode) {
+    let mut c = Cluster::new(mode, &["a", "b", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    let both = [ep(&c.pod("a").ip), ep(&c.pod("b").ip)];
+    let sticky = |c: &Cluster, pods: &[&str]| {
+        let eps: Vec<_> = pods.iter().map(|n| ep(&c.pod(n).ip)).collect();
+        docs(&[
+            Service::new("sticky")
+                .cluster_ip("10.96.0.92")
+                .spec("sessionAffinity: ClientIP")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("sticky-1", "sticky", "IPv4", &p, &eps),
+        ])
+    };
+    c.write_manifest(
+        "shared.yaml",
+        &docs(&[
+            Service::new("plain")
+                .cluster_ip("10.96.0.93")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("plain-1", "plain", "IPv4", &p, &both),
+        ]),
+    );
+    c.write_manifest("sticky.yaml", &sticky(&c, &["a", "b"]));
+    c.start_agent();
+    let r = c.tcp(From::Pod("client"), "10.96.0.92:80", 10);
+    assert_eq!(r.pods().len(), 1, "sticks: {r:?}");
+    let stuck = r.pods()[0].clone();
+    let other = if stuck == "a" { "b" } else { "a" };
+    c.write_manifest("sticky.yaml", &sticky(&c, &[other]));
+    c.wait_for("the client leaves the removed backend", WAIT, || {
+        c.tcp(From::Pod("client"), "10.96.0.92:80", 5).pods() == [other]
+    });
+    let r = c.tcp(From::Pod("client"), "10.96.0.93:80", 20);
+    assert_eq!(
+        r.pods().len(),
+        2,
+        "the other service still uses both: {r:?}"
+    );
+    c.write_manifest("sticky.yaml", &sticky(&c, &["a", "b"]));
+    let back = format!("{}:8080", c.pod(&stuck).ip);
+    c.wait_for("both backends back", WAIT, || {
+        let out = (c.node_command(c.bin("ferry")))
+            .args(["explain", "default/sticky"])
+            .output()
+            .expect("ferry explain");
+        String::from_utf8_lossy(&out.stdout).contains(&back)
+    });
+    let r = c.tcp(From::Pod("client"), "10.96.0.92:80", 10);
+    assert_eq!(r.pods(), [other], "sticks to where it moved: {r:?}");
+}
+
 fn session_affinity_expires(mode: Mode) {
     let mut c = Cluster::new(mode, &["a", "b", "c", "d", "client"]);
     let p = [port("http", "TCP", 8080)];
@@ -1317,6 +1374,7 @@ ferry_tests::scenarios!(
     load_balancer_health_check_follows_local_endpoints,
     health_and_metrics_endpoints,
     session_affinity_expires,
+    session_affinity_moves_off_a_removed_backend,
     killed_agent_keeps_serving_and_restarts_without_disruption,
     unexposed_port_is_not_delivered,
     cleanup_removes_everything,

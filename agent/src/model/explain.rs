@@ -197,6 +197,11 @@ fn explain_port(
     out.endpoints = found.iter().map(|c| explain_endpoint(c, &at)).collect();
     match programmed {
         Some(p) => describe_plan(&mut out, svc, p),
+        None if state.is_node_address(cluster_ip) => {
+            out.not_programmed = Some(format!(
+                "its ClusterIP {cluster_ip} is one of this node's own addresses: not programmed, it would capture the node's own traffic"
+            ));
+        }
         None if !state.supports(spec.protocol) => {
             out.not_programmed = Some(format!(
                 "this kernel cannot carry {}: the port is skipped",

@@ -25,7 +25,10 @@ pub use node::{
     HostAddresses, LocalAddress, LocalDetection, LocalTraffic, NodeInfo, NodeNetwork,
     NodePortAddresses,
 };
-pub use plan::{EndpointSet, NodePlan, PlanDiff, PlanKey, ServicePortPlan, Traffic, Upsert};
+pub use plan::{
+    EndpointSet, NodePlan, PlanDiff, PlanKey, ServicePortPlan, SkipReason, SkippedPort, Traffic,
+    Upsert,
+};
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo, last_change_trigger_time};
 pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};

@@ -186,9 +186,9 @@ pub struct Upsert {
 pub struct PlanDiff {
     pub upserted: Vec<Upsert>,
     pub removed: Vec<Arc<ServicePortPlan>>,
-    /// Ports left unprogrammed because this kernel lacks their protocol (SCTP), so
-    /// the caller can say so; never half-programmed.
-    pub skipped: Vec<ServicePortName>,
+    /// Ports left unprogrammed (never half-programmed), with why, so the caller can
+    /// say so.
+    pub skipped: Vec<SkippedPort>,
     /// Frontends a recomputed port asked for and another port owns.
     pub conflicts: Vec<FrontendConflict>,
 }
@@ -197,6 +197,33 @@ impl PlanDiff {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
         self.upserted.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// A service port (or one family of it) the node does not program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedPort {
+    pub port: ServicePortName,
+    pub reason: SkipReason,
+}
+
+/// Why a service port is not programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// This kernel lacks the port's protocol (SCTP).
+    UnsupportedProtocol,
+    /// The ClusterIP is one of the node's own addresses (from its Node object):
+    /// programming it would capture traffic meant for the node itself.
+    ClusterIpIsNodeAddress(IpAddr),
+}
+
+impl SkipReason {
+    /// A short label value for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::UnsupportedProtocol => "unsupported_protocol",
+            Self::ClusterIpIsNodeAddress(_) => "node_address",
+        }
     }
 }
 
@@ -343,11 +370,12 @@ impl NodePlan {
 }
 
 /// Builds the plans of one service from the current state; ports of a protocol the
-/// node cannot program go to `skipped` instead.
+/// node cannot program, and ClusterIPs that are the node's own, go to `skipped`
+/// instead.
 fn plan_service(
     state: &ClusterState,
     name: &ServiceName,
-    skipped: &mut Vec<ServicePortName>,
+    skipped: &mut Vec<SkippedPort>,
 ) -> Vec<ServicePortPlan> {
     let Some(svc) = state.service(name) else {
         return Vec::new();
@@ -357,16 +385,29 @@ fn plan_service(
     }
     let (uses_cluster, uses_local) = (svc.uses_cluster_endpoints(), svc.uses_local_endpoints());
     let mut plans = Vec::with_capacity(svc.cluster_ips.len() * svc.ports.len());
-    for port in svc.ports.iter().filter(|p| !state.supports(p.protocol)) {
-        skipped.push(ServicePortName {
+    let skip = |port: &ServicePortSpec, reason| SkippedPort {
+        port: ServicePortName {
             service: svc.name.clone(),
             port: port.name.clone(),
             protocol: port.protocol,
-        });
-    }
+        },
+        reason,
+    };
+    let (supported, unsupported): (Vec<_>, Vec<_>) =
+        svc.ports.iter().partition(|p| state.supports(p.protocol));
+    skipped.extend(
+        unsupported
+            .into_iter()
+            .map(|p| skip(p, SkipReason::UnsupportedProtocol)),
+    );
     for &cluster_ip in &svc.cluster_ips {
+        if state.is_node_address(cluster_ip) {
+            let reason = SkipReason::ClusterIpIsNodeAddress(cluster_ip);
+            skipped.extend(supported.iter().map(|p| skip(p, reason)));
+            continue;
+        }
         let family = IpFamily::of(&cluster_ip);
-        for port in svc.ports.iter().filter(|p| state.supports(p.protocol)) {
+        for port in supported.iter().copied() {
             let found = candidates(state, name, family, (&port.name, port.protocol));
             let categorized = categorize(&found, state.node(), uses_cluster, uses_local);
             let mut plan = port_plan(svc, port, cluster_ip, categorized);
@@ -692,8 +733,41 @@ endpoints: [{addresses: [10.0.0.1], nodeName: node-b}, {addresses: [10.0.0.2], n
         let (plan, diff) = plan_all(&mut st);
         assert_eq!(plan.len(), 1, "only the TCP port");
         assert_eq!(diff.skipped.len(), 1);
-        assert_eq!(diff.skipped[0].to_string(), "default/m:a");
-        assert_eq!(diff.skipped[0].protocol, Protocol::Sctp);
+        assert_eq!(diff.skipped[0].port.to_string(), "default/m:a");
+        assert_eq!(diff.skipped[0].port.protocol, Protocol::Sctp);
+        assert_eq!(diff.skipped[0].reason, SkipReason::UnsupportedProtocol);
+    }
+
+    #[test]
+    fn a_cluster_ip_that_is_the_nodes_own_address_is_not_programmed() {
+        let mut st = state(&[
+            "kind: Service\nmetadata: {name: hijack}\nspec: {clusterIPs: [10.1.0.5, 'fd00::5'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{name: a, port: 22}]}",
+            "kind: Service\nmetadata: {name: fine}\nspec: {clusterIP: 10.0.0.2, ports: [{port: 80}]}",
+            "kind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 10.1.0.5}]}",
+        ]);
+        let (mut plan, diff) = plan_all(&mut st);
+        let keys: Vec<String> = plan
+            .keys_sorted()
+            .iter()
+            .map(|k| format!("{} {}", k.port, k.family))
+            .collect();
+        assert_eq!(keys, ["default/fine IPv4", "default/hijack:a IPv6"]);
+        assert_eq!(diff.skipped.len(), 1);
+        assert_eq!(diff.skipped[0].port.to_string(), "default/hijack:a");
+        assert_eq!(
+            diff.skipped[0].reason,
+            SkipReason::ClusterIpIsNodeAddress("10.1.0.5".parse().unwrap())
+        );
+        // The node's address moves away: the ClusterIP is programmed again.
+        let node: Node = serde_saphyr::from_str(
+            "metadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 10.1.0.6}]}",
+        )
+        .unwrap();
+        st.apply_node(&node).unwrap();
+        let changes = st.take_changes();
+        let diff = plan.update(&st, &changes.services);
+        assert!(diff.skipped.is_empty());
+        assert_eq!(plan.len(), 3, "both families of hijack:a, and fine");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! kept incrementally, with the set of services whose programming may have changed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 
 use std::sync::Arc;
 
@@ -419,6 +420,12 @@ impl ClusterState {
     /// Whether `name` is the Service answered by this node's DNS server.
     pub fn is_node_local_dns(&self, name: &ServiceName) -> bool {
         self.node_local_dns.as_ref() == Some(name)
+    }
+
+    /// Whether `ip` is one of this node's own addresses (its Node object's): a
+    /// ClusterIP there is not programmed, as it would capture the node's own traffic.
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.node.addresses.contains(&ip)
     }
 
     /// Whether service ports of this protocol can be programmed here.

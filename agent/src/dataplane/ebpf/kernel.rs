@@ -5,8 +5,8 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use ferry_common::{
-    AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY,
-    MapSpec, VipKey, maps, stats,
+    AffinityBackend, BackendAddr, BackendList, Frontend, FrontendKey, LIST_CAPACITY, MapSpec,
+    VipKey, maps, stats,
 };
 
 use super::state::{KernelState, MapError, MapOps};
@@ -22,7 +22,7 @@ pub struct KernelMaps {
     list4k: Hash<u32, BackendList<4096>>,
     list64k: Hash<u32, BackendList<65536>>,
     vips: Hash<VipKey, u32>,
-    affinity: Hash<AffinityKey, AffinityValue>,
+    affinity_backends: Hash<AffinityBackend, u32>,
     stats: PerCpuArray<MapData, u64>,
     /// Map updates done (for sync statistics).
     pub writes: usize,
@@ -127,7 +127,7 @@ impl KernelMaps {
             list4k: open(dir, &maps::LISTS[2])?,
             list64k: open(dir, &maps::LISTS[3])?,
             vips: open(dir, &maps::VIPS)?,
-            affinity: open(dir, &maps::AFFINITY)?,
+            affinity_backends: open(dir, &maps::AFFINITY_BACKENDS)?,
             stats: open(dir, &maps::STATS)?,
             writes: 0,
         })
@@ -220,19 +220,25 @@ impl MapOps for KernelMaps {
         delete_result(maps::VIPS.name, self.vips.remove(key))
     }
 
-    fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError> {
-        let stale: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| k.frontend_id == id && backends.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in stale {
-            self.writes += 1;
-            delete_result(maps::AFFINITY.name, self.affinity.remove(&key))?;
-        }
-        Ok(())
+    fn put_affinity_backend(&mut self, id: u32, backend: u32) -> Result<(), MapError> {
+        self.writes += 1;
+        let key = AffinityBackend {
+            frontend_id: id,
+            backend_id: backend,
+        };
+        (self.affinity_backends)
+            .insert(key, 1, 0)
+            .map_err(|e| update_error(maps::AFFINITY_BACKENDS.name, "insert", e))
+    }
+
+    fn del_affinity_backend(&mut self, id: u32, backend: u32) -> Result<(), MapError> {
+        self.writes += 1;
+        let key = AffinityBackend {
+            frontend_id: id,
+            backend_id: backend,
+        };
+        let removed = self.affinity_backends.remove(&key);
+        delete_result(maps::AFFINITY_BACKENDS.name, removed)
     }
 
     fn read_all(&mut self) -> Result<KernelState, MapError> {
@@ -255,6 +261,12 @@ impl MapOps for KernelMaps {
             state
                 .vips
                 .push(item.map_err(|e| read_err(maps::VIPS.name, e))?);
+        }
+        for item in self.affinity_backends.keys() {
+            let pair = item.map_err(|e| read_err(maps::AFFINITY_BACKENDS.name, e))?;
+            state
+                .affinity_backends
+                .push((pair.frontend_id, pair.backend_id));
         }
         Ok(state)
     }

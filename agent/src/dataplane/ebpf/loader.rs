@@ -97,7 +97,7 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoadError
 pub struct MapSizes {
     /// Frontends; the ClusterIP set and the backend-list maps follow it.
     pub frontends: u32,
-    /// Distinct backend addresses.
+    /// Distinct backend addresses (and, apart, the backends of affinity frontends).
     pub backends: u32,
     /// ClientIP affinity entries (client, frontend).
     pub affinity: u32,
@@ -118,7 +118,7 @@ impl Default for MapSizes {
 
 impl MapSizes {
     /// Every map of the object, with the max entries it gets under these sizes.
-    fn max_entries(&self) -> [(MapSpec, u32); 12] {
+    fn max_entries(&self) -> [(MapSpec, u32); 13] {
         let list = |class: usize| (maps::LISTS[class], list_max_entries(class, self.frontends));
         [
             (maps::FRONTENDS, self.frontends),
@@ -130,6 +130,9 @@ impl MapSizes {
             list(2),
             list(3),
             (maps::AFFINITY, self.affinity),
+            // Affinity frontends' (frontend, backend) pairs: at most one per backend
+            // unless services share backends, which is rare with affinity.
+            (maps::AFFINITY_BACKENDS, self.backends),
             (maps::REVERSE, self.sockets),
             (maps::STATS, maps::STATS.max_entries),
             (maps::NODE_LOCAL_DNS, maps::NODE_LOCAL_DNS.max_entries),

@@ -47,6 +47,8 @@ pub struct KernelState {
     pub backends: Vec<(u32, BackendAddr)>,
     /// The ClusterIP set.
     pub vips: Vec<VipKey>,
+    /// (frontend id, backend id) pairs of affinity frontends.
+    pub affinity_backends: Vec<(u32, u32)>,
 }
 
 /// The map operations the reconciler needs: the kernel maps in production
@@ -68,8 +70,11 @@ pub trait MapOps {
     fn put_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
     /// Removes a ClusterIP from the set.
     fn del_vip(&mut self, key: &VipKey) -> Result<(), MapError>;
-    /// Forgets clients stuck to `backends` of frontend `id`.
-    fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError>;
+    /// Records that backend `backend` serves affinity frontend `id` (sticky entries
+    /// to it stay valid).
+    fn put_affinity_backend(&mut self, id: u32, backend: u32) -> Result<(), MapError>;
+    /// Removes that record: clients stuck to `backend` through `id` choose again.
+    fn del_affinity_backend(&mut self, id: u32, backend: u32) -> Result<(), MapError>;
     /// Reads the maps back.
     fn read_all(&mut self) -> Result<KernelState, MapError>;
 }
@@ -124,6 +129,15 @@ fn is_cluster_ip(value: &Frontend) -> bool {
     value.flags & flags::CLUSTER_IP != 0
 }
 
+/// The backends a frontend's sticky entries may use: its list, when it has ClientIP
+/// affinity (nothing otherwise).
+fn affinity_backends<'a>(value: &Frontend, has_list: bool, backends: &'a [u32]) -> &'a [u32] {
+    match has_list && value.flags & flags::AFFINITY != 0 {
+        true => backends,
+        false => &[],
+    }
+}
+
 /// Whether frontend flags say "balance across the list".
 fn forwards(flags_: u16) -> bool {
     flags_ & flags::ACTION_MASK == flags::ACTION_FORWARD
@@ -141,6 +155,29 @@ fn wanted_backends(desired: &DesiredFrontend) -> Vec<BackendAddr> {
         wanted.truncate(max);
     }
     wanted
+}
+
+/// Before step 2 of an upsert: records the backends of affinity frontend `id` that
+/// were not yet its (`old`), so sticky entries to them hold. Returns those added,
+/// all or none.
+fn put_affinity_backends(
+    ops: &mut dyn MapOps,
+    id: u32,
+    old: &[u32],
+    new: &[u32],
+) -> Result<Vec<u32>, MapError> {
+    let old: HashSet<u32> = old.iter().copied().collect();
+    let mut added = Vec::new();
+    for &backend in new.iter().filter(|b| !old.contains(b)) {
+        if let Err(e) = ops.put_affinity_backend(id, backend) {
+            for &b in &added {
+                ops.del_affinity_backend(id, b)?;
+            }
+            return Err(e);
+        }
+        added.push(backend);
+    }
+    Ok(added)
 }
 
 /// Steps 2 and 3 of an upsert: the list in one update, then the frontend if it
@@ -195,6 +232,7 @@ impl Programmed {
         }
         me.release_unused(ops)?;
         me.reconcile_vips(ops, &state.vips)?;
+        me.reconcile_affinity_backends(ops, &state.affinity_backends)?;
         Ok(me)
     }
 
@@ -275,6 +313,29 @@ impl Programmed {
         Ok(())
     }
 
+    /// Makes the affinity backends (`found` in the map) match the affinity frontends'
+    /// lists.
+    fn reconcile_affinity_backends(
+        &self,
+        ops: &mut dyn MapOps,
+        found: &[(u32, u32)],
+    ) -> Result<(), MapError> {
+        let wanted: HashSet<(u32, u32)> = (self.frontends.values())
+            .flat_map(|e| {
+                let ids = affinity_backends(&e.value, e.has_list, &e.backends);
+                ids.iter().map(|&b| (e.value.id, b))
+            })
+            .collect();
+        let found_set: HashSet<(u32, u32)> = found.iter().copied().collect();
+        for &(id, backend) in found_set.difference(&wanted) {
+            ops.del_affinity_backend(id, backend)?;
+        }
+        for &(id, backend) in wanted.difference(&found_set) {
+            ops.put_affinity_backend(id, backend)?;
+        }
+        Ok(())
+    }
+
     /// Frontend keys currently programmed.
     pub fn keys(&self) -> impl Iterator<Item = &FrontendKey> {
         self.frontends.keys()
@@ -324,6 +385,21 @@ impl Programmed {
             _pad: 0,
             affinity_timeout: desired.affinity_timeout,
         };
+        let old_sticky = existing.as_ref().map_or(&[][..], |e| {
+            affinity_backends(&e.value, e.has_list, &e.backends)
+        });
+        let added = match put_affinity_backends(
+            ops,
+            id,
+            old_sticky,
+            affinity_backends(&value, needs_list, &ids),
+        ) {
+            Ok(added) => added,
+            Err(e) => {
+                self.abandon(ops, existing.is_none().then_some(id), &ids)?;
+                return Err(e);
+            }
+        };
         // 2. and 3.
         if let Err(e) = write_entry(
             ops,
@@ -333,6 +409,9 @@ impl Programmed {
             &ids,
             needs_list,
         ) {
+            for backend in added {
+                ops.del_affinity_backend(id, backend)?;
+            }
             self.abandon(ops, existing.is_none().then_some(id), &ids)?;
             return Err(e);
         }
@@ -409,15 +488,13 @@ impl Programmed {
         if old.has_list && (!needs_list || old.value.list_class != new.list_class) {
             ops.del_list(old.value.list_class, new.id)?;
         }
-        if old.value.flags & flags::AFFINITY != 0 {
-            let gone: Vec<u32> = old
-                .backends
-                .iter()
-                .copied()
-                .filter(|b| !ids.contains(b))
-                .collect();
-            if !gone.is_empty() {
-                ops.purge_affinity(new.id, &gone)?;
+        let kept: HashSet<u32> = affinity_backends(new, needs_list, ids)
+            .iter()
+            .copied()
+            .collect();
+        for &gone in affinity_backends(&old.value, old.has_list, &old.backends) {
+            if !kept.contains(&gone) {
+                ops.del_affinity_backend(new.id, gone)?;
             }
         }
         if is_cluster_ip(&old.value) && !is_cluster_ip(new) {
@@ -436,6 +513,9 @@ impl Programmed {
         self.frontend_ids.remove(&entry.value.id);
         if entry.has_list {
             ops.del_list(entry.value.list_class, entry.value.id)?;
+        }
+        for &backend in affinity_backends(&entry.value, entry.has_list, &entry.backends) {
+            ops.del_affinity_backend(entry.value.id, backend)?;
         }
         if is_cluster_ip(&entry.value) {
             self.vip_unref(ops, key)?;
@@ -615,8 +695,20 @@ impl MapOps for FakeMaps {
         self.log("del_vip");
         Ok(())
     }
-    fn purge_affinity(&mut self, id: u32, backends: &[u32]) -> Result<(), MapError> {
-        self.log(format!("purge_affinity {id} {backends:?}"));
+    fn put_affinity_backend(&mut self, id: u32, backend: u32) -> Result<(), MapError> {
+        if self.full.contains("affinity_backends") {
+            return Err(MapError::Full {
+                map: "affinity_backends",
+            });
+        }
+        self.state.affinity_backends.retain(|p| *p != (id, backend));
+        self.state.affinity_backends.push((id, backend));
+        self.log(format!("put_affinity_backend {id} {backend}"));
+        Ok(())
+    }
+    fn del_affinity_backend(&mut self, id: u32, backend: u32) -> Result<(), MapError> {
+        self.state.affinity_backends.retain(|p| *p != (id, backend));
+        self.log(format!("del_affinity_backend {id} {backend}"));
         Ok(())
     }
     fn read_all(&mut self) -> Result<KernelState, MapError> {
@@ -635,6 +727,17 @@ mod tests {
             ip: format!("10.244.0.{i}").parse().unwrap(),
             port: 8080,
         }
+    }
+
+    /// The id the maps gave backend `be(i)`.
+    fn backend_id(maps: &FakeMaps, i: u8) -> u32 {
+        let addr = backend_addr(&be(i));
+        maps.state
+            .backends
+            .iter()
+            .find(|(_, a)| *a == addr)
+            .unwrap()
+            .0
     }
 
     fn desired(ip: &str, backends: &[Endpoint], extra_flags: u16) -> DesiredFrontend {
@@ -757,28 +860,67 @@ mod tests {
     }
 
     #[test]
-    fn reject_needs_no_list_and_affinity_is_purged() {
+    fn reject_needs_no_list_and_affinity_follows_the_backends() {
         let mut maps = FakeMaps::default();
         let mut prog = Programmed::adopt(&mut maps).unwrap();
+        let sticky = |maps: &FakeMaps| {
+            let mut pairs = maps.state.affinity_backends.clone();
+            pairs.sort();
+            pairs
+        };
         prog.upsert(
             &mut maps,
             &desired("10.96.0.10", &[be(1), be(2)], flags::AFFINITY),
         )
         .unwrap();
+        let (fe, b1, b2) = (
+            maps.state.frontends[0].1.id,
+            backend_id(&maps, 1),
+            backend_id(&maps, 2),
+        );
+        let mut both = vec![(fe, b1), (fe, b2)];
+        both.sort();
+        assert_eq!(sticky(&maps), both);
         maps.writes.clear();
         prog.upsert(&mut maps, &desired("10.96.0.10", &[be(2)], flags::AFFINITY))
             .unwrap();
+        assert_eq!(sticky(&maps), [(fe, b2)]);
         assert!(
-            maps.writes.iter().any(|w| w.starts_with("purge_affinity")),
-            "{:?}",
+            maps.writes
+                .contains(&format!("del_affinity_backend {fe} {b1}")),
+            "only the gone backend is touched: {:?}",
             maps.writes
         );
+        // A restart adopts the pairs; an orphan pair is dropped, a missing one put back.
+        maps.state.affinity_backends = vec![(fe, b1), (99, b2)];
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        assert_eq!(sticky(&maps), [(fe, b2)]);
 
         let mut reject = desired("10.96.0.10", &[], 0);
         reject.flags = flags::ACTION_REJECT | flags::CLUSTER_IP;
         prog.upsert(&mut maps, &reject).unwrap();
         assert!(maps.state.lists.is_empty() && maps.state.backends.is_empty());
+        assert!(maps.state.affinity_backends.is_empty(), "affinity is off");
         assert_eq!(maps.state.frontends.len(), 1);
+    }
+
+    #[test]
+    fn removing_an_affinity_frontend_removes_its_backends_and_a_full_map_undoes_the_upsert() {
+        let mut maps = FakeMaps::default();
+        let mut prog = Programmed::adopt(&mut maps).unwrap();
+        prog.upsert(&mut maps, &desired("10.96.0.10", &[be(1)], flags::AFFINITY))
+            .unwrap();
+        prog.remove(
+            &mut maps,
+            &frontend_key("10.96.0.10".parse().unwrap(), 80, 6),
+        )
+        .unwrap();
+        assert!(maps.state.affinity_backends.is_empty());
+
+        maps.full.insert("affinity_backends");
+        let err = prog.upsert(&mut maps, &desired("10.96.0.11", &[be(1)], flags::AFFINITY));
+        assert!(matches!(err, Err(MapError::Full { .. })));
+        assert!(maps.state.frontends.is_empty() && maps.state.backends.is_empty());
     }
 
     #[test]
