@@ -57,6 +57,12 @@ fn want_arrival_interface(socket: &UdpSocket) {
 }
 
 /// How often a worker blocked on an idle socket looks at its stop flag.
+/// Questions handed to the runtime at once (forwarded, or waiting for the same name
+/// in flight). Beyond it a question is answered REFUSED at once, as CoreDNS does past
+/// `max_concurrent`: a flood of uncached names cannot grow the agent's tasks and
+/// memory without bound (each task holds about a kilobyte).
+const MAX_FORWARDING: usize = 16_384;
+
 const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the answering threads of one listener share.
@@ -269,10 +275,13 @@ fn forward_later(
     reuse: Option<(Vec<u8>, usize)>,
     started: Instant,
 ) {
+    let Some(in_flight) = InFlight::start(&w.in_flight, MAX_FORWARDING) else {
+        refuse_now(socket, w, &request, edns.as_ref(), &query, src, started);
+        return;
+    };
     let answerer = w.answerer.clone();
     let socket = socket.clone();
     let cache = w.cache.clone();
-    let in_flight = InFlight::start(&w.in_flight);
     let mut recorder = w.metrics.recorder(w.listen, "udp");
     w.runtime.spawn(async move {
         let _in_flight = in_flight;
@@ -344,10 +353,39 @@ fn answered_wire<'a>(
 struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
-    fn start(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::AcqRel);
-        Self(counter.clone())
+    /// Counts one more question, unless `max` are already in flight.
+    fn start(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(counter.clone()))
     }
+}
+
+/// Answers REFUSED at once (too many questions in flight), never cached.
+fn refuse_now(
+    socket: &UdpSocket,
+    w: &Workers,
+    request: &Message,
+    edns: Option<&Edns>,
+    query: &Query,
+    src: SocketAddr,
+    started: Instant,
+) {
+    let records = Records::error(hickory_server::proto::op::ResponseCode::Refused);
+    let sent = Sent {
+        socket,
+        dst: src,
+        request: &request.metadata,
+        query,
+        edns,
+    };
+    let mut out = Vec::with_capacity(512);
+    sent.reply(&records, &w.cache, None, &mut out);
+    let a = answered(src, &request.metadata, query, &records, out.len(), started);
+    w.metrics.recorder(w.listen, "udp").record(&a);
 }
 
 impl Drop for InFlight {
@@ -473,6 +511,19 @@ fn encode(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn questions_in_flight_are_bounded() {
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let first = super::InFlight::start(&counter, 2).expect("room");
+        let second = super::InFlight::start(&counter, 2).expect("room");
+        assert!(super::InFlight::start(&counter, 2).is_none(), "full");
+        drop(first);
+        let third = super::InFlight::start(&counter, 2);
+        assert!(third.is_some(), "a finished question frees its place");
+        drop((second, third));
+        assert_eq!(counter.load(std::sync::atomic::Ordering::Acquire), 0);
+    }
+
     use super::*;
 
     #[test]
