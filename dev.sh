@@ -5,6 +5,7 @@
 #   ./dev.sh test    lint + unit tests + netns integration tests
 #   ./dev.sh exec client -- curl -s http://10.96.0.10/
 #   ./dev.sh vm      the test suite in a VM on Debian's 6.1 kernel (vm-test/)
+#   ./dev.sh fuzz    the fuzz targets (fuzz/), 15 s each; --seconds N TARGET for more
 #   ./dev.sh run --vm  the demo inside that VM, with a shell on its console
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -76,4 +76,15 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     --no-default-features --features llvm-22
 fi
 
+# Fuzzing (`cargo xtask fuzz`): cargo-fuzz drives the targets of fuzz/ on rustup's
+# nightly toolchain, which, like stable, must come with the machine.
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo-fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  echo "install-deps: building cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install "cargo-fuzz@$CARGO_FUZZ_VERSION" --locked
+fi
+if ! rustup toolchain list | grep -q '^nightly'; then
+  echo "install-deps: no nightly toolchain: \`cargo xtask fuzz\` will not run (everything else does)" >&2
+fi
+
 echo "install-deps: all dependencies present"

@@ -787,7 +787,9 @@ fn sctp_port_without_kernel_support_is_skipped(mode: Mode) {
         c.tcp(From::Pod("client"), "10.96.0.80:80", 3).successes(),
         3
     );
-    let skipped = c.metric("ferry_skipped_service_ports_total{protocol=\"SCTP\"}");
+    let skipped = c.metric(
+        "ferry_skipped_service_ports_total{protocol=\"SCTP\",reason=\"unsupported_protocol\"}",
+    );
     assert_eq!(
         c.metric("ferry_sync_failures_total"),
         Some(0.0),

@@ -8,9 +8,11 @@
 //! - `test`: format check, clippy, unit tests and the netns integration tests.
 //! - `bench`: performance against the baselines, written to `bench/results/`.
 //! - `vm`: the test suite inside a virtual machine on Debian's 6.1 kernel.
+//! - `fuzz`: the cargo-fuzz targets of `fuzz/`, a short run of each (CI) or a long one.
 //! - `build`, `lint`.
 
 mod bench;
+mod fuzz;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +99,15 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the fuzz targets (`fuzz/`, cargo-fuzz on the nightly toolchain) and run
+    /// each from the committed seed corpus; fails when one crashes, naming the input.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Only this target (dns_udp, dns_tcp, manifests, plan_diff); default all.
+        target: Option<String>,
+    },
     /// Format check and clippy with warnings as errors.
     Lint,
     /// Measure Ferry against its baselines (takes minutes; needs root).
@@ -174,6 +185,7 @@ fn main() -> anyhow::Result<()> {
             };
             vm::run(&root, &options)
         }
+        Task::Fuzz { seconds, target } => fuzz::run(&root, &fuzz::Options { seconds, target }),
         Task::Lint => lint(),
         Task::Bench {
             quick,

@@ -14,6 +14,10 @@ use std::time::Instant;
 use hashbrown::HashTable;
 
 use super::CacheScope;
+/// The general path a question takes when no stored answer fits it (the request
+/// parser and the answer encoder both transports use), reachable from here for what
+/// drives questions without a socket: the fuzz targets (`fuzz/`).
+pub use super::request::{Parsed, encode as encode_answer, parse as parse_request};
 
 /// Header flag bits copied from the request into a reused answer.
 const RD: u16 = 0x0100;

@@ -150,10 +150,13 @@ impl Zone {
             self.ents_change(name, true);
         }
         for (ip, target) in &records.ptrs {
-            self.ptrs
-                .entry(*ip)
-                .or_default()
-                .push((service.clone(), target.clone()));
+            // Kept sorted: an address several services claim (a manifest directory
+            // checks no uniqueness) answers with the first by namespace, name and
+            // target, whatever order the services arrived in (found by fuzzing).
+            let list = self.ptrs.entry(*ip).or_default();
+            let entry = (service.clone(), target.clone());
+            let at = list.partition_point(|e| *e < entry);
+            list.insert(at, entry);
         }
         self.contributed.insert(service.clone(), records);
     }
@@ -546,6 +549,28 @@ mod tests {
             z.lookup("1.0.0.10.in-addr.arpa.", QType::Ptr),
             Outcome::Elsewhere
         );
+    }
+
+    #[test]
+    fn a_shared_address_answers_the_same_whatever_the_order() {
+        let svc = |name: &str| {
+            let yaml = format!(
+                "metadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}"
+            );
+            let svc: k8s_openapi::api::core::v1::Service = serde_saphyr::from_str(&yaml).unwrap();
+            ServiceInfo::from_k8s(&svc).unwrap()
+        };
+        let (a, b) = (svc("a"), svc("b"));
+        let domain = ClusterDomain::default();
+        let ptr = |first: &ServiceInfo, second: &ServiceInfo| {
+            let mut z = Zone::new(&domain);
+            z.set_synced();
+            for s in [first, second] {
+                z.update(&s.name, Some(service_records(s, &[], &domain)));
+            }
+            z.lookup("10.0.96.10.in-addr.arpa.", QType::Ptr)
+        };
+        assert_eq!(ptr(&a, &b), ptr(&b, &a));
     }
 
     #[test]
