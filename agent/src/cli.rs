@@ -62,6 +62,24 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:10249")]
         address: std::net::SocketAddr,
     },
+    /// A live stream of the connections the eBPF socket programs forward or refuse
+    /// (rate-limited in the kernel; ends with Ctrl-C, or after --count events).
+    Monitor {
+        /// Events each CPU may report per second; the rest are counted and said.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// The agent's --metrics-bind-address, asked for service names.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        address: std::net::SocketAddr,
+        #[command(flatten)]
+        bpf: BpfArgs,
+    },
     /// Print the version.
     Version,
 }
@@ -74,6 +92,9 @@ pub enum InspectWhat {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The agent's --metrics-bind-address, asked for service names (eBPF mode).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        address: std::net::SocketAddr,
         #[command(flatten)]
         bpf: BpfArgs,
     },

@@ -243,7 +243,8 @@ pub struct MetricsState {
 
 /// Serves `/metrics`, `/healthz` ("ok": the metrics server is up), `/proxyMode`
 /// (the data plane's name, as kube-proxy's e2e tests read it), `/status`,
-/// `/explain` and `/dns` (`ferry status`, `ferry explain`, `ferry inspect dns`).
+/// `/explain`, `/dns` and `/frontends` (`ferry status`, `ferry explain`, `ferry
+/// inspect dns`, the names `ferry monitor` and `ferry inspect services` show).
 pub async fn serve_metrics(
     addr: SocketAddr,
     state: MetricsState,
@@ -266,8 +267,15 @@ pub async fn serve_metrics(
         .route("/status", get(status))
         .route("/explain", get(explain))
         .route("/dns", get(dns))
+        .route("/frontends", get(frontends))
         .with_state(state);
     serve(addr, app, "metrics", hard_fail).await;
+}
+
+/// The service port of every eBPF frontend (`ferry monitor`, `ferry inspect
+/// services`).
+async fn frontends(State(state): State<MetricsState>) -> impl IntoResponse {
+    axum::Json(state.metrics.frontend_names())
 }
 
 /// `ferry status`'s JSON.

@@ -20,6 +20,7 @@ pub mod kube_proxy;
 pub mod kube_proxy_config;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod node_settings;
 pub mod probe;
 pub mod proxy;

@@ -36,8 +36,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Cleanup(args) => ferry::run::cleanup(&args.bpf.bpf_pin_path, args.kube_proxy),
         Command::Inspect {
-            what: InspectWhat::Services { json, bpf },
-        } => ferry::run::inspect_services(&bpf.bpf_pin_path, json),
+            what: InspectWhat::Services { json, address, bpf },
+        } => ferry::run::inspect_services(&bpf.bpf_pin_path, address, json),
         Command::Inspect {
             what:
                 InspectWhat::Dns {
@@ -68,6 +68,21 @@ fn main() -> ExitCode {
             json,
             address,
         } => explain(&service, port.as_deref(), json, address),
+        Command::Monitor {
+            rate,
+            count,
+            json,
+            address,
+            bpf,
+        } => ferry::monitor::run(
+            &bpf.bpf_pin_path,
+            &ferry::monitor::MonitorOptions {
+                rate,
+                count,
+                json,
+                address,
+            },
+        ),
         Command::Version => {
             println!("ferry {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -113,7 +113,7 @@ pub struct Metrics {
     pub dns: Arc<crate::dns::metrics::DnsMetrics>,
     /// Where the eBPF maps are pinned, once the eBPF data plane runs: the data-path
     /// counters are read from there at each scrape.
-    datapath_pins: Arc<OnceLock<std::path::PathBuf>>,
+    datapath: Arc<OnceLock<collectors::DatapathExport>>,
 }
 
 impl Default for Metrics {
@@ -160,7 +160,7 @@ impl Metrics {
             udp_sockets_terminated: Counter::default(),
             programming: Histogram::new(network_programming_buckets()),
             dns_programming: Histogram::new(dns_buckets()),
-            datapath_pins: Arc::default(),
+            datapath: Arc::default(),
             dns: Arc::default(),
             registry: Registry::default(),
             status: crate::status::StatusBoard::default(),
@@ -171,7 +171,7 @@ impl Metrics {
         m.dns.register(&mut registry);
         registry.register_collector(Box::new(collectors::Process));
         registry.register_collector(Box::new(collectors::BuildInfo));
-        registry.register_collector(Box::new(collectors::Datapath(m.datapath_pins.clone())));
+        registry.register_collector(Box::new(collectors::Datapath(m.datapath.clone())));
         Self { registry, ..m }
     }
 
@@ -352,9 +352,25 @@ impl Metrics {
     }
 
     /// Exports the eBPF data path's counters, read from the maps pinned in `dir` at
-    /// each scrape.
-    pub fn export_datapath_counters(&self, dir: std::path::PathBuf) {
-        let _ = self.datapath_pins.set(dir);
+    /// each scrape, the per-service ones named after `names`.
+    pub fn export_datapath_counters(
+        &self,
+        dir: std::path::PathBuf,
+        names: crate::dataplane::ebpf::names::FrontendNames,
+    ) {
+        let _ = self
+            .datapath
+            .set(collectors::DatapathExport { pins: dir, names });
+    }
+
+    /// The service port of every frontend the eBPF data plane programmed (`/frontends`:
+    /// `ferry monitor` and `ferry inspect services` name frontends with it); empty in
+    /// other modes.
+    pub fn frontend_names(&self) -> Vec<crate::dataplane::ebpf::names::FrontendName> {
+        self.datapath
+            .get()
+            .map(|d| d.names.list())
+            .unwrap_or_default()
     }
 
     /// The metrics in Prometheus text format.

@@ -431,16 +431,22 @@ pub fn cleanup(pin_dir: &std::path::Path, kube_proxy: bool) -> anyhow::Result<()
 
 /// Prints the programmed frontends (`ferry inspect services`), read back from the
 /// kernel: Ferry's nftables tables when they exist, else the eBPF maps.
-pub fn inspect_services(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+pub fn inspect_services(
+    pin_dir: &std::path::Path,
+    address: std::net::SocketAddr,
+    json: bool,
+) -> anyhow::Result<()> {
     let view = if nftables::inspect::present() {
         nftables::inspect::inspect().context("reading Ferry's nftables tables")?
     } else {
-        inspect::inspect(pin_dir).with_context(|| {
+        let mut view = inspect::inspect(pin_dir).with_context(|| {
             format!(
                 "reading the eBPF maps pinned in {} (is ferry running in eBPF or nftables mode?)",
                 pin_dir.display()
             )
-        })?
+        })?;
+        view.name_frontends(&crate::monitor::frontend_names(address));
+        view
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);

@@ -30,6 +30,10 @@ pub enum MapKind {
     PerCpuArray = 6,
     /// `BPF_MAP_TYPE_LRU_HASH`.
     LruHash = 9,
+    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
+    LruPerCpuHash = 10,
+    /// `BPF_MAP_TYPE_RINGBUF` (no key or value; max entries is its size in bytes).
+    RingBuf = 27,
 }
 
 /// One map of the ABI: the eBPF crate declares it from this, the agent loads, sizes
@@ -108,8 +112,8 @@ pub const fn list_max_entries(class: usize, frontends: u32) -> u32 {
 pub mod maps {
     use super::{
         AffinityBackend, AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend,
-        FrontendKey, LIST_CAPACITY, MapKind, MapSpec, ReverseKey, ReverseValue, VipKey,
-        list_max_entries, stats,
+        FrontendCounters, FrontendKey, LIST_CAPACITY, MapKind, MapSpec, MonitorWindow, ReverseKey,
+        ReverseValue, VipKey, list_max_entries, monitor, stats,
     };
 
     /// The DNS port, in network byte order as the hooks see it: only frontends on it
@@ -173,6 +177,32 @@ pub mod maps {
     /// frontends fall back to their endpoints with no one having to act.
     pub const DNS_ALIVE: MapSpec =
         MapSpec::new::<u32, u64>("ferry_dnsalive_v1", MapKind::Array, 1, 0);
+
+    /// `u32` frontend id -> per-CPU [`FrontendCounters`] (LRU): what each frontend's
+    /// connections came to, for the per-service counters on `/metrics`. The programs
+    /// create an entry on a frontend's first use; ids are never reused, so the LRU
+    /// only ever evicts frontends long gone (or, when full, ones not used lately,
+    /// whose counters then restart from zero). Sized like [`FRONTENDS`].
+    pub const FRONTEND_COUNTERS: MapSpec = MapSpec::new::<u32, FrontendCounters>(
+        "ferry_fecnt_v1",
+        MapKind::LruPerCpuHash,
+        FRONTENDS_MAX,
+        0,
+    );
+    /// `ferry monitor`'s events ([`crate::MonitorEvent`]), written only while a
+    /// monitor listens ([`MONITOR`]) and at most at its rate; when the ring is full,
+    /// events are lost (counted in [`MONITOR_WINDOW`]), never waited for.
+    pub const EVENTS: MapSpec =
+        MapSpec::new::<(), ()>("ferry_events_v1", MapKind::RingBuf, 256 * 1024, 0);
+    /// `u32` index -> `u64`, the monitor's settings: [`monitor::LISTENING_UNTIL`] and
+    /// [`monitor::MAX_PER_SECOND`]. A monitor pushes the deadline forward while it
+    /// runs, so a killed one stops the events within seconds, with no one to act.
+    pub const MONITOR: MapSpec =
+        MapSpec::new::<u32, u64>("ferry_monitor_v1", MapKind::Array, monitor::SETTINGS, 0);
+    /// Per-CPU [`MonitorWindow`] (one entry): the rate limit's state and what it and
+    /// a full ring cost the monitor.
+    pub const MONITOR_WINDOW: MapSpec =
+        MapSpec::new::<u32, MonitorWindow>("ferry_monwin_v1", MapKind::PerCpuArray, 1, 0);
 
     const fn list<const N: usize>(name: &'static str, class: usize) -> MapSpec {
         MapSpec::new::<u32, BackendList<N>>(
@@ -254,6 +284,25 @@ pub mod stats {
     pub const REVERSED: u32 = 5;
     /// Number of counters.
     pub const COUNT: u32 = 6;
+}
+
+/// `ferry monitor`: the indexes of [`maps::MONITOR`] and the verdicts of
+/// [`MonitorEvent`].
+pub mod monitor {
+    /// `bpf_ktime_get_ns()` until which a monitor listens (0: none).
+    pub const LISTENING_UNTIL: u32 = 0;
+    /// Events each CPU may write per second; beyond it they are counted, not written.
+    pub const MAX_PER_SECOND: u32 = 1;
+    /// Number of settings.
+    pub const SETTINGS: u32 = 2;
+    /// Sent to a backend (or the node's own DNS listener).
+    pub const FORWARDED: u8 = 1;
+    /// Refused: no endpoints at all (ECONNREFUSED).
+    pub const REJECTED: u8 = 2;
+    /// Refused: endpoints exist, none usable from here (EHOSTUNREACH).
+    pub const DROPPED: u8 = 3;
+    /// Refused: a ClusterIP on a port no service exposes (ECONNREFUSED).
+    pub const NO_PORT: u8 = 4;
 }
 
 /// Frontend flags.
@@ -406,6 +455,60 @@ pub struct ReverseValue {
     pub _pad: u8,
 }
 
+/// One frontend's connections by outcome, on one CPU (connect() and unconnected
+/// UDP sendmsg() each count once).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendCounters {
+    /// Sent to a backend.
+    pub forwarded: u64,
+    /// Refused for lack of endpoints.
+    pub rejected: u64,
+    /// Refused: no endpoint usable from this node.
+    pub dropped: u64,
+}
+
+/// One connection (or unconnected datagram) the socket programs decided on, as
+/// `ferry monitor` receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// `bpf_ktime_get_ns()` when it happened.
+    pub ktime_ns: u64,
+    /// `bpf_get_netns_cookie()` of the socket's network namespace (which pod).
+    pub netns_cookie: u64,
+    /// The service address asked for.
+    pub service_addr: [u32; 4],
+    /// The backend chosen (zero unless forwarded).
+    pub backend_addr: [u32; 4],
+    /// Network byte order.
+    pub service_port: u16,
+    /// Network byte order.
+    pub backend_port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// Family of the service address.
+    pub family: u8,
+    /// Family of the backend address.
+    pub backend_family: u8,
+    /// One of the verdicts of [`monitor`].
+    pub verdict: u8,
+}
+
+/// The monitor's rate limit on one CPU, and what it cost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorWindow {
+    /// Start of the current one-second window (`bpf_ktime_get_ns()`).
+    pub window_start_ns: u64,
+    /// Events written in that window.
+    pub sent: u64,
+    /// Events not written because of the rate limit, ever.
+    pub suppressed: u64,
+    /// Events not written because the ring was full, ever.
+    pub lost: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -421,6 +524,9 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ReverseKey {}
     unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for FrontendCounters {}
+    unsafe impl aya::Pod for MonitorEvent {}
+    unsafe impl aya::Pod for MonitorWindow {}
 }
 
 // Layout checks: both sides compile against these; a mismatch fails the build.
@@ -439,6 +545,10 @@ const _: () = {
     assert!(size_of::<ReverseKey>() == 32);
     assert!(offset_of!(ReverseKey, addr) == 8);
     assert!(size_of::<ReverseValue>() == 20);
+    assert!(size_of::<FrontendCounters>() == 24);
+    assert!(size_of::<MonitorEvent>() == 56);
+    assert!(offset_of!(MonitorEvent, service_port) == 48);
+    assert!(size_of::<MonitorWindow>() == 32);
     // The list maps' values are the lists of their class.
     let mut class = 0;
     while class < LIST_CAPACITY.len() {

@@ -8,13 +8,14 @@ use aya_ebpf::helpers::generated::{
 use aya_ebpf::programs::SockAddrContext;
 use ferry_common::{
     AffinityBackend, AffinityKey, AffinityValue, BackendList, FAMILY_V4, FAMILY_V6, Frontend,
-    FrontendKey, ReverseKey, ReverseValue, VipKey, flags, stats,
+    FrontendKey, ReverseKey, ReverseValue, VipKey, flags, monitor, stats,
 };
 
 use crate::maps::{
     AFFINITY, AFFINITY_BACKENDS, BACKENDS, DNS_ALIVE, FRONTENDS, LIST4K, LIST16, LIST64K, LIST256,
     NODE_LOCAL_DNS, REVERSE, VIPS, count,
 };
+use crate::observe::observe;
 
 /// Why a connection is refused; the errno the application gets.
 pub enum Refuse {
@@ -71,6 +72,7 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         && let Some(local) = node_local_dns(&key)
     {
         count(stats::TRANSLATED);
+        observe(ctx, &key, None, monitor::FORWARDED, Some(local));
         return Ok(Some(local));
     }
     // SAFETY: `get` hands out a reference into the map value, which the kernel keeps
@@ -85,6 +87,7 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         // SAFETY: as above; only presence is checked, the value is not read.
         if unsafe { VIPS.get(&vip) }.is_some() {
             count(stats::NO_PORT);
+            observe(ctx, &key, None, monitor::NO_PORT, None);
             return Err(Refuse::NoPort);
         }
         return Ok(None);
@@ -93,10 +96,12 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         flags::ACTION_FORWARD => {}
         flags::ACTION_DROP => {
             count(stats::DROPPED);
+            observe(ctx, &key, Some(fe.id), monitor::DROPPED, None);
             return Err(Refuse::NotHere);
         }
         _ => {
             count(stats::REJECTED);
+            observe(ctx, &key, Some(fe.id), monitor::REJECTED, None);
             return Err(Refuse::NoEndpoints);
         }
     }
@@ -110,11 +115,13 @@ pub fn forward(ctx: &SockAddrContext, dest: Dest, proto: u8) -> Result<Option<De
         return Ok(None);
     };
     count(stats::TRANSLATED);
-    Ok(Some(Dest {
+    let to = Dest {
         addr: backend.addr,
         port: backend.port,
         family: backend.family,
-    }))
+    };
+    observe(ctx, &key, Some(fe.id), monitor::FORWARDED, Some(to));
+    Ok(Some(to))
 }
 
 /// The node's own DNS listener for a frontend it takes over, while the listener is

@@ -2,12 +2,14 @@
 #![no_main]
 //! Ferry's kernel programs: cgroup socket hooks that load-balance services at
 //! connect()/sendmsg() time and translate addresses back at recvmsg()/getpeername().
-//! Entry points are thin; the logic is in `lb`, the maps in `maps`. The entry points'
-//! names and hooks are listed in `ferry_common::programs`, which the agent attaches
-//! by (its tests check this object against that list).
+//! Entry points are thin; the logic is in `lb`, what they report in `observe`, the
+//! maps in `maps`. The entry points' names and hooks are listed in
+//! `ferry_common::programs`, which the agent attaches by (its tests check this object
+//! against that list).
 
 mod lb;
 mod maps;
+mod observe;
 
 use aya_ebpf::helpers::generated::bpf_set_retval;
 use aya_ebpf::macros::cgroup_sock_addr;

@@ -3,10 +3,11 @@
 //! override the sizes at load time (`--bpf-max-*` flags).
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use ferry_common::{
-    AffinityBackend, AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend, FrontendKey,
-    LIST_CAPACITY, ReverseKey, ReverseValue, VipKey, maps,
+    AffinityBackend, AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend,
+    FrontendCounters, FrontendKey, LIST_CAPACITY, MonitorWindow, ReverseKey, ReverseValue, VipKey,
+    maps,
 };
 
 /// Declares a pinned map from its `ferry_common::maps` spec. `#[map]` needs the name
@@ -46,6 +47,15 @@ pinned_map!("ferry_rev_v1" => REVERSE: LruHashMap<ReverseKey, ReverseValue> = ma
 pinned_map!("ferry_stats_v1" => STATS: PerCpuArray<u64> = maps::STATS);
 pinned_map!("ferry_ldns_v1" => NODE_LOCAL_DNS: HashMap<FrontendKey, BackendAddr> = maps::NODE_LOCAL_DNS);
 pinned_map!("ferry_dnsalive_v1" => DNS_ALIVE: Array<u64> = maps::DNS_ALIVE);
+pinned_map!("ferry_fecnt_v1" =>
+    FRONTEND_COUNTERS: LruPerCpuHashMap<u32, FrontendCounters> = maps::FRONTEND_COUNTERS);
+pinned_map!("ferry_monitor_v1" => MONITOR: Array<u64> = maps::MONITOR);
+pinned_map!("ferry_monwin_v1" => MONITOR_WINDOW: PerCpuArray<MonitorWindow> = maps::MONITOR_WINDOW);
+
+/// The `ferry_events_v1` ring buffer (no key or value type, so not `pinned_map!`).
+#[map(name = "ferry_events_v1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(maps::EVENTS.max_entries, maps::EVENTS.map_flags);
+const _: () = assert!(maps::EVENTS.declared_as::<(), ()>("ferry_events_v1"));
 
 /// Adds one to a counter (per CPU, so no atomics needed).
 #[inline(always)]

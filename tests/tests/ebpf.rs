@@ -1,9 +1,14 @@
-//! What `ferry inspect` reads back from the kernel (eBPF maps, nftables tables), and
-//! eBPF-only behaviour: dual-stack sockets reaching IPv4 services through
-//! IPv4-mapped addresses.
+//! What `ferry inspect` reads back from the kernel (eBPF maps, nftables tables),
+//! `ferry monitor` and the per-service counters, and eBPF-only behaviour: dual-stack
+//! sockets reaching IPv4 services through IPv4-mapped addresses.
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use ferry_tests::manifests::{Service, docs, ep, port, slice};
 use ferry_tests::{Cluster, From, Mode};
+
+const WAIT: Duration = Duration::from_secs(10);
 
 /// `ferry inspect services` in the modes that keep services in lookup tables.
 mod inspect_services_reads_the_kernel {
@@ -75,6 +80,10 @@ fn inspect_services_reads_the_kernel(mode: Mode) {
         .collect();
     backends.sort();
     assert_eq!(backends, ["10.244.0.10:8080", "10.244.0.11:8080"]);
+    if mode == Mode::Ebpf {
+        // Named by the running agent (the maps hold only addresses).
+        assert_eq!(web["service"], "default/web:http", "{view}");
+    }
     assert_eq!(find("192.0.2.10:80")["kind"], "External");
     assert_eq!(find("10.96.0.11:80")["action"], "reject");
     assert_eq!(view["backends"], 2);
@@ -196,4 +205,143 @@ fn a_frontend_without_room_refuses_and_bigger_sizes_apply_on_restart() {
         c.agent_log().contains("eBPF map resized"),
         "the resize is logged"
     );
+}
+
+/// A child process killed (and reaped) when the test ends, passing or not.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The web service (one backend) and one without endpoints.
+fn monitored_cluster() -> Cluster {
+    let mut c = Cluster::new(Mode::Ebpf, &["a", "client"]);
+    let p = [port("http", "TCP", 8080)];
+    c.write_manifest(
+        "svc.yaml",
+        &docs(&[
+            Service::new("web")
+                .cluster_ip("10.96.0.10")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice("web-1", "web", "IPv4", &p, &[ep(&c.pod("a").ip)]),
+            Service::new("empty")
+                .cluster_ip("10.96.0.11")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+        ]),
+    );
+    c.start_agent();
+    c
+}
+
+/// `ferry monitor` with `args`, its stdout piped, its stderr in `stderr`.
+fn monitor(c: &Cluster, args: &[&str], stderr: &std::path::Path) -> Running {
+    let child = c
+        .node_command(c.bin("ferry"))
+        .arg("monitor")
+        .args(args)
+        .arg("--bpf-pin-path")
+        .arg(c.pin_dir())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(stderr).expect("stderr file"))
+        .spawn()
+        .expect("ferry monitor");
+    Running(child)
+}
+
+/// `ferry monitor` shows each decision with its service and backend, a refusal as
+/// one; `/metrics` counts both per service frontend.
+#[test]
+fn monitor_shows_forwarded_and_refused_connections() {
+    let c = monitored_cluster();
+    let stderr = c.pin_dir().with_extension("monitor-err");
+    let stderr = std::env::temp_dir().join(stderr.file_name().expect("a name"));
+    let mut m = monitor(&c, &["--json", "--count", "4"], &stderr);
+    // Connect to both until the monitor has printed its four events (it may start
+    // listening after the first few connections).
+    c.wait_for("ferry monitor to report four events", WAIT, || {
+        assert_eq!(
+            c.tcp(From::Pod("client"), "10.96.0.10:80", 1).successes(),
+            1
+        );
+        assert_eq!(
+            c.tcp(From::Pod("client"), "10.96.0.11:80", 1).successes(),
+            0
+        );
+        m.0.try_wait().expect("try_wait").is_some()
+    });
+    let out = stdout_of(&mut m.0);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(events.len(), 4, "{out}");
+    let forwarded = events
+        .iter()
+        .find(|e| e["verdict"] == "forwarded")
+        .unwrap_or_else(|| panic!("no forwarded event in {out}"));
+    assert_eq!(forwarded["service_address"], "10.96.0.10:80");
+    assert_eq!(forwarded["service"], "default/web:http");
+    assert_eq!(forwarded["backend"], format!("{}:8080", c.pod("a").ip));
+    assert_eq!(forwarded["protocol"], "TCP");
+    let rejected = events
+        .iter()
+        .find(|e| e["verdict"] == "rejected")
+        .unwrap_or_else(|| panic!("no rejected event in {out}"));
+    assert_eq!(rejected["service"], "default/empty:http");
+    assert!(rejected["backend"].is_null(), "{rejected}");
+
+    let metric = |service: &str, frontend: &str, result: &str| {
+        c.metric(&format!(
+            "ferry_service_connections_total{{service=\"default/{service}\",port=\"http\",frontend=\"{frontend}\",result=\"{result}\"}}"
+        ))
+    };
+    let (web, empty) = ("10.96.0.10:80/TCP", "10.96.0.11:80/TCP");
+    let counted = |n: Option<f64>| n.is_some_and(|n| n >= 2.0);
+    assert!(counted(metric("web", web, "forwarded")), "{}", c.metrics());
+    assert!(
+        counted(metric("empty", empty, "rejected")),
+        "{}",
+        c.metrics()
+    );
+    assert_eq!(metric("web", web, "rejected"), None, "{}", c.metrics());
+    let _ = std::fs::remove_file(&stderr);
+}
+
+/// The kernel writes no more events than the monitor's rate allows: at rate 0 every
+/// decision is counted as over the rate and none reaches the ring.
+#[test]
+fn monitor_rate_limit_is_enforced_in_the_kernel() {
+    let c = monitored_cluster();
+    let stderr = c.pin_dir().with_extension("monitor-rate-err");
+    let stderr = std::env::temp_dir().join(stderr.file_name().expect("a name"));
+    let mut m = monitor(&c, &["--rate", "0", "--count", "1"], &stderr);
+    c.wait_for("the monitor to count events over the rate", WAIT, || {
+        assert_eq!(
+            c.tcp(From::Pod("client"), "10.96.0.10:80", 1).successes(),
+            1
+        );
+        std::fs::read_to_string(&stderr).is_ok_and(|e| e.contains("over the rate"))
+    });
+    assert!(
+        m.0.try_wait().expect("try_wait").is_none(),
+        "the monitor got an event past a zero rate"
+    );
+    drop(m);
+    let _ = std::fs::remove_file(&stderr);
+}
+
+/// A finished child's whole stdout.
+fn stdout_of(child: &mut Child) -> String {
+    use std::io::Read as _;
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    out
 }

@@ -11,6 +11,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::dataplane::ebpf::inspect;
+use crate::dataplane::ebpf::names::FrontendNames;
 
 /// `process_*` from /proc/self, as Prometheus client libraries define them.
 #[derive(Debug)]
@@ -128,14 +129,28 @@ impl Collector for BuildInfo {
     }
 }
 
-/// `ferry_ebpf_datapath_events_total{event}`: what the socket programs did, summed
-/// over CPUs from the pinned stats map (absent until the eBPF data plane runs).
+/// Where the eBPF data plane's counters are, once it runs.
 #[derive(Debug)]
-pub struct Datapath(pub Arc<OnceLock<PathBuf>>);
+pub struct DatapathExport {
+    /// The bpffs directory of the pinned maps.
+    pub pins: PathBuf,
+    /// The service port of each frontend id.
+    pub names: FrontendNames,
+}
+
+/// `ferry_ebpf_datapath_events_total{event}`: what the socket programs did, summed
+/// over CPUs from the pinned stats map, and `ferry_service_connections_total`: the
+/// same per service frontend (both absent until the eBPF data plane runs).
+#[derive(Debug)]
+pub struct Datapath(pub Arc<OnceLock<DatapathExport>>);
 
 impl Collector for Datapath {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
-        let Some(counters) = self.0.get().and_then(|dir| inspect::counters(dir).ok()) else {
+        let Some(export) = self.0.get() else {
+            return Ok(());
+        };
+        per_service(&mut encoder, export)?;
+        let Ok(counters) = inspect::counters(&export.pins) else {
             return Ok(());
         };
         let help = "Events of the eBPF socket programs (translated, rejected, dropped, no_port, missing, reversed)";
@@ -150,6 +165,45 @@ impl Collector for Datapath {
         }
         Ok(())
     }
+}
+
+/// `ferry_service_connections_total{service,port,frontend,result}`: connect() and
+/// unconnected sendmsg() calls to each programmed frontend, by outcome (only
+/// outcomes that happened, of frontends used since they were programmed).
+fn per_service(encoder: &mut DescriptorEncoder, export: &DatapathExport) -> Result<(), Error> {
+    let Ok(counters) = inspect::frontend_counters(&export.pins) else {
+        return Ok(());
+    };
+    let names = export.names.by_id();
+    let help = "Connections (connect, unconnected UDP sendmsg) to a service frontend, by result (forwarded, rejected, dropped)";
+    let mut family = encoder.encode_descriptor(
+        "ferry_service_connections",
+        help,
+        None,
+        ConstCounter::new(0u64).metric_type(),
+    )?;
+    for (id, c) in counters {
+        let Some(name) = names.get(&id) else {
+            continue;
+        };
+        for (result, n) in [
+            ("forwarded", c.forwarded),
+            ("rejected", c.rejected),
+            ("dropped", c.dropped),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            let labels = [
+                ("service", name.service.as_str()),
+                ("port", name.port.as_str()),
+                ("frontend", name.frontend.as_str()),
+                ("result", result),
+            ];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,14 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::Path;
 
-use ferry_common::{Frontend, FrontendKey, flags};
+use aya::maps::{MapData, PerCpuHashMap};
+use ferry_common::{Frontend, FrontendCounters, FrontendKey, flags};
 use serde::Serialize;
 
-use super::kernel::KernelMaps;
-use super::layout::{backend_of, words_addr};
+use super::kernel::{KernelMaps, open};
+use super::layout::{backend_of, frontend_address, protocol_name};
+use super::names::FrontendName;
 use super::state::{MapError, MapOps};
 
 /// One frontend as programmed.
@@ -24,6 +25,9 @@ pub struct FrontendView {
     pub kind: &'static str,
     /// `forward`, `reject` (no endpoints) or `drop` (none usable here).
     pub action: &'static str,
+    /// `namespace/name:port` of the service, when the running agent named it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// ClientIP affinity timeout, when affinity is on.
     pub affinity_timeout_seconds: Option<u32>,
     /// `ip:port` of each backend, in list order.
@@ -38,6 +42,19 @@ pub struct Inspection {
     pub backends: usize,
     /// Data-path counters since the maps were created.
     pub counters: BTreeMap<&'static str, u64>,
+}
+
+impl Inspection {
+    /// Names each frontend after the service port `names` (the agent's `/frontends`)
+    /// gives for its address.
+    pub fn name_frontends(&mut self, names: &[FrontendName]) {
+        let by_frontend: HashMap<&str, &FrontendName> =
+            names.iter().map(|n| (n.frontend.as_str(), n)).collect();
+        for f in &mut self.frontends {
+            let frontend = format!("{}/{}", f.address, f.protocol);
+            f.service = by_frontend.get(frontend.as_str()).map(|n| n.service_port());
+        }
+    }
 }
 
 /// Reads the maps pinned in `pin_dir`.
@@ -77,6 +94,30 @@ pub fn counters(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, MapError> {
     Ok(KernelMaps::open(pin_dir)?.counters())
 }
 
+/// Each frontend's connections by outcome, summed over CPUs, from the counters map
+/// pinned in `pin_dir` (only frontends used since they were programmed have one).
+pub fn frontend_counters(pin_dir: &Path) -> Result<Vec<(u32, FrontendCounters)>, MapError> {
+    let spec = &ferry_common::maps::FRONTEND_COUNTERS;
+    let map: PerCpuHashMap<MapData, u32, FrontendCounters> = open(pin_dir, spec)?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (id, per_cpu) = item.map_err(|source| MapError::Failed {
+            map: spec.name,
+            op: "read",
+            source,
+        })?;
+        let sum = per_cpu
+            .iter()
+            .fold(FrontendCounters::default(), |a, c| FrontendCounters {
+                forwarded: a.forwarded + c.forwarded,
+                rejected: a.rejected + c.rejected,
+                dropped: a.dropped + c.dropped,
+            });
+        out.push((id, sum));
+    }
+    Ok(out)
+}
+
 /// One frontend for display, its backend ids resolved through `backends`.
 fn frontend_view(
     key: &FrontendKey,
@@ -84,7 +125,7 @@ fn frontend_view(
     ids: Option<&[u32]>,
     backends: &HashMap<u32, String>,
 ) -> FrontendView {
-    let address = SocketAddr::new(words_addr(key.addr, key.family), u16::from_be(key.port));
+    let address = frontend_address(key);
     let backend = |id: &u32| {
         backends
             .get(id)
@@ -93,12 +134,7 @@ fn frontend_view(
     };
     FrontendView {
         address: address.to_string(),
-        protocol: match key.proto {
-            6 => "TCP",
-            17 => "UDP",
-            132 => "SCTP",
-            _ => "?",
-        },
+        protocol: protocol_name(key.proto),
         kind: if fe.flags & flags::CLUSTER_IP != 0 {
             "ClusterIP"
         } else {
@@ -109,6 +145,7 @@ fn frontend_view(
             flags::ACTION_REJECT => "reject",
             _ => "drop",
         },
+        service: None,
         affinity_timeout_seconds: (fe.flags & flags::AFFINITY != 0).then_some(fe.affinity_timeout),
         backends: ids.unwrap_or_default().iter().map(backend).collect(),
     }
@@ -120,8 +157,8 @@ impl Inspection {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<44} {:<5} {:<10} {:<8} BACKENDS",
-            "FRONTEND", "PROTO", "KIND", "ACTION"
+            "{:<44} {:<5} {:<10} {:<8} {:<32} BACKENDS",
+            "FRONTEND", "PROTO", "KIND", "ACTION", "SERVICE"
         );
         for f in &self.frontends {
             let backends = if f.backends.is_empty() {
@@ -135,8 +172,12 @@ impl Inspection {
                 .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "{:<44} {:<5} {:<10} {:<8} {backends}{affinity}",
-                f.address, f.protocol, f.kind, f.action
+                "{:<44} {:<5} {:<10} {:<8} {:<32} {backends}{affinity}",
+                f.address,
+                f.protocol,
+                f.kind,
+                f.action,
+                f.service.as_deref().unwrap_or("-")
             );
         }
         let _ = writeln!(

@@ -32,6 +32,21 @@ pub fn words_addr(addr: [u32; 4], family: u8) -> IpAddr {
     }
 }
 
+/// `ip:port` of a frontend key.
+pub fn frontend_address(key: &FrontendKey) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(words_addr(key.addr, key.family), u16::from_be(key.port))
+}
+
+/// The name of an IANA protocol number services use.
+pub fn protocol_name(number: u8) -> &'static str {
+    match number {
+        6 => "TCP",
+        17 => "UDP",
+        132 => "SCTP",
+        _ => "?",
+    }
+}
+
 /// A frontend key for `ip:port/protocol`.
 pub fn frontend_key(ip: IpAddr, port: u16, protocol: u8) -> FrontendKey {
     let (addr, family) = addr_words(ip);

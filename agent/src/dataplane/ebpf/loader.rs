@@ -118,7 +118,7 @@ impl Default for MapSizes {
 
 impl MapSizes {
     /// Every map of the object, with the max entries it gets under these sizes.
-    fn max_entries(&self) -> [(MapSpec, u32); 13] {
+    fn max_entries(&self) -> [(MapSpec, u32); 17] {
         let list = |class: usize| (maps::LISTS[class], list_max_entries(class, self.frontends));
         [
             (maps::FRONTENDS, self.frontends),
@@ -137,6 +137,11 @@ impl MapSizes {
             (maps::STATS, maps::STATS.max_entries),
             (maps::NODE_LOCAL_DNS, maps::NODE_LOCAL_DNS.max_entries),
             (maps::DNS_ALIVE, maps::DNS_ALIVE.max_entries),
+            // One entry per frontend in use.
+            (maps::FRONTEND_COUNTERS, self.frontends),
+            (maps::EVENTS, maps::EVENTS.max_entries),
+            (maps::MONITOR, maps::MONITOR.max_entries),
+            (maps::MONITOR_WINDOW, maps::MONITOR_WINDOW.max_entries),
         ]
     }
 }
@@ -373,6 +378,8 @@ mod tests {
             MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
             MapKind::LruHash => bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
             MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+            MapKind::LruPerCpuHash => bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH,
+            MapKind::RingBuf => bpf_map_type::BPF_MAP_TYPE_RINGBUF,
         };
         ty as u32
     }

@@ -9,6 +9,8 @@ pub mod inspect;
 mod kernel;
 mod layout;
 pub mod loader;
+pub mod monitor;
+pub mod names;
 pub mod node_local_dns;
 pub mod state;
 mod udp_sockets;
@@ -17,11 +19,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ferry_common::FrontendKey;
 use tracing::{error, info};
 
 use self::kernel::KernelMaps;
 use self::layout::{DesiredFrontend, frontends};
 use self::loader::MapSizes;
+use self::names::FrontendNames;
 use self::node_local_dns::NodeLocalDnsMap;
 use self::state::{MapError, MapOps, Programmed};
 use self::udp_sockets::UdpSocketReaper;
@@ -80,6 +84,8 @@ pub struct EbpfDataPlane {
     udp_sockets: UdpSocketReaper,
     external: IptablesDataPlane,
     metrics: Arc<Metrics>,
+    /// The service port of each programmed frontend, for the metrics server.
+    names: FrontendNames,
 }
 
 impl EbpfDataPlane {
@@ -92,7 +98,8 @@ impl EbpfDataPlane {
     ) -> Result<Self, SyncError> {
         loader::load_and_attach(&config.pin_dir, &config.cgroup, config.sizes)?;
         let maps = KernelMaps::open(&config.pin_dir)?;
-        metrics.export_datapath_counters(config.pin_dir.clone());
+        let names = FrontendNames::default();
+        metrics.export_datapath_counters(config.pin_dir.clone(), names.clone());
         Ok(Self {
             maps,
             node_local_dns: NodeLocalDnsMap::open(&config.pin_dir)?,
@@ -100,11 +107,33 @@ impl EbpfDataPlane {
             udp_sockets: UdpSocketReaper::open(&config.cgroup, &config.pin_dir)?,
             external: IptablesDataPlane::new(families, Scope::ExternalOnly),
             metrics,
+            names,
         })
     }
 
-    /// Applies one desired frontend; a full map is logged and counted, not fatal.
+    /// Applies one desired frontend and records whose it is.
     fn upsert(
+        &mut self,
+        prog: &mut Programmed,
+        plan: &ServicePortPlan,
+        desired: &DesiredFrontend,
+    ) -> Result<(), MapError> {
+        let result = self.upsert_frontend(prog, plan, desired);
+        if let Some((fe, _)) = prog.frontend(&desired.key) {
+            self.names.set(&desired.key, fe.id, &plan.key.port);
+        }
+        result
+    }
+
+    /// Removes one frontend from the maps and the names.
+    fn remove(&mut self, prog: &mut Programmed, key: &FrontendKey) -> Result<(), MapError> {
+        prog.remove(&mut self.maps, key)?;
+        self.names.remove(key);
+        Ok(())
+    }
+
+    /// Applies one desired frontend; a full map is logged and counted, not fatal.
+    fn upsert_frontend(
         &mut self,
         prog: &mut Programmed,
         plan: &ServicePortPlan,
@@ -148,8 +177,9 @@ impl EbpfDataPlane {
             .copied()
             .collect();
         for key in stale {
-            prog.remove(&mut self.maps, &key)?;
+            self.remove(&mut prog, &key)?;
         }
+        self.names.retain(|k| wanted.contains_key(k));
         for (p, d) in wanted.values() {
             self.upsert(&mut prog, p, d)?;
         }
@@ -163,7 +193,7 @@ impl EbpfDataPlane {
     fn partial_sync(&mut self, prog: &mut Programmed, diff: &PlanDiff) -> Result<(), MapError> {
         for old in &diff.removed {
             for d in frontends(old) {
-                prog.remove(&mut self.maps, &d.key)?;
+                self.remove(prog, &d.key)?;
             }
         }
         for upsert in &diff.upserted {
@@ -171,7 +201,7 @@ impl EbpfDataPlane {
             if let Some(old) = &upsert.old {
                 let keep: HashSet<_> = fresh.iter().map(|d| d.key).collect();
                 for d in frontends(old).iter().filter(|d| !keep.contains(&d.key)) {
-                    prog.remove(&mut self.maps, &d.key)?;
+                    self.remove(prog, &d.key)?;
                 }
             }
             for d in &fresh {

@@ -135,6 +135,9 @@ pub fn frontends_of(json: &str) -> Result<Vec<FrontendView>, NftError> {
                 protocol,
                 kind,
                 action,
+                // Balancer chains are shared by services with the same endpoints,
+                // so the table does not say whose a frontend is.
+                service: None,
                 affinity_timeout_seconds,
                 backends,
             });
