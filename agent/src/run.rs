@@ -12,8 +12,8 @@ use crate::config::{DataPlaneConfig, RunConfig, SourceConfig};
 use crate::dataplane::DataPlane;
 use crate::dataplane::ebpf::node_local_dns::DnsLease;
 use crate::dataplane::ebpf::{EbpfDataPlane, inspect, loader};
-use crate::dataplane::iptables::IptablesDataPlane;
 use crate::dataplane::iptables::render::Scope;
+use crate::dataplane::iptables::{self, IptablesDataPlane};
 use crate::dataplane::nftables::{self, NftablesDataPlane};
 use crate::dns::listeners::DnsServer;
 use crate::dns::{self, ClusterDns, DnsConfig};
@@ -430,7 +430,9 @@ pub fn cleanup(pin_dir: &std::path::Path, kube_proxy: bool) -> anyhow::Result<()
 }
 
 /// Prints the programmed frontends (`ferry inspect services`), read back from the
-/// kernel: Ferry's nftables tables when they exist, else the eBPF maps.
+/// kernel: Ferry's nftables tables when they exist, else the eBPF maps when they are
+/// pinned (with the NodePorts, which eBPF mode leaves to iptables), else the iptables
+/// rules.
 pub fn inspect_services(
     pin_dir: &std::path::Path,
     address: std::net::SocketAddr,
@@ -438,15 +440,18 @@ pub fn inspect_services(
 ) -> anyhow::Result<()> {
     let view = if nftables::inspect::present() {
         nftables::inspect::inspect().context("reading Ferry's nftables tables")?
-    } else {
-        let mut view = inspect::inspect(pin_dir).with_context(|| {
-            format!(
-                "reading the eBPF maps pinned in {} (is ferry running in eBPF or nftables mode?)",
-                pin_dir.display()
-            )
-        })?;
+    } else if pin_dir.join(ferry_common::maps::FRONTENDS.name).exists() {
+        let mut view = inspect::inspect(pin_dir)
+            .with_context(|| format!("reading the eBPF maps pinned in {}", pin_dir.display()))?;
         view.name_frontends(&crate::monitor::frontend_names(address));
+        if let Ok(rules) = iptables::inspect::inspect() {
+            view.add_node_ports(rules);
+        }
         view
+    } else {
+        iptables::inspect::inspect().context(
+            "reading the iptables rules (no nftables table or eBPF maps of Ferry's found either)",
+        )?
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);

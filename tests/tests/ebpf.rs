@@ -10,7 +10,7 @@ use ferry_tests::{Cluster, From, Mode};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// `ferry inspect services` in the modes that keep services in lookup tables.
+/// `ferry inspect services` in every mode.
 mod inspect_services_reads_the_kernel {
     #[test]
     fn ebpf() {
@@ -20,6 +20,11 @@ mod inspect_services_reads_the_kernel {
     #[test]
     fn nftables() {
         super::inspect_services_reads_the_kernel(ferry_tests::Mode::Nftables);
+    }
+
+    #[test]
+    fn iptables() {
+        super::inspect_services_reads_the_kernel(ferry_tests::Mode::Iptables);
     }
 }
 
@@ -31,9 +36,10 @@ fn inspect_services_reads_the_kernel(mode: Mode) {
         &docs(&[
             Service::new("web")
                 .cluster_ip("10.96.0.10")
+                .spec("type: NodePort")
                 .spec("externalIPs: [192.0.2.10]")
                 .spec("sessionAffinity: ClientIP")
-                .port(port("http", "TCP", 80))
+                .port(port("http", "TCP", 80).node_port(30080))
                 .yaml(),
             slice(
                 "web-1",
@@ -80,11 +86,20 @@ fn inspect_services_reads_the_kernel(mode: Mode) {
         .collect();
     backends.sort();
     assert_eq!(backends, ["10.244.0.10:8080", "10.244.0.11:8080"]);
-    if mode == Mode::Ebpf {
-        // Named by the running agent (the maps hold only addresses).
+    if mode != Mode::Nftables {
+        // From the rule comments, or (eBPF) named by the running agent.
         assert_eq!(web["service"], "default/web:http", "{view}");
+        assert_eq!(find("10.96.0.11:80")["service"], "default/empty:http");
     }
     assert_eq!(find("192.0.2.10:80")["kind"], "External");
+    // NodePorts (in eBPF mode, from the iptables rules it keeps for them).
+    let node_port = find("*:30080");
+    assert_eq!(node_port["kind"], "NodePort", "{view}");
+    assert_eq!(
+        node_port["backends"].as_array().map(Vec::len),
+        Some(2),
+        "{view}"
+    );
     assert_eq!(find("10.96.0.11:80")["action"], "reject");
     assert_eq!(view["backends"], 2);
 

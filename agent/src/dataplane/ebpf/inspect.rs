@@ -45,6 +45,12 @@ pub struct Inspection {
 }
 
 impl Inspection {
+    /// Adds the NodePort frontends of `rules` (what eBPF mode programs in iptables).
+    pub fn add_node_ports(&mut self, rules: Inspection) {
+        self.frontends
+            .extend(rules.frontends.into_iter().filter(|f| f.kind == "NodePort"));
+    }
+
     /// Names each frontend after the service port `names` (the agent's `/frontends`)
     /// gives for its address.
     pub fn name_frontends(&mut self, names: &[FrontendName]) {

@@ -180,37 +180,8 @@ impl Runner for Tools {
 
     /// Streams `iptables-save` (~100 MB at 10,000 services) instead of buffering it.
     fn save_summary(&self, table: &str) -> Result<SaveSummary, ExecError> {
-        use std::io::BufRead as _;
         let mut summary = SaveSummary::default();
-        let output = command::run(
-            Command::new(self.save)
-                .args(["-t", table])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped()),
-            command::WHOLE_TABLE,
-            |_, stdout| {
-                if let Some(stdout) = stdout {
-                    for line in std::io::BufReader::new(stdout)
-                        .lines()
-                        .map_while(Result::ok)
-                    {
-                        summary.add_line(line);
-                    }
-                }
-            },
-        )
-        .map_err(|source| ExecError::Spawn {
-            tool: self.save,
-            source,
-        })?;
-        if !output.status.success() {
-            return Err(ExecError::Failed {
-                tool: self.save,
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-                context: String::new(),
-            });
-        }
+        self.save_lines(table, &mut |line| summary.add_line(line))?;
         Ok(summary)
     }
 
@@ -229,6 +200,44 @@ impl Runner for Tools {
 
     fn enable_route_localnet(&self) -> std::io::Result<()> {
         std::fs::write(ROUTE_LOCALNET, "1")
+    }
+}
+
+impl Tools {
+    /// Hands each line of `iptables-save -t TABLE` to `each` as it is read (the
+    /// output is ~100 MB at 10,000 services; it is never held whole).
+    pub fn save_lines(&self, table: &str, each: &mut dyn FnMut(String)) -> Result<(), ExecError> {
+        use std::io::BufRead as _;
+        let output = command::run(
+            Command::new(self.save)
+                .args(["-t", table])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped()),
+            command::WHOLE_TABLE,
+            |_, stdout| {
+                if let Some(stdout) = stdout {
+                    for line in std::io::BufReader::new(stdout)
+                        .lines()
+                        .map_while(Result::ok)
+                    {
+                        each(line);
+                    }
+                }
+            },
+        )
+        .map_err(|source| ExecError::Spawn {
+            tool: self.save,
+            source,
+        })?;
+        if !output.status.success() {
+            return Err(ExecError::Failed {
+                tool: self.save,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                context: String::new(),
+            });
+        }
+        Ok(())
     }
 }
 

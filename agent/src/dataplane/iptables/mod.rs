@@ -12,6 +12,7 @@
 
 pub mod chains;
 pub mod exec;
+pub mod inspect;
 pub mod node_local_dns;
 pub mod payload;
 pub mod render;
