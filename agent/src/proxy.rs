@@ -16,9 +16,9 @@ use crate::dataplane::{DataPlane, SyncError, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::explain::explain;
 use crate::model::{
-    Applied, ClusterState, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork, NodePlan,
-    NodePortAddresses, PlanDiff, Protocol, ServiceName, SkipReason, last_change_trigger_time,
-    service_health_check,
+    Applied, ClusterState, Escaped, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork,
+    NodePlan, NodePortAddresses, PlanDiff, Protocol, ServiceName, SkipReason,
+    last_change_trigger_time, service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
 use crate::service_health::ServiceHealthServers;
@@ -382,10 +382,10 @@ impl ProxyLoop {
             }
             Ok(Applied::Unchanged) => {}
             Ok(Applied::Ignored(why)) => {
-                debug!(origin, object = %object.object_ref(), why, "ignored");
+                debug!(origin = %Escaped(origin), object = %object.object_ref(), why, "ignored");
             }
             Err(invalid) => {
-                warn!(origin, object = %invalid.object, reason = %invalid.reason, "skipping invalid object; its previous version (if any) stays in effect");
+                warn!(origin = %Escaped(origin), object = %invalid.object, reason = %Escaped(&invalid.reason.to_string()), "skipping invalid object; its previous version (if any) stays in effect");
                 self.report.invalid(Some(invalid.object.kind));
             }
         }

@@ -839,6 +839,13 @@ spec:
     );
     let save = c.node_rules();
     assert!(!save.contains("-A INPUT -j DROP"), "{save}");
+    // The name is logged (an invalid object), escaped: no forged line.
+    let log = c.agent_log();
+    assert!(log.contains("-A INPUT -j DROP"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("-A INPUT")),
+        "a name started a log line:\n{log}"
+    );
     assert!(
         !save.contains("10.96.0.80"),
         "the hostile service must be rejected:\n{save}"

@@ -31,6 +31,6 @@ pub use plan::{
 };
 pub use service::{ServiceInfo, ServiceType};
 pub use slice::{EndpointInfo, SliceInfo, last_change_trigger_time};
-pub use store::{Applied, ClusterState, InvalidObject, Kind, ObjectRef};
+pub use store::{Applied, ClusterState, Escaped, InvalidObject, Kind, ObjectRef};
 pub use types::{Endpoint, IpFamily, Protocol, ServiceName, ServicePortName};
 pub use validate::ValidationError;

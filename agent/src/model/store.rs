@@ -48,12 +48,33 @@ pub struct ObjectRef {
 }
 
 impl std::fmt::Display for ObjectRef {
+    /// `Kind namespace/name`, control characters escaped: names from a manifest
+    /// directory are not validated yet when they are logged.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (namespace, name) = (Escaped(&self.namespace), Escaped(&self.name));
         if self.namespace.is_empty() {
-            write!(f, "{} {}", self.kind.as_str(), self.name)
+            write!(f, "{} {name}", self.kind.as_str())
         } else {
-            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+            write!(f, "{} {namespace}/{name}", self.kind.as_str())
         }
+    }
+}
+
+/// Text from input shown in a log line with its control characters escaped (`\n`,
+/// `\u{1b}`), so a hostile name cannot start a forged line or drive a terminal.
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -552,6 +573,20 @@ mod tests {
 
     fn slice(yaml: &str) -> EndpointSlice {
         serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn object_names_in_logs_cannot_start_a_line_or_drive_a_terminal() {
+        let object = ObjectRef {
+            kind: Kind::Service,
+            namespace: "ns".into(),
+            name: "x\"\n-A INPUT -j DROP\u{1b}[2J".into(),
+        };
+        assert_eq!(
+            object.to_string(),
+            "Service ns/x\"\\n-A INPUT -j DROP\\u{1b}[2J"
+        );
+        assert_eq!(Escaped("ok-name.1").to_string(), "ok-name.1");
     }
 
     const WEB: &str =
