@@ -354,6 +354,51 @@ fn tcp_questions_are_checked_before_parsing() {
     assert_eq!(a.data("A"), ["10.96.0.10"], "{}", a.raw);
 }
 
+/// One pod cannot take every DNS TCP slot: past 16 connections from one address the
+/// server closes new ones at once, while another pod is still answered; once the
+/// first pod lets go, it is answered again.
+#[test]
+fn one_client_cannot_hold_every_tcp_slot() {
+    use std::io::Read as _;
+    let n = node();
+    let addr: std::net::SocketAddr = format!("{NODE_IP}:53").parse().expect("address");
+    let (held, extra) =
+        n.c.in_pod("client", move || {
+            let connect = || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+            let held: Vec<_> = (0..16).filter_map(|_| connect().ok()).collect();
+            // The 17th is accepted by the kernel, then closed by the server unread.
+            let mut extra = connect().ok()?;
+            extra.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            // A read timeout (the connection still open) is not a close.
+            let closed = match extra.read(&mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            };
+            Some((held, closed))
+        })
+        .expect("connections from the client pod");
+    assert_eq!(held.len(), 16);
+    assert!(extra, "a 17th connection from one pod was kept open");
+    let other = dig::run(
+        n.c.pod_command("b", "dig"),
+        NODE_IP,
+        "web.shop.svc.cluster.local",
+        "A",
+        &["+tcp"],
+    );
+    assert_eq!(other.data("A"), ["10.96.0.10"], "{}", other.raw);
+    drop(held);
+    n.c.wait_for(
+        "the client pod to be answered over TCP again",
+        Duration::from_secs(10),
+        || {
+            n.dig_with("web.shop.svc.cluster.local", "A", &["+tcp"])
+                .data("A")
+                == ["10.96.0.10"]
+        },
+    );
+}
+
 /// CoreDNS resolves an ExternalName's target into the same answer (DNS spec 2.5):
 /// through the zone for a cluster name, upstream for an outside one; a CNAME loop
 /// between two ExternalNames ends.

@@ -4,7 +4,7 @@
 //! hickory-dns#3725), and connections are bounded in number and in time: a slow or
 //! idle client cannot hold the server.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,12 +19,57 @@ use super::{Answerer, Reply};
 
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections one client address may hold at once, so one pod cannot take every
+/// slot; more from it are closed as soon as they are accepted.
+pub const MAX_PER_CLIENT: usize = 16;
+/// How long one connection may live, however busy: a client holding a slot with a
+/// question every few seconds gives it back (it reconnects, RFC 7766 allows closing).
+const LIFETIME: Duration = Duration::from_secs(120);
 /// How long a connection may wait for its next question.
 const IDLE: Duration = Duration::from_secs(10);
 /// How long reading one question, or writing one answer, may take.
 const IO: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors), so it is not a spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// Connections open per client address (bounded by [`MAX_CONNECTIONS`] entries).
+#[derive(Clone, Default)]
+struct ClientSlots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+/// One connection's share of its client's [`MAX_PER_CLIENT`]; given back on drop.
+struct ClientSlot {
+    slots: ClientSlots,
+    client: IpAddr,
+}
+
+impl ClientSlots {
+    /// A slot for one more connection from `client`, unless it holds them all.
+    fn take(&self, client: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.0.lock().ok()?;
+        let n = open.entry(client).or_default();
+        if *n >= MAX_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.slots.0.lock()
+            && let Some(n) = open.get_mut(&self.client)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
 
 /// What every connection of one listener shares.
 pub struct TcpServer {
@@ -39,15 +84,19 @@ impl TcpServer {
     /// open finish on their own (the client closes or goes idle).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: oneshot::Receiver<()>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let clients = ClientSlots::default();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                        Ok(slot) => {
+                    Ok((stream, peer)) => match (clients.take(peer.ip()), slots.clone().try_acquire_owned()) {
+                        (Some(client), Ok(slot)) => {
                             let server = self.clone();
-                            tokio::spawn(async move { server.connection(stream, peer, slot).await });
+                            tokio::spawn(async move {
+                                server.connection(stream, peer, (slot, client)).await
+                            });
                         }
-                        Err(_) => debug!(%peer, "too many DNS TCP connections; closing this one"),
+                        (None, _) => debug!(%peer, "too many DNS TCP connections from this client; closing this one"),
+                        (_, Err(_)) => debug!(%peer, "too many DNS TCP connections; closing this one"),
                     },
                     Err(e) => {
                         debug!(error = %e, "DNS TCP accept failed");
@@ -65,14 +114,16 @@ impl TcpServer {
         &self,
         mut stream: TcpStream,
         peer: SocketAddr,
-        _slot: OwnedSemaphorePermit,
+        _slots: (OwnedSemaphorePermit, ClientSlot),
     ) {
         let mut recorder = self.metrics.recorder(self.listen, "tcp");
         let mut out = Vec::with_capacity(1500);
+        let end = Instant::now() + LIFETIME;
         loop {
             let mut len = [0u8; 2];
+            let wait = IDLE.min(end.saturating_duration_since(Instant::now()));
             if !matches!(
-                tokio::time::timeout(IDLE, stream.read_exact(&mut len)).await,
+                tokio::time::timeout(wait, stream.read_exact(&mut len)).await,
                 Ok(Ok(_))
             ) {
                 return;
