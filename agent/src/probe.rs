@@ -50,6 +50,35 @@ pub fn ebpf_missing(cgroup: Option<&Path>) -> Vec<String> {
     missing
 }
 
+/// What this kernel offers the data planes, one fact each (`ferry status`): its
+/// release, the eBPF program type and helper eBPF mode needs, BTF, the cgroup v2
+/// mount, bpffs and nf_tables.
+pub fn kernel_features() -> Vec<String> {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let sock_addr = is_program_supported(ProgramType::CgroupSockAddr).unwrap_or(false);
+    let set_retval = sock_addr
+        && is_helper_supported(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval)
+            .unwrap_or(false);
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let bpffs = filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("bpf"));
+    let cgroup2 = cgroup2_root().map_or("none".into(), |p| p.display().to_string());
+    vec![
+        format!("kernel {}", release.trim()),
+        format!("cgroup sock_addr eBPF programs: {}", yes_no(sock_addr)),
+        format!("bpf_set_retval: {}", yes_no(set_retval)),
+        format!(
+            "BTF: {}",
+            yes_no(Path::new("/sys/kernel/btf/vmlinux").exists())
+        ),
+        format!("cgroup v2 mount: {cgroup2}"),
+        format!("bpffs: {}", yes_no(bpffs)),
+        format!("nf_tables: {}", yes_no(nftables_missing().is_none())),
+    ]
+}
+
 /// Why nftables mode cannot run here, if it cannot: `nft` must be installed and the
 /// kernel must accept a table (checked with `nft -c`, which commits nothing; `nft list
 /// tables` would read the whole ruleset first, seconds on a big node).

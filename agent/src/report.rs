@@ -250,6 +250,7 @@ impl Report {
                 ProgrammedCount::EbpfEntries {
                     frontends,
                     backends,
+                    ..
                 } => {
                     self.metrics.ebpf_frontends.set(*frontends as i64);
                     self.metrics.ebpf_backends.set(*backends as i64);
@@ -412,6 +413,11 @@ impl NoLocalEndpoints {
     }
 }
 
+/// `n` as a percentage of `max`.
+fn percent(n: usize, max: u32) -> f64 {
+    n as f64 * 100.0 / f64::from(max.max(1))
+}
+
 /// One line of what a data plane holds, for `ferry status`.
 fn describe(p: &ProgrammedCount) -> Option<String> {
     Some(match p {
@@ -424,7 +430,13 @@ fn describe(p: &ProgrammedCount) -> Option<String> {
         ProgrammedCount::EbpfEntries {
             frontends,
             backends,
-        } => format!("eBPF maps: {frontends} frontends, {backends} backends"),
+            max_frontends,
+            max_backends,
+        } => format!(
+            "eBPF maps: {frontends} of {max_frontends} frontends ({:.1}% full), {backends} of {max_backends} backends ({:.1}% full)",
+            percent(*frontends, *max_frontends),
+            percent(*backends, *max_backends)
+        ),
         ProgrammedCount::NftablesObjects {
             family,
             chains,

@@ -153,6 +153,7 @@ fn initial_status(config: &RunConfig) -> crate::status::AgentStatus {
         node: config.node_name.clone(),
         mode: config.data_plane.mode_name().into(),
         mode_reason: config.mode_reason.clone(),
+        kernel: probe::kernel_features(),
         source: match &config.source {
             SourceConfig::Manifests(dir) => format!("manifests in {}", dir.display()),
             SourceConfig::Cluster(_) => "the Kubernetes API server".into(),

@@ -42,6 +42,9 @@ pub struct AgentStatus {
     /// The data plane (`ebpf`, `nftables`, `iptables`) and how it was chosen.
     pub mode: String,
     pub mode_reason: String,
+    /// What the kernel offers the data planes (see `probe::kernel_features`).
+    #[serde(default)]
+    pub kernel: Vec<String>,
     /// Where objects come from: the manifest directory or the API server.
     pub source: String,
     /// The source has delivered its first complete view.
@@ -138,6 +141,7 @@ pub fn render(s: &AgentStatus, now: SystemTime) -> String {
     let mut out = vec![
         format!("ferry {} on node {}", s.version, s.node),
         format!("mode:            {} ({})", s.mode, s.mode_reason),
+        format!("kernel:          {}", s.kernel.join("; ")),
         format!(
             "source:          {} ({})",
             s.source,
@@ -203,6 +207,7 @@ mod tests {
             node: "node-a".into(),
             mode: "ebpf".into(),
             mode_reason: "--mode ebpf".into(),
+            kernel: vec!["kernel 6.1.0".into(), "BTF: yes".into()],
             source: "manifests /m".into(),
             source_synced: true,
             last_full_sync: Some(SyncRecord {
@@ -222,6 +227,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dns:             off"), "{text}");
+        assert!(
+            text.contains("kernel:          kernel 6.1.0; BTF: yes"),
+            "{text}"
+        );
         assert!(!text.contains("WARNING"), "{text}");
         s.failures_in_a_row = 2;
         s.last_error = Some("nft: boom".into());

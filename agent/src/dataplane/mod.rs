@@ -42,8 +42,14 @@ pub enum ProgrammedCount {
         table: &'static str,
         rules: usize,
     },
-    /// Frontends and backends in the eBPF maps.
-    EbpfEntries { frontends: usize, backends: usize },
+    /// Frontends and backends in the eBPF maps, and how many the maps hold at most
+    /// (`--bpf-max-frontends`, `--bpf-max-backends`).
+    EbpfEntries {
+        frontends: usize,
+        backends: usize,
+        max_frontends: u32,
+        max_backends: u32,
+    },
     /// Service chains and map/set elements in Ferry's nftables table of one family.
     NftablesObjects {
         family: IpFamily,

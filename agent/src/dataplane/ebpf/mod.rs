@@ -86,6 +86,8 @@ pub struct EbpfDataPlane {
     metrics: Arc<Metrics>,
     /// The service port of each programmed frontend, for the metrics server.
     names: FrontendNames,
+    /// The maps' sizes (their fill levels are reported against them).
+    sizes: MapSizes,
 }
 
 impl EbpfDataPlane {
@@ -108,6 +110,7 @@ impl EbpfDataPlane {
             external: IptablesDataPlane::new(families, Scope::ExternalOnly),
             metrics,
             names,
+            sizes: config.sizes,
         })
     }
 
@@ -259,6 +262,8 @@ impl DataPlane for EbpfDataPlane {
             stats.programmed.push(ProgrammedCount::EbpfEntries {
                 frontends,
                 backends,
+                max_frontends: self.sizes.frontends,
+                max_backends: self.sizes.backends,
             });
         }
         Ok(stats)
