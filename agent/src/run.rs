@@ -108,7 +108,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     });
     let host = host::probe_addresses();
     host::watch_addresses(host.clone(), HOST_PROBE_PERIOD, tx.clone());
-    let _watcher = start_source(&runtime, &config, tx)?;
+    let _watcher = start_source(&runtime, &config, tx, metrics.status.clone())?;
     let mut proxy = ProxyLoop::new(
         ProxyConfig {
             node_name: config.node_name,
@@ -358,13 +358,14 @@ fn start_source(
     runtime: &tokio::runtime::Runtime,
     config: &RunConfig,
     tx: EventSender,
+    status: crate::status::StatusBoard,
 ) -> anyhow::Result<Option<std::thread::JoinHandle<()>>> {
     match &config.source {
         SourceConfig::Manifests(dir) => Ok(Some(manifests::spawn(dir.clone(), tx)?)),
         SourceConfig::Cluster(access) => {
             let (client, server) = runtime.block_on(source::kube::client(access))?;
             let node = config.node_name.clone();
-            runtime.spawn(source::kube::run(client, server, node, tx));
+            runtime.spawn(source::kube::run(client, server, node, tx, status));
             Ok(None)
         }
     }

@@ -49,6 +49,15 @@ pub struct AgentStatus {
     pub source: String,
     /// The source has delivered its first complete view.
     pub source_synced: bool,
+    /// API source: whether the last list/watch call worked (`None` for a manifest
+    /// directory), the last failure while it does not, and the last resourceVersion
+    /// seen.
+    #[serde(default)]
+    pub source_connected: Option<bool>,
+    #[serde(default)]
+    pub source_error: Option<String>,
+    #[serde(default)]
+    pub resource_version: Option<String>,
     /// When the last object event arrived.
     pub last_event_unix_ms: Option<u64>,
     /// eBPF mode: the cgroup the hooks are attached to and the bpffs pin directory.
@@ -156,6 +165,16 @@ pub fn render(s: &AgentStatus, now: SystemTime) -> String {
             s.last_event_unix_ms.map_or("none".into(), ago)
         ),
     ];
+    if let Some(connected) = s.source_connected {
+        let version = s.resource_version.as_deref().unwrap_or("-");
+        out.push(match connected {
+            true => format!("api server:      connected (resourceVersion {version})"),
+            false => format!(
+                "WARNING: the API server does not answer ({}); programmed state kept",
+                s.source_error.as_deref().unwrap_or("?")
+            ),
+        });
+    }
     if let (Some(cgroup), Some(pins)) = (&s.cgroup, &s.pin_dir) {
         out.push(format!("cgroup:          {cgroup}"));
         out.push(format!("pins:            {pins}"));
@@ -232,6 +251,15 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("WARNING"), "{text}");
+        assert!(!text.contains("api server"), "a manifest source: {text}");
+        s.source_connected = Some(true);
+        s.resource_version = Some("812".into());
+        assert!(render(&s, now).contains("api server:      connected (resourceVersion 812)"));
+        s.source_connected = Some(false);
+        s.source_error = Some("Service: connection refused".into());
+        assert!(render(&s, now).contains(
+            "WARNING: the API server does not answer (Service: connection refused); programmed state kept"
+        ));
         s.failures_in_a_row = 2;
         s.last_error = Some("nft: boom".into());
         assert!(render(&s, now).contains("WARNING: the last 2 syncs failed: nft: boom"));

@@ -112,8 +112,15 @@ fn gone_history_leads_to_a_relist_including_deletions() {
 #[test]
 fn api_outage_keeps_the_last_state_serving() {
     let (mut c, api) = api_node();
+    let connected = status(&c)["source_connected"].clone();
+    assert_eq!(connected, true, "{}", status(&c));
+    assert!(status(&c)["resource_version"].is_string(), "{}", status(&c));
     api.set_down(true);
-    std::thread::sleep(Duration::from_secs(2));
+    // `ferry status` says so (the watch fails on its next call).
+    c.wait_for("ferry status to report the outage", WAIT, || {
+        status(&c)["source_connected"] == false
+    });
+    assert!(status(&c)["source_error"].is_string(), "{}", status(&c));
     assert!(
         reaches(&c, &["a"]),
         "the programmed state is untouched while the API is down"
@@ -124,6 +131,17 @@ fn api_outage_keeps_the_last_state_serving() {
     c.wait_for("changes after the outage", WAIT, || {
         reaches(&c, &["a", "b"])
     });
+    assert_eq!(status(&c)["source_connected"], true, "{}", status(&c));
+}
+
+/// `ferry status --json` of the node's agent.
+fn status(c: &Cluster) -> serde_json::Value {
+    let out = c
+        .node_command(c.bin("ferry"))
+        .args(["status", "--json"])
+        .output()
+        .expect("ferry status");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
 /// After a long outage followed by 410 Gone, changes flow again promptly (client-go

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use super::queue::EventSender;
 use super::{Object, SourceEvent};
 use crate::model::{Kind, ObjectRef};
+use crate::status::StatusBoard;
 
 /// Where the cluster is and how to authenticate to it.
 #[derive(Clone, Debug)]
@@ -115,10 +116,17 @@ struct FailureLog {
     server: Arc<str>,
     last: Option<Instant>,
     suppressed: u64,
+    /// Where `ferry status` learns whether the API answers.
+    status: StatusBoard,
 }
 
 impl FailureLog {
     fn failed(&mut self, error: &watcher::Error) {
+        let kind = self.kind.as_str();
+        self.status.update(|s| {
+            s.source_connected = Some(false);
+            s.source_error = Some(format!("{kind}: {}", crate::report::error_chain(error)));
+        });
         if self
             .last
             .is_some_and(|t| t.elapsed() < FAILURE_LOG_INTERVAL)
@@ -137,7 +145,14 @@ impl FailureLog {
         self.suppressed = 0;
     }
 
-    fn succeeded(&mut self) {
+    fn succeeded(&mut self, resource_version: Option<String>) {
+        self.status.update(|s| {
+            s.source_connected = Some(true);
+            s.source_error = None;
+            if resource_version.is_some() {
+                s.resource_version = resource_version;
+            }
+        });
         if self.last.take().is_some() {
             info!(kind = self.kind.as_str(), server = %self.server, "list/watch works again");
         }
@@ -158,6 +173,7 @@ fn changes<K, F>(
     api: Api<K>,
     config: watcher::Config,
     server: Arc<str>,
+    status: StatusBoard,
     wrap: F,
 ) -> impl Stream<Item = (Kind, Change)> + Send
 where
@@ -169,12 +185,19 @@ where
         server,
         last: None,
         suppressed: 0,
+        status,
     };
     watcher::watcher(api, config)
         .backoff(retry_backoff())
         .filter_map(move |event| {
-            if event.is_ok() {
-                failures.succeeded();
+            if let Ok(event) = &event {
+                let version = match event {
+                    Event::InitApply(obj) | Event::Apply(obj) | Event::Delete(obj) => {
+                        obj.meta().resource_version.clone()
+                    }
+                    _ => None,
+                };
+                failures.succeeded(version);
             }
             let change = match event {
                 Ok(Event::Init) => Some(Change::Restart),
@@ -200,13 +223,20 @@ struct KindState {
 }
 
 /// Watches the cluster until the agent stops; sends [`SourceEvent`]s to `tx`.
-pub async fn run(client: Client, server: String, node_name: String, tx: EventSender) {
+pub async fn run(
+    client: Client,
+    server: String,
+    node_name: String,
+    tx: EventSender,
+    status: StatusBoard,
+) {
     let server: Arc<str> = server.into();
     let services = changes(
         Kind::Service,
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         server.clone(),
+        status.clone(),
         |s| Object::Service(Box::new(s)),
     );
     let slices = changes(
@@ -214,6 +244,7 @@ pub async fn run(client: Client, server: String, node_name: String, tx: EventSen
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
         server.clone(),
+        status.clone(),
         |s| Object::EndpointSlice(Box::new(s)),
     );
     let nodes = changes(
@@ -221,6 +252,7 @@ pub async fn run(client: Client, server: String, node_name: String, tx: EventSen
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         server.clone(),
+        status.clone(),
         |n| Object::Node(Box::new(n)),
     );
     // Not waited for: clusters before 1.33 do not serve it (the watcher retries).
@@ -229,6 +261,7 @@ pub async fn run(client: Client, server: String, node_name: String, tx: EventSen
         Api::<ServiceCIDR>::all(client),
         watcher::Config::default(),
         server,
+        status,
         |c| Object::ServiceCidr(Box::new(c)),
     );
     let mut all = futures_util::stream::select_all([
