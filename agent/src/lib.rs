@@ -9,6 +9,7 @@
 //! conntrack settings.
 
 pub mod cli;
+pub mod client_slots;
 pub mod config;
 pub mod dataplane;
 pub mod dns;

@@ -691,6 +691,15 @@ impl Cluster {
     /// Starts the agent without waiting for it.
     pub fn spawn_agent(&mut self, extra: &[&str]) {
         let mut args = self.agent_args();
+        // A flag `extra` gives replaces the default of the same name (with its value).
+        for flag in extra.iter().filter(|f| f.starts_with("--")) {
+            if let Some(at) = args.iter().position(|a| a == flag)
+                && at + 1 < args.len()
+                && !args[at + 1].starts_with("--")
+            {
+                args.drain(at..at + 2);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn_agent_raw(&args);
     }

@@ -6,7 +6,7 @@
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
-use ferry_tests::cluster::{CLUSTER_CIDRS, NODE_NAME};
+use ferry_tests::cluster::{CLUSTER_CIDRS, NODE_IP, NODE_NAME};
 use ferry_tests::manifests::{Service, docs, ep, port, slice};
 use ferry_tests::{Cluster, From, Mode};
 
@@ -415,6 +415,52 @@ ferry_tests::scenarios!(
     busy_health_port_is_retried_until_free,
     leftover_kube_proxy_rules_are_taken_over,
 );
+
+/// One pod cannot take the health server's slots from the kubelet: past 16 open
+/// connections from its address, the server closes its new ones at once, and
+/// `/healthz` answers while the pod holds its 16 with unfinished requests.
+#[test]
+fn one_pod_cannot_hold_every_health_server_slot() {
+    let mut c = Cluster::new(Mode::Iptables, &["a"]);
+    c.write_manifest("web.yaml", &web(&c, &["a"]));
+    // Reachable from pods, as kube-proxy's default 0.0.0.0:10256 is.
+    c.start_agent_with(&["--healthz-bind-address", "0.0.0.0:10256"]);
+    let addr: std::net::SocketAddr = format!("{NODE_IP}:10256").parse().expect("address");
+    let open = c.in_pod("a", move || {
+        let slow: Vec<std::net::TcpStream> = (0..80)
+            .filter_map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).ok()?;
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n").ok()?;
+                Some(s)
+            })
+            .collect();
+        // Those past the pod's share are closed as soon as they are accepted; the
+        // header timeout (5 s) has not closed the others yet.
+        std::thread::sleep(Duration::from_millis(500));
+        let still_open = slow
+            .iter()
+            .filter(|s| {
+                let _ = s.set_nonblocking(true);
+                let mut s: &std::net::TcpStream = s;
+                matches!(s.read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count();
+        (slow, still_open)
+    });
+    let (held, still_open) = open;
+    assert_eq!(
+        held.len(),
+        80,
+        "every connection was accepted by the kernel"
+    );
+    assert_eq!(still_open, 16, "the pod keeps exactly its share");
+    assert_eq!(
+        c.healthz(),
+        Some(200),
+        "answered while the pod holds its share"
+    );
+    drop(held);
+}
 
 /// Clients that open connections and never finish their request (slowloris) are
 /// dropped by the health server after its header timeout, so they cannot hold it:

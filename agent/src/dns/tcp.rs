@@ -4,7 +4,7 @@
 //! hickory-dns#3725), and connections are bounded in number and in time: a slow or
 //! idle client cannot hold the server.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use tracing::debug;
 use super::metrics::{Answered, DnsMetrics, Plugin, Recorder};
 use super::request::{self, Parsed};
 use super::{Answerer, Reply};
+use crate::client_slots::{ClientSlot, ClientSlots};
 
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -32,45 +33,6 @@ const IO: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors), so it is not a spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
-/// Connections open per client address (bounded by [`MAX_CONNECTIONS`] entries).
-#[derive(Clone, Default)]
-struct ClientSlots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
-
-/// One connection's share of its client's [`MAX_PER_CLIENT`]; given back on drop.
-struct ClientSlot {
-    slots: ClientSlots,
-    client: IpAddr,
-}
-
-impl ClientSlots {
-    /// A slot for one more connection from `client`, unless it holds them all.
-    fn take(&self, client: IpAddr) -> Option<ClientSlot> {
-        let mut open = self.0.lock().ok()?;
-        let n = open.entry(client).or_default();
-        if *n >= MAX_PER_CLIENT {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            slots: self.clone(),
-            client,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        if let Ok(mut open) = self.slots.0.lock()
-            && let Some(n) = open.get_mut(&self.client)
-        {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.client);
-            }
-        }
-    }
-}
-
 /// What every connection of one listener shares.
 pub struct TcpServer {
     pub answerer: Arc<Answerer>,
@@ -84,7 +46,7 @@ impl TcpServer {
     /// open finish on their own (the client closes or goes idle).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: oneshot::Receiver<()>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let clients = ClientSlots::default();
+        let clients = ClientSlots::new(MAX_PER_CLIENT);
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
