@@ -232,7 +232,8 @@ impl Drop for Running {
     }
 }
 
-/// The web service (one backend) and one without endpoints.
+/// The web service (one backend), one without endpoints, and one whose only
+/// endpoint is on another node while its internal traffic policy is Local.
 fn monitored_cluster() -> Cluster {
     let mut c = Cluster::new(Mode::Ebpf, &["a", "client"]);
     let p = [port("http", "TCP", 8080)];
@@ -248,6 +249,18 @@ fn monitored_cluster() -> Cluster {
                 .cluster_ip("10.96.0.11")
                 .port(port("http", "TCP", 80))
                 .yaml(),
+            Service::new("local")
+                .cluster_ip("10.96.0.12")
+                .spec("internalTrafficPolicy: Local")
+                .port(port("http", "TCP", 80))
+                .yaml(),
+            slice(
+                "local-1",
+                "local",
+                "IPv4",
+                &p,
+                &[ep("10.244.9.9").on_node("node-b")],
+            ),
         ]),
     );
     c.start_agent();
@@ -276,10 +289,14 @@ fn monitor_shows_forwarded_and_refused_connections() {
     let c = monitored_cluster();
     let stderr = c.pin_dir().with_extension("monitor-err");
     let stderr = std::env::temp_dir().join(stderr.file_name().expect("a name"));
-    let mut m = monitor(&c, &["--json", "--count", "4"], &stderr);
-    // Connect to both until the monitor has printed its four events (it may start
+    let mut m = monitor(&c, &["--json", "--count", "6"], &stderr);
+    // Connect to all three until the monitor has printed six events (it may start
     // listening after the first few connections).
-    c.wait_for("ferry monitor to report four events", WAIT, || {
+    c.wait_for("ferry monitor to report six events", WAIT, || {
+        assert_eq!(
+            c.tcp(From::Pod("client"), "10.96.0.12:80", 1).successes(),
+            0
+        );
         assert_eq!(
             c.tcp(From::Pod("client"), "10.96.0.10:80", 1).successes(),
             1
@@ -295,7 +312,7 @@ fn monitor_shows_forwarded_and_refused_connections() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert_eq!(events.len(), 4, "{out}");
+    assert_eq!(events.len(), 6, "{out}");
     let forwarded = events
         .iter()
         .find(|e| e["verdict"] == "forwarded")
@@ -310,6 +327,11 @@ fn monitor_shows_forwarded_and_refused_connections() {
         .unwrap_or_else(|| panic!("no rejected event in {out}"));
     assert_eq!(rejected["service"], "default/empty:http");
     assert!(rejected["backend"].is_null(), "{rejected}");
+    let dropped = events
+        .iter()
+        .find(|e| e["verdict"] == "dropped")
+        .unwrap_or_else(|| panic!("no dropped event in {out}"));
+    assert_eq!(dropped["service"], "default/local:http");
 
     let metric = |service: &str, frontend: &str, result: &str| {
         c.metric(&format!(
@@ -325,6 +347,12 @@ fn monitor_shows_forwarded_and_refused_connections() {
         c.metrics()
     );
     assert_eq!(metric("web", web, "rejected"), None, "{}", c.metrics());
+    let local = "10.96.0.12:80/TCP";
+    assert!(
+        counted(metric("local", local, "dropped")),
+        "{}",
+        c.metrics()
+    );
     let _ = std::fs::remove_file(&stderr);
 }
 
