@@ -1,6 +1,8 @@
 //! The proxy loop: folds source events into the model, and after each batch turns the
 //! services that changed into a plan diff for the data plane. Runs on its own thread;
-//! data planes may block (iptables-restore), nothing else waits on them. DNS and the
+//! data planes may block (iptables-restore), nothing else waits on them: a write runs
+//! on a thread of its own while the loop keeps folding events and publishing the DNS
+//! changes that need no programming. DNS and the
 //! load balancers' health servers are fed from the same model; [`Report`] keeps the
 //! metrics.
 
@@ -12,12 +14,12 @@ use tracing::{debug, error, info, warn};
 
 use self::node_local_dns::NodeLocalDnsSteering;
 use self::quarantine::{AfterFailure, Quarantine};
-use crate::dataplane::{DataPlane, SyncError, conntrack};
+use crate::dataplane::{DataPlane, SyncError, SyncStats, conntrack};
 use crate::dns::ClusterDns;
 use crate::model::explain::explain;
 use crate::model::{
     Applied, ClusterState, Escaped, HostAddresses, IpFamily, Kind, LocalDetection, NodeNetwork,
-    NodePlan, NodePortAddresses, PlanDiff, Protocol, ServiceName, SkipReason,
+    NodePlan, NodePortAddresses, ObjectRef, PlanDiff, Protocol, ServiceName, SkipReason,
     last_change_trigger_time, service_health_check,
 };
 use crate::report::{Report, SyncOutcome, error_chain};
@@ -73,6 +75,8 @@ struct DnsFeed {
     synced: bool,
     /// Services whose records wait for their frontends to be programmed.
     deferred: HashSet<ServiceName>,
+    /// Those a data-plane write under way programs, published when it succeeds.
+    programming: HashSet<ServiceName>,
 }
 
 /// The loop's state.
@@ -103,6 +107,8 @@ pub struct ProxyLoop {
     last_sync: Option<Instant>,
     last_check: Instant,
     last_full: Instant,
+    /// The sources' events (set by [`Self::run`]): read during data-plane writes too.
+    events: Option<EventReceiver>,
 }
 
 impl ProxyLoop {
@@ -136,6 +142,7 @@ impl ProxyLoop {
             last_sync: None,
             last_check: Instant::now(),
             last_full: Instant::now(),
+            events: None,
         }
     }
 
@@ -153,6 +160,7 @@ impl ProxyLoop {
             addresses,
             synced: false,
             deferred: HashSet::new(),
+            programming: HashSet::new(),
         });
         self
     }
@@ -170,11 +178,16 @@ impl ProxyLoop {
 
     /// Runs until the sources hang up.
     pub fn run(mut self, events: EventReceiver) {
+        self.events = Some(events);
         loop {
-            match events.recv_timeout(self.next_wakeup()) {
+            let next = match &self.events {
+                Some(events) => events.recv_timeout(self.next_wakeup()),
+                None => return,
+            };
+            match next {
                 Ok(event) => {
                     self.handle(event);
-                    while let Ok(event) = events.try_recv() {
+                    while let Some(Ok(event)) = self.events.as_ref().map(EventReceiver::try_recv) {
                         self.handle(event);
                     }
                 }
@@ -246,17 +259,7 @@ impl ProxyLoop {
     /// Publishes the DNS changes that need no programming (withdrawals, headless and
     /// unproxied services) and defers the others to [`Self::publish_programmed_dns`].
     fn update_dns(&mut self) {
-        let Some(feed) = &mut self.dns else { return };
-        let (deferred, now): (Vec<ServiceName>, Vec<ServiceName>) = self
-            .state
-            .take_dns_changes()
-            .into_iter()
-            .partition(|name| self.state.service(name).is_some_and(|svc| svc.is_proxied()));
-        feed.deferred.extend(deferred);
-        if !now.is_empty() {
-            feed.dns.update(&self.state, &now);
-            self.report.dns_updated(now.len());
-        }
+        update_dns(&mut self.state, self.dns.as_mut(), &mut self.report);
     }
 
     /// Once every change is programmed (or the data plane failed and retries: DNS is
@@ -282,29 +285,18 @@ impl ProxyLoop {
     }
 
     fn handle(&mut self, event: SourceEvent) {
-        if matches!(event, SourceEvent::Apply { .. } | SourceEvent::Delete(_)) {
-            self.report.source_event();
-        }
+        let event = match (Fold {
+            state: &mut self.state,
+            report: &mut self.report,
+            needs_full_sync: &mut self.needs_full_sync,
+        })
+        .event(event)
+        {
+            Some(other) => other,
+            None => return,
+        };
         match event {
-            SourceEvent::Apply { object, origin } => self.apply(object, &origin),
-            SourceEvent::Delete(r) => {
-                let applied = match r.kind {
-                    Kind::Service => self
-                        .state
-                        .delete_service(&ServiceName::new(&r.namespace, &r.name)),
-                    Kind::EndpointSlice => self.state.delete_slice(&r.namespace, &r.name),
-                    Kind::Node => self.state.delete_node(&r.name),
-                    Kind::ServiceCidr => self.state.delete_service_cidr(&r.name),
-                };
-                if applied == Applied::Changed {
-                    self.needs_full_sync |= r.kind == Kind::ServiceCidr;
-                    self.report.changed(r.kind);
-                    if r.kind == Kind::Node {
-                        self.report.node_leaving(self.state.node().leaving);
-                    }
-                }
-            }
-            SourceEvent::Rejected { kind, .. } => self.report.invalid(kind),
+            SourceEvent::Apply { .. } | SourceEvent::Delete(_) | SourceEvent::Rejected { .. } => {}
             SourceEvent::Synced => {
                 if !self.source_synced {
                     info!("source delivered a complete view; programming starts");
@@ -354,40 +346,6 @@ impl ProxyLoop {
         }
         if let Some(steering) = &mut self.node_local_dns {
             steering.invalidate();
-        }
-    }
-
-    /// Folds one added or changed object into the model.
-    fn apply(&mut self, object: Object, origin: &str) {
-        let kind = object.object_ref().kind;
-        let result = match &object {
-            Object::Service(svc) => self.state.apply_service(svc),
-            Object::EndpointSlice(slice) => self.state.apply_slice(slice),
-            Object::Node(node) => self.state.apply_node(node),
-            Object::ServiceCidr(cidr) => self.state.apply_service_cidr(cidr),
-        };
-        match result {
-            Ok(Applied::Changed) => {
-                self.report.changed(kind);
-                // The data planes' view of the node's network changed, not a service.
-                self.needs_full_sync |= kind == Kind::ServiceCidr;
-                if let Object::EndpointSlice(slice) = &object
-                    && let Some((family, at)) = last_change_trigger_time(slice)
-                {
-                    self.report.triggered_at(family, at);
-                }
-                if let Object::Node(_) = &object {
-                    self.report.node_leaving(self.state.node().leaving);
-                }
-            }
-            Ok(Applied::Unchanged) => {}
-            Ok(Applied::Ignored(why)) => {
-                debug!(origin = %Escaped(origin), object = %object.object_ref(), why, "ignored");
-            }
-            Err(invalid) => {
-                warn!(origin = %Escaped(origin), object = %invalid.object, reason = %Escaped(&invalid.reason.to_string()), "skipping invalid object; its previous version (if any) stays in effect");
-                self.report.invalid(Some(invalid.object.kind));
-            }
         }
     }
 
@@ -445,7 +403,38 @@ impl ProxyLoop {
             }
         };
         let started = Instant::now();
-        match self.data_plane.sync(plan, &diff, &node, full) {
+        if let Some(feed) = &mut self.dns {
+            feed.programming = std::mem::take(&mut feed.deferred);
+        }
+        let (result, later) = write_while_serving_dns(
+            self.data_plane.as_mut(),
+            plan,
+            (&diff, &node, full),
+            self.events.as_ref(),
+            Fold {
+                state: &mut self.state,
+                report: &mut self.report,
+                needs_full_sync: &mut self.needs_full_sync,
+            },
+            self.dns.as_mut(),
+        );
+        if let Some(feed) = &mut self.dns {
+            let programmed = std::mem::take(&mut feed.programming);
+            if result.is_ok() {
+                // Changed again during the write: wait for the next one.
+                let names: Vec<ServiceName> = programmed
+                    .into_iter()
+                    .filter(|n| !feed.deferred.contains(n))
+                    .collect();
+                if !names.is_empty() {
+                    feed.dns.update(&self.state, &names);
+                    self.report.dns_updated(names.len());
+                }
+            } else {
+                feed.deferred.extend(programmed);
+            }
+        }
+        match result {
             Ok(stats) => {
                 self.quarantine.succeeded();
                 self.report.quarantined(self.quarantine.held());
@@ -473,6 +462,10 @@ impl ProxyLoop {
                 });
             }
             Err(err) => self.sync_failed(&err, &diff, full),
+        }
+        // What waited for the write (it may ask the data plane, or change the node).
+        for event in later {
+            self.handle(event);
         }
     }
 
@@ -523,5 +516,136 @@ impl ProxyLoop {
 
 pub mod node_local_dns;
 mod quarantine;
+/// Publishes the DNS changes that need no programming (withdrawals, headless and
+/// unproxied services) and defers the others until their frontends are programmed.
+fn update_dns(state: &mut ClusterState, feed: Option<&mut DnsFeed>, report: &mut Report) {
+    let Some(feed) = feed else { return };
+    let (deferred, now): (Vec<ServiceName>, Vec<ServiceName>) = state
+        .take_dns_changes()
+        .into_iter()
+        .partition(|name| state.service(name).is_some_and(|svc| svc.is_proxied()));
+    feed.deferred.extend(deferred);
+    if !now.is_empty() {
+        feed.dns.update(state, &now);
+        report.dns_updated(now.len());
+    }
+}
+
+/// How often the loop looks at new events while a data-plane write runs.
+const EVENTS_DURING_WRITE: Duration = Duration::from_millis(20);
+
+/// Runs one data-plane write on a thread of its own while this one keeps folding
+/// object events into the model and publishing the DNS changes that need no
+/// programming, so a slow kernel write (an xtables lock, a big nft transaction) never
+/// holds the zone back. Returns the write's result and the events that must wait for
+/// it (questions, host address changes, the source's first complete view).
+fn write_while_serving_dns(
+    data_plane: &mut dyn DataPlane,
+    plan: &NodePlan,
+    (diff, node, full): (&PlanDiff, &NodeNetwork, bool),
+    events: Option<&EventReceiver>,
+    mut fold: Fold<'_>,
+    mut dns: Option<&mut DnsFeed>,
+) -> (Result<SyncStats, SyncError>, Vec<SourceEvent>) {
+    let Some(events) = events else {
+        return (data_plane.sync(plan, diff, node, full), Vec::new());
+    };
+    let mut later = Vec::new();
+    let result = std::thread::scope(|scope| {
+        let write = scope.spawn(move || data_plane.sync(plan, diff, node, full));
+        while !write.is_finished() {
+            match events.recv_timeout(EVENTS_DURING_WRITE) {
+                Ok(event) => later.extend(fold.event(event)),
+                Err(RecvTimeoutError::Timeout) => {}
+                // The sources stopped: only the write is left to wait for.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            update_dns(fold.state, dns.as_deref_mut(), fold.report);
+        }
+        match write.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    });
+    (result, later)
+}
+
+/// What folding an object event into the model touches.
+struct Fold<'a> {
+    state: &'a mut ClusterState,
+    report: &'a mut Report,
+    needs_full_sync: &'a mut bool,
+}
+
+impl Fold<'_> {
+    /// Folds an object event (add, change, delete, rejection) into the model;
+    /// hands any other event back.
+    fn event(&mut self, event: SourceEvent) -> Option<SourceEvent> {
+        if matches!(event, SourceEvent::Apply { .. } | SourceEvent::Delete(_)) {
+            self.report.source_event();
+        }
+        match event {
+            SourceEvent::Apply { object, origin } => self.apply(object, &origin),
+            SourceEvent::Delete(r) => self.delete(&r),
+            SourceEvent::Rejected { kind, .. } => self.report.invalid(kind),
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// Removes one object from the model.
+    fn delete(&mut self, r: &ObjectRef) {
+        let applied = match r.kind {
+            Kind::Service => self
+                .state
+                .delete_service(&ServiceName::new(&r.namespace, &r.name)),
+            Kind::EndpointSlice => self.state.delete_slice(&r.namespace, &r.name),
+            Kind::Node => self.state.delete_node(&r.name),
+            Kind::ServiceCidr => self.state.delete_service_cidr(&r.name),
+        };
+        if applied == Applied::Changed {
+            *self.needs_full_sync |= r.kind == Kind::ServiceCidr;
+            self.report.changed(r.kind);
+            if r.kind == Kind::Node {
+                self.report.node_leaving(self.state.node().leaving);
+            }
+        }
+    }
+
+    /// Folds one added or changed object into the model.
+    fn apply(&mut self, object: Object, origin: &str) {
+        let kind = object.object_ref().kind;
+        let result = match &object {
+            Object::Service(svc) => self.state.apply_service(svc),
+            Object::EndpointSlice(slice) => self.state.apply_slice(slice),
+            Object::Node(node) => self.state.apply_node(node),
+            Object::ServiceCidr(cidr) => self.state.apply_service_cidr(cidr),
+        };
+        match result {
+            Ok(Applied::Changed) => {
+                self.report.changed(kind);
+                // The data planes' view of the node's network changed, not a service.
+                *self.needs_full_sync |= kind == Kind::ServiceCidr;
+                if let Object::EndpointSlice(slice) = &object
+                    && let Some((family, at)) = last_change_trigger_time(slice)
+                {
+                    self.report.triggered_at(family, at);
+                }
+                if let Object::Node(_) = &object {
+                    self.report.node_leaving(self.state.node().leaving);
+                }
+            }
+            Ok(Applied::Unchanged) => {}
+            Ok(Applied::Ignored(why)) => {
+                debug!(origin = %Escaped(origin), object = %object.object_ref(), why, "ignored");
+            }
+            Err(invalid) => {
+                warn!(origin = %Escaped(origin), object = %invalid.object, reason = %Escaped(&invalid.reason.to_string()), "skipping invalid object; its previous version (if any) stays in effect");
+                self.report.invalid(Some(invalid.object.kind));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,8 @@ struct FakeDataPlane {
     refuse: Arc<Mutex<std::collections::HashSet<String>>>,
     /// A name to look up in cluster DNS at each sync.
     watched_name: Arc<Mutex<Option<(crate::dns::ClusterDns, String)>>>,
+    /// When set, the next sync waits for a message on it (a kernel write that hangs).
+    hold: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
 }
 
 impl DataPlane for FakeDataPlane {
@@ -83,6 +85,10 @@ impl DataPlane for FakeDataPlane {
                     )
                 }),
         });
+        let hold = self.hold.lock().unwrap().take();
+        if let Some(release) = hold {
+            let _ = release.recv();
+        }
         let mut fail = self.fail.lock().unwrap();
         if *fail > 0 || refused {
             *fail = fail.saturating_sub(1);
@@ -403,6 +409,59 @@ fn dns_publishes_a_service_once_programmed_and_withdraws_it_before_removal() {
         [Some(false), Some(false)],
         "not resolvable while its frontend is being programmed, nor while it is being removed"
     );
+}
+
+/// A data-plane write that hangs holds back no DNS change that needs no programming
+/// (a headless service's records appear while it hangs), and the records that do
+/// wait for it (a new ClusterIP's name appears once the write is done).
+#[test]
+fn dns_is_served_while_a_data_plane_write_hangs() {
+    let domain = crate::model::ClusterDomain::new("cluster.local").unwrap();
+    let dns = crate::dns::ClusterDns::new(&domain);
+    let mut h = harness_with_dns(Some(dns.clone()));
+    h.feed([service(WEB), SourceEvent::Synced]);
+    let resolves = |name: &str| {
+        matches!(
+            dns.lookup(name, crate::dns::zone::QType::A),
+            crate::dns::zone::Outcome::Answer { .. }
+        )
+    };
+    let (tx, rx) = crate::source::queue::queue();
+    h.proxy.events = Some(rx);
+    let (release, hold) = std::sync::mpsc::channel();
+    *h.fake.hold.lock().unwrap() = Some(hold);
+    let mut proxy = h.proxy;
+    let looping = std::thread::spawn(move || {
+        proxy.handle(service(API));
+        proxy.after_batch();
+        proxy
+    });
+    // The write for `api` now hangs; a headless service arrives meanwhile.
+    let headless =
+        "metadata: {name: db, namespace: ns}\nspec: {clusterIP: None, ports: [{port: 5432}]}";
+    let db_slice = "metadata: {name: db-a, namespace: ns, labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nports: [{port: 5432}]\nendpoints: [{addresses: [10.244.0.20]}]";
+    assert!(tx.send(service(headless)).is_ok());
+    assert!(tx.send(slice(db_slice)).is_ok());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !resolves("db.ns.svc.cluster.local.") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        resolves("db.ns.svc.cluster.local."),
+        "the headless service waited for the hanging write"
+    );
+    assert!(
+        !resolves("api.ns.svc.cluster.local."),
+        "published before its frontend was programmed"
+    );
+    assert!(!looping.is_finished(), "the write is still hanging");
+    release.send(()).unwrap();
+    let _proxy = looping.join().unwrap();
+    assert!(
+        resolves("api.ns.svc.cluster.local."),
+        "published once programmed"
+    );
+    assert!(resolves("web.ns.svc.cluster.local."));
 }
 
 const BAD: &str =
