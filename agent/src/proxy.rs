@@ -531,6 +531,10 @@ fn update_dns(state: &mut ClusterState, feed: Option<&mut DnsFeed>, report: &mut
     }
 }
 
+/// The write thread's stack: what the loop's own (the main thread's) has, since the
+/// data planes were written for it (large map values and restore payloads on the
+/// stack in debug builds).
+const WRITE_STACK: usize = 8 << 20;
 /// How often the loop looks at new events while a data-plane write runs.
 const EVENTS_DURING_WRITE: Duration = Duration::from_millis(20);
 
@@ -552,7 +556,15 @@ fn write_while_serving_dns(
     };
     let mut later = Vec::new();
     let result = std::thread::scope(|scope| {
-        let write = scope.spawn(move || data_plane.sync(plan, diff, node, full));
+        let write = std::thread::Builder::new()
+            .name("data-plane-write".into())
+            .stack_size(WRITE_STACK)
+            .spawn_scoped(scope, || data_plane.sync(plan, diff, node, full));
+        let write = match write {
+            Ok(write) => write,
+            // Retried with backoff like any failed write.
+            Err(e) => return Err(SyncError::WriteThread(e)),
+        };
         while !write.is_finished() {
             match events.recv_timeout(EVENTS_DURING_WRITE) {
                 Ok(event) => later.extend(fold.event(event)),

@@ -80,6 +80,9 @@ pub enum SyncError {
     Ebpf(#[from] ebpf::state::MapError),
     #[error(transparent)]
     Load(#[from] ebpf::loader::LoadError),
+    /// No thread could be started for the write (the system is out of them).
+    #[error("cannot start the thread that writes to the kernel")]
+    WriteThread(#[source] std::io::Error),
 }
 
 /// A frontend (the kube-dns ClusterIP's port 53) answered by the node's own DNS
