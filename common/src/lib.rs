@@ -26,12 +26,12 @@ pub enum MapKind {
     Hash = 1,
     /// `BPF_MAP_TYPE_ARRAY`.
     Array = 2,
+    /// `BPF_MAP_TYPE_PERCPU_HASH`.
+    PerCpuHash = 5,
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
     PerCpuArray = 6,
     /// `BPF_MAP_TYPE_LRU_HASH`.
     LruHash = 9,
-    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
-    LruPerCpuHash = 10,
     /// `BPF_MAP_TYPE_RINGBUF` (no key or value; max entries is its size in bytes).
     RingBuf = 27,
 }
@@ -178,14 +178,14 @@ pub mod maps {
     pub const DNS_ALIVE: MapSpec =
         MapSpec::new::<u32, u64>("ferry_dnsalive_v1", MapKind::Array, 1, 0);
 
-    /// `u32` frontend id -> per-CPU [`FrontendCounters`] (LRU): what each frontend's
-    /// connections came to, for the per-service counters on `/metrics`. The programs
-    /// create an entry on a frontend's first use; ids are never reused, so the LRU
-    /// only ever evicts frontends long gone (or, when full, ones not used lately,
-    /// whose counters then restart from zero). Sized like [`FRONTENDS`].
+    /// `u32` frontend id -> per-CPU [`FrontendCounters`]: what each frontend's
+    /// connections came to, for the per-service counters on `/metrics`. The agent
+    /// creates an entry with each frontend and deletes it with it; the programs only
+    /// look entries up and count (no map updates on the connect path). Sized like
+    /// [`FRONTENDS`].
     pub const FRONTEND_COUNTERS: MapSpec = MapSpec::new::<u32, FrontendCounters>(
         "ferry_fecnt_v1",
-        MapKind::LruPerCpuHash,
+        MapKind::PerCpuHash,
         FRONTENDS_MAX,
         0,
     );

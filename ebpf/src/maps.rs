@@ -3,7 +3,7 @@
 //! override the sizes at load time (`--bpf-max-*` flags).
 
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf};
 use ferry_common::{
     AffinityBackend, AffinityKey, AffinityValue, BackendAddr, BackendList, Frontend,
     FrontendCounters, FrontendKey, LIST_CAPACITY, MonitorWindow, ReverseKey, ReverseValue, VipKey,
@@ -48,7 +48,7 @@ pinned_map!("ferry_stats_v1" => STATS: PerCpuArray<u64> = maps::STATS);
 pinned_map!("ferry_ldns_v1" => NODE_LOCAL_DNS: HashMap<FrontendKey, BackendAddr> = maps::NODE_LOCAL_DNS);
 pinned_map!("ferry_dnsalive_v1" => DNS_ALIVE: Array<u64> = maps::DNS_ALIVE);
 pinned_map!("ferry_fecnt_v1" =>
-    FRONTEND_COUNTERS: LruPerCpuHashMap<u32, FrontendCounters> = maps::FRONTEND_COUNTERS);
+    FRONTEND_COUNTERS: PerCpuHashMap<u32, FrontendCounters> = maps::FRONTEND_COUNTERS);
 pinned_map!("ferry_monitor_v1" => MONITOR: Array<u64> = maps::MONITOR);
 pinned_map!("ferry_monwin_v1" => MONITOR_WINDOW: PerCpuArray<MonitorWindow> = maps::MONITOR_WINDOW);
 

@@ -137,7 +137,7 @@ impl MapSizes {
             (maps::STATS, maps::STATS.max_entries),
             (maps::NODE_LOCAL_DNS, maps::NODE_LOCAL_DNS.max_entries),
             (maps::DNS_ALIVE, maps::DNS_ALIVE.max_entries),
-            // One entry per frontend in use.
+            // One entry per frontend.
             (maps::FRONTEND_COUNTERS, self.frontends),
             (maps::EVENTS, maps::EVENTS.max_entries),
             (maps::MONITOR, maps::MONITOR.max_entries),
@@ -378,7 +378,7 @@ mod tests {
             MapKind::Array => bpf_map_type::BPF_MAP_TYPE_ARRAY,
             MapKind::LruHash => bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
             MapKind::PerCpuArray => bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
-            MapKind::LruPerCpuHash => bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH,
+            MapKind::PerCpuHash => bpf_map_type::BPF_MAP_TYPE_PERCPU_HASH,
             MapKind::RingBuf => bpf_map_type::BPF_MAP_TYPE_RINGBUF,
         };
         ty as u32

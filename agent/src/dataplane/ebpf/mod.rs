@@ -5,6 +5,7 @@
 //! iptables rules limited to those frontends, so eBPF mode never does less than
 //! iptables mode.
 
+mod counters;
 pub mod inspect;
 mod kernel;
 mod layout;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use ferry_common::FrontendKey;
 use tracing::{error, info};
 
+use self::counters::FrontendCounterMap;
 use self::kernel::KernelMaps;
 use self::layout::{DesiredFrontend, frontends};
 use self::loader::MapSizes;
@@ -88,6 +90,8 @@ pub struct EbpfDataPlane {
     names: FrontendNames,
     /// The maps' sizes (their fill levels are reported against them).
     sizes: MapSizes,
+    /// Per-frontend connection counters, one entry per programmed frontend.
+    counters: FrontendCounterMap,
 }
 
 impl EbpfDataPlane {
@@ -111,6 +115,7 @@ impl EbpfDataPlane {
             metrics,
             names,
             sizes: config.sizes,
+            counters: FrontendCounterMap::open(&config.pin_dir)?,
         })
     }
 
@@ -124,14 +129,19 @@ impl EbpfDataPlane {
         let result = self.upsert_frontend(prog, plan, desired);
         if let Some((fe, _)) = prog.frontend(&desired.key) {
             self.names.set(&desired.key, fe.id, &plan.key.port);
+            self.counters.ensure(fe.id);
         }
         result
     }
 
     /// Removes one frontend from the maps and the names.
     fn remove(&mut self, prog: &mut Programmed, key: &FrontendKey) -> Result<(), MapError> {
+        let id = prog.frontend(key).map(|(fe, _)| fe.id);
         prog.remove(&mut self.maps, key)?;
         self.names.remove(key);
+        if let Some(id) = id {
+            self.counters.forget(id);
+        }
         Ok(())
     }
 
@@ -183,6 +193,11 @@ impl EbpfDataPlane {
             self.remove(&mut prog, &key)?;
         }
         self.names.retain(|k| wanted.contains_key(k));
+        let live: HashSet<u32> = prog
+            .keys()
+            .filter_map(|k| prog.frontend(k).map(|(fe, _)| fe.id))
+            .collect();
+        self.counters.retain(&live);
         for (p, d) in wanted.values() {
             self.upsert(&mut prog, p, d)?;
         }
