@@ -56,7 +56,7 @@ pub fn run(pin_dir: &Path, options: &MonitorOptions) -> anyhow::Result<()> {
             .listen(options.rate)
             .context("renewing the monitor's lease")?;
         let mut events = Vec::new();
-        monitor.read(Duration::from_millis(500), |e| events.push(*e));
+        monitor.read(Duration::from_millis(100), |e| events.push(*e));
         for event in &events {
             let mut view = EventView::of(event, &names);
             if view.service.is_none() && named_at.elapsed() >= RENAME_EVERY {

@@ -10,6 +10,10 @@ use crate::lb::Dest;
 use crate::maps::{EVENTS, FRONTEND_COUNTERS, MONITOR, MONITOR_WINDOW};
 
 const SECOND_NS: u64 = 1_000_000_000;
+/// `BPF_RB_NO_WAKEUP`: no irq_work to wake the reader at each event; `ferry monitor`
+/// drains the ring on a short timer instead, so the connect path never raises an
+/// interrupt for it.
+const NO_WAKEUP: u64 = 1;
 
 /// Counts a decision on frontend `id` (if it has one) and reports it to a monitor.
 #[inline(always)]
@@ -100,5 +104,5 @@ fn emit(ctx: &SockAddrContext, service: &FrontendKey, verdict: u8, backend: Opti
         backend_family: to.family,
         verdict,
     });
-    entry.submit(0);
+    entry.submit(NO_WAKEUP);
 }

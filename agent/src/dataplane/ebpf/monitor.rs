@@ -7,13 +7,11 @@
 //! The ring has one reader: two monitors at once share the events between them.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use ferry_common::{MonitorEvent, MonitorWindow, maps, monitor};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::Serialize;
 
 use super::kernel::open;
@@ -146,16 +144,11 @@ impl Monitor {
         let _ = self.settings.set(monitor::LISTENING_UNTIL, 0, 0);
     }
 
-    /// Waits up to `timeout` for events and hands each one to `each`.
-    pub fn read(&mut self, timeout: Duration, mut each: impl FnMut(&MonitorEvent)) {
-        let ready = {
-            let mut fds = [PollFd::new(self.events.as_fd(), PollFlags::POLLIN)];
-            let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-            poll(&mut fds, ms).is_ok()
-        };
-        if !ready {
-            return;
-        }
+    /// Waits `interval`, then hands each event in the ring to `each`. The programs
+    /// write without waking the reader (see `ebpf/src/observe.rs`), so the ring is
+    /// drained on this timer rather than on readiness.
+    pub fn read(&mut self, interval: Duration, mut each: impl FnMut(&MonitorEvent)) {
+        std::thread::sleep(interval);
         while let Some(item) = self.events.next() {
             if item.len() < size_of::<MonitorEvent>() {
                 continue;
