@@ -53,8 +53,9 @@ fn count_frontend(id: u32, verdict: u8) {
 }
 
 /// Writes the event into the ring buffer if a monitor listens and this CPU is
-/// within the rate.
-#[inline(always)]
+/// within the rate. A BPF-to-BPF call, like `count_frontend`: inlined into the hooks,
+/// 6.1's verifier loses track of a stack slot LLVM reuses across its paths.
+#[inline(never)]
 fn emit(ctx: &SockAddrContext, service: &FrontendKey, verdict: u8, backend: Option<Dest>) {
     let Some(until) = MONITOR.get(monitor::LISTENING_UNTIL).copied() else {
         return;
