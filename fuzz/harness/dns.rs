@@ -14,9 +14,7 @@ use std::sync::{Arc, OnceLock};
 use ferry::dns::forward::ForwardConfig;
 use ferry::dns::metrics::DnsMetrics;
 use ferry::dns::wire_cache::{self, Parsed, Stored, WireCache, encode_answer, parse_request};
-use ferry::dns::{
-    Answerer, CacheScope, Client, ClusterDns, DnsConfig, MAX_UDP_PAYLOAD, Records, Reply,
-};
+use ferry::dns::{Answerer, Client, ClusterDns, DnsConfig, MAX_UDP_PAYLOAD, Records, Reply};
 use ferry::model::{ClusterDomain, ClusterState, ServiceName};
 use hickory_server::proto::op::{Edns, Message, MessageType, ResponseCode};
 use hickory_server::proto::rr::{RData, Record};
@@ -215,7 +213,7 @@ fn handle(answerer: &Answerer, cache: &WireCache, client: &Client, packet: &[u8]
     // REFUSED a worker sends when too many are in flight (never stored).
     let (records, reusable) = match answerer.answer(&query, client) {
         Reply::Now(records) => (records, true),
-        Reply::Forward => (error(ResponseCode::Refused), false),
+        Reply::Forward => (Records::error(ResponseCode::Refused), false),
     };
     let max = edns
         .as_ref()
@@ -310,7 +308,7 @@ pub fn tcp(stream: &[u8]) {
                 let records = match answerer.answer(query, &client) {
                     Reply::Now(records) => records,
                     // Upstream is not asked here: answered as when it fails.
-                    Reply::Forward => error(ResponseCode::ServFail),
+                    Reply::Forward => Records::error(ResponseCode::ServFail),
                 };
                 if !encode_answer(
                     &message.metadata,
@@ -333,18 +331,6 @@ pub fn tcp(stream: &[u8]) {
                 );
             }
         }
-    }
-}
-
-/// An answer with only a response code.
-fn error(rcode: ResponseCode) -> Records {
-    Records {
-        rcode,
-        authoritative: false,
-        cache: CacheScope::No,
-        answers: Vec::new(),
-        authorities: Vec::new(),
-        additionals: Vec::new(),
     }
 }
 

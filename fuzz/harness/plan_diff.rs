@@ -505,19 +505,7 @@ fn questions() -> Vec<(String, QType)> {
         }
         out.push((format!("{namespace}.svc.cluster.local."), QType::A));
     }
-    let reverse = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
-        }
-        IpAddr::V6(v6) => {
-            let mut s = String::new();
-            for b in v6.octets().iter().rev() {
-                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
-            }
-            s + "ip6.arpa."
-        }
-    };
+    let reverse = |ip: IpAddr| ferry::dns::zone::reverse_of(&ip);
     for ip in V4
         .iter()
         .chain(&V6)

@@ -235,7 +235,7 @@ pub struct Records {
 
 impl Records {
     /// An answer with no records, only a response code.
-    pub(crate) fn error(rcode: ResponseCode) -> Self {
+    pub fn error(rcode: ResponseCode) -> Self {
         Self {
             rcode,
             authoritative: false,

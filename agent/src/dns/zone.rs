@@ -382,9 +382,9 @@ pub fn reverse_name(qname: &str) -> Option<IpAddr> {
     Some(IpAddr::V6(Ipv6Addr::from(bytes)))
 }
 
-/// The reverse name of an address: the inverse of [`reverse_name`], for tests.
-#[cfg(test)]
-fn reverse_of(ip: &IpAddr) -> String {
+/// The reverse name of an address: the inverse of [`reverse_name`] (tests and the
+/// fuzz targets ask PTR questions with it).
+pub fn reverse_of(ip: &IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
